@@ -1,0 +1,250 @@
+"""Opening a source checkpoint: where it is, what format and architecture, which MoE layers.
+
+Nothing here reads tensor data; every check uses safetensors headers only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import architectures
+from .architectures import ROLES, Architecture, Routing
+from .errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError
+from .formats import QuantFormat, detect_format
+from .io import CheckpointFiles, TensorInfo, read_json
+
+SCALAR_DTYPES = ("F32", "BF16", "F16")
+
+
+def resolve_source(src: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a Hugging Face Hub repo id downloaded with huggingface-hub."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{path}: not a folder; pass the checkpoint folder (with config.json and *.safetensors)")
+        return path
+    text = str(src)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
+        raise InputError(f"{text}: no such folder, and not a Hugging Face Hub repo id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=text,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"],
+        )
+    except Exception as exc:  # huggingface-hub raises many types for offline/unknown repos
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HubError(
+            f"{text}: could not download from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
+            "check the network, HF_TOKEN and the repo id, or pass a local folder"
+        ) from exc
+    return Path(local)
+
+
+@dataclass
+class ExpertTensors:
+    """Names of one projection's tensors for one expert."""
+
+    weight: str
+    weight_scale: str
+    weight_global: str
+    input_global: str
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer's routed experts, as found in the source."""
+
+    prefix: str  # e.g. model.layers.3.mlp.experts
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    experts: list[dict[str, ExpertTensors]]  # expert -> role -> names
+    proj_names: dict[str, str]  # role -> on-disk projection name (gate_proj / w1 ...)
+    scalar_dtype: str
+    scalar_shape: tuple[int, ...]
+
+    @property
+    def block(self) -> str:
+        """The MoE block's module name (prefix without ``.experts``)."""
+        return self.prefix.rsplit(".", 1)[0]
+
+    def source_names(self) -> list[str]:
+        return [n for e in self.experts for t in e.values() for n in vars(t).values()]
+
+
+@dataclass
+class SourceCheckpoint:
+    root: Path
+    config: dict
+    format: QuantFormat
+    arch: Architecture
+    files: CheckpointFiles
+    layers: list[MoELayer]
+    routing: Routing
+    excluded_expert_modules: list[str] = field(default_factory=list)
+
+    @property
+    def expert_tensor_names(self) -> set[str]:
+        return {n for layer in self.layers for n in layer.source_names()}
+
+
+def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheckpoint:
+    root = resolve_source(src, revision)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{root}: no config.json; pass a Hugging Face model folder")
+    config = read_json(config_path)
+    fmt = detect_format(root, config)
+    arch = architectures.for_config(config, str(config_path))
+    files = CheckpointFiles(root)
+    if not files.tensors:
+        raise InputError(f"{root}: no *.safetensors files; only safetensors checkpoints are supported")
+    layers, excluded = find_moe_layers(files, fmt, arch)
+    if not layers:
+        hint = f" ({len(excluded)} expert modules are excluded from quantization)" if excluded else ""
+        raise NoMoELayersError(
+            f"{root}: no NVFP4 MoE expert tensors matching {arch.name} naming{hint}; nothing to convert"
+        )
+    text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    try:
+        routing = arch.routing(text_cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{config_path}: routing settings for {arch.name} are missing or invalid ({exc})") from exc
+    for layer in layers:
+        if layer.num_experts != routing.num_experts:
+            raise BadTensorError(
+                f"{root}: {layer.prefix} has {layer.num_experts} experts but config.json says {routing.num_experts}"
+            )
+    return SourceCheckpoint(root, config, fmt, arch, files, layers, routing, excluded)
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def find_moe_layers(
+    files: CheckpointFiles, fmt: QuantFormat, arch: Architecture
+) -> tuple[list[MoELayer], list[str]]:
+    """Group expert tensors by layer and validate names, dtypes and shapes from the headers."""
+    suffix_roles = {v: k for k, v in fmt.suffixes.items()}
+    found: dict[str, dict[int, dict[str, dict[str, str]]]] = defaultdict(lambda: defaultdict(dict))
+    proj_names: dict[str, dict[str, str]] = defaultdict(dict)
+    excluded: set[str] = set()
+    for name in files.tensors:
+        module, _, suffix = name.rpartition(".")
+        hit = arch.match_expert(module)
+        if hit is None:
+            continue
+        prefix, expert, role = hit
+        if fmt.is_excluded(module):
+            excluded.add(module)
+            continue
+        kind = suffix_roles.get(suffix)
+        if kind is None:
+            raise BadTensorError(
+                f"{files.info(name).file}: tensor {name!r} is not an NVFP4 {fmt.name} expert tensor "
+                f"(expected suffixes {', '.join(fmt.suffixes.values())}); is the expert excluded from quantization?"
+            )
+        found[prefix][expert].setdefault(role, {})[kind] = name
+        proj = module.rsplit(".", 1)[1]
+        prev = proj_names[prefix].setdefault(role, proj)
+        if prev != proj:
+            raise BadTensorError(f"{files.root}: {prefix} mixes projection names {prev!r} and {proj!r} for {role}")
+    layers = [
+        _build_layer(files, fmt, prefix, found[prefix], proj_names[prefix])
+        for prefix in sorted(found, key=_natural_key)
+    ]
+    return layers, sorted(excluded, key=_natural_key)
+
+
+def _build_layer(
+    files: CheckpointFiles,
+    fmt: QuantFormat,
+    prefix: str,
+    by_expert: dict[int, dict[str, dict[str, str]]],
+    proj_names: dict[str, str],
+) -> MoELayer:
+    num_experts = max(by_expert) + 1
+    experts: list[dict[str, ExpertTensors]] = []
+    for e in range(num_experts):
+        roles = by_expert.get(e)
+        if roles is None:
+            raise MissingTensorError(f"{files.root}: {prefix}.{e} is missing (the layer has experts up to {num_experts - 1})")
+        entry: dict[str, ExpertTensors] = {}
+        for role in ROLES:
+            kinds = roles.get(role, {})
+            missing = [k for k in ("weight", "weight_scale", "weight_global", "input_global") if k not in kinds]
+            if missing:
+                proj = proj_names.get(role, role)
+                want = ", ".join(f"{prefix}.{e}.{proj}.{fmt.suffixes[k]}" for k in missing)
+                raise MissingTensorError(f"{files.root}: missing tensor {want}; the checkpoint is incomplete")
+            entry[role] = ExpertTensors(**kinds)
+        experts.append(entry)
+
+    first = experts[0]
+    gate_w = files.info(first["gate"].weight)
+    down_w = files.info(first["down"].weight)
+    _expect(gate_w, "U8", 2)
+    _expect(down_w, "U8", 2)
+    inter, hidden_half = gate_w.shape
+    hidden = hidden_half * 2
+    if down_w.shape[0] != hidden:
+        raise BadTensorError(
+            f"{down_w.file}: tensor {down_w.name!r} has shape {list(down_w.shape)}; expected [{hidden}, {inter // 2}] "
+            f"to match {gate_w.name} {list(gate_w.shape)}"
+        )
+    intermediate = down_w.shape[1] * 2
+    if intermediate != inter:
+        raise BadTensorError(
+            f"{down_w.file}: tensor {down_w.name!r} has shape {list(down_w.shape)}; expected [{hidden}, {inter // 2}]"
+        )
+    g = fmt.group_size
+    want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, intermediate)}
+    scalar_dtypes: set[str] = set()
+    scalar_shapes: set[tuple[int, ...]] = set()
+    for entry in experts:
+        for role, t in entry.items():
+            n, k = want[role]
+            _expect(files.info(t.weight), "U8", 2, (n, k // 2))
+            _expect(files.info(t.weight_scale), "F8_E4M3", 2, (n, k // g))
+            for scalar in (t.weight_global, t.input_global):
+                info = files.info(scalar)
+                if info.dtype not in SCALAR_DTYPES or _numel(info.shape) != 1:
+                    raise BadTensorError(
+                        f"{info.file}: tensor {scalar!r} is {info.dtype}{list(info.shape)}; expected one float32 value"
+                    )
+                scalar_dtypes.add(info.dtype)
+                scalar_shapes.add(info.shape)
+    if len(scalar_dtypes) > 1 or len(scalar_shapes) > 1:
+        raise BadTensorError(f"{files.root}: {prefix} mixes scalar dtypes/shapes {sorted(scalar_dtypes)} {sorted(scalar_shapes)}")
+    return MoELayer(
+        prefix=prefix,
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        experts=experts,
+        proj_names=dict(proj_names),
+        scalar_dtype=scalar_dtypes.pop(),
+        scalar_shape=scalar_shapes.pop(),
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _expect(info: TensorInfo, dtype: str, ndim: int, shape: tuple[int, ...] | None = None) -> None:
+    if info.dtype != dtype or len(info.shape) != ndim or (shape is not None and info.shape != shape):
+        want = f"{dtype}{list(shape)}" if shape else f"{dtype} with {ndim} dims"
+        raise BadTensorError(
+            f"{info.file}: tensor {info.name!r} is {info.dtype}{list(info.shape)}; expected {want}"
+        )

@@ -1,0 +1,71 @@
+"""The ``nvfp4ckpt`` command line: one thin module per command, all logic in the library."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import EXIT_USAGE
+from ._errors import DEBUG_ENV, debug_enabled, format_error
+from ._output import Output
+from .convert import CONVERT_EXAMPLES, convert
+from .example import EXAMPLE_EXAMPLES, example
+from .inspect import INSPECT_EXAMPLES, inspect
+
+app = typer.Typer(
+    name="nvfp4ckpt",
+    help="Kernel-ready NVFP4 MoE checkpoints for FlashInfer's TRT-LLM-gen fused MoE.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(epilog=INSPECT_EXAMPLES)(inspect)
+app.command(epilog=EXAMPLE_EXAMPLES)(example)
+app.command(epilog=CONVERT_EXAMPLES)(convert)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nvfp4ckpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Kernel-ready NVFP4 MoE checkpoints for FlashInfer's TRT-LLM-gen fused MoE."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, map known errors to one line and an exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:  # --help, --version, explicit exits
+        return exc.exit_code
+    except typer.Abort:
+        Output().error("aborted")
+        return 130
+    except KeyboardInterrupt:
+        Output().error("interrupted; no output was left behind that looks complete")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the single place errors become messages
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return EXIT_USAGE
+        known = format_error(exc)
+        if known is None or debug_enabled():
+            raise
+        message, code = known
+        Output().error(message)
+        return code
+    return 0
+
+
+def run() -> None:  # console script
+    sys.exit(main())

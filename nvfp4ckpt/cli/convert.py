@@ -1,0 +1,53 @@
+"""``nvfp4ckpt convert SRC DST``: write the kernel-ready checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..convert import DEFAULT_MAX_SHARD_SIZE, Progress, convert_checkpoint
+from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt, RevisionOpt, SrcArg
+from ._output import Output, human_bytes
+
+CONVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt convert ./Qwen3-30B-A3B-NVFP4 ./Qwen3-30B-A3B-NVFP4-trtllm\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --quiet"""
+
+
+def convert(
+    src: SrcArg,
+    dst: OutArg,
+    overwrite: OverwriteOpt = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")] = DEFAULT_MAX_SHARD_SIZE,
+    device: Annotated[str, typer.Option("--device", help="Where to run the byte permutation: cpu or cuda.")] = "cpu",
+    revision: RevisionOpt = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pre-apply the TRT-LLM-gen shuffle and swizzle to every MoE layer of SRC and write DST."""
+    out = Output(json_mode=json, quiet=quiet)
+    with out.progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(p: Progress) -> None:
+            if bar is None:
+                return
+            if p.stage == "plan":
+                tasks["layers"] = bar.add_task("MoE layers", total=p.layers_total)
+                tasks["bytes"] = bar.add_task("bytes", total=p.bytes_total)
+            elif tasks:
+                bar.update(tasks["layers"], completed=p.layers_done)
+                bar.update(tasks["bytes"], completed=p.bytes_done)
+
+        result = convert_checkpoint(
+            src, dst, overwrite=overwrite, max_shard_size=max_shard_size, device=device, revision=revision, progress=on_progress
+        )
+    out.result(result.to_dict())
+    table = Table("file", "size", "sha256", title=f"{result.destination}", title_justify="left")
+    for f in result.files:
+        table.add_row(f["name"], human_bytes(f["size"]), f["sha256"][:16] + "...")
+    out.table(table)
+    out.text(
+        f"converted {result.num_moe_layers} MoE layers ({result.architecture}, {result.source_format}) "
+        f"in {result.seconds:.2f} s, {human_bytes(result.bytes_written)} written"
+    )

@@ -1,0 +1,30 @@
+"""``nvfp4ckpt example OUT``: the built-in tiny NVFP4 MoE checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..example import FORMAT_CHOICES, write_example
+from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt
+from ._output import Output
+
+EXAMPLE_EXAMPLES = """Examples:\n\n  nvfp4ckpt example ./tiny\n\n  nvfp4ckpt example ./tiny-ds --arch deepseek_v3 --format compressed-tensors"""
+
+
+def example(
+    out: OutArg,
+    format: Annotated[str, typer.Option("--format", help=f"Source format: {' | '.join(FORMAT_CHOICES)}.")] = "modelopt",
+    arch: Annotated[str, typer.Option("--arch", help="Architecture: qwen3_moe | deepseek_v3 | mixtral.")] = "qwen3_moe",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    shards: Annotated[int, typer.Option("--shards", min=1, help="Number of safetensors shards.")] = 2,
+    overwrite: OverwriteOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a tiny, seeded NVFP4 MoE checkpoint (config, tokenizer, sharded weights)."""
+    output = Output(json_mode=json, quiet=quiet)
+    result = write_example(out, format=format, arch=arch, seed=seed, shards=shards, overwrite=overwrite)
+    output.result({"path": str(result.path), "architecture": result.architecture, "format": result.format, "files": result.files, "num_tensors": result.num_tensors})
+    output.text(f"wrote {result.architecture} {result.format} example ({result.num_tensors} tensors) to {result.path}")

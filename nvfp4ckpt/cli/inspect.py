@@ -1,0 +1,38 @@
+"""``nvfp4ckpt inspect SRC``: format, architecture, MoE layers, sizes, routing, issues."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..inspect import inspect_checkpoint
+from ._options import JsonOpt, RevisionOpt, SrcArg
+from ._output import Output, human_bytes
+
+INSPECT_EXAMPLES = """Examples:\n\n  nvfp4ckpt inspect ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt inspect nvidia/DeepSeek-R1-NVFP4 --json"""
+
+
+def inspect(src: SrcArg, json: JsonOpt = False, revision: RevisionOpt = None) -> None:
+    """Describe a source or converted checkpoint without reading its weights."""
+    out = Output(json_mode=json)
+    report = inspect_checkpoint(src, revision)
+    out.result(report.to_dict())
+    summary = Table(title=f"{report.path}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("state", report.state)
+    summary.add_row("format", report.format)
+    summary.add_row("architecture", report.architecture)
+    r = report.routing
+    routing = f"{r.get('method')} top-{r.get('top_k')} of {r.get('num_experts')}"
+    if r.get("n_group"):
+        routing += f", {r.get('n_group')} groups keep {r.get('topk_group')}, scale {r.get('routed_scaling_factor')}"
+    summary.add_row("routing", routing)
+    summary.add_row("tensors", f"{report.num_tensors} in {report.num_files} files, {human_bytes(report.total_bytes)}")
+    summary.add_row("MoE layers", f"{len(report.moe_layers)} ({human_bytes(report.expert_bytes)} of experts)")
+    out.table(summary)
+    layers = Table("MoE layer", "experts", "H", "I", "bytes", title_justify="left")
+    for layer in report.moe_layers:
+        layers.add_row(layer.prefix, str(layer.num_experts), str(layer.hidden_size), str(layer.intermediate_size), human_bytes(layer.bytes))
+    out.table(layers)
+    for issue in report.issues:
+        out.text(f"[yellow]note:[/] {issue}")

@@ -1,0 +1,111 @@
+"""The layout descriptor: what a converted checkpoint says about itself.
+
+It sits in ``config.json["quantization_config"]["moe_kernel_layout"]`` and, JSON-encoded, in every
+output safetensors header's metadata under ``nvfp4ckpt``. Readers must check ``layout`` and
+``layout_version`` before trusting the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import metadata
+
+from . import __version__
+from .formats import DESCRIPTOR_KEY
+from .layout import EPILOGUE_TILE_M, GROUP_SIZE, LAYOUT_NAME, LAYOUT_VERSION
+
+METADATA_KEY = "nvfp4ckpt"
+MANIFEST_NAME = "nvfp4ckpt_manifest.json"
+
+# Canonical per-layer tensor names (relative to the expert prefix P), in write order.
+KERNEL_TENSORS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+SCALAR_TENSORS = (
+    "w13_weight_scale_2",  # [E, 2] col 0 = gate, col 1 = up (dequant multipliers)
+    "w2_weight_scale_2",  # [E]
+    "w13_input_scale",  # [E, 2] col 0 = gate, col 1 = up
+    "w2_input_scale",  # [E]
+    "g1_alphas",  # [E] a1 * ws2_gate      -> output1_scale_gate_scalar
+    "g1_scale_c",  # [E] (1/a2) * (a1 * ws2_up) -> output1_scale_scalar
+    "g2_alphas",  # [E] a2 * ws2_down      -> output2_scale_scalar
+    "w13_input_scale_quant",  # [1] 1/a1 -> fp4_quantize global scale for hidden states
+)
+# compressed-tensors only: the stored global scales, unchanged (SGLang's parameter names).
+RAW_CT_TENSORS = ("w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale")
+
+
+def flashinfer_version() -> str | None:
+    try:
+        return metadata.version("flashinfer-python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    prefix: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    proj_names: dict[str, str]
+    scalar_dtype: str
+    scalar_shape: list[int]
+
+    def to_dict(self) -> dict:
+        return {
+            "num_experts": self.num_experts,
+            "hidden_size": self.hidden_size,
+            "hidden_size_padded": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "intermediate_size_padded": self.intermediate_size,
+            "source_projection_names": self.proj_names,
+            "source_scalar_dtype": self.scalar_dtype,
+            "source_scalar_shape": self.scalar_shape,
+        }
+
+
+def build_descriptor(
+    *,
+    source_format: str,
+    architecture: str,
+    routing: dict,
+    layers: list[LayerInfo],
+    config_had_quantization_config: bool,
+) -> dict:
+    hidden = sorted({l.hidden_size for l in layers})
+    inter = sorted({l.intermediate_size for l in layers})
+    return {
+        "layout": LAYOUT_NAME,
+        "layout_version": LAYOUT_VERSION,
+        "kernel": "flashinfer.fused_moe.trtllm_fp4_block_scale_moe",
+        "epilogue_tile_m": EPILOGUE_TILE_M,
+        "w13_order": "up_gate",
+        "gated_act_row_interleave": True,
+        "scale_swizzle": "128x4",
+        "scale_group_size": GROUP_SIZE,
+        "scalar_convention": "modelopt_dequant",
+        "w13_scalar_columns": ["gate", "up"],
+        "hidden_size": hidden[0] if len(hidden) == 1 else hidden,
+        "hidden_size_padded": hidden[0] if len(hidden) == 1 else hidden,
+        "intermediate_size": inter[0] if len(inter) == 1 else inter,
+        "intermediate_size_padded": inter[0] if len(inter) == 1 else inter,
+        "source_format": source_format,
+        "architecture": architecture,
+        "routing": routing,
+        "layers": {l.prefix: l.to_dict() for l in layers},
+        "config_had_quantization_config": config_had_quantization_config,
+        "tool": "nvfp4ckpt",
+        "tool_version": __version__,
+        "flashinfer_version": flashinfer_version(),
+    }
+
+
+def header_metadata(descriptor: dict) -> dict[str, str]:
+    return {"format": "pt", METADATA_KEY: json.dumps(descriptor, sort_keys=True, separators=(",", ":"))}
+
+
+def descriptor_from_config(config: dict) -> dict | None:
+    qcfg = config.get("quantization_config")
+    if isinstance(qcfg, dict) and isinstance(qcfg.get(DESCRIPTOR_KEY), dict):
+        return qcfg[DESCRIPTOR_KEY]
+    return None

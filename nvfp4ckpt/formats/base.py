@@ -1,0 +1,80 @@
+"""What every source format provides."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..errors import NotNvfp4Error
+
+# Key under config.json["quantization_config"] that marks a converted checkpoint.
+DESCRIPTOR_KEY = "moe_kernel_layout"
+
+
+@dataclass
+class QuantFormat:
+    """A source NVFP4 format.
+
+    Tensor suffixes are per linear module (``<module>.<suffix>``). ``global_scales_reciprocal``
+    says the stored global scales are quantization multipliers (compressed-tensors) rather than
+    ModelOpt's dequantization multipliers.
+    """
+
+    name: ClassVar[str]
+    weight_suffix: ClassVar[str]
+    weight_scale_suffix: ClassVar[str]
+    weight_global_suffix: ClassVar[str]
+    input_global_suffix: ClassVar[str]
+    global_scales_reciprocal: ClassVar[bool]
+
+    config_path: Path
+    group_size: int
+    exclude: list[str] = field(default_factory=list)
+
+    @classmethod
+    def detect(cls, root: Path, config: dict) -> "QuantFormat | None":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def suffixes(self) -> dict[str, str]:
+        """Role -> tensor suffix."""
+        return {
+            "weight": self.weight_suffix,
+            "weight_scale": self.weight_scale_suffix,
+            "weight_global": self.weight_global_suffix,
+            "input_global": self.input_global_suffix,
+        }
+
+    def to_dequant_multiplier(self, value: torch.Tensor) -> torch.Tensor:
+        """Stored global scale -> ModelOpt convention (dequant multiplier), fp32."""
+        v = value.float()
+        return 1.0 / v if self.global_scales_reciprocal else v
+
+    def is_excluded(self, module: str) -> bool:
+        """True when the module is listed as not quantized (globs, plain names or ``re:`` regexes)."""
+        parts = module.split(".")
+        for pattern in self.exclude:
+            if pattern.startswith("re:"):
+                if re.match(pattern[3:], module):
+                    return True
+                continue
+            if fnmatch.fnmatchcase(module, pattern) or module == pattern or module.startswith(pattern + "."):
+                return True
+            if any(fnmatch.fnmatchcase(p, pattern) for p in parts):
+                return True
+        return False
+
+    def check_group_size(self) -> None:
+        if self.group_size != 16:
+            raise NotNvfp4Error(
+                f"{self.config_path}: group size {self.group_size} is not NVFP4's 16; only NVFP4 (E2M1, 16-element "
+                "e4m3 block scales) checkpoints can be converted"
+            )
+
+    def describe(self) -> dict:
+        return {"name": self.name, "group_size": self.group_size, "exclude": list(self.exclude)}

@@ -1,0 +1,72 @@
+"""NVIDIA ModelOpt NVFP4 (``quant_algo: NVFP4``): nested hf_quant_config.json or flat quantization_config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import NotNvfp4Error
+from ..io import read_json
+from .base import QuantFormat
+
+
+@dataclass
+class ModelOptFormat(QuantFormat):
+    name: ClassVar[str] = "modelopt"
+    weight_suffix: ClassVar[str] = "weight"
+    weight_scale_suffix: ClassVar[str] = "weight_scale"
+    weight_global_suffix: ClassVar[str] = "weight_scale_2"
+    input_global_suffix: ClassVar[str] = "input_scale"
+    global_scales_reciprocal: ClassVar[bool] = False
+
+    @classmethod
+    def detect(cls, root: Path, config: dict) -> "ModelOptFormat | None":
+        qcfg = config.get("quantization_config")
+        path = root / "config.json"
+        section: dict | None = None
+        if isinstance(qcfg, dict) and ("quant_algo" in qcfg or qcfg.get("quant_method") == "modelopt"):
+            section = qcfg
+        else:
+            hf_path = root / "hf_quant_config.json"
+            if hf_path.exists():
+                hf = read_json(hf_path)
+                section = hf.get("quantization") if isinstance(hf.get("quantization"), dict) else hf
+                path = hf_path
+        if section is None:
+            return None
+        algo = section.get("quant_algo")
+        if algo != "NVFP4":
+            raise NotNvfp4Error(
+                f"{path}: ModelOpt quant_algo is {algo!r}, not 'NVFP4'; only NVFP4 checkpoints can be converted"
+            )
+        fmt = cls(config_path=path, group_size=_group_size(section, path), exclude=_exclusions(section))
+        fmt.check_group_size()
+        return fmt
+
+
+def _group_size(section: dict, path: Path) -> int:
+    sizes = set()
+    if "group_size" in section:
+        sizes.add(section["group_size"])
+    for group in (section.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and "group_size" in weights:
+            sizes.add(weights["group_size"])
+    if not sizes:
+        return 16  # NVFP4 fixes it; older exports leave it out
+    if len(sizes) > 1:
+        raise NotNvfp4Error(f"{path}: several group sizes {sorted(sizes)}; NVFP4 needs 16 everywhere")
+    try:
+        return int(sizes.pop())
+    except (TypeError, ValueError):
+        raise NotNvfp4Error(f"{path}: group_size is not an integer") from None
+
+
+def _exclusions(section: dict) -> list[str]:
+    out: list[str] = []
+    for key in ("exclude_modules", "ignore"):
+        value = section.get(key) or []
+        if isinstance(value, list):
+            out.extend(str(v) for v in value)
+    return out

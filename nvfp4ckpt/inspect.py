@@ -1,0 +1,140 @@
+"""What is this checkpoint? A summary that needs headers and a few scalars, never the weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import layout
+from .checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
+from .descriptor import descriptor_from_config
+from .errors import AlreadyConvertedError
+from .io import CheckpointFiles, read_json
+
+
+@dataclass
+class LayerSummary:
+    prefix: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    bytes: int
+
+
+@dataclass
+class InspectReport:
+    path: str
+    state: str  # "source" | "converted"
+    format: str
+    architecture: str
+    routing: dict
+    num_tensors: int
+    total_bytes: int
+    num_files: int
+    moe_layers: list[LayerSummary] = field(default_factory=list)
+    expert_bytes: int = 0
+    excluded_expert_modules: int = 0
+    issues: list[str] = field(default_factory=list)
+    descriptor: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect_checkpoint(src: str | Path, revision: str | None = None) -> InspectReport:
+    root = resolve_source(src, revision)
+    config_path = root / "config.json"
+    if config_path.is_file():
+        descriptor = descriptor_from_config(read_json(config_path))
+        if descriptor is not None:
+            return _inspect_converted(root, descriptor)
+    try:
+        ckpt = open_checkpoint(root)
+    except AlreadyConvertedError:  # pragma: no cover - handled above
+        raise
+    return _inspect_source(ckpt)
+
+
+def _inspect_source(ckpt: SourceCheckpoint) -> InspectReport:
+    files = ckpt.files
+    layers = []
+    expert_bytes = 0
+    for layer in ckpt.layers:
+        nbytes = sum(files.info(n).nbytes for n in layer.source_names())
+        expert_bytes += nbytes
+        layers.append(LayerSummary(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, nbytes))
+    report = InspectReport(
+        path=str(ckpt.root),
+        state="source",
+        format=ckpt.format.name,
+        architecture=ckpt.arch.name,
+        routing=ckpt.routing.to_dict(),
+        num_tensors=len(files.tensors),
+        total_bytes=sum(t.nbytes for t in files.tensors.values()),
+        num_files=len(files.files),
+        moe_layers=layers,
+        expert_bytes=expert_bytes,
+        excluded_expert_modules=len(ckpt.excluded_expert_modules),
+    )
+    report.issues = _source_issues(ckpt)
+    return report
+
+
+def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
+    """Things a user should know before serving; none of them stops conversion unless stated."""
+    issues: list[str] = []
+    to_mult = ckpt.format.to_dequant_multiplier
+    differ_ws2 = differ_input = 0
+    for layer in ckpt.layers:
+        try:
+            layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size).check_kernel_compatible()
+        except layout.LayoutShapeError as exc:
+            issues.append(f"{layer.prefix}: {exc} (convert will refuse it)")
+        gate = torch.stack([to_mult(ckpt.files.read(e["gate"].weight_global)).reshape(()) for e in layer.experts])
+        up = torch.stack([to_mult(ckpt.files.read(e["up"].weight_global)).reshape(()) for e in layer.experts])
+        differ_ws2 += int((gate != up).sum())
+        ins = torch.stack(
+            [to_mult(ckpt.files.read(e[r].input_global)).reshape(()) for e in layer.experts for r in ("gate", "up")]
+        )
+        differ_input += int(not torch.all(ins == ins[0]))
+    if differ_ws2:
+        issues.append(
+            f"gate and up weight global scales differ in {differ_ws2} experts: kept exact (the kernel scales the halves "
+            "separately through g1_alphas and g1_scale_c)"
+        )
+    if differ_input:
+        issues.append(
+            f"{differ_input} MoE layers have per-expert gate/up input scales: the kernel quantizes hidden states once "
+            "with the layer maximum a1 (as SGLang and vLLM do)"
+        )
+    if ckpt.excluded_expert_modules:
+        issues.append(
+            f"{len(ckpt.excluded_expert_modules)} expert modules are excluded from quantization and are carried over unchanged"
+        )
+    return issues
+
+
+def _inspect_converted(root: Path, descriptor: dict) -> InspectReport:
+    files = CheckpointFiles(root)
+    layers = []
+    expert_bytes = 0
+    for prefix, info in (descriptor.get("layers") or {}).items():
+        nbytes = sum(t.nbytes for n, t in files.tensors.items() if n.startswith(prefix + "."))
+        expert_bytes += nbytes
+        layers.append(LayerSummary(prefix, info["num_experts"], info["hidden_size"], info["intermediate_size"], nbytes))
+    return InspectReport(
+        path=str(root),
+        state="converted",
+        format=f"{descriptor.get('layout')} v{descriptor.get('layout_version')} (from {descriptor.get('source_format')})",
+        architecture=str(descriptor.get("architecture")),
+        routing=descriptor.get("routing") or {},
+        num_tensors=len(files.tensors),
+        total_bytes=sum(t.nbytes for t in files.tensors.values()),
+        num_files=len(files.files),
+        moe_layers=layers,
+        expert_bytes=expert_bytes,
+        descriptor=descriptor,
+        issues=["already converted: serve it with a loader that skips the TRT-LLM-gen shuffle (do not convert it again)"],
+    )

@@ -1,0 +1,353 @@
+"""Safetensors files read and written as raw bytes.
+
+Reading parses and validates every header up front (so a corrupt or truncated file fails before
+any output is written) and then reads tensor bytes by offset, never whole files. Writing is
+streaming: the shard plan (names, dtypes, shapes) is known before any data is produced, so each
+shard's header is written first and tensor bytes are appended as they are computed. Carried-over
+tensors are copied byte-for-byte, whatever their dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import torch
+
+from .errors import CorruptFileError, MissingTensorError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+DTYPE_TO_TORCH: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_DTYPE = {v: k for k, v in DTYPE_TO_TORCH.items()}
+DTYPE_SIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live."""
+
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "U8", "F8_E4M3"
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset in file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: returns tensors by name and the metadata."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CorruptFileError(f"{path}: file is truncated (no safetensors header); re-download or re-export it")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise CorruptFileError(
+                    f"{path}: header length {header_len} does not fit the file ({size} bytes); the file is corrupt or truncated"
+                )
+            header_bytes = f.read(header_len)
+    except OSError as exc:
+        raise CorruptFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(f"{path}: tensor {name!r} has a malformed header entry; the file is corrupt") from exc
+        if dtype not in DTYPE_SIZE:
+            raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise CorruptFileError(f"{path}: tensor {name!r} has a negative dimension")
+            numel *= d
+        if end - begin != numel * DTYPE_SIZE[dtype] or begin < 0:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match {dtype}{list(shape)}; the file is corrupt"
+            )
+        if data_start + end > size:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}; the file is truncated, re-download it"
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+class CheckpointFiles:
+    """All safetensors tensors of a checkpoint folder (single file or sharded with an index)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tensors: dict[str, TensorInfo] = {}
+        self.file_metadata: dict[str, dict[str, str]] = {}
+        self.files = self._list_files()
+        for fname in self.files:
+            infos, meta = read_header(root / fname)
+            self.file_metadata[fname] = meta
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise CorruptFileError(f"{root / fname}: tensor {name!r} also appears in {self.tensors[name].file.name}")
+                self.tensors[name] = info
+        self._check_index()
+
+    def _list_files(self) -> list[str]:
+        index_path = self.root / INDEX_NAME
+        if index_path.exists():
+            self.index = _read_json(index_path)
+            weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CorruptFileError(f"{index_path}: no 'weight_map' object; the index is corrupt")
+            files = sorted(set(weight_map.values()))
+            for fname in files:
+                if not isinstance(fname, str) or not (self.root / fname).is_file():
+                    raise CorruptFileError(f"{index_path}: shard {fname!r} listed in the index is missing; re-download the checkpoint")
+            return files
+        self.index = None
+        files = sorted(p.name for p in self.root.glob("*.safetensors"))
+        return files
+
+    def _check_index(self) -> None:
+        if self.index is None:
+            return
+        weight_map: dict[str, str] = self.index["weight_map"]
+        for name, fname in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != fname:
+                raise CorruptFileError(
+                    f"{self.root / INDEX_NAME}: tensor {name!r} is mapped to {fname} but is not stored there; the index is stale or corrupt"
+                )
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MissingTensorError(f"{self.root}: tensor {name!r} is missing from the checkpoint") from None
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read a tensor's bytes into a contiguous preallocated uint8 view ``out`` (no extra copy)."""
+        info = self.info(name)
+        buf = out.reshape(-1).view(torch.uint8)
+        if buf.numel() != info.nbytes:
+            raise ValueError(f"{name}: destination has {buf.numel()} bytes, tensor has {info.nbytes}")
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            n = f.readinto(memoryview(buf.numpy()))
+        if n != info.nbytes:
+            raise CorruptFileError(f"{info.file}: tensor {name!r} is truncated; re-download the checkpoint")
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor (any dtype torch knows)."""
+        info = self.info(name)
+        out = torch.empty(info.shape, dtype=DTYPE_TO_TORCH[info.dtype])
+        self.read_into(name, out)
+        return out
+
+    def read_bytes(self, name: str) -> bytes:
+        info = self.info(name)
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            data = f.read(info.nbytes)
+        if len(data) != info.nbytes:
+            raise CorruptFileError(f"{info.file}: tensor {name!r} is truncated; re-download the checkpoint")
+        return data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc}); fix or re-download the file") from exc
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object")
+    return data
+
+
+read_json = _read_json
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * DTYPE_SIZE[self.dtype]
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int) -> list[ShardPlan]:
+    """Greedy, order-preserving split into shards of at most ``max_shard_bytes`` (a tensor larger
+    than the limit gets a shard of its own), named like transformers does."""
+    shards: list[ShardPlan] = []
+    current = ShardPlan("")
+    for t in tensors:
+        if current.tensors and current.nbytes + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current = ShardPlan("")
+        current.tensors.append(t)
+    if current.tensors or not shards:
+        shards.append(current)
+    if len(shards) == 1:
+        shards[0].filename = SINGLE_NAME
+    else:
+        for i, s in enumerate(shards):
+            s.filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    return shards
+
+
+def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one planned shard: header first, then tensor bytes strictly in plan order."""
+
+    def __init__(self, path: Path, plan: ShardPlan, metadata: dict[str, str]) -> None:
+        self.path = path
+        self.plan = plan
+        self._next = 0
+        self._f: BinaryIO = open(path, "wb")
+        self._hash = hashlib.sha256()
+        self._emit(encode_header(plan.tensors, metadata))
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self._f.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def write(self, name: str, data: torch.Tensor | bytes) -> None:
+        expected = self.plan.tensors[self._next]
+        if expected.name != name:
+            raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
+        if isinstance(data, torch.Tensor):
+            t = data.contiguous()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            mv = memoryview(data)
+        if mv.nbytes != expected.nbytes:
+            raise RuntimeError(f"{name}: {mv.nbytes} bytes produced, {expected.nbytes} planned")
+        self._emit(mv)
+        self._next += 1
+
+    def copy_from(self, info: TensorInfo, chunk: int = 64 * 1024 * 1024) -> None:
+        """Copy a source tensor's bytes without decoding them."""
+        expected = self.plan.tensors[self._next]
+        if expected.name != info.name or expected.nbytes != info.nbytes:
+            raise RuntimeError(f"shard writer expected {expected.name!r}, got {info.name!r}")
+        with open(info.file, "rb") as src:
+            src.seek(info.begin)
+            left = info.nbytes
+            while left:
+                block = src.read(min(chunk, left))
+                if not block:
+                    raise CorruptFileError(f"{info.file}: tensor {info.name!r} is truncated; re-download the checkpoint")
+                self._emit(block)
+                left -= len(block)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.plan.tensors):
+            missing = self.plan.tensors[self._next].name
+            self._f.close()
+            raise RuntimeError(f"shard {self.path.name} closed before {missing!r} was written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> bytes (decimal units like transformers; 'GiB' binary)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            num = s[: -len(unit)].strip()
+            try:
+                value = float(num)
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * mult)
+    if s.isdigit() and int(s) > 0:
+        return int(s)
+    raise ValueError(f"cannot parse size {text!r}; use a form like 5GB, 500MB or 2GiB")
