@@ -52,8 +52,9 @@ def write_example(
     seed: int = 0,
     shards: int = 2,
     overwrite: bool = False,
+    config_overrides: dict | None = None,
 ) -> ExampleResult:
-    """Write the tiny example checkpoint to ``out``."""
+    """Write the tiny example checkpoint to ``out`` (``config_overrides`` changes its sizes)."""
     if format not in FORMAT_CHOICES:
         raise InputError(f"--format {format!r}: choose one of {', '.join(FORMAT_CHOICES)}")
     spec = architectures.get(arch)
@@ -63,7 +64,7 @@ def write_example(
             raise OutputExistsError(f"{out_path}: exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out_path)
     out_path.mkdir(parents=True, exist_ok=True)
-    config = spec.example_config()
+    config = {**spec.example_config(), **(config_overrides or {})}
     gen = torch.Generator().manual_seed(seed)
     tensors = _model_tensors(spec.name, config, format, gen)
 

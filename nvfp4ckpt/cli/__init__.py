@@ -43,7 +43,12 @@ def _root(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, map known errors to one line and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone typer returns exit codes (130 after Ctrl-C) instead of raising them.
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            Output().error("interrupted; no output was left behind that looks complete")
+        if isinstance(code, int):
+            return code
     except typer.Exit as exc:  # --help, --version, explicit exits
         return exc.exit_code
     except typer.Abort:
@@ -53,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         Output().error("interrupted; no output was left behind that looks complete")
         return 130
     except Exception as exc:  # noqa: BLE001 - the single place errors become messages
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        if _is_usage_error(exc):  # bad flags or arguments, from typer's parser
+            exc.show()  # type: ignore[attr-defined]
             return EXIT_USAGE
         known = format_error(exc)
         if known is None or debug_enabled():
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         Output().error(message)
         return code
     return 0
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    # typer vendors click, so match click's ClickException by its shape rather than its class.
+    return any(c.__name__ in ("ClickException", "UsageError") for c in type(exc).__mro__) and hasattr(exc, "show")
 
 
 def run() -> None:  # console script

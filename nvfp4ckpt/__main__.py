@@ -1,0 +1,3 @@
+from nvfp4ckpt.cli import run
+
+run()

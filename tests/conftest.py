@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny seeded checkpoints made by the real `example` writer, and oracles."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvfp4ckpt import write_example
+
+ARCHS = ("qwen3_moe", "deepseek_v3", "mixtral")
+FORMATS = ("modelopt", "compressed-tensors")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Tests never reach a hub; the hub path must fail fast with a clear message.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def example_factory(tmp_path_factory):
+    """Cached example checkpoints (treat as read-only; copy before corrupting)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "qwen3_moe", fmt: str = "modelopt", seed: int = 0, shards: int = 2) -> Path:
+        key = (arch, fmt, seed, shards)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{arch}-{fmt}-{seed}-{shards}")
+            write_example(out, format=fmt, arch=arch, seed=seed, shards=shards)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (to prove a folder was not touched)."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def reference_swizzle_128x4(s: torch.Tensor) -> torch.Tensor:
+    """The 128x4 interleave written from its documented byte-offset formula (independent of
+    nvfp4ckpt.layout): byte (r, c) goes to ((r//128)*(K/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4."""
+    m, k = s.shape
+    r = torch.arange(m).unsqueeze(1).expand(m, k)
+    c = torch.arange(k).unsqueeze(0).expand(m, k)
+    dst = ((r // 128) * (k // 4) + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
+    out = torch.empty(m * k, dtype=torch.uint8)
+    out[dst.reshape(-1)] = s.view(torch.uint8).reshape(-1)
+    return out.reshape(m, k)

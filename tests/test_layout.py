@@ -1,0 +1,103 @@
+"""The layout transform against FlashInfer's own helpers, compared as bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flashinfer import reorder_rows_for_gated_act_gemm, shuffle_matrix_a
+from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, get_w2_permute_indices_with_cache
+
+from nvfp4ckpt import layout
+from tests.conftest import reference_swizzle_128x4
+
+# (E, H, I): tiny, Qwen3-30B-A3B at TP1/TP4, DeepSeek-V3-like rows with few columns.
+SHAPES = [(2, 128, 64), (3, 256, 192), (2, 2048, 768), (1, 7168, 128), (2, 512, 2048)]
+
+
+def _rand_u8(gen, *shape):
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+
+
+@pytest.mark.parametrize("e,h,i", SHAPES)
+def test_w13_matches_flashinfer(e, h, i):
+    gen = torch.Generator().manual_seed(e * 1000 + i)
+    gate, up = _rand_u8(gen, e, i, h // 2), _rand_u8(gen, e, i, h // 2)
+    gate_s, up_s = _rand_u8(gen, e, i, h // 16), _rand_u8(gen, e, i, h // 16)
+    weight, scale = layout.w13_to_kernel(gate, up, gate_s.view(torch.float8_e4m3fn), up_s.view(torch.float8_e4m3fn))
+    assert weight.dtype == torch.uint8 and weight.shape == (e, 2 * i, h // 2)
+    assert scale.dtype == torch.float8_e4m3fn and scale.shape == (e, 2 * i, h // 16)
+    cache: dict = {}
+    for x in range(e):
+        w31 = torch.cat([up[x], gate[x]])
+        s31 = torch.cat([up_s[x], gate_s[x]])
+        perm = _maybe_get_cached_w3_w1_permute_indices(cache, w31, 128)
+        assert torch.equal(weight[x], w31[perm])
+        assert torch.equal(weight[x], shuffle_matrix_a(reorder_rows_for_gated_act_gemm(w31), 128))
+        sperm = _maybe_get_cached_w3_w1_permute_indices(cache, s31, 128, num_elts_per_sf=16)
+        assert torch.equal(scale[x].view(torch.uint8), reference_swizzle_128x4(s31[sperm]))
+
+
+@pytest.mark.parametrize("e,h,i", SHAPES)
+def test_w2_matches_flashinfer(e, h, i):
+    gen = torch.Generator().manual_seed(7 + h)
+    down, down_s = _rand_u8(gen, e, h, i // 2), _rand_u8(gen, e, h, i // 16)
+    weight, scale = layout.w2_to_kernel(down, down_s)
+    cache: dict = {}
+    for x in range(e):
+        perm = get_w2_permute_indices_with_cache(cache, down[x], 128)
+        assert torch.equal(weight[x], down[x][perm])
+        assert torch.equal(weight[x], shuffle_matrix_a(down[x], 128))
+        sperm = get_w2_permute_indices_with_cache(cache, down_s[x], 128, num_elts_per_sf=16)
+        assert torch.equal(scale[x].view(torch.uint8), reference_swizzle_128x4(down_s[x][sperm]))
+
+
+@pytest.mark.parametrize("e,h,i", SHAPES)
+def test_round_trip_is_exact(e, h, i):
+    gen = torch.Generator().manual_seed(h + i)
+    gate, up, down = _rand_u8(gen, e, i, h // 2), _rand_u8(gen, e, i, h // 2), _rand_u8(gen, e, h, i // 2)
+    gs, us, ds = _rand_u8(gen, e, i, h // 16), _rand_u8(gen, e, i, h // 16), _rand_u8(gen, e, h, i // 16)
+    # NaN and negative-zero e4m3 bytes must survive too: only bytes move.
+    gs[..., 0, 0], us[..., 0, 0] = 0x7F, 0x80
+    back = layout.w13_from_kernel(*layout.w13_to_kernel(gate, up, gs, us))
+    for got, want in zip(back, (gate, up, gs, us)):
+        assert torch.equal(got.view(torch.uint8), want)
+    d, dsc = layout.w2_from_kernel(*layout.w2_to_kernel(down, ds))
+    assert torch.equal(d, down) and torch.equal(dsc.view(torch.uint8), ds)
+
+
+def test_closed_form_permutation_matches_documented_formula():
+    rows = 2 * 384
+    perm = layout.w13_row_permutation(rows)
+    j = torch.arange(rows)
+    half = (j >> 3) & 1
+    s = (j // 32) * 16 + (j % 8) * 2 + ((j >> 4) & 1)
+    assert torch.equal(perm, half * (rows // 2) + s)
+
+
+@pytest.mark.parametrize("e,h,i", [(1, 256, 96), (1, 192, 128)])
+def test_sizes_needing_padding_are_refused(e, h, i):
+    with pytest.raises(layout.LayoutShapeError, match="multiple of"):
+        layout.MoEDims(e, h, i).check_kernel_compatible()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("e,h,i", SHAPES)
+def test_matches_flashinfer_gpu_scale_shuffle(e, h, i):
+    from flashinfer import shuffle_matrix_sf_a
+
+    gen = torch.Generator().manual_seed(11 * i + h)
+    gate, up = _rand_u8(gen, e, i, h // 2), _rand_u8(gen, e, i, h // 2)
+    gs, us = _rand_u8(gen, e, i, h // 16), _rand_u8(gen, e, i, h // 16)
+    down, ds = _rand_u8(gen, e, h, i // 2), _rand_u8(gen, e, h, i // 16)
+    w13, s13 = layout.w13_to_kernel(gate.cuda(), up.cuda(), gs.cuda(), us.cuda())
+    w2, s2 = layout.w2_to_kernel(down.cuda(), ds.cuda())
+    for x in range(e):
+        w31 = torch.cat([up[x], gate[x]]).cuda()
+        s31 = torch.cat([us[x], gs[x]]).cuda()
+        fi_w = shuffle_matrix_a(reorder_rows_for_gated_act_gemm(w31), 128)
+        fi_s = shuffle_matrix_sf_a(reorder_rows_for_gated_act_gemm(s31), 128)
+        assert torch.equal(w13[x], fi_w)
+        assert torch.equal(s13[x].view(torch.uint8).reshape(-1), fi_s.view(torch.uint8).reshape(-1))
+        assert torch.equal(w2[x], shuffle_matrix_a(down[x].cuda(), 128))
+        fi_s2 = shuffle_matrix_sf_a(ds[x].cuda(), 128)
+        assert torch.equal(s2[x].view(torch.uint8).reshape(-1), fi_s2.view(torch.uint8).reshape(-1))
