@@ -6,48 +6,27 @@ shard into a temporary folder next to DST that is renamed into place only when c
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import layout
 from .checkpoint import MoELayer, SourceCheckpoint, _natural_key, open_checkpoint
 from .descriptor import (
-    KERNEL_TENSORS,
-    MANIFEST_NAME,
-    RAW_CT_TENSORS,
-    SCALAR_TENSORS,
     LayerInfo,
+    canonical_specs,
     build_descriptor,
     header_metadata,
 )
-from .errors import InputError, OutputExistsError, UnsupportedShapeError
+from .errors import InputError, UnsupportedShapeError
 from .formats import DESCRIPTOR_KEY
-from .io import DTYPE_TO_TORCH, INDEX_NAME, PlannedTensor, ShardWriter, parse_size, plan_shards
+from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
+from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
-_SKIP_FILES = {"config.json", INDEX_NAME, MANIFEST_NAME}
-
-
-@dataclass
-class Progress:
-    """What the converter reports as it goes (the CLI draws bars from it)."""
-
-    stage: str  # "plan" | "layer" | "bytes" | "done"
-    layers_done: int = 0
-    layers_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 @dataclass
@@ -98,63 +77,24 @@ def convert_checkpoint(
         except layout.LayoutShapeError as exc:
             raise UnsupportedShapeError(f"{ckpt.root}: {layer.prefix}: {exc}") from None
     dst_path = Path(dst).expanduser()
-    _check_destination(ckpt.root, dst_path, overwrite)
+    check_destination(ckpt.root, dst_path, overwrite)
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise InputError(f"--device {device}: no such device here; use --device cpu")
 
     descriptor = _descriptor(ckpt)
-    meta = header_metadata(descriptor)
     planned, layer_of = _plan_tensors(ckpt)
-    shards = plan_shards(planned, max_bytes)
-    total_bytes = sum(s.nbytes for s in shards)
-    report = progress or (lambda p: None)
-    report(Progress("plan", 0, len(ckpt.layers), 0, total_bytes))
-
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_path.parent / f".{dst_path.name}.nvfp4ckpt-partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files: list[dict] = []
-    try:
-        cache = _LayerCache(ckpt, device)
-        done_bytes = 0
-        for shard in shards:
-            writer = ShardWriter(tmp / shard.filename, shard, meta)
-            try:
-                for t in shard.tensors:
-                    layer = layer_of.get(t.name)
-                    if layer is None:
-                        writer.copy_from(ckpt.files.info(t.name))
-                    else:
-                        tensors = cache.get(layer)
-                        writer.write(t.name, tensors[t.name])
-                        if cache.finished(layer, t.name):
-                            report(Progress("layer", cache.layers_done, len(ckpt.layers), done_bytes, total_bytes))
-                    done_bytes += t.nbytes
-                    report(Progress("bytes", cache.layers_done, len(ckpt.layers), done_bytes, total_bytes))
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            files.append({"name": shard.filename, "size": (tmp / shard.filename).stat().st_size, "sha256": writer.sha256})
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total_bytes},
-                "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
-            }
-            files.append(_write_json(tmp / INDEX_NAME, index))
-        files.append(_write_json(tmp / "config.json", _output_config(ckpt, descriptor)))
-        files.extend(_copy_other_files(ckpt.root, tmp))
-        files.sort(key=lambda f: f["name"])
-        manifest = {"tool": "nvfp4ckpt", "layout": descriptor["layout"], "layout_version": descriptor["layout_version"], "files": files}
-        _write_json(tmp / MANIFEST_NAME, manifest)
-        _fsync_dir(tmp)
-        _install(tmp, dst_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    report(Progress("done", len(ckpt.layers), len(ckpt.layers), total_bytes, total_bytes))
+    by_prefix = {layer.prefix: layer for layer in ckpt.layers}
+    job = CheckpointJob(
+        source=ckpt.files,
+        planned=planned,
+        computed={name: layer.prefix for name, layer in layer_of.items()},
+        compute=lambda prefix: convert_layer(ckpt, by_prefix[prefix], device),
+        metadata=header_metadata(descriptor),
+        config=_output_config(ckpt, descriptor),
+        max_shard_bytes=max_bytes,
+        manifest_fields={"tool": "nvfp4ckpt", "layout": descriptor["layout"], "layout_version": descriptor["layout_version"]},
+    )
+    files = write_checkpoint(job, dst_path, progress)
     return ConvertResult(
         source=ckpt.root,
         destination=dst_path,
@@ -188,28 +128,10 @@ def _descriptor(ckpt: SourceCheckpoint) -> dict:
 
 def layer_output_specs(layer: MoELayer, source_format: str) -> list[PlannedTensor]:
     """Names, dtypes and shapes of one layer's output tensors, in write order."""
-    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
-    p = layer.prefix
-    shapes = {
-        "w13_weight": ("U8", (e, 2 * i, h // 2)),
-        "w13_weight_scale": ("F8_E4M3", (e, 2 * i, h // 16)),
-        "w2_weight": ("U8", (e, h, i // 2)),
-        "w2_weight_scale": ("F8_E4M3", (e, h, i // 16)),
-        "w13_weight_scale_2": ("F32", (e, 2)),
-        "w2_weight_scale_2": ("F32", (e,)),
-        "w13_input_scale": ("F32", (e, 2)),
-        "w2_input_scale": ("F32", (e,)),
-        "g1_alphas": ("F32", (e,)),
-        "g1_scale_c": ("F32", (e,)),
-        "g2_alphas": ("F32", (e,)),
-        "w13_input_scale_quant": ("F32", (1,)),
-    }
-    names = list(KERNEL_TENSORS + SCALAR_TENSORS)
-    if source_format == "compressed-tensors":
-        for raw, (_, shape) in zip(RAW_CT_TENSORS, (shapes["w13_weight_scale_2"], shapes["w2_weight_scale_2"], shapes["w13_input_scale"], shapes["w2_input_scale"])):
-            shapes[raw] = (layer.scalar_dtype, shape)
-        names += list(RAW_CT_TENSORS)
-    return [PlannedTensor(f"{p}.{n}", *shapes[n]) for n in names]
+    specs = canonical_specs(
+        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, source_format, layer.scalar_dtype
+    )
+    return [PlannedTensor(name, dtype, shape) for name, dtype, shape in specs]
 
 
 def _plan_tensors(ckpt: SourceCheckpoint) -> tuple[list[PlannedTensor], dict[str, MoELayer]]:
@@ -242,34 +164,6 @@ def _plan_tensors(ckpt: SourceCheckpoint) -> tuple[list[PlannedTensor], dict[str
 
 # ----------------------------------------------------------------------------------------------
 # The transform of one layer
-
-
-class _LayerCache:
-    """Holds the current layer's outputs until all of them are written (one layer at a time)."""
-
-    def __init__(self, ckpt: SourceCheckpoint, device: str) -> None:
-        self.ckpt = ckpt
-        self.device = device
-        self.prefix: str | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.remaining: set[str] = set()
-        self.layers_done = 0
-
-    def get(self, layer: MoELayer) -> dict[str, torch.Tensor]:
-        if self.prefix != layer.prefix:
-            self.tensors = {}  # drop the previous layer before building the next
-            self.tensors = convert_layer(self.ckpt, layer, self.device)
-            self.prefix = layer.prefix
-            self.remaining = set(self.tensors)
-        return self.tensors
-
-    def finished(self, layer: MoELayer, name: str) -> bool:
-        self.remaining.discard(name)
-        if not self.remaining:
-            self.tensors = {}
-            self.layers_done += 1
-            return True
-        return False
 
 
 def read_layer_source(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torch.Tensor]:
@@ -352,48 +246,6 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
 # Files
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise InputError(f"{dst}: the destination overlaps the source {src}; choose a folder outside it")
-    if d.exists():
-        if not d.is_dir():
-            raise OutputExistsError(f"{dst}: exists and is not a folder; choose another destination")
-        if any(d.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
-
-
-def _install(tmp: Path, dst: Path) -> None:
-    """Move the finished temporary folder into place (replacing an old DST only now)."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.nvfp4ckpt-old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict) -> dict:
-    raw = (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    path.write_bytes(raw)
-    return {"name": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-
-
 def _output_config(ckpt: SourceCheckpoint, descriptor: dict) -> dict:
     config = json.loads(json.dumps(ckpt.config))
     qcfg = config.get("quantization_config")
@@ -405,24 +257,3 @@ def _output_config(ckpt: SourceCheckpoint, descriptor: dict) -> dict:
         qcfg = config["quantization_config"] = section
     qcfg[DESCRIPTOR_KEY] = descriptor
     return config
-
-
-def _copy_other_files(src: Path, dst: Path) -> list[dict]:
-    """Tokenizer, generation config, code, ...: everything that is not a weight shard."""
-    out = []
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if rel.name.endswith(".safetensors") or (len(rel.parts) == 1 and rel.name in _SKIP_FILES):
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with open(path, "rb") as fi, open(target, "wb") as fo:
-            while block := fi.read(16 * 1024 * 1024):
-                digest.update(block)
-                fo.write(block)
-        shutil.copystat(path, target)
-        out.append({"name": rel.as_posix(), "size": target.stat().st_size, "sha256": digest.hexdigest()})
-    return out

@@ -34,6 +34,35 @@ SCALAR_TENSORS = (
 RAW_CT_TENSORS = ("w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale")
 
 
+def canonical_specs(
+    prefix: str, num_experts: int, hidden: int, inter: int, source_format: str, scalar_dtype: str
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of one layer's output tensors, in write order."""
+    e, h, i = num_experts, hidden, inter
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {
+        "w13_weight": ("U8", (e, 2 * i, h // 2)),
+        "w13_weight_scale": ("F8_E4M3", (e, 2 * i, h // 16)),
+        "w2_weight": ("U8", (e, h, i // 2)),
+        "w2_weight_scale": ("F8_E4M3", (e, h, i // 16)),
+        "w13_weight_scale_2": ("F32", (e, 2)),
+        "w2_weight_scale_2": ("F32", (e,)),
+        "w13_input_scale": ("F32", (e, 2)),
+        "w2_input_scale": ("F32", (e,)),
+        "g1_alphas": ("F32", (e,)),
+        "g1_scale_c": ("F32", (e,)),
+        "g2_alphas": ("F32", (e,)),
+        "w13_input_scale_quant": ("F32", (1,)),
+        "w13_weight_global_scale": (scalar_dtype, (e, 2)),
+        "w2_weight_global_scale": (scalar_dtype, (e,)),
+        "w13_input_global_scale": (scalar_dtype, (e, 2)),
+        "w2_input_global_scale": (scalar_dtype, (e,)),
+    }
+    names = list(KERNEL_TENSORS + SCALAR_TENSORS)
+    if source_format == "compressed-tensors":
+        names += list(RAW_CT_TENSORS)
+    return [(f"{prefix}.{n}", *shapes[n]) for n in names]
+
+
 def flashinfer_version() -> str | None:
     try:
         return metadata.version("flashinfer-python")

@@ -13,6 +13,8 @@ from ._output import Output
 from .convert import CONVERT_EXAMPLES, convert
 from .example import EXAMPLE_EXAMPLES, example
 from .inspect import INSPECT_EXAMPLES, inspect
+from .revert import REVERT_EXAMPLES, revert
+from .verify import VERIFY_EXAMPLES, verify
 
 app = typer.Typer(
     name="nvfp4ckpt",
@@ -25,6 +27,8 @@ app = typer.Typer(
 app.command(epilog=INSPECT_EXAMPLES)(inspect)
 app.command(epilog=EXAMPLE_EXAMPLES)(example)
 app.command(epilog=CONVERT_EXAMPLES)(convert)
+app.command(epilog=VERIFY_EXAMPLES)(verify)
+app.command(epilog=REVERT_EXAMPLES)(revert)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,32 @@
+"""``nvfp4ckpt revert DST OUT``: back to the source format, byte-identical per tensor."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..revert import DEFAULT_MAX_SHARD_SIZE, revert_checkpoint
+from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt
+from ._output import Output, human_bytes
+
+REVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt revert ./qwen3-trtllm ./qwen3-modelopt"""
+
+
+def revert(
+    path: Annotated[str, typer.Argument(help="Converted checkpoint folder.", show_default=False)],
+    out: OutArg,
+    overwrite: OverwriteOpt = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = DEFAULT_MAX_SHARD_SIZE,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the source-format checkpoint (ModelOpt or compressed-tensors, as recorded) back."""
+    output = Output(json_mode=json, quiet=quiet)
+    result = revert_checkpoint(path, out, overwrite=overwrite, max_shard_size=max_shard_size)
+    output.result(result.to_dict())
+    total = sum(f["size"] for f in result.files)
+    output.text(
+        f"reverted {result.num_moe_layers} MoE layers to {result.source_format} in {result.seconds:.2f} s "
+        f"({human_bytes(total)}) at {result.destination}"
+    )

@@ -1,0 +1,140 @@
+"""Kernel-ready checkpoint -> the source format it came from, byte-identical per tensor."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import layout
+from .checkpoint import _natural_key
+from .converted import ConvertedCheckpoint, KernelLayer, open_converted
+from .errors import InputError
+from .formats import DESCRIPTOR_KEY, FORMATS
+from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
+from .writer import CheckpointJob, ProgressFn, check_destination, write_checkpoint
+
+DEFAULT_MAX_SHARD_SIZE = "50GB"
+
+
+@dataclass
+class RevertResult:
+    source: Path
+    destination: Path
+    source_format: str
+    num_moe_layers: int
+    files: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "source": str(self.source),
+            "destination": str(self.destination),
+            "source_format": self.source_format,
+            "num_moe_layers": self.num_moe_layers,
+            "seconds": round(self.seconds, 3),
+            "files": self.files,
+        }
+
+
+def revert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    progress: ProgressFn | None = None,
+) -> RevertResult:
+    """Write the source-format checkpoint of a converted one (per-expert names, original scalars)."""
+    start = time.perf_counter()
+    try:
+        max_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise InputError(f"--max-shard-size: {exc}") from None
+    ckpt = open_converted(src)
+    fmt = FORMATS.get(ckpt.source_format)
+    if fmt is None:
+        raise InputError(f"{ckpt.root}: unknown source_format {ckpt.source_format!r} in the descriptor")
+    dst_path = Path(dst).expanduser()
+    check_destination(ckpt.root, dst_path, overwrite)
+
+    owned = {name for layer in ckpt.layers for name in layer.tensor_names(ckpt.source_format)}
+    for name in owned:
+        ckpt.files.info(name)  # a missing canonical tensor is an input error, named
+    planned: list[PlannedTensor] = []
+    computed: dict[str, str] = {}
+    for name, info in ckpt.files.tensors.items():
+        if name not in owned:
+            planned.append(PlannedTensor(name, info.dtype, info.shape))
+    for layer in ckpt.layers:
+        for spec in _expert_specs(layer, fmt):
+            planned.append(spec)
+            computed[spec.name] = layer.prefix
+    planned.sort(key=lambda t: _natural_key(t.name))
+    by_prefix = {layer.prefix: layer for layer in ckpt.layers}
+    job = CheckpointJob(
+        source=ckpt.files,
+        planned=planned,
+        computed=computed,
+        compute=lambda prefix: revert_layer(ckpt, by_prefix[prefix]),
+        metadata={"format": "pt"},
+        config=_source_config(ckpt),
+        max_shard_bytes=max_bytes,
+        manifest_fields=None,
+    )
+    files = write_checkpoint(job, dst_path, progress)
+    return RevertResult(ckpt.root, dst_path, ckpt.source_format, len(ckpt.layers), files, time.perf_counter() - start)
+
+
+def _expert_specs(layer: KernelLayer, fmt) -> list[PlannedTensor]:
+    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
+    out = []
+    for x in range(e):
+        for role in ("gate", "up", "down"):
+            n, k = shapes[role]
+            base = f"{layer.prefix}.{x}.{layer.proj_names[role]}"
+            out.append(PlannedTensor(f"{base}.{fmt.weight_suffix}", "U8", (n, k // 2)))
+            out.append(PlannedTensor(f"{base}.{fmt.weight_scale_suffix}", "F8_E4M3", (n, k // 16)))
+            out.append(PlannedTensor(f"{base}.{fmt.weight_global_suffix}", layer.scalar_dtype, layer.scalar_shape))
+            out.append(PlannedTensor(f"{base}.{fmt.input_global_suffix}", layer.scalar_dtype, layer.scalar_shape))
+    return out
+
+
+def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, torch.Tensor]:
+    """All per-expert source tensors of one layer."""
+    fmt = FORMATS[ckpt.source_format]
+    t = ckpt.read_layer(layer)
+    gate, up, gate_s, up_s = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
+    down, down_s = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
+    dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
+    if ckpt.source_format == "compressed-tensors":
+        w_glob = torch.stack([t["w13_weight_global_scale"][:, 0], t["w13_weight_global_scale"][:, 1], t["w2_weight_global_scale"]], 1)
+        i_glob = torch.stack([t["w13_input_global_scale"][:, 0], t["w13_input_global_scale"][:, 1], t["w2_input_global_scale"]], 1)
+    else:
+        w_glob = torch.stack([t["w13_weight_scale_2"][:, 0], t["w13_weight_scale_2"][:, 1], t["w2_weight_scale_2"]], 1)
+        i_glob = torch.stack([t["w13_input_scale"][:, 0], t["w13_input_scale"][:, 1], t["w2_input_scale"]], 1)
+    w_glob, i_glob = w_glob.to(dtype), i_glob.to(dtype)
+    out: dict[str, torch.Tensor] = {}
+    mats = {"gate": (gate, gate_s), "up": (up, up_s), "down": (down, down_s)}
+    for x in range(layer.num_experts):
+        for r, role in enumerate(("gate", "up", "down")):
+            base = f"{layer.prefix}.{x}.{layer.proj_names[role]}"
+            w, s = mats[role]
+            out[f"{base}.{fmt.weight_suffix}"] = w[x]
+            out[f"{base}.{fmt.weight_scale_suffix}"] = s[x]
+            out[f"{base}.{fmt.weight_global_suffix}"] = w_glob[x, r].reshape(layer.scalar_shape)
+            out[f"{base}.{fmt.input_global_suffix}"] = i_glob[x, r].reshape(layer.scalar_shape)
+    return out
+
+
+def _source_config(ckpt: ConvertedCheckpoint) -> dict:
+    config = json.loads(json.dumps(ckpt.config))
+    qcfg = config.get("quantization_config", {})
+    qcfg.pop(DESCRIPTOR_KEY, None)
+    if not ckpt.descriptor.get("config_had_quantization_config", True):
+        config.pop("quantization_config", None)
+    return config

@@ -1,0 +1,262 @@
+"""Run one MoE layer of a converted checkpoint: the small library behind ``verify`` and the GSM8K runner.
+
+    from nvfp4ckpt.runtime import load_moe_layer
+    layer = load_moe_layer("qwen3-trtllm", 3, "cuda")          # decoder layer 3 (or the expert prefix)
+    out = layer(hidden_states, router_logits)                    # bf16 [T, H]; backend chosen for the GPU
+
+Backends:
+- ``trtllm``: FlashInfer's ``trtllm_fp4_block_scale_moe`` on the tensors as stored (SM100/SM103 only).
+- ``triton``: nvfp4ckpt's own fused NVFP4 MoE reading the kernel layout directly (CUDA, SM80 and newer).
+- ``torch``: the float32 reference on the un-shuffled weights (CPU or GPU; slow, simple).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import layout
+from .converted import ConvertedCheckpoint, KernelLayer, open_converted
+from .errors import InputError
+
+BACKENDS = ("auto", "trtllm", "triton", "torch")
+ACT_MODES = ("nvfp4", "bf16")
+
+
+def default_backend(device: torch.device | str) -> str:
+    """trtllm on SM100/SM103, triton on other CUDA GPUs from SM80, torch otherwise."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return "torch"
+    major, _ = torch.cuda.get_device_capability(dev)
+    if major == 10:
+        return "trtllm"
+    if major >= 8:
+        return "triton"
+    return "torch"
+
+
+@dataclass
+class SourceWeights:
+    """A layer's weights back in source layout (for the torch reference)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_scale: torch.Tensor
+    up_scale: torch.Tensor
+    down_scale: torch.Tensor
+    ws2_gate: torch.Tensor
+    ws2_up: torch.Tensor
+    ws2_down: torch.Tensor
+    a1: float
+    a2: float
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer's kernel-ready tensors on a device, with its routing configuration."""
+
+    prefix: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    routing: dict
+    tensors: dict[str, torch.Tensor]
+    routing_bias: torch.Tensor | None = None
+    _source: SourceWeights | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors["w13_weight"].device
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .routing import route
+
+        r = self.routing
+        return route(
+            router_logits,
+            r["method"],
+            int(r["top_k"]),
+            bias=self.routing_bias,
+            n_group=r.get("n_group"),
+            topk_group=r.get("topk_group"),
+            routed_scaling_factor=r.get("routed_scaling_factor", 1.0),
+            norm_topk_prob=r.get("norm_topk_prob", True),
+        )
+
+    def source_weights(self) -> SourceWeights:
+        """Un-shuffled weights and ModelOpt-convention scalars (cached)."""
+        if self._source is None:
+            t = self.tensors
+            gate, up, gate_s, up_s = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
+            down, down_s = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
+            self._source = SourceWeights(
+                gate, up, down, gate_s, up_s, down_s,
+                t["w13_weight_scale_2"][:, 0].contiguous(), t["w13_weight_scale_2"][:, 1].contiguous(), t["w2_weight_scale_2"],
+                float(t["w13_input_scale"].max()), float(t["w2_input_scale"].max()),
+            )  # fmt: skip
+        return self._source
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        backend: str = "auto",
+        act: str = "nvfp4",
+    ) -> torch.Tensor:
+        """MoE output ``[T, H]`` (fp32 for torch, bf16 for the GPU backends)."""
+        if backend not in BACKENDS:
+            raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if act not in ACT_MODES:
+            raise InputError(f"--act {act!r}: choose one of {', '.join(ACT_MODES)}")
+        if backend == "auto":
+            backend = default_backend(self.device)
+        if backend == "trtllm":
+            if act != "nvfp4":
+                raise InputError("--backend trtllm runs W4A4 only; use --act nvfp4 (or --backend triton for --act bf16)")
+            return run_trtllm(self, hidden_states, router_logits)
+        topk_ids, topk_weights = self.route(router_logits)
+        if backend == "triton":
+            return self.forward_triton(hidden_states, topk_ids, topk_weights, act)
+        return self.forward_torch(hidden_states, topk_ids, topk_weights, act)
+
+    def forward_torch(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
+        from .moe_torch import moe_forward_torch
+
+        s = self.source_weights()
+        return moe_forward_torch(
+            hidden_states, topk_ids, topk_weights, s.gate, s.up, s.down, s.gate_scale, s.up_scale, s.down_scale,
+            s.ws2_gate, s.ws2_up, s.ws2_down, s.a1, s.a2, act=act,
+        )  # fmt: skip
+
+    def forward_triton(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
+        if self.device.type != "cuda":
+            raise InputError("--backend triton needs a CUDA GPU (SM80 or newer); use --backend torch on CPU")
+        from .kernels.triton_moe import moe_forward_triton
+
+        t = self.tensors
+        return moe_forward_triton(
+            hidden_states, topk_ids, topk_weights, t["w13_weight"], t["w13_weight_scale"], t["w2_weight"],
+            t["w2_weight_scale"], t["g1_alphas"], t["g1_scale_c"], t["g2_alphas"], t["w13_input_scale_quant"], act,
+            w2_input_scale_quant=1.0 / float(t["w2_input_scale"].max()),
+        )  # fmt: skip
+
+
+def load_moe_layer(path: str | Path | ConvertedCheckpoint, layer: str | int, device: str | torch.device = "cpu") -> MoELayer:
+    """Load one MoE layer (expert prefix, or decoder layer number) of a converted checkpoint onto ``device``."""
+    ckpt = path if isinstance(path, ConvertedCheckpoint) else open_converted(path)
+    info: KernelLayer = ckpt.layer(layer)
+    routing = dict(ckpt.descriptor.get("routing") or {})
+    bias = None
+    if routing.get("bias_suffix"):
+        block = info.prefix.rsplit(".", 1)[0]
+        name = f"{block}.{routing['bias_suffix']}"
+        if name in ckpt.files.tensors:
+            bias = ckpt.files.read(name).to(device)
+    return MoELayer(
+        prefix=info.prefix,
+        num_experts=info.num_experts,
+        hidden_size=info.hidden_size,
+        intermediate_size=info.intermediate_size,
+        routing=routing,
+        tensors=ckpt.read_layer(info, device),
+        routing_bias=bias,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# FlashInfer TRT-LLM-gen kernel (SM100/SM103). Unexercised on the hardware available to this project:
+# the argument construction below is unit-tested on CPU against the installed FlashInfer's signature.
+
+
+def trtllm_kwargs(
+    layer: MoELayer,
+    hidden_fp4: torch.Tensor,
+    hidden_scale: torch.Tensor,
+    router_logits: torch.Tensor,
+    signature: inspect.Signature,
+) -> dict:
+    """Keyword arguments for ``trtllm_fp4_block_scale_moe``, adapted to the installed version's signature.
+
+    Follows SGLang's call (layout reference, section 5): linear hidden-state scales ``[T, H/16]`` e4m3, fp32
+    logits for DeepSeekV3 routing, bf16 routing bias, ``output1_scale_scalar = g1_scale_c``,
+    ``output1_scale_gate_scalar = g1_alphas``, ``output2_scale_scalar = g2_alphas``, SwiGLU activation.
+    """
+    from flashinfer.tllm_enums import RoutingMethodType
+
+    t = layer.tensors
+    r = layer.routing
+    num_tokens = hidden_fp4.shape[0]
+    method = RoutingMethodType[r["method"]]
+    logits = router_logits.float() if r["method"] == "DeepSeekV3" else router_logits.to(torch.bfloat16)
+    bias = layer.routing_bias.to(torch.bfloat16) if layer.routing_bias is not None else None
+    kwargs = {
+        "routing_logits": logits,
+        "routing_bias": bias,
+        "hidden_states": hidden_fp4,
+        "hidden_states_scale": hidden_scale.view(torch.float8_e4m3fn).reshape(num_tokens, layer.hidden_size // 16),
+        "gemm1_weights": t["w13_weight"],
+        "gemm1_weights_scale": t["w13_weight_scale"].view(torch.float8_e4m3fn),
+        "gemm1_bias": None,
+        "gemm1_alpha": None,
+        "gemm1_beta": None,
+        "gemm1_clamp_limit": None,
+        "gemm2_weights": t["w2_weight"],
+        "gemm2_weights_scale": t["w2_weight_scale"].view(torch.float8_e4m3fn),
+        "gemm2_bias": None,
+        "output1_scale_scalar": t["g1_scale_c"],
+        "output1_scale_gate_scalar": t["g1_alphas"],
+        "output2_scale_scalar": t["g2_alphas"],
+        "num_experts": layer.num_experts,
+        "top_k": int(r["top_k"]),
+        "n_group": r.get("n_group"),
+        "topk_group": r.get("topk_group"),
+        "intermediate_size": layer.intermediate_size,
+        "local_expert_offset": 0,
+        "local_num_experts": layer.num_experts,
+        "routed_scaling_factor": r.get("routed_scaling_factor"),
+        "routing_method_type": int(method),
+        "do_finalize": True,
+    }
+    params = signature.parameters
+    if "activation_type" in params:  # FlashInfer >= 0.6.3
+        from flashinfer.tllm_enums import ActivationType
+
+        kwargs["activation_type"] = int(ActivationType.Swiglu)
+    elif "gated_act_type" in params:  # 0.3 .. 0.6.2: GatedActType.SwiGlu == 0
+        kwargs["gated_act_type"] = 0
+    if "tile_tokens_dim" in params:  # removed in 0.6.0; None means automatic from 0.4.1
+        kwargs["tile_tokens_dim"] = None
+    if "tune_max_num_tokens" in params:
+        kwargs["tune_max_num_tokens"] = max(1, 1 << (num_tokens - 1).bit_length())
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise InputError(f"installed FlashInfer's trtllm_fp4_block_scale_moe has no argument(s) {unknown}; unsupported version")
+    missing = [
+        name for name, p in params.items()
+        if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD and name not in kwargs
+    ]  # fmt: skip
+    if missing:
+        raise InputError(f"installed FlashInfer's trtllm_fp4_block_scale_moe requires {missing}; unsupported version")
+    return kwargs
+
+
+def run_trtllm(layer: MoELayer, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    if layer.device.type != "cuda" or torch.cuda.get_device_capability(layer.device)[0] != 10:
+        raise InputError("--backend trtllm needs an SM100/SM103 GPU (B200, GB200, B300); use --backend triton here")
+    from flashinfer import fp4_quantize
+    from flashinfer.fused_moe import trtllm_fp4_block_scale_moe
+
+    hs_fp4, hs_sf = fp4_quantize(
+        hidden_states.to(torch.bfloat16),
+        global_scale=layer.tensors["w13_input_scale_quant"],
+        sf_vec_size=16,
+        sf_use_ue8m0=False,
+        is_sf_swizzled_layout=False,
+    )
+    kwargs = trtllm_kwargs(layer, hs_fp4, hs_sf, router_logits, inspect.signature(trtllm_fp4_block_scale_moe))
+    return trtllm_fp4_block_scale_moe(**kwargs)[0]

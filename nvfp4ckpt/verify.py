@@ -1,0 +1,424 @@
+"""Prove a converted checkpoint is kernel-ready: structure, exact layout, and fused-MoE numerics.
+
+Checks (each can be selected or skipped):
+- ``structure`` (no GPU, no source): descriptor supported and the same in every header; every MoE layer has
+  all canonical tensors with the right dtypes and shapes; manifest complete, sizes and sha256 match;
+  scalars finite, positive and equal to the formulas applied to the stored scales.
+- ``layout`` (needs ``source``): every MoE layer un-shuffled equals the source bytes, every carried-over
+  tensor is byte-identical; reports the first mismatching tensor, expert and row.
+- ``numerics``: each MoE layer run with the chosen backend on seeded random activations and router logits,
+  against the float32 torch reference computed from the source weights (or, without a source, from the
+  un-shuffled converted weights). Thresholds per backend are in ``THRESHOLDS`` and docs/verify.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import layout
+from .checkpoint import SourceCheckpoint, open_checkpoint
+from .convert import kernel_scalars, read_layer_source
+from .converted import ConvertedCheckpoint, KernelLayer, open_converted
+from .descriptor import MANIFEST_NAME, METADATA_KEY, canonical_specs
+from .errors import CorruptFileError, InputError
+from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer
+
+CHECKS = ("structure", "layout", "numerics")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    max_rel_l2: float
+    min_cosine: float
+    min_frac_close: float  # FlashInfer's own criterion: isclose(atol=0.1, rtol=0.85)
+
+
+# Measured margins are in docs/verify.md. torch re-computes the reference from the converted layout, so
+# any difference is a layout error; triton emulates the kernel's numerics exactly except for fp32
+# summation order and the rare activation-quantization rounding flip that order causes; the TRT-LLM-gen
+# kernel is held to FlashInfer's own test criterion.
+THRESHOLDS: dict[tuple[str, str], Threshold] = {
+    ("torch", "nvfp4"): Threshold(1e-6, 0.999999, 1.0),
+    ("torch", "bf16"): Threshold(1e-6, 0.999999, 1.0),
+    ("triton", "bf16"): Threshold(1e-2, 0.9999, 0.999),
+    ("triton", "nvfp4"): Threshold(3e-2, 0.999, 0.99),
+    ("trtllm", "nvfp4"): Threshold(0.2, 0.98, 0.92),
+}
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # "pass" | "fail" | "skip"
+    summary: str
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerNumerics:
+    prefix: str
+    backend: str
+    act: str
+    tokens: int
+    rel_l2: float
+    cosine: float
+    max_abs: float
+    frac_close: float
+    passed: bool
+    seconds: float
+    reference: str  # "source" | "converted"
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    source: str | None
+    checks: list[CheckResult] = field(default_factory=list)
+    numerics: list[LayerNumerics] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def verify_checkpoint(
+    path: str | Path,
+    *,
+    source: str | Path | None = None,
+    checks: tuple[str, ...] = CHECKS,
+    backend: str = "auto",
+    act: str = "nvfp4",
+    layers: list[str] | None = None,
+    tokens: int = 64,
+    seed: int = 0,
+    hash_files: bool = True,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+) -> VerifyReport:
+    start = time.perf_counter()
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise InputError(f"unknown check(s) {unknown}; choose from {', '.join(CHECKS)}")
+    if backend not in BACKENDS:
+        raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if act not in ACT_MODES:
+        raise InputError(f"--act {act!r}: choose one of {', '.join(ACT_MODES)}")
+    report = VerifyReport(path=str(path), source=str(source) if source else None)
+    try:
+        ckpt = open_converted(path)  # not a converted checkpoint at all: an input error (exit 2)
+    except CorruptFileError as exc:  # converted but damaged: the structure check fails (exit 1)
+        return structure_error_report(path, exc)
+    src = open_checkpoint(source) if source is not None else None
+    selected = _select_layers(ckpt, layers)
+    tick = progress or (lambda stage, done, total: None)
+
+    if "structure" in checks:
+        report.checks.append(check_structure(ckpt, hash_files))
+    if "layout" in checks:
+        if src is None:
+            report.checks.append(CheckResult("layout", "skip", "no --source given"))
+        else:
+            report.checks.append(check_layout(ckpt, src, tick))
+    if "numerics" in checks:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        chosen = default_backend(dev) if backend == "auto" else backend
+        if chosen == "trtllm" and act != "nvfp4":
+            raise InputError("--backend trtllm runs W4A4 only; use --act nvfp4")
+        if chosen in ("triton", "trtllm") and dev.type != "cuda":
+            raise InputError(f"--backend {chosen} needs a CUDA GPU; use --backend torch on this machine")
+        results = []
+        for n, layer in enumerate(selected):
+            tick("numerics", n, len(selected))
+            results.append(check_layer_numerics(ckpt, src, layer, chosen, act, tokens, seed, dev))
+        tick("numerics", len(selected), len(selected))
+        report.numerics = results
+        bad = [r for r in results if not r.passed]
+        report.checks.append(
+            CheckResult(
+                "numerics",
+                "fail" if bad else "pass",
+                f"{len(results) - len(bad)}/{len(results)} MoE layers within thresholds ({chosen}, act {act})",
+                [f"{r.prefix}: rel-L2 {r.rel_l2:.3g}, cosine {r.cosine:.6f}, close {r.frac_close:.4f}" for r in bad],
+            )
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _select_layers(ckpt: ConvertedCheckpoint, layers: list[str] | None) -> list[KernelLayer]:
+    if not layers:
+        return list(ckpt.layers)
+    return [ckpt.layer(x) for x in layers]
+
+
+# ----------------------------------------------------------------------------------------------
+# structure
+
+
+def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> CheckResult:
+    problems: list[str] = []
+    desc = ckpt.descriptor
+    for fname in ckpt.files.files:
+        meta = ckpt.files.file_metadata[fname]
+        try:
+            header_desc = json.loads(meta.get(METADATA_KEY, "null"))
+        except ValueError:
+            header_desc = None
+        if header_desc != desc:
+            problems.append(f"{fname}: header metadata '{METADATA_KEY}' differs from config.json's descriptor")
+    for layer in ckpt.layers:
+        for name, dtype, shape in canonical_specs(
+            layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, ckpt.source_format, layer.scalar_dtype
+        ):
+            info = ckpt.files.tensors.get(name)
+            if info is None:
+                problems.append(f"{name}: missing")
+            elif info.dtype != dtype or info.shape != shape:
+                problems.append(f"{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
+        if not problems:
+            problems.extend(_scalar_problems(ckpt, layer))
+    problems.extend(_manifest_problems(ckpt.root, hash_files))
+    n_layers = len(ckpt.layers)
+    what = f"{n_layers} MoE layers, {len(ckpt.files.files)} shards" + ("" if hash_files else " (sha256 skipped)")
+    return CheckResult("structure", "fail" if problems else "pass", what, problems)
+
+
+def _scalar_problems(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> list[str]:
+    t = {k: v for k, v in ckpt.read_layer(layer).items() if v.dtype != torch.uint8 and v.dtype != torch.float8_e4m3fn}
+    problems = []
+    for name, value in t.items():
+        v = value.float()
+        if not torch.isfinite(v).all() or (v <= 0).any():
+            problems.append(f"{layer.prefix}.{name}: non-finite or non-positive values")
+    if problems:
+        return problems
+    ws2 = torch.stack([t["w13_weight_scale_2"][:, 0], t["w13_weight_scale_2"][:, 1], t["w2_weight_scale_2"]], 1)
+    inp = torch.stack([t["w13_input_scale"][:, 0], t["w13_input_scale"][:, 1], t["w2_input_scale"]], 1)
+    expect = kernel_scalars(ws2, inp)
+    for name in ("g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"):
+        if not torch.equal(t[name], expect[name]):
+            problems.append(f"{layer.prefix}.{name}: does not match the formula applied to the stored input/weight scales")
+    if ckpt.source_format == "compressed-tensors":
+        pairs = (
+            ("w13_weight_global_scale", "w13_weight_scale_2"),
+            ("w2_weight_global_scale", "w2_weight_scale_2"),
+            ("w13_input_global_scale", "w13_input_scale"),
+            ("w2_input_global_scale", "w2_input_scale"),
+        )
+        for raw, mult in pairs:
+            if not torch.equal(1.0 / t[raw].float(), t[mult]):
+                problems.append(f"{layer.prefix}.{mult}: is not the reciprocal of {raw}")
+    return problems
+
+
+def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return [f"{MANIFEST_NAME}: missing"]
+    try:
+        manifest = json.loads(path.read_text())
+        entries = {f["name"]: f for f in manifest["files"]}
+    except (ValueError, KeyError, TypeError):
+        return [f"{MANIFEST_NAME}: not valid JSON with a 'files' list"]
+    problems = []
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    on_disk.discard(MANIFEST_NAME)
+    for extra in sorted(on_disk - set(entries)):
+        problems.append(f"{extra}: not listed in the manifest")
+    for name, entry in sorted(entries.items()):
+        f = root / name
+        if not f.is_file():
+            problems.append(f"{name}: listed in the manifest but missing")
+            continue
+        if f.stat().st_size != entry.get("size"):
+            problems.append(f"{name}: size {f.stat().st_size} != manifest {entry.get('size')}")
+            continue
+        if hash_files and _sha256(f) != entry.get("sha256"):
+            problems.append(f"{name}: sha256 does not match the manifest")
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# layout
+
+
+def check_layout(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, tick: ProgressFn) -> CheckResult:
+    problems: list[str] = []
+    src_layers = {l.prefix: l for l in src.layers}
+    if set(src_layers) != {l.prefix for l in ckpt.layers}:
+        problems.append(
+            f"MoE layers differ: source has {sorted(src_layers)}, converted has {sorted(l.prefix for l in ckpt.layers)}"
+        )
+        return CheckResult("layout", "fail", "MoE layers do not match the source", problems)
+    for n, layer in enumerate(ckpt.layers):
+        tick("layout", n, len(ckpt.layers))
+        problem = _compare_layer(ckpt, src, layer, src_layers[layer.prefix])
+        if problem:
+            problems.append(problem)
+    tick("layout", len(ckpt.layers), len(ckpt.layers))
+    expert_names = src.expert_tensor_names
+    carried = [n for n in src.files.tensors if n not in expert_names]
+    for name in carried:
+        if name not in ckpt.files.tensors:
+            problems.append(f"{name}: missing from the converted checkpoint")
+            continue
+        a, b = src.files.info(name), ckpt.files.info(name)
+        if a.dtype != b.dtype or a.shape != b.shape or src.files.read_bytes(name) != ckpt.files.read_bytes(name):
+            problems.append(f"{name}: carried-over tensor differs from the source")
+    owned = {n for l in ckpt.layers for n in l.tensor_names(ckpt.source_format)}
+    for name in ckpt.files.tensors:
+        if name not in owned and name not in src.files.tensors:
+            problems.append(f"{name}: not in the source and not a canonical MoE tensor")
+    summary = f"{len(ckpt.layers)} MoE layers un-shuffled and {len(carried)} carried-over tensors compared byte for byte"
+    return CheckResult("layout", "fail" if problems else "pass", summary, problems)
+
+
+def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[int, int] | None:
+    """(expert, row) of the first differing byte of two [E, rows, cols] uint8 tensors."""
+    diff = (got.view(torch.uint8) != want.view(torch.uint8)).flatten(2).any(-1)
+    if not diff.any():
+        return None
+    e, r = diff.nonzero()[0].tolist()
+    return e, r
+
+
+def _compare_layer(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, layer: KernelLayer, src_layer) -> str | None:
+    if (layer.num_experts, layer.hidden_size, layer.intermediate_size) != (
+        src_layer.num_experts, src_layer.hidden_size, src_layer.intermediate_size,
+    ):  # fmt: skip
+        return f"{layer.prefix}: sizes differ from the source"
+    t = ckpt.read_layer(layer)
+    s = read_layer_source(src, src_layer)
+    gate, up, gs, us = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
+    down, ds = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
+    i = layer.intermediate_size
+    pairs = [
+        ("w13_weight", "up_proj weight", up, s["w31"][:, :i], 0),
+        ("w13_weight", "gate_proj weight", gate, s["w31"][:, i:], 0),
+        ("w13_weight_scale", "up_proj weight_scale", us, s["s31"][:, :i], 0),
+        ("w13_weight_scale", "gate_proj weight_scale", gs, s["s31"][:, i:], 0),
+        ("w2_weight", "down_proj weight", down, s["down"], 0),
+        ("w2_weight_scale", "down_proj weight_scale", ds, s["down_scale"], 0),
+    ]
+    for name, what, got, want, _ in pairs:
+        hit = _first_mismatch(got, want)
+        if hit is not None:
+            e, r = hit
+            return f"{layer.prefix}.{name}: expert {e}, source row {r} of {what} differs after un-shuffling"
+    raw = s["raw_scalars"]
+    to_mult = src.format.to_dequant_multiplier
+    expect = kernel_scalars(to_mult(raw[:, :, 0]), to_mult(raw[:, :, 1]))
+    for name, value in expect.items():
+        if not torch.equal(t[name], value):
+            return f"{layer.prefix}.{name}: differs from the value computed from the source scales"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# numerics
+
+
+def check_layer_numerics(
+    ckpt: ConvertedCheckpoint,
+    src: SourceCheckpoint | None,
+    layer: KernelLayer,
+    backend: str,
+    act: str,
+    tokens: int,
+    seed: int,
+    device: torch.device,
+) -> LayerNumerics:
+    start = time.perf_counter()
+    moe = load_moe_layer(ckpt, layer.prefix, device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = (torch.randn(tokens, layer.hidden_size, generator=gen) * 2.0).to(torch.bfloat16).to(device)
+    logits = torch.randn(tokens, layer.num_experts, generator=gen).to(torch.bfloat16).to(device)
+    out = moe(hidden, logits, backend=backend, act=act).float()
+    ref_layer = _reference_layer(moe, src, layer, device) if src is not None else moe
+    ids, weights = ref_layer.route(logits)
+    ref = ref_layer.forward_torch(hidden, ids, weights, act).float()
+    diff = out - ref
+    rel_l2 = float(diff.norm() / ref.norm().clamp(min=1e-30))
+    cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+    close = float(torch.isclose(out, ref, atol=0.1, rtol=0.85).float().mean())
+    th = THRESHOLDS[(backend, act)]
+    passed = bool(torch.isfinite(out).all()) and rel_l2 <= th.max_rel_l2 and cos >= th.min_cosine and close >= th.min_frac_close
+    return LayerNumerics(
+        prefix=layer.prefix,
+        backend=backend,
+        act=act,
+        tokens=tokens,
+        rel_l2=rel_l2,
+        cosine=cos,
+        max_abs=float(diff.abs().max()),
+        frac_close=close,
+        passed=passed,
+        seconds=time.perf_counter() - start,
+        reference="source" if src is not None else "converted",
+    )
+
+
+def _reference_layer(moe: MoELayer, src: SourceCheckpoint, layer: KernelLayer, device: torch.device) -> MoELayer:
+    """The same routing configuration, with weights read from the source checkpoint."""
+    from .runtime import SourceWeights
+
+    src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
+    s = read_layer_source(src, src_layer)
+    i = layer.intermediate_size
+    to_mult = src.format.to_dequant_multiplier
+    ws2 = to_mult(s["raw_scalars"][:, :, 0]).to(device)
+    inp = to_mult(s["raw_scalars"][:, :, 1])
+    e4m3 = torch.float8_e4m3fn
+    weights = SourceWeights(
+        gate=s["w31"][:, i:].contiguous().to(device),
+        up=s["w31"][:, :i].contiguous().to(device),
+        down=s["down"].to(device),
+        gate_scale=s["s31"][:, i:].contiguous().view(e4m3).to(device),
+        up_scale=s["s31"][:, :i].contiguous().view(e4m3).to(device),
+        down_scale=s["down_scale"].view(e4m3).to(device),
+        ws2_gate=ws2[:, 0].contiguous(),
+        ws2_up=ws2[:, 1].contiguous(),
+        ws2_down=ws2[:, 2].contiguous(),
+        a1=float(inp[:, :2].max()),
+        a2=float(inp[:, 2].max()),
+    )
+    bias = None
+    if moe.routing.get("bias_suffix"):
+        name = f"{layer.prefix.rsplit('.', 1)[0]}.{moe.routing['bias_suffix']}"
+        if name in src.files.tensors:
+            bias = src.files.read(name).to(device)
+    ref = MoELayer(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias)
+    ref._source = weights
+    return ref
+
+
+def structure_error_report(path: str | Path, exc: CorruptFileError) -> VerifyReport:
+    """A converted checkpoint whose files cannot even be read fails the structure check."""
+    report = VerifyReport(path=str(path), source=None)
+    report.checks.append(CheckResult("structure", "fail", "files unreadable", [str(exc)]))
+    return report
+
+
+__all__ = ["CHECKS", "THRESHOLDS", "VerifyReport", "verify_checkpoint"]
