@@ -116,7 +116,8 @@ def _qwen3_routing(cfg: dict) -> Routing:
     return Routing(
         method="RenormalizeNaive" if norm else "Default",
         top_k=int(cfg["num_experts_per_tok"]),
-        num_experts=int(cfg["num_experts"]),
+        # transformers >= 5.2x writes Qwen3-MoE's expert count as num_local_experts
+        num_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
         norm_topk_prob=norm,
     )
 

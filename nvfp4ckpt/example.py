@@ -12,18 +12,46 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import architectures
 from .errors import InputError, OutputExistsError
 from .formats.compressed_tensors import PACK_FORMAT
-from .io import TORCH_TO_DTYPE, PlannedTensor, ShardPlan, ShardWriter
+from .io import TORCH_TO_DTYPE, PlannedTensor, ShardPlan, ShardWriter, parse_size, plan_shards
 from .quant import quantize_linear
 
 FORMAT_CHOICES = ("modelopt", "compressed-tensors")
+
+# Real models' layer shapes for synthetic checkpoints (config facts of the public NVFP4 releases).
+SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen3-30b-a3b": ("qwen3_moe", {
+        "hidden_size": 2048, "moe_intermediate_size": 768, "intermediate_size": 6144, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "vocab_size": 151936, "num_hidden_layers": 48,
+    }),
+    "qwen3-235b-a22b": ("qwen3_moe", {
+        "hidden_size": 4096, "moe_intermediate_size": 1536, "intermediate_size": 12288, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
+        "vocab_size": 151936, "num_hidden_layers": 94,
+    }),
+    "deepseek-v3": ("deepseek_v3", {
+        "hidden_size": 7168, "moe_intermediate_size": 2048, "intermediate_size": 18432, "n_routed_experts": 256,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 3,
+        "routed_scaling_factor": 2.5, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+        "vocab_size": 129280, "num_hidden_layers": 61,
+    }),
+    "mixtral-8x7b": ("mixtral", {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000,
+        "num_hidden_layers": 32,
+    }),
+}  # fmt: skip
 
 _CORPUS = """Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
 How many clips did Natalia sell altogether in April and May?
@@ -53,20 +81,40 @@ def write_example(
     shards: int = 2,
     overwrite: bool = False,
     config_overrides: dict | None = None,
+    shape: str | None = None,
+    layers: int | None = None,
+    max_shard_size: str | int | None = None,
 ) -> ExampleResult:
-    """Write the tiny example checkpoint to ``out`` (``config_overrides`` changes its sizes)."""
+    """Write an example checkpoint to ``out``.
+
+    Without ``shape``: the tiny example (real quantization of seeded random weights, ``shards`` files).
+    With ``shape`` (see ``SHAPES``): a synthetic checkpoint at a real model's layer shapes with ``layers``
+    decoder layers, random but valid NVFP4 data, sharded by ``max_shard_size`` (default 5GB, like the
+    published NVFP4 checkpoints). ``config_overrides`` changes config entries in both modes.
+    """
     if format not in FORMAT_CHOICES:
         raise InputError(f"--format {format!r}: choose one of {', '.join(FORMAT_CHOICES)}")
+    if shape is not None:
+        if shape not in SHAPES:
+            raise InputError(f"--shape {shape!r}: choose one of {', '.join(SHAPES)}")
+        arch, base = SHAPES[shape]
+        config = {**architectures.get(arch).example_config(), **base}
+    else:
+        config = architectures.get(arch).example_config()
     spec = architectures.get(arch)
+    config.update(config_overrides or {})
+    if layers is not None:
+        if layers < 1:
+            raise InputError("--layers must be at least 1")
+        config["num_hidden_layers"] = layers + (config.get("first_k_dense_replace", 0) if arch == "deepseek_v3" else 0)
     out_path = Path(out).expanduser()
     if out_path.exists() and any(out_path.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"{out_path}: exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out_path)
     out_path.mkdir(parents=True, exist_ok=True)
-    config = {**spec.example_config(), **(config_overrides or {})}
-    gen = torch.Generator().manual_seed(seed)
-    tensors = _model_tensors(spec.name, config, format, gen)
+    builder = _Builder(format, seed, random_weights=shape is not None)
+    _model_tensors(spec.name, config, builder)
 
     exclude = ["lm_head", "model.embed_tokens", "*.gate"] if spec.name != "mixtral" else ["lm_head", "model.embed_tokens", "*.block_sparse_moe.gate"]
     if format == "modelopt":
@@ -96,30 +144,38 @@ def write_example(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2) + "\n"
     )
     _write_tokenizer(out_path)
-    files = _write_shards(out_path, tensors, shards)
-    return ExampleResult(out_path, spec.name, format, sorted(p.name for p in out_path.iterdir()), len(tensors))
+    if shape is not None:
+        shard_bytes = parse_size(max_shard_size or "5GB")
+        _write_shards(out_path, builder, by_bytes=shard_bytes)
+    else:
+        _write_shards(out_path, builder, count=shards)
+    return ExampleResult(out_path, spec.name, format, sorted(p.name for p in out_path.iterdir()), len(builder.specs))
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> list[str]:
-    """Split into ``shards`` files of about equal size (so a layer's experts straddle files)."""
-    planned = [PlannedTensor(n, TORCH_TO_DTYPE[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+def _write_shards(out: Path, b: _Builder, *, count: int | None = None, by_bytes: int | None = None) -> list[str]:
+    """Write the builder's tensors in registration order, one at a time: into ``count`` files of
+    about equal size (so a layer's experts straddle files), or into shards of at most ``by_bytes``."""
+    planned = [PlannedTensor(n, TORCH_TO_DTYPE[d], tuple(shape)) for n, (d, shape, _) in b.specs.items()]
     total = sum(p.nbytes for p in planned)
-    shards = max(1, min(shards, len(planned)))
-    groups: list[list[PlannedTensor]] = [[] for _ in range(shards)]
-    start = 0
-    for p in planned:
-        groups[min(shards - 1, start * shards // max(total, 1))].append(p)
-        start += p.nbytes
-    plans = [ShardPlan("", g) for g in groups if g]
-    for i, plan in enumerate(plans):
-        plan.filename = "model.safetensors" if len(plans) == 1 else f"model-{i + 1:05d}-of-{len(plans):05d}.safetensors"
+    if by_bytes is not None:
+        plans = plan_shards(planned, by_bytes)
+    else:
+        n = max(1, min(count or 1, len(planned)))
+        groups: list[list[PlannedTensor]] = [[] for _ in range(n)]
+        start = 0
+        for p in planned:
+            groups[min(n - 1, start * n // max(total, 1))].append(p)
+            start += p.nbytes
+        plans = [ShardPlan("", g) for g in groups if g]
+        for i, plan in enumerate(plans):
+            plan.filename = "model.safetensors" if len(plans) == 1 else f"model-{i + 1:05d}-of-{len(plans):05d}.safetensors"
     for plan in plans:
         writer = ShardWriter(out / plan.filename, plan, {"format": "pt"})
         for t in plan.tensors:
-            writer.write(t.name, tensors[t.name])
+            writer.write(t.name, b.specs[t.name][2]())
         writer.close()
     if len(plans) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {t.name: p.filename for p in plans for t in p.tensors}}
@@ -159,45 +215,98 @@ def _write_tokenizer(out: Path) -> None:
 
 
 class _Builder:
-    def __init__(self, fmt: str, gen: torch.Generator) -> None:
+    """Registers every tensor lazily (name, dtype, shape, thunk) so a checkpoint of any size is
+    written one tensor (or one gate/up group) at a time. Each tensor draws from its own generator
+    seeded by (seed, name), so the bytes do not depend on the order tensors are produced in.
+
+    ``random_weights``: the realistic-shape mode; weights are random E2M1 codes and block scales
+    drawn from a sane e4m3 range (valid NVFP4, not a trained model), skipping the quantizer.
+    """
+
+    def __init__(self, fmt: str, seed: int, random_weights: bool = False) -> None:
         self.fmt = fmt
-        self.gen = gen
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.seed = seed
+        self.random_weights = random_weights
+        self.specs: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]] = {}
+        self._group_cache: dict[str, torch.Tensor] = {}
 
-    def randn(self, *shape: int, std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen) * std
+    def gen(self, name: str) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
-    def plain(self, name: str, value: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.tensors[name] = value.to(dtype).contiguous()
+    def scalar(self, name: str, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.gen("scalar:" + name)))
+
+    def dense(self, name: str, shape: tuple[int, ...], *, std: float, mean: float = 0.0, dtype=torch.bfloat16) -> None:
+        def make() -> torch.Tensor:
+            return (torch.randn(shape, generator=self.gen(name)) * std + mean).to(dtype)
+
+        self.specs[name] = (dtype, shape, make)
 
     def norm(self, name: str, size: int) -> None:
-        self.plain(f"{name}.weight", 1.0 + self.randn(size, std=0.02))
+        self.dense(f"{name}.weight", (size,), std=0.02, mean=1.0)
 
     def linear(self, module: str, out_f: int, in_f: int, *, input_amax: float) -> None:
-        w = self.randn(out_f, in_f, std=1.0 / math.sqrt(in_f))
-        q = quantize_linear(w, input_amax)
-        self._emit(module, q.weight, q.weight_scale, q.weight_scale_2, q.input_scale)
+        self.linear_group([module], [(out_f, in_f)], input_amax=input_amax, shared_global=False)
 
-    def linear_group(self, modules: list[str], shapes: list[tuple[int, int]], *, input_amax: float) -> None:
-        """Several linears sharing one weight_scale_2 (ModelOpt fuses gate/up this way)."""
-        ws = [self.randn(o, i, std=1.0 / math.sqrt(i)) for o, i in shapes]
-        amax = max(float(w.abs().max()) for w in ws)
-        ws2 = torch.tensor(amax / (6.0 * 448.0), dtype=torch.float32)
-        for module, w in zip(modules, ws):
-            q = _requantize(w, ws2, input_amax)
-            self._emit(module, q.weight, q.weight_scale, ws2, q.input_scale)
+    def linear_group(
+        self, modules: list[str], shapes: list[tuple[int, int]], *, input_amax: float, shared_global: bool = True
+    ) -> None:
+        """Linears computed together; with ``shared_global`` they share one weight_scale_2 (ModelOpt gate/up)."""
+        names = [self._names(m) for m in modules]
 
-    def _emit(self, module: str, weight, weight_scale, ws2, input_scale) -> None:
+        def compute() -> None:
+            self._group_cache.clear()
+            quantized = self._quantize_group(modules, shapes, input_amax, shared_global)
+            for module_names, q in zip(names, quantized):
+                self._group_cache.update(zip(module_names, q))
+
+        for module_names, (o, i) in zip(names, shapes):
+            dtypes_shapes = [
+                (torch.uint8, (o, i // 2)),
+                (torch.float8_e4m3fn, (o, i // 16)),
+                (torch.float32, () if self.fmt == "modelopt" else (1,)),
+                (torch.float32, () if self.fmt == "modelopt" else (1,)),
+            ]
+            for name, (dtype, shape) in zip(module_names, dtypes_shapes):
+                self.specs[name] = (dtype, shape, self._from_group(name, compute))
+
+    def _from_group(self, name: str, compute: Callable[[], None]) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            if name not in self._group_cache:
+                compute()
+            return self._group_cache.pop(name)
+
+        return make
+
+    def _names(self, module: str) -> list[str]:
         if self.fmt == "modelopt":
-            self.tensors[f"{module}.weight"] = weight
-            self.tensors[f"{module}.weight_scale"] = weight_scale
-            self.tensors[f"{module}.weight_scale_2"] = ws2.reshape(()).float()
-            self.tensors[f"{module}.input_scale"] = input_scale.reshape(()).float()
-        else:
-            self.tensors[f"{module}.weight_packed"] = weight
-            self.tensors[f"{module}.weight_scale"] = weight_scale
-            self.tensors[f"{module}.weight_global_scale"] = (1.0 / ws2.float()).reshape(1)
-            self.tensors[f"{module}.input_global_scale"] = (1.0 / input_scale.float()).reshape(1)
+            return [f"{module}.weight", f"{module}.weight_scale", f"{module}.weight_scale_2", f"{module}.input_scale"]
+        return [f"{module}.weight_packed", f"{module}.weight_scale", f"{module}.weight_global_scale", f"{module}.input_global_scale"]
+
+    def _quantize_group(self, modules, shapes, input_amax: float, shared_global: bool) -> list[list[torch.Tensor]]:
+        input_scale = torch.tensor(input_amax / (6.0 * 448.0), dtype=torch.float32)
+        out = []
+        if self.random_weights:
+            shared = torch.tensor(self.scalar(modules[0], 1e-4, 4e-4), dtype=torch.float32)
+            for module, (o, i) in zip(modules, shapes):
+                g = self.gen(module)
+                packed = torch.randint(0, 256, (o, i // 2), dtype=torch.uint8, generator=g)
+                # e4m3 bytes 0x28..0x5F: 2^-2 .. 2^4 (positive, normal, finite)
+                scale = torch.randint(0x28, 0x60, (o, i // 16), dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+                ws2 = shared if shared_global else torch.tensor(self.scalar(module, 1e-4, 4e-4), dtype=torch.float32)
+                out.append(self._emit(packed, scale, ws2, input_scale))
+            return out
+        weights = [torch.randn(o, i, generator=self.gen(m)) / math.sqrt(i) for m, (o, i) in zip(modules, shapes)]
+        ws2_shared = max(float(w.abs().max()) for w in weights) / (6.0 * 448.0)
+        for w in weights:
+            q = _requantize(w, torch.tensor(ws2_shared), input_amax) if shared_global else quantize_linear(w, input_amax)
+            out.append(self._emit(q.weight, q.weight_scale, q.weight_scale_2, input_scale))
+        return out
+
+    def _emit(self, weight, weight_scale, ws2, input_scale) -> list[torch.Tensor]:
+        if self.fmt == "modelopt":
+            return [weight, weight_scale, ws2.reshape(()).float(), input_scale.reshape(()).float()]
+        return [weight, weight_scale, (1.0 / ws2.float()).reshape(1), (1.0 / input_scale.float()).reshape(1)]
 
 
 def _requantize(w: torch.Tensor, ws2: torch.Tensor, input_amax: float):
@@ -208,33 +317,32 @@ def _requantize(w: torch.Tensor, ws2: torch.Tensor, input_amax: float):
     scale = (blocks.abs().amax(-1) / 6.0 / ws2).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     denom = (scale.float() * ws2).unsqueeze(-1)
     scaled = torch.where(denom > 0, blocks / denom.clamp(min=1e-30), torch.zeros_like(blocks))
-    return QuantizedLinear(encode_e2m1(scaled.reshape(n, k)), scale, ws2, torch.tensor(input_amax / (6.0 * 448.0)))
+    return QuantizedLinear(encode_e2m1(scaled.reshape(n, k)), scale, ws2.float().reshape(()), torch.tensor(input_amax / (6.0 * 448.0)))
 
 
-def _model_tensors(arch: str, cfg: dict, fmt: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    b = _Builder(fmt, gen)
+def _model_tensors(arch: str, cfg: dict, b: _Builder) -> None:
     h, v = cfg["hidden_size"], cfg["vocab_size"]
-    b.plain("model.embed_tokens.weight", b.randn(v, h, std=0.02))
+    b.dense("model.embed_tokens.weight", (v, h), std=0.02)
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        amax = lambda: float(2.0 + 6.0 * torch.rand((), generator=gen))  # noqa: E731
+        amax = lambda what: b.scalar(f"{p}.{what}", 2.0, 8.0)  # noqa: E731
         b.norm(f"{p}.input_layernorm", h)
         b.norm(f"{p}.post_attention_layernorm", h)
-        _attention(b, arch, cfg, f"{p}.self_attn", amax())
+        _attention(b, arch, cfg, f"{p}.self_attn", amax("attn"))
         if arch == "deepseek_v3" and layer < cfg["first_k_dense_replace"]:
-            _dense_mlp(b, f"{p}.mlp", h, cfg["intermediate_size"], amax(), fmt)
+            _dense_mlp(b, f"{p}.mlp", h, cfg["intermediate_size"], amax("mlp"))
             continue
         block = f"{p}.block_sparse_moe" if arch == "mixtral" else f"{p}.mlp"
         num_experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg["num_local_experts"]
         inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
         names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        b.plain(f"{block}.gate.weight", b.randn(num_experts, h, std=1.0 / math.sqrt(h)))
+        b.dense(f"{block}.gate.weight", (num_experts, h), std=1.0 / math.sqrt(h))
         if arch == "deepseek_v3":
-            b.plain(f"{block}.gate.e_score_correction_bias", b.randn(num_experts, std=0.1), torch.float32)
-        a13, a2_base = amax(), amax()
+            b.dense(f"{block}.gate.e_score_correction_bias", (num_experts,), std=0.1, dtype=torch.float32)
+        a13, a2_base = amax("experts_in"), amax("experts_inter")
         for e in range(num_experts):
             ex = f"{block}.experts.{e}"
-            if fmt == "modelopt":
+            if b.fmt == "modelopt":
                 # One input_scale per layer, gate and up share weight_scale_2 (as ModelOpt exports).
                 b.linear_group([f"{ex}.{names[0]}", f"{ex}.{names[1]}"], [(inter, h), (inter, h)], input_amax=a13)
                 b.linear(f"{ex}.{names[2]}", h, inter, input_amax=a2_base)
@@ -242,16 +350,15 @@ def _model_tensors(arch: str, cfg: dict, fmt: str, gen: torch.Generator) -> dict
                 # compressed-tensors: a global scale per module; down input scales differ per expert.
                 b.linear(f"{ex}.{names[0]}", inter, h, input_amax=a13)
                 b.linear(f"{ex}.{names[1]}", inter, h, input_amax=a13)
-                b.linear(f"{ex}.{names[2]}", h, inter, input_amax=a2_base * (0.5 + float(torch.rand((), generator=gen))))
+                b.linear(f"{ex}.{names[2]}", h, inter, input_amax=a2_base * b.scalar(f"{ex}.down", 0.5, 1.5))
         if arch == "deepseek_v3" and cfg.get("n_shared_experts"):
-            _dense_mlp(b, f"{block}.shared_experts", h, inter * cfg["n_shared_experts"], amax(), fmt)
+            _dense_mlp(b, f"{block}.shared_experts", h, inter * cfg["n_shared_experts"], amax("shared"))
     b.norm("model.norm", h)
-    b.plain("lm_head.weight", b.randn(v, h, std=0.02))
-    return b.tensors
+    b.dense("lm_head.weight", (v, h), std=0.02)
 
 
-def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float, fmt: str) -> None:
-    if fmt == "modelopt":
+def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float) -> None:
+    if b.fmt == "modelopt":
         b.linear_group([f"{p}.gate_proj", f"{p}.up_proj"], [(inter, h), (inter, h)], input_amax=amax)
     else:
         b.linear(f"{p}.gate_proj", inter, h, input_amax=amax)

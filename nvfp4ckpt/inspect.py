@@ -86,7 +86,7 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
     """Things a user should know before serving; none of them stops conversion unless stated."""
     issues: list[str] = []
     to_mult = ckpt.format.to_dequant_multiplier
-    differ_ws2 = differ_input = 0
+    differ_ws2 = differ_input = differ_down = 0
     for layer in ckpt.layers:
         try:
             layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size).check_kernel_compatible()
@@ -99,6 +99,8 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
             [to_mult(ckpt.files.read(e[r].input_global)).reshape(()) for e in layer.experts for r in ("gate", "up")]
         )
         differ_input += int(not torch.all(ins == ins[0]))
+        downs = torch.stack([to_mult(ckpt.files.read(e["down"].input_global)).reshape(()) for e in layer.experts])
+        differ_down += int(not torch.all(downs == downs[0]))
     if differ_ws2:
         issues.append(
             f"gate and up weight global scales differ in {differ_ws2} experts: kept exact (the kernel scales the halves "
@@ -108,6 +110,11 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
         issues.append(
             f"{differ_input} MoE layers have per-expert gate/up input scales: the kernel quantizes hidden states once "
             "with the layer maximum a1 (as SGLang and vLLM do)"
+        )
+    if differ_down:
+        issues.append(
+            f"{differ_down} MoE layers have per-expert down_proj input scales: the kernel re-quantizes the "
+            "intermediate with the layer maximum a2 (g1_scale_c and g2_alphas carry it)"
         )
     if ckpt.excluded_expert_modules:
         issues.append(

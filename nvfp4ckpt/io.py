@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -120,6 +121,8 @@ class CheckpointFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()
         self.tensors: dict[str, TensorInfo] = {}
         self.file_metadata: dict[str, dict[str, str]] = {}
         self.files = self._list_files()
@@ -165,17 +168,48 @@ class CheckpointFiles:
         except KeyError:
             raise MissingTensorError(f"{self.root}: tensor {name!r} is missing from the checkpoint") from None
 
+    def _fd(self, path: Path) -> int:
+        # One read-only descriptor per shard, shared by threads: os.preadv takes an offset, so no seek races.
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def pread_into(self, info: TensorInfo, buf: memoryview, offset: int = 0) -> None:
+        """Read ``len(buf)`` bytes of a tensor starting ``offset`` bytes into it."""
+        fd = self._fd(info.file)
+        pos = info.begin + offset
+        view = buf.cast("B") if buf.format != "B" else buf
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise CorruptFileError(f"{info.file}: tensor {info.name!r} is truncated; re-download the checkpoint")
+            done += n
+
     def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read a tensor's bytes into a contiguous preallocated uint8 view ``out`` (no extra copy)."""
+        """Read a tensor's bytes into a contiguous preallocated tensor ``out`` (no extra copy)."""
         info = self.info(name)
         buf = out.reshape(-1).view(torch.uint8)
         if buf.numel() != info.nbytes:
             raise ValueError(f"{name}: destination has {buf.numel()} bytes, tensor has {info.nbytes}")
-        with open(info.file, "rb") as f:
-            f.seek(info.begin)
-            n = f.readinto(memoryview(buf.numpy()))
-        if n != info.nbytes:
-            raise CorruptFileError(f"{info.file}: tensor {name!r} is truncated; re-download the checkpoint")
+        self.pread_into(info, memoryview(buf.numpy()))
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor (any dtype torch knows)."""
@@ -186,12 +220,9 @@ class CheckpointFiles:
 
     def read_bytes(self, name: str) -> bytes:
         info = self.info(name)
-        with open(info.file, "rb") as f:
-            f.seek(info.begin)
-            data = f.read(info.nbytes)
-        if len(data) != info.nbytes:
-            raise CorruptFileError(f"{info.file}: tensor {name!r} is truncated; re-download the checkpoint")
-        return data
+        data = bytearray(info.nbytes)
+        self.pread_into(info, memoryview(data))
+        return bytes(data)
 
 
 def _read_json(path: Path) -> dict:
@@ -269,23 +300,23 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
 
 
 class ShardWriter:
-    """Writes one planned shard: header first, then tensor bytes strictly in plan order."""
+    """Writes one planned shard: header first, then tensor bytes strictly in plan order.
 
-    def __init__(self, path: Path, plan: ShardPlan, metadata: dict[str, str]) -> None:
+    With a ``sink`` (an :class:`AsyncSink`) hashing and writing happen on the sink's thread, so the
+    caller can read and transform the next tensors meanwhile; without one they happen inline.
+    """
+
+    def __init__(self, path: Path, plan: ShardPlan, metadata: dict[str, str], sink: "AsyncSink | None" = None) -> None:
         self.path = path
         self.plan = plan
         self._next = 0
-        self._f: BinaryIO = open(path, "wb")
-        self._hash = hashlib.sha256()
-        self._emit(encode_header(plan.tensors, metadata))
-
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
-        self._f.write(data)
+        self._sink = sink or AsyncSink(threaded=False)
+        self._file = self._sink.open(path)
+        self._sink.put(self._file, encode_header(plan.tensors, metadata))
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self._file.sha256
 
     def write(self, name: str, data: torch.Tensor | bytes) -> None:
         expected = self.plan.tensors[self._next]
@@ -296,40 +327,119 @@ class ShardWriter:
             if t.device.type != "cpu":
                 t = t.cpu()
             mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            keep = t
         else:
             mv = memoryview(data)
+            keep = data
         if mv.nbytes != expected.nbytes:
             raise RuntimeError(f"{name}: {mv.nbytes} bytes produced, {expected.nbytes} planned")
-        self._emit(mv)
+        self._sink.put(self._file, mv, keep)
         self._next += 1
 
-    def copy_from(self, info: TensorInfo, chunk: int = 64 * 1024 * 1024) -> None:
+    def copy_from(self, source: "CheckpointFiles", info: TensorInfo, chunk: int = 64 * 1024 * 1024) -> None:
         """Copy a source tensor's bytes without decoding them."""
         expected = self.plan.tensors[self._next]
         if expected.name != info.name or expected.nbytes != info.nbytes:
             raise RuntimeError(f"shard writer expected {expected.name!r}, got {info.name!r}")
-        with open(info.file, "rb") as src:
-            src.seek(info.begin)
-            left = info.nbytes
-            while left:
-                block = src.read(min(chunk, left))
-                if not block:
-                    raise CorruptFileError(f"{info.file}: tensor {info.name!r} is truncated; re-download the checkpoint")
-                self._emit(block)
-                left -= len(block)
+        done = 0
+        while done < info.nbytes:
+            block = bytearray(min(chunk, info.nbytes - done))
+            source.pread_into(info, memoryview(block), done)
+            self._sink.put(self._file, memoryview(block), block)
+            done += len(block)
         self._next += 1
 
     def close(self) -> None:
+        """Queue the end of the file (flush + fsync happen on the sink)."""
         if self._next != len(self.plan.tensors):
             missing = self.plan.tensors[self._next].name
-            self._f.close()
             raise RuntimeError(f"shard {self.path.name} closed before {missing!r} was written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._sink.finish(self._file)
 
     def abort(self) -> None:
-        self._f.close()
+        self._sink.abort()
+
+
+class _SinkFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: BinaryIO = open(path, "wb")
+        self.hash = hashlib.sha256()
+        self.sha256 = ""
+
+
+class AsyncSink:
+    """Hashes and writes byte blocks in order on one background thread (both release the GIL),
+    then flushes and fsyncs each finished file. ``drain()`` waits and re-raises the first error."""
+
+    _STOP = object()
+
+    def __init__(self, threaded: bool = True, depth: int = 16) -> None:
+        import queue
+
+        self.threaded = threaded
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nvfp4ckpt-writer", daemon=True) if threaded else None
+        if self._thread:
+            self._thread.start()
+
+    def open(self, path: Path) -> _SinkFile:
+        self._raise()
+        return _SinkFile(path)
+
+    def put(self, f: _SinkFile, data, keep=None) -> None:
+        self._raise()
+        if self.threaded:
+            self._queue.put(("data", f, data, keep))
+        else:
+            self._do("data", f, data)
+
+    def finish(self, f: _SinkFile) -> None:
+        self._raise()
+        if self.threaded:
+            self._queue.put(("finish", f, None, None))
+        else:
+            self._do("finish", f, None)
+
+    def _do(self, op: str, f: _SinkFile, data) -> None:
+        if op == "data":
+            f.hash.update(data)
+            f.handle.write(data)
+        else:
+            f.handle.flush()
+            os.fsync(f.handle.fileno())
+            f.handle.close()
+            f.sha256 = f.hash.hexdigest()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            op, f, data, _keep = item
+            if self._error is None:
+                try:
+                    self._do(op, f, data)
+                except BaseException as exc:  # reported to the producer by _raise()/drain()
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def drain(self) -> None:
+        """Wait until everything queued is on disk; re-raise a write error."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(self._STOP)
+            self._thread.join()
 
 
 def parse_size(text: str | int) -> int:

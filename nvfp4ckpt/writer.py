@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ import torch
 
 from .descriptor import MANIFEST_NAME
 from .errors import InputError, OutputExistsError
-from .io import INDEX_NAME, CheckpointFiles, PlannedTensor, ShardWriter, plan_shards
+from .io import INDEX_NAME, AsyncSink, CheckpointFiles, PlannedTensor, ShardWriter, plan_shards
 
 
 @dataclass
@@ -66,11 +67,18 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
 
 
-def write_checkpoint(job: CheckpointJob, dst: Path, progress: ProgressFn | None = None) -> list[dict]:
-    """Write the folder; returns the file list (name, size, sha256). DST must have been checked."""
+def write_checkpoint(
+    job: CheckpointJob, dst: Path, progress: ProgressFn | None = None, workers: int = 1
+) -> list[dict]:
+    """Write the folder; returns the file list (name, size, sha256). DST must have been checked.
+
+    Three things overlap: ``workers`` threads read and transform the next MoE layers (in plan order,
+    at most ``workers`` ahead, so memory stays bounded), the main thread hands bytes over in plan
+    order, and one sink thread hashes, writes and fsyncs. The bytes never depend on ``workers``.
+    """
     report = progress or (lambda p: None)
     shards = plan_shards(job.planned, job.max_shard_bytes)
-    groups = list(dict.fromkeys(job.computed.values()))
+    groups = list(dict.fromkeys(job.computed[t.name] for s in shards for t in s.tensors if t.name in job.computed))
     total_bytes = sum(s.nbytes for s in shards)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -79,26 +87,28 @@ def write_checkpoint(job: CheckpointJob, dst: Path, progress: ProgressFn | None 
         shutil.rmtree(tmp)
     tmp.mkdir()
     files: list[dict] = []
+    sink = AsyncSink(threaded=True)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4ckpt-layer")
     try:
-        cache = _GroupCache(job)
+        cache = _GroupPipeline(job, groups, pool, max(1, workers))
         done = 0
+        writers = []
         for shard in shards:
-            writer = ShardWriter(tmp / shard.filename, shard, job.metadata)
-            try:
-                for t in shard.tensors:
-                    group = job.computed.get(t.name)
-                    if group is None:
-                        writer.copy_from(job.source.info(t.name))
-                    else:
-                        writer.write(t.name, cache.take(group, t.name))
-                        if cache.finished_group:
-                            report(Progress("layer", cache.groups_done, len(groups), done, total_bytes))
-                    done += t.nbytes
-                    report(Progress("bytes", cache.groups_done, len(groups), done, total_bytes))
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            writer = ShardWriter(tmp / shard.filename, shard, job.metadata, sink)
+            writers.append(writer)
+            for t in shard.tensors:
+                group = job.computed.get(t.name)
+                if group is None:
+                    writer.copy_from(job.source, job.source.info(t.name))
+                else:
+                    writer.write(t.name, cache.take(group, t.name))
+                    if cache.finished_group:
+                        report(Progress("layer", cache.groups_done, len(groups), done, total_bytes))
+                done += t.nbytes
+                report(Progress("bytes", cache.groups_done, len(groups), done, total_bytes))
+            writer.close()
+        sink.drain()
+        for shard, writer in zip(shards, writers):
             files.append({"name": shard.filename, "size": (tmp / shard.filename).stat().st_size, "sha256": writer.sha256})
         if len(shards) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
@@ -111,27 +121,45 @@ def write_checkpoint(job: CheckpointJob, dst: Path, progress: ProgressFn | None 
         fsync_dir(tmp)
         install(tmp, dst)
     except BaseException:
+        sink.abort()
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    pool.shutdown(wait=True)
     report(Progress("done", len(groups), len(groups), total_bytes, total_bytes))
     return files
 
 
-class _GroupCache:
-    """Holds one group's computed tensors until each has been written once (one layer at a time)."""
+class _GroupPipeline:
+    """Computes groups (MoE layers) ahead on a thread pool, in the order they will be written, and
+    hands out each group's tensors once; a group is dropped as soon as all its tensors are taken."""
 
-    def __init__(self, job: CheckpointJob) -> None:
+    def __init__(self, job: CheckpointJob, order: list[str], pool: ThreadPoolExecutor, ahead: int) -> None:
         self.job = job
-        self.group: str | None = None
+        self.order = order
+        self.pool = pool
+        self.ahead = ahead
+        self.futures: dict[str, Future] = {}
+        self.next_submit = 0
+        self.current: str | None = None
         self.tensors: dict[str, torch.Tensor] = {}
         self.groups_done = 0
         self.finished_group = False
 
+    def _fill(self) -> None:
+        while self.next_submit < len(self.order) and len(self.futures) < self.ahead:
+            group = self.order[self.next_submit]
+            self.futures[group] = self.pool.submit(self.job.compute, group)
+            self.next_submit += 1
+
     def take(self, group: str, name: str) -> torch.Tensor:
-        if self.group != group:
-            self.tensors = {}  # drop the previous layer before computing the next
-            self.tensors = self.job.compute(group)
-            self.group = group
+        if self.current != group:
+            self.tensors = {}  # drop the previous layer before waiting for the next
+            self._fill()
+            future = self.futures.pop(group, None)
+            self.tensors = future.result() if future is not None else self.job.compute(group)
+            self.current = group
+            self._fill()
         tensor = self.tensors.pop(name)
         self.finished_group = not self.tensors
         if self.finished_group:

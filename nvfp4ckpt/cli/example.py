@@ -6,11 +6,11 @@ from typing import Annotated
 
 import typer
 
-from ..example import FORMAT_CHOICES, write_example
+from ..example import FORMAT_CHOICES, SHAPES, write_example
 from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt
 from ._output import Output
 
-EXAMPLE_EXAMPLES = """Examples:\n\n  nvfp4ckpt example ./tiny\n\n  nvfp4ckpt example ./tiny-ds --arch deepseek_v3 --format compressed-tensors"""
+EXAMPLE_EXAMPLES = """Examples:\n\n  nvfp4ckpt example ./tiny\n\n  nvfp4ckpt example ./tiny-ds --arch deepseek_v3 --format compressed-tensors\n\n  nvfp4ckpt example ./q30 --shape qwen3-30b-a3b --layers 8 --max-shard-size 2GB"""
 
 
 def example(
@@ -18,13 +18,19 @@ def example(
     format: Annotated[str, typer.Option("--format", help=f"Source format: {' | '.join(FORMAT_CHOICES)}.")] = "modelopt",
     arch: Annotated[str, typer.Option("--arch", help="Architecture: qwen3_moe | deepseek_v3 | mixtral.")] = "qwen3_moe",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
-    shards: Annotated[int, typer.Option("--shards", min=1, help="Number of safetensors shards.")] = 2,
+    shards: Annotated[int, typer.Option("--shards", min=1, help="Number of safetensors shards (tiny example).")] = 2,
+    shape: Annotated[str | None, typer.Option("--shape", help=f"Synthetic checkpoint at real layer shapes: {' | '.join(SHAPES)}.")] = None,
+    layers: Annotated[int | None, typer.Option("--layers", min=1, help="MoE decoder layers (with --shape; default: the model's).")] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Shard size with --shape (default 5GB).")] = None,
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write a tiny, seeded NVFP4 MoE checkpoint (config, tokenizer, sharded weights)."""
     output = Output(json_mode=json, quiet=quiet)
-    result = write_example(out, format=format, arch=arch, seed=seed, shards=shards, overwrite=overwrite)
+    result = write_example(
+        out, format=format, arch=arch, seed=seed, shards=shards, overwrite=overwrite, shape=shape, layers=layers,
+        max_shard_size=max_shard_size,
+    )
     output.result({"path": str(result.path), "architecture": result.architecture, "format": result.format, "files": result.files, "num_tensors": result.num_tensors})
     output.text(f"wrote {result.architecture} {result.format} example ({result.num_tensors} tensors) to {result.path}")
