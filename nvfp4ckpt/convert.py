@@ -7,6 +7,7 @@ shard into a temporary folder next to DST that is renamed into place only when c
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,12 @@ def convert_checkpoint(
     device: str = "cpu",
     revision: str | None = None,
     progress: ProgressFn | None = None,
+    workers: int | None = None,
 ) -> ConvertResult:
-    """Write the kernel-ready version of ``src`` to ``dst``; see README "Output contract"."""
+    """Write the kernel-ready version of ``src`` to ``dst``; see README "Output contract".
+
+    ``workers`` threads read and transform MoE layers ahead of the writer (default: ``default_workers()``);
+    the output bytes are the same for any value."""
     start = time.perf_counter()
     try:
         max_bytes = parse_size(max_shard_size)
@@ -94,7 +99,9 @@ def convert_checkpoint(
         max_shard_bytes=max_bytes,
         manifest_fields={"tool": "nvfp4ckpt", "layout": descriptor["layout"], "layout_version": descriptor["layout_version"]},
     )
-    files = write_checkpoint(job, dst_path, progress)
+    if workers is not None and workers < 1:
+        raise InputError("--workers must be at least 1")
+    files = write_checkpoint(job, dst_path, progress, workers=workers or default_workers())
     return ConvertResult(
         source=ckpt.root,
         destination=dst_path,
@@ -110,6 +117,11 @@ def convert_checkpoint(
 
 # ----------------------------------------------------------------------------------------------
 # Planning
+
+
+def default_workers() -> int:
+    """Layer threads: one per core up to 4 (the copy is memory- and disk-bound beyond that)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _descriptor(ckpt: SourceCheckpoint) -> dict:

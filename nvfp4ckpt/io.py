@@ -16,7 +16,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import Iterable
 
 import torch
 
@@ -343,10 +343,11 @@ class ShardWriter:
             raise RuntimeError(f"shard writer expected {expected.name!r}, got {info.name!r}")
         done = 0
         while done < info.nbytes:
-            block = bytearray(min(chunk, info.nbytes - done))
-            source.pread_into(info, memoryview(block), done)
-            self._sink.put(self._file, memoryview(block), block)
-            done += len(block)
+            block = torch.empty(min(chunk, info.nbytes - done), dtype=torch.uint8)  # not zero-filled
+            view = memoryview(block.numpy())
+            source.pread_into(info, view, done)
+            self._sink.put(self._file, view, block)
+            done += len(view)
         self._next += 1
 
     def close(self) -> None:
@@ -363,26 +364,37 @@ class ShardWriter:
 class _SinkFile:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.handle: BinaryIO = open(path, "wb")
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.hash = hashlib.sha256()
         self.sha256 = ""
 
 
 class AsyncSink:
-    """Hashes and writes byte blocks in order on one background thread (both release the GIL),
-    then flushes and fsyncs each finished file. ``drain()`` waits and re-raises the first error."""
+    """Writes byte blocks in order on one thread and hashes them on another (both release the GIL),
+    then fsyncs each finished file on a third, so disk flushes overlap the rest of the work.
+    ``drain()`` waits for all of it and re-raises the first error."""
 
     _STOP = object()
 
-    def __init__(self, threaded: bool = True, depth: int = 16) -> None:
+    def __init__(self, threaded: bool = True, depth: int = 32) -> None:
         import queue
 
         self.threaded = threaded
-        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="nvfp4ckpt-writer", daemon=True) if threaded else None
-        if self._thread:
-            self._thread.start()
+        self._queues: list[queue.Queue] = []
+        self._threads: list[threading.Thread] = []
+        self._fsync_pool = None
+        if threaded:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._fsync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4ckpt-fsync")
+            self._fsyncs: list = []
+            for target in (self._write_loop, self._hash_loop):
+                q: queue.Queue = queue.Queue(maxsize=depth)
+                t = threading.Thread(target=target, args=(q,), daemon=True, name=f"nvfp4ckpt-{target.__name__}")
+                self._queues.append(q)
+                self._threads.append(t)
+                t.start()
 
     def open(self, path: Path) -> _SinkFile:
         self._raise()
@@ -390,56 +402,83 @@ class AsyncSink:
 
     def put(self, f: _SinkFile, data, keep=None) -> None:
         self._raise()
-        if self.threaded:
-            self._queue.put(("data", f, data, keep))
-        else:
-            self._do("data", f, data)
+        if not self.threaded:
+            f.hash.update(data)
+            _write_all(f.fd, data)
+            return
+        for q in self._queues:
+            q.put(("data", f, data, keep))
 
     def finish(self, f: _SinkFile) -> None:
         self._raise()
-        if self.threaded:
-            self._queue.put(("finish", f, None, None))
-        else:
-            self._do("finish", f, None)
-
-    def _do(self, op: str, f: _SinkFile, data) -> None:
-        if op == "data":
-            f.hash.update(data)
-            f.handle.write(data)
-        else:
-            f.handle.flush()
-            os.fsync(f.handle.fileno())
-            f.handle.close()
+        if not self.threaded:
+            os.fsync(f.fd)
+            os.close(f.fd)
             f.sha256 = f.hash.hexdigest()
+            return
+        for q in self._queues:
+            q.put(("finish", f, None, None))
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is self._STOP:
-                return
+    def _write_loop(self, q) -> None:
+        while (item := q.get()) is not self._STOP:
             op, f, data, _keep = item
-            if self._error is None:
-                try:
-                    self._do(op, f, data)
-                except BaseException as exc:  # reported to the producer by _raise()/drain()
-                    self._error = exc
+            if self._error is not None:
+                continue
+            try:
+                if op == "data":
+                    _write_all(f.fd, data)
+                else:
+                    self._fsyncs.append(self._fsync_pool.submit(_fsync_close, f.fd))
+            except BaseException as exc:  # reported to the producer by _raise()/drain()
+                self._error = exc
+
+    def _hash_loop(self, q) -> None:
+        while (item := q.get()) is not self._STOP:
+            op, f, data, _keep = item
+            if op == "data":
+                f.hash.update(data)
+            else:
+                f.sha256 = f.hash.hexdigest()
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
     def drain(self) -> None:
-        """Wait until everything queued is on disk; re-raise a write error."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(self._STOP)
-            self._thread.join()
+        """Wait until everything queued is hashed, written and fsynced; re-raise a write error."""
+        self._stop_threads()
+        if self._fsync_pool is not None:
+            for fut in self._fsyncs:
+                fut.result()
+            self._fsync_pool.shutdown(wait=True)
         self._raise()
 
     def abort(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self.threaded:
             self._error = self._error or RuntimeError("aborted")
-            self._queue.put(self._STOP)
-            self._thread.join()
+        self._stop_threads()
+        if self._fsync_pool is not None:
+            self._fsync_pool.shutdown(wait=True)
+
+    def _stop_threads(self) -> None:
+        for q, t in zip(self._queues, self._threads):
+            if t.is_alive():
+                q.put(self._STOP)
+                t.join()
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parse_size(text: str | int) -> int:

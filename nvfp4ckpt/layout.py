@@ -91,24 +91,87 @@ def swizzle_scales_128x4(scales_u8: torch.Tensor) -> torch.Tensor:
     """128x4 block-scale interleave of ``[..., M, K]`` uint8 (M % 128 == 0, K % 4 == 0).
 
     Byte (r, c) moves to ``((r//128)*(K/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4``;
-    the result is reshaped back to ``[..., M, K]``.
+    the result is reshaped back to ``[..., M, K]``. The 4 bytes of a column group stay together, so
+    the permutation runs on int32 words (4x fewer elements to move).
     """
     *lead, m, k = scales_u8.shape
     _check_scale_tile(m, k)
-    tiled = scales_u8.reshape(*lead, m // 128, 4, 32, k // 4, 4)
+    words = _as_u8(scales_u8).contiguous().view(torch.int32)  # [..., M, K/4]
+    tiled = words.reshape(*lead, m // 128, 4, 32, k // 4)
     n = len(lead)
-    order = list(range(n)) + [n + 0, n + 3, n + 2, n + 1, n + 4]
-    return tiled.permute(order).contiguous().reshape(*lead, m, k)
+    order = list(range(n)) + [n + 0, n + 3, n + 2, n + 1]
+    return tiled.permute(order).contiguous().view(torch.uint8).reshape(*lead, m, k)
 
 
 def unswizzle_scales_128x4(swizzled_u8: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`swizzle_scales_128x4`."""
     *lead, m, k = swizzled_u8.shape
     _check_scale_tile(m, k)
-    tiled = swizzled_u8.reshape(*lead, m // 128, k // 4, 32, 4, 4)
+    words = _as_u8(swizzled_u8).contiguous().view(torch.int32)
+    tiled = words.reshape(*lead, m // 128, k // 4, 32, 4)
     n = len(lead)
-    order = list(range(n)) + [n + 0, n + 3, n + 2, n + 1, n + 4]
-    return tiled.permute(order).contiguous().reshape(*lead, m, k)
+    order = list(range(n)) + [n + 0, n + 3, n + 2, n + 1]
+    return tiled.permute(order).contiguous().view(torch.uint8).reshape(*lead, m, k)
+
+
+def _words(u8: torch.Tensor) -> torch.Tensor:
+    """View rows of bytes as the widest integer words that divide the row length (fewer elements to move)."""
+    cols = u8.shape[-1]
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if cols % size == 0:
+            return u8.view(dtype)
+    return u8
+
+
+def _permute_row_blocks(t: torch.Tensor, block_shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
+    """Split dim -2 into ``block_shape`` and permute those sub-dimensions (rows move whole, as words)."""
+    u8 = _as_u8(t).contiguous()
+    words = _words(u8)
+    *lead, rows, cols = words.shape
+    n = len(lead)
+    view = words.reshape(*lead, *block_shape, cols)
+    full = list(range(n)) + [n + o for o in order] + [n + len(block_shape)]
+    return view.permute(full).contiguous().reshape(*lead, rows, cols).view(torch.uint8).reshape(u8.shape)
+
+
+def w13_rows_to_kernel(w31: torch.Tensor) -> torch.Tensor:
+    """Rows of ``[up ; gate]`` in kernel order; the same as ``gather_rows(w31, w13_row_permutation(2I))``.
+
+    Kernel row j = 32b + 16a + 8h + r holds ``W31[h*I + 16b + 2r + a]``: a permutation of the
+    sub-dimensions (h, b, r, a) -> (b, a, h, r), done as one strided copy.
+    """
+    rows = w31.shape[-2]
+    if rows % 32:
+        raise LayoutShapeError(f"{rows} rows is not a multiple of 32")
+    return _permute_row_blocks(w31, (2, rows // 32, 8, 2), (1, 3, 0, 2))
+
+
+def w13_rows_from_kernel(w13: torch.Tensor) -> torch.Tensor:
+    rows = w13.shape[-2]
+    return _permute_row_blocks(w13, (rows // 32, 2, 2, 8), (2, 0, 3, 1))
+
+
+def shuffle_rows(x: torch.Tensor) -> torch.Tensor:
+    """``shuffle_matrix_a(x, 128)`` rows: within each 32-row block, (q, p) -> (p, q) for row 4q + p."""
+    rows = x.shape[-2]
+    if rows % 32:
+        raise LayoutShapeError(f"{rows} rows is not a multiple of 32")
+    return _permute_row_blocks(x, (rows // 32, 8, 4), (0, 2, 1))
+
+
+def unshuffle_rows(y: torch.Tensor) -> torch.Tensor:
+    rows = y.shape[-2]
+    return _permute_row_blocks(y, (rows // 32, 4, 8), (0, 2, 1))
+
+
+def gather_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(-2, perm)`` for byte tensors, moving whole rows as the widest words that fit."""
+    u8 = _as_u8(t).contiguous()
+    cols = u8.shape[-1]
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if cols % size == 0:
+            return u8.view(dtype).index_select(-2, perm).view(torch.uint8)
+    return u8.index_select(-2, perm)
 
 
 def _check_scale_tile(m: int, k: int) -> None:
@@ -137,17 +200,15 @@ def w13_to_kernel(
 
 def w31_to_kernel(w31: torch.Tensor, s31: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel order for an already stacked ``[up ; gate]`` (uint8 ``[E, 2I, H/2]``, scales ``[E, 2I, H/16]``)."""
-    perm = w13_row_permutation(w31.shape[-2]).to(w31.device)
-    weight = _as_u8(w31).index_select(-2, perm)
-    scale = swizzle_scales_128x4(_as_u8(s31).index_select(-2, perm))
+    weight = w13_rows_to_kernel(w31)
+    scale = swizzle_scales_128x4(w13_rows_to_kernel(s31))
     return weight, scale.view(torch.float8_e4m3fn)
 
 
 def w2_to_kernel(down: torch.Tensor, down_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel row order and scale swizzle for down_proj: uint8 ``[E, H, I/2]``, scales ``[E, H, I/16]``."""
-    perm = shuffle_row_permutation(down.shape[-2]).to(down.device)
-    weight = _as_u8(down).index_select(-2, perm)
-    scale = swizzle_scales_128x4(_as_u8(down_scale).index_select(-2, perm))
+    weight = shuffle_rows(down)
+    scale = swizzle_scales_128x4(shuffle_rows(down_scale))
     return weight, scale.view(torch.float8_e4m3fn)
 
 
@@ -156,9 +217,8 @@ def w13_from_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`w13_to_kernel`: returns (gate, up, gate_scale, up_scale), uint8 / e4m3."""
     rows = weight.shape[-2]
-    inv = inverse_permutation(w13_row_permutation(rows)).to(weight.device)
-    w31 = _as_u8(weight).index_select(-2, inv)
-    s31 = unswizzle_scales_128x4(_as_u8(scale)).index_select(-2, inv)
+    w31 = w13_rows_from_kernel(weight)
+    s31 = w13_rows_from_kernel(unswizzle_scales_128x4(scale))
     half = rows // 2
     e4m3 = torch.float8_e4m3fn
     return (
@@ -171,7 +231,6 @@ def w13_from_kernel(
 
 def w2_from_kernel(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`w2_to_kernel`: returns (down, down_scale)."""
-    inv = inverse_permutation(shuffle_row_permutation(weight.shape[-2])).to(weight.device)
-    down = _as_u8(weight).index_select(-2, inv)
-    down_scale = unswizzle_scales_128x4(_as_u8(scale)).index_select(-2, inv)
+    down = unshuffle_rows(weight)
+    down_scale = unshuffle_rows(unswizzle_scales_128x4(scale))
     return down, down_scale.view(torch.float8_e4m3fn)

@@ -101,3 +101,13 @@ def test_matches_flashinfer_gpu_scale_shuffle(e, h, i):
         assert torch.equal(w2[x], shuffle_matrix_a(down[x].cuda(), 128))
         fi_s2 = shuffle_matrix_sf_a(ds[x].cuda(), 128)
         assert torch.equal(s2[x].view(torch.uint8).reshape(-1), fi_s2.view(torch.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("rows", [64, 192, 1536, 4096])
+@pytest.mark.parametrize("cols", [8, 12, 6, 1])
+def test_strided_row_permutations_equal_index_gathers(rows, cols):
+    x = torch.randint(0, 256, (2, rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows + cols))
+    assert torch.equal(layout.w13_rows_to_kernel(x), x[:, layout.w13_row_permutation(rows)])
+    assert torch.equal(layout.shuffle_rows(x), x[:, layout.shuffle_row_permutation(rows)])
+    assert torch.equal(layout.w13_rows_from_kernel(layout.w13_rows_to_kernel(x)), x)
+    assert torch.equal(layout.unshuffle_rows(layout.shuffle_rows(x)), x)

@@ -21,6 +21,7 @@ def convert(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")] = DEFAULT_MAX_SHARD_SIZE,
     device: Annotated[str, typer.Option("--device", help="Where to run the byte permutation: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Threads reading and transforming layers ahead of the writer (default: cores, at most 4). Output bytes do not depend on it.")] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -40,7 +41,8 @@ def convert(
                 bar.update(tasks["bytes"], completed=p.bytes_done)
 
         result = convert_checkpoint(
-            src, dst, overwrite=overwrite, max_shard_size=max_shard_size, device=device, revision=revision, progress=on_progress
+            src, dst, overwrite=overwrite, max_shard_size=max_shard_size, device=device, revision=revision,
+            progress=on_progress, workers=workers,
         )
     out.result(result.to_dict())
     table = Table("file", "size", "sha256", title=f"{result.destination}", title_justify="left")
