@@ -22,7 +22,7 @@ from .descriptor import (
     build_descriptor,
     header_metadata,
 )
-from .errors import InputError, UnsupportedShapeError
+from .errors import InputError
 from .formats import DESCRIPTOR_KEY
 from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
 from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
@@ -76,11 +76,6 @@ def convert_checkpoint(
     except ValueError as exc:
         raise InputError(f"--max-shard-size: {exc}") from None
     ckpt = open_checkpoint(src, revision)
-    for layer in ckpt.layers:
-        try:
-            layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size).check_kernel_compatible()
-        except layout.LayoutShapeError as exc:
-            raise UnsupportedShapeError(f"{ckpt.root}: {layer.prefix}: {exc}") from None
     dst_path = Path(dst).expanduser()
     check_destination(ckpt.root, dst_path, overwrite)
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
@@ -124,9 +119,18 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def padded_dims(layer: MoELayer) -> tuple[int, int]:
+    """(H, I) as stored: padded to H % 128 == 0 and I % 64 == 0 where the kernel needs it."""
+    dims = layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size)
+    return dims.hidden_padded, dims.intermediate_padded
+
+
 def _descriptor(ckpt: SourceCheckpoint) -> dict:
     infos = [
-        LayerInfo(l.prefix, l.num_experts, l.hidden_size, l.intermediate_size, l.proj_names, l.scalar_dtype, list(l.scalar_shape))
+        LayerInfo(
+            l.prefix, l.num_experts, l.hidden_size, l.intermediate_size, l.proj_names, l.scalar_dtype,
+            list(l.scalar_shape), *padded_dims(l),
+        )  # fmt: skip
         for l in ckpt.layers
     ]
     return build_descriptor(
@@ -140,9 +144,8 @@ def _descriptor(ckpt: SourceCheckpoint) -> dict:
 
 def layer_output_specs(layer: MoELayer, source_format: str) -> list[PlannedTensor]:
     """Names, dtypes and shapes of one layer's output tensors, in write order."""
-    specs = canonical_specs(
-        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, source_format, layer.scalar_dtype
-    )
+    h_pad, i_pad = padded_dims(layer)
+    specs = canonical_specs(layer.prefix, layer.num_experts, h_pad, i_pad, source_format, layer.scalar_dtype)
     return [PlannedTensor(name, dtype, shape) for name, dtype, shape in specs]
 
 
@@ -228,8 +231,13 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
     """All output tensors of one MoE layer, keyed by full name."""
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
-    w13, s13 = layout.w31_to_kernel(src["w31"].to(dev), src["s31"].to(dev))
-    w2, s2 = layout.w2_to_kernel(src["down"].to(dev), src["down_scale"].to(dev))
+    w31, s31, down, down_s = (src[k].to(dev) for k in ("w31", "s31", "down", "down_scale"))
+    h_pad, i_pad = padded_dims(layer)
+    if (h_pad, i_pad) != (layer.hidden_size, layer.intermediate_size):
+        w31, s31 = layout.pad_w31(w31, s31, h_pad, i_pad)
+        down, down_s = layout.pad_down(down, down_s, h_pad, i_pad)
+    w13, s13 = layout.w31_to_kernel(w31, s31)
+    w2, s2 = layout.w2_to_kernel(down, down_s)
     raw = src["raw_scalars"]
     to_mult = ckpt.format.to_dequant_multiplier
     scalars = kernel_scalars(to_mult(raw[:, :, 0]), to_mult(raw[:, :, 1]))

@@ -25,6 +25,12 @@ class KernelLayer:
     proj_names: dict[str, str]
     scalar_dtype: str
     scalar_shape: tuple[int, ...]
+    hidden_padded: int
+    intermediate_padded: int
+
+    @property
+    def padded(self) -> bool:
+        return (self.hidden_padded, self.intermediate_padded) != (self.hidden_size, self.intermediate_size)
 
     def tensor_names(self, source_format: str) -> list[str]:
         names = list(KERNEL_TENSORS + SCALAR_TENSORS)
@@ -96,6 +102,8 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
                 proj_names=dict(info["source_projection_names"]),
                 scalar_dtype=str(info["source_scalar_dtype"]),
                 scalar_shape=tuple(info["source_scalar_shape"]),
+                hidden_padded=int(info.get("hidden_size_padded", info["hidden_size"])),
+                intermediate_padded=int(info.get("intermediate_size_padded", info["intermediate_size"])),
             )
         )
     return ConvertedCheckpoint(root, config, descriptor, CheckpointFiles(root), layers)

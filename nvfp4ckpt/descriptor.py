@@ -79,14 +79,16 @@ class LayerInfo:
     proj_names: dict[str, str]
     scalar_dtype: str
     scalar_shape: list[int]
+    hidden_size_padded: int
+    intermediate_size_padded: int
 
     def to_dict(self) -> dict:
         return {
             "num_experts": self.num_experts,
             "hidden_size": self.hidden_size,
-            "hidden_size_padded": self.hidden_size,
+            "hidden_size_padded": self.hidden_size_padded,
             "intermediate_size": self.intermediate_size,
-            "intermediate_size_padded": self.intermediate_size,
+            "intermediate_size_padded": self.intermediate_size_padded,
             "source_projection_names": self.proj_names,
             "source_scalar_dtype": self.scalar_dtype,
             "source_scalar_shape": self.scalar_shape,
@@ -103,6 +105,8 @@ def build_descriptor(
 ) -> dict:
     hidden = sorted({l.hidden_size for l in layers})
     inter = sorted({l.intermediate_size for l in layers})
+    hidden_p = sorted({l.hidden_size_padded for l in layers})
+    inter_p = sorted({l.intermediate_size_padded for l in layers})
     return {
         "layout": LAYOUT_NAME,
         "layout_version": LAYOUT_VERSION,
@@ -115,9 +119,10 @@ def build_descriptor(
         "scalar_convention": "modelopt_dequant",
         "w13_scalar_columns": ["gate", "up"],
         "hidden_size": hidden[0] if len(hidden) == 1 else hidden,
-        "hidden_size_padded": hidden[0] if len(hidden) == 1 else hidden,
+        "hidden_size_padded": hidden_p[0] if len(hidden_p) == 1 else hidden_p,
         "intermediate_size": inter[0] if len(inter) == 1 else inter,
-        "intermediate_size_padded": inter[0] if len(inter) == 1 else inter,
+        "intermediate_size_padded": inter_p[0] if len(inter_p) == 1 else inter_p,
+        "padding": "zero rows/columns per gate/up half (I) and on the hidden dimension (H); padded values contribute 0",
         "source_format": source_format,
         "architecture": architecture,
         "routing": routing,

@@ -88,10 +88,12 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
     to_mult = ckpt.format.to_dequant_multiplier
     differ_ws2 = differ_input = differ_down = 0
     for layer in ckpt.layers:
-        try:
-            layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size).check_kernel_compatible()
-        except layout.LayoutShapeError as exc:
-            issues.append(f"{layer.prefix}: {exc} (convert will refuse it)")
+        dims = layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size)
+        if dims.needs_padding:
+            issues.append(
+                f"{layer.prefix}: H={dims.hidden_size}, I={dims.intermediate_size} need zero padding to "
+                f"H={dims.hidden_padded}, I={dims.intermediate_padded} (per gate/up half); convert pads and records it"
+            )
         gate = torch.stack([to_mult(ckpt.files.read(e["gate"].weight_global)).reshape(()) for e in layer.experts])
         up = torch.stack([to_mult(ckpt.files.read(e["up"].weight_global)).reshape(()) for e in layer.experts])
         differ_ws2 += int((gate != up).sum())

@@ -42,6 +42,18 @@ class MoEDims:
     hidden_size: int  # H
     intermediate_size: int  # I (per expert, unpadded)
 
+    @property
+    def hidden_padded(self) -> int:
+        return -(-self.hidden_size // 128) * 128
+
+    @property
+    def intermediate_padded(self) -> int:
+        return -(-self.intermediate_size // 64) * 64
+
+    @property
+    def needs_padding(self) -> bool:
+        return (self.hidden_padded, self.intermediate_padded) != (self.hidden_size, self.intermediate_size)
+
     def check_kernel_compatible(self) -> None:
         """Raise LayoutShapeError unless the layout needs no padding (I % 64, H % 128)."""
         problems = []
@@ -79,6 +91,43 @@ def w13_row_permutation(rows: int) -> torch.Tensor:
     half = rows // 2
     interleave_src = torch.where(shuffle % 2 == 0, shuffle // 2, half + shuffle // 2)
     return interleave_src
+
+
+def pad_w31(w31: torch.Tensor, s31: torch.Tensor, h_pad: int, i_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``[up ; gate]`` per half to ``i_pad`` rows and the inputs to ``h_pad`` (as vLLM pads:
+    ``[up | 0 | gate | 0]``). Zero codes with zero block scales contribute exactly nothing."""
+    e, two_i, _ = w31.shape
+    i = two_i // 2
+    w = torch.zeros((e, 2 * i_pad, h_pad // 2), dtype=torch.uint8, device=w31.device)
+    s = torch.zeros((e, 2 * i_pad, h_pad // 16), dtype=torch.uint8, device=w31.device)
+    for half in range(2):
+        w[:, half * i_pad : half * i_pad + i, : w31.shape[-1]] = _as_u8(w31)[:, half * i : (half + 1) * i]
+        s[:, half * i_pad : half * i_pad + i, : s31.shape[-1]] = _as_u8(s31)[:, half * i : (half + 1) * i]
+    return w, s
+
+
+def unpad_w31(w: torch.Tensor, s: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pad_w31` (the padding is dropped; :func:`w31_padding_is_zero` checks it)."""
+    i_pad = w.shape[-2] // 2
+    rows = torch.cat([torch.arange(inter), i_pad + torch.arange(inter)]).to(w.device)
+    return (
+        _as_u8(w).index_select(-2, rows)[..., : hidden // 2].contiguous(),
+        _as_u8(s).index_select(-2, rows)[..., : hidden // 16].contiguous(),
+    )
+
+
+def pad_down(down: torch.Tensor, down_scale: torch.Tensor, h_pad: int, i_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad down_proj to ``h_pad`` output rows and ``i_pad`` inputs."""
+    e, h, _ = down.shape
+    w = torch.zeros((e, h_pad, i_pad // 2), dtype=torch.uint8, device=down.device)
+    s = torch.zeros((e, h_pad, i_pad // 16), dtype=torch.uint8, device=down.device)
+    w[:, :h, : down.shape[-1]] = _as_u8(down)
+    s[:, :h, : down_scale.shape[-1]] = _as_u8(down_scale)
+    return w, s
+
+
+def unpad_down(w: torch.Tensor, s: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _as_u8(w)[:, :hidden, : inter // 2].contiguous(), _as_u8(s)[:, :hidden, : inter // 16].contiguous()
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

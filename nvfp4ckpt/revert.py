@@ -110,6 +110,13 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, tor
     t = ckpt.read_layer(layer)
     gate, up, gate_s, up_s = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
     down, down_s = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
+    if layer.padded:
+        h, i = layer.hidden_size, layer.intermediate_size
+        w31, s31 = layout.unpad_w31(torch.cat([up, gate], -2), torch.cat([up_s.view(torch.uint8), gate_s.view(torch.uint8)], -2), h, i)
+        up, gate = w31[:, :i], w31[:, i:]
+        up_s, gate_s = s31[:, :i].view(torch.float8_e4m3fn), s31[:, i:].view(torch.float8_e4m3fn)
+        down, down_s = layout.unpad_down(down, down_s, h, i)
+        down_s = down_s.view(torch.float8_e4m3fn)
     dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
     if ckpt.source_format == "compressed-tensors":
         w_glob = torch.stack([t["w13_weight_global_scale"][:, 0], t["w13_weight_global_scale"][:, 1], t["w2_weight_global_scale"]], 1)

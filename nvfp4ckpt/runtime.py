@@ -67,7 +67,22 @@ class MoELayer:
     routing: dict
     tensors: dict[str, torch.Tensor]
     routing_bias: torch.Tensor | None = None
+    hidden_padded: int | None = None  # stored sizes when the converter padded them (None: not padded)
+    intermediate_padded: int | None = None
     _source: SourceWeights | None = field(default=None, repr=False)
+
+    @property
+    def stored_hidden(self) -> int:
+        return self.hidden_padded or self.hidden_size
+
+    @property
+    def stored_intermediate(self) -> int:
+        return self.intermediate_padded or self.intermediate_size
+
+    def pad_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Zero columns up to the stored hidden size (the kernel sees the padded H)."""
+        extra = self.stored_hidden - hidden_states.shape[-1]
+        return torch.nn.functional.pad(hidden_states, (0, extra)) if extra else hidden_states
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +109,13 @@ class MoELayer:
             t = self.tensors
             gate, up, gate_s, up_s = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
             down, down_s = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
+            if (self.stored_hidden, self.stored_intermediate) != (self.hidden_size, self.intermediate_size):
+                h, i = self.hidden_size, self.intermediate_size
+                w31, s31 = layout.unpad_w31(torch.cat([up, gate], -2), torch.cat([up_s, gate_s], -2).view(torch.uint8), h, i)
+                up, gate, up_s, gate_s = w31[:, :i], w31[:, i:], s31[:, :i], s31[:, i:]
+                up_s, gate_s = up_s.view(torch.float8_e4m3fn), gate_s.view(torch.float8_e4m3fn)
+                down, down_s = layout.unpad_down(down, down_s, h, i)
+                down_s = down_s.view(torch.float8_e4m3fn)
             self._source = SourceWeights(
                 gate, up, down, gate_s, up_s, down_s,
                 t["w13_weight_scale_2"][:, 0].contiguous(), t["w13_weight_scale_2"][:, 1].contiguous(), t["w2_weight_scale_2"],
@@ -139,11 +161,12 @@ class MoELayer:
         from .kernels.triton_moe import moe_forward_triton
 
         t = self.tensors
-        return moe_forward_triton(
-            hidden_states, topk_ids, topk_weights, t["w13_weight"], t["w13_weight_scale"], t["w2_weight"],
+        out = moe_forward_triton(
+            self.pad_hidden(hidden_states), topk_ids, topk_weights, t["w13_weight"], t["w13_weight_scale"], t["w2_weight"],
             t["w2_weight_scale"], t["g1_alphas"], t["g1_scale_c"], t["g2_alphas"], t["w13_input_scale_quant"], act,
             w2_input_scale_quant=1.0 / float(t["w2_input_scale"].max()),
         )  # fmt: skip
+        return out[:, : self.hidden_size]
 
 
 def load_moe_layer(path: str | Path | ConvertedCheckpoint, layer: str | int, device: str | torch.device = "cpu") -> MoELayer:
@@ -165,6 +188,8 @@ def load_moe_layer(path: str | Path | ConvertedCheckpoint, layer: str | int, dev
         routing=routing,
         tensors=ckpt.read_layer(info, device),
         routing_bias=bias,
+        hidden_padded=info.hidden_padded,
+        intermediate_padded=info.intermediate_padded,
     )
 
 
@@ -198,7 +223,7 @@ def trtllm_kwargs(
         "routing_logits": logits,
         "routing_bias": bias,
         "hidden_states": hidden_fp4,
-        "hidden_states_scale": hidden_scale.view(torch.float8_e4m3fn).reshape(num_tokens, layer.hidden_size // 16),
+        "hidden_states_scale": hidden_scale.view(torch.float8_e4m3fn).reshape(num_tokens, layer.stored_hidden // 16),
         "gemm1_weights": t["w13_weight"],
         "gemm1_weights_scale": t["w13_weight_scale"].view(torch.float8_e4m3fn),
         "gemm1_bias": None,
@@ -215,7 +240,7 @@ def trtllm_kwargs(
         "top_k": int(r["top_k"]),
         "n_group": r.get("n_group"),
         "topk_group": r.get("topk_group"),
-        "intermediate_size": layer.intermediate_size,
+        "intermediate_size": layer.stored_intermediate,  # the (padded) I the weights were built with
         "local_expert_offset": 0,
         "local_num_experts": layer.num_experts,
         "routed_scaling_factor": r.get("routed_scaling_factor"),
@@ -252,11 +277,11 @@ def run_trtllm(layer: MoELayer, hidden_states: torch.Tensor, router_logits: torc
     from flashinfer.fused_moe import trtllm_fp4_block_scale_moe
 
     hs_fp4, hs_sf = fp4_quantize(
-        hidden_states.to(torch.bfloat16),
+        layer.pad_hidden(hidden_states.to(torch.bfloat16)),
         global_scale=layer.tensors["w13_input_scale_quant"],
         sf_vec_size=16,
         sf_use_ue8m0=False,
         is_sf_swizzled_layout=False,
     )
     kwargs = trtllm_kwargs(layer, hs_fp4, hs_sf, router_logits, inspect.signature(trtllm_fp4_block_scale_moe))
-    return trtllm_fp4_block_scale_moe(**kwargs)[0]
+    return trtllm_fp4_block_scale_moe(**kwargs)[0][:, : layer.hidden_size]

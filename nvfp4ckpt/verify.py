@@ -182,7 +182,7 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
             problems.append(f"{fname}: header metadata '{METADATA_KEY}' differs from config.json's descriptor")
     for layer in ckpt.layers:
         for name, dtype, shape in canonical_specs(
-            layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, ckpt.source_format, layer.scalar_dtype
+            layer.prefix, layer.num_experts, layer.hidden_padded, layer.intermediate_padded, ckpt.source_format, layer.scalar_dtype
         ):
             info = ckpt.files.tensors.get(name)
             if info is None:
@@ -314,6 +314,18 @@ def _compare_layer(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, layer: Kern
     gate, up, gs, us = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
     down, ds = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
     i = layer.intermediate_size
+    if layer.padded:
+        h, hp, ip = layer.hidden_size, layer.hidden_padded, layer.intermediate_padded
+        w31p, s31p = torch.cat([up, gate], -2), torch.cat([us.view(torch.uint8), gs.view(torch.uint8)], -2)
+        w31, s31 = layout.unpad_w31(w31p, s31p, h, i)
+        d, dsc = layout.unpad_down(down, ds, h, i)
+        if not all(
+            torch.equal(a, b)
+            for a, b in zip(layout.pad_w31(w31, s31, hp, ip) + layout.pad_down(d, dsc, hp, ip), (w31p, s31p, down, ds.view(torch.uint8)))
+        ):
+            return f"{layer.prefix}: padding bytes are not zero"
+        up, gate, us, gs = w31[:, :i], w31[:, i:], s31[:, :i], s31[:, i:]
+        down, ds = d, dsc
     pairs = [
         ("w13_weight", "up_proj weight", up, s["w31"][:, :i], 0),
         ("w13_weight", "gate_proj weight", gate, s["w31"][:, i:], 0),
@@ -409,7 +421,10 @@ def _reference_layer(moe: MoELayer, src: SourceCheckpoint, layer: KernelLayer, d
         name = f"{layer.prefix.rsplit('.', 1)[0]}.{moe.routing['bias_suffix']}"
         if name in src.files.tensors:
             bias = src.files.read(name).to(device)
-    ref = MoELayer(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias)
+    ref = MoELayer(
+        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias,
+        hidden_padded=layer.hidden_padded, intermediate_padded=layer.intermediate_padded,
+    )  # fmt: skip
     ref._source = weights
     return ref
 

@@ -154,12 +154,6 @@ def test_index_points_to_missing_shard(src, tmp_path, capsys):
     assert_fails(capsys, src, tmp_path, "model.safetensors.index.json", "missing")
 
 
-def test_sizes_needing_padding(tmp_path, capsys):
-    src = tmp_path / "src"
-    write_example(src, config_overrides={"moe_intermediate_size": 96})
-    assert_fails(capsys, src, tmp_path, "I=96", "multiple of 64", "padding")
-
-
 def test_already_converted(example_factory, tmp_path, capsys):
     converted = tmp_path / "converted"
     convert_checkpoint(example_factory("qwen3_moe", "modelopt"), converted)
