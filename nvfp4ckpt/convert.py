@@ -25,6 +25,7 @@ from .descriptor import (
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY
 from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
+from .parallel import RankSpec, rank_specs, slice_source, to_kernel
 from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
@@ -65,11 +66,14 @@ def convert_checkpoint(
     revision: str | None = None,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    tp: int = 1,
+    ep: int = 1,
 ) -> ConvertResult:
     """Write the kernel-ready version of ``src`` to ``dst``; see README "Output contract".
 
     ``workers`` threads read and transform MoE layers ahead of the writer (default: ``default_workers()``);
-    the output bytes are the same for any value."""
+    the output bytes are the same for any value. ``tp``/``ep`` > 1 write one set of MoE files per rank
+    (see ``nvfp4ckpt.parallel``); non-expert tensors stay whole at the top level."""
     start = time.perf_counter()
     try:
         max_bytes = parse_size(max_shard_size)
@@ -81,15 +85,23 @@ def convert_checkpoint(
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise InputError(f"--device {device}: no such device here; use --device cpu")
 
-    descriptor = _descriptor(ckpt)
-    planned, layer_of = _plan_tensors(ckpt)
+    ranks = {l.prefix: rank_specs(tp, ep, l.num_experts, l.intermediate_size, f"{ckpt.root}: {l.prefix}") for l in ckpt.layers}
+    sharded = tp * ep > 1
+    descriptor = _descriptor(ckpt, ranks if sharded else None, tp, ep)
+    planned, layer_of = _plan_tensors(ckpt, ranks if sharded else None)
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
+
+    def compute(prefix: str) -> dict[str, torch.Tensor]:
+        layer = by_prefix[prefix]
+        return convert_layer_ranks(ckpt, layer, ranks[prefix], device) if sharded else convert_layer(ckpt, layer, device)
+
     job = CheckpointJob(
         source=ckpt.files,
         planned=planned,
-        computed={name: layer.prefix for name, layer in layer_of.items()},
-        compute=lambda prefix: convert_layer(ckpt, by_prefix[prefix], device),
+        computed={key: layer.prefix for key, layer in layer_of.items()},
+        compute=compute,
         metadata=header_metadata(descriptor),
+        part_metadata={r.part: {"nvfp4ckpt_rank": json.dumps(r.to_dict(), sort_keys=True)} for r in next(iter(ranks.values()))} if sharded else {},
         config=_output_config(ckpt, descriptor),
         max_shard_bytes=max_bytes,
         manifest_fields={"tool": "nvfp4ckpt", "layout": descriptor["layout"], "layout_version": descriptor["layout_version"]},
@@ -125,7 +137,7 @@ def padded_dims(layer: MoELayer) -> tuple[int, int]:
     return dims.hidden_padded, dims.intermediate_padded
 
 
-def _descriptor(ckpt: SourceCheckpoint) -> dict:
+def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None, tp: int, ep: int) -> dict:
     infos = [
         LayerInfo(
             l.prefix, l.num_experts, l.hidden_size, l.intermediate_size, l.proj_names, l.scalar_dtype,
@@ -133,13 +145,33 @@ def _descriptor(ckpt: SourceCheckpoint) -> dict:
         )  # fmt: skip
         for l in ckpt.layers
     ]
-    return build_descriptor(
+    descriptor = build_descriptor(
         source_format=ckpt.format.name,
         architecture=ckpt.arch.name,
         routing=ckpt.routing.to_dict(),
         layers=infos,
         config_had_quantization_config=isinstance(ckpt.config.get("quantization_config"), dict),
     )
+    if ranks:
+        first = next(iter(ranks.values()))
+        descriptor["parallel"] = {
+            "tp": tp,
+            "ep": ep,
+            "rank_order": "rank = ep_rank * tp + tp_rank",
+            "ranks": [{"rank": r.rank, "tp_rank": r.tp_rank, "ep_rank": r.ep_rank, "part": r.part} for r in first],
+            "non_expert_tensors": "top-level files, whole (engines slice them as usual)",
+        }
+        for prefix, specs in ranks.items():
+            descriptor["layers"][prefix]["ranks"] = [
+                {
+                    "rank": r.rank,
+                    "experts": [r.expert_start, r.expert_end],
+                    "intermediate": [r.inter_start, r.inter_end],
+                    "intermediate_size_padded": r.intermediate_padded,
+                }
+                for r in specs
+            ]
+    return descriptor
 
 
 def layer_output_specs(layer: MoELayer, source_format: str) -> list[PlannedTensor]:
@@ -149,7 +181,9 @@ def layer_output_specs(layer: MoELayer, source_format: str) -> list[PlannedTenso
     return [PlannedTensor(name, dtype, shape) for name, dtype, shape in specs]
 
 
-def _plan_tensors(ckpt: SourceCheckpoint) -> tuple[list[PlannedTensor], dict[str, MoELayer]]:
+def _plan_tensors(
+    ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None = None
+) -> tuple[list[PlannedTensor], dict[str, MoELayer]]:
     """Every output tensor in a deterministic order: source names in natural order, each MoE
     layer's canonical tensors placed where its first expert tensor would have been."""
     expert_names = {}
@@ -172,8 +206,20 @@ def _plan_tensors(ckpt: SourceCheckpoint) -> tuple[list[PlannedTensor], dict[str
                         f"{ckpt.files.info(spec.name).file}: tensor {spec.name!r} already exists next to per-expert tensors; "
                         "the checkpoint mixes fused and per-expert experts"
                     )
+            if ranks is None:
+                specs = layer_output_specs(layer, ckpt.format.name)
+            else:
+                h_pad, _ = padded_dims(layer)
+                specs = [
+                    PlannedTensor(name, dtype, shape, part=r.part)
+                    for r in ranks[layer.prefix]
+                    for name, dtype, shape in canonical_specs(
+                        layer.prefix, r.num_experts, h_pad, r.intermediate_padded, ckpt.format.name, layer.scalar_dtype
+                    )
+                ]
+            for spec in specs:
                 planned.append(spec)
-                layer_of[spec.name] = layer
+                layer_of[spec.key] = layer
     return planned, layer_of
 
 
@@ -225,6 +271,44 @@ def kernel_scalars(ws2: torch.Tensor, input_scale: torch.Tensor) -> dict[str, to
         "g2_alphas": (a2 * ws2[:, 2]).contiguous(),
         "w13_input_scale_quant": (1.0 / a1).reshape(1),
     }
+
+
+def convert_layer_ranks(
+    ckpt: SourceCheckpoint, layer: MoELayer, ranks: list[RankSpec], device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Every rank's output tensors of one MoE layer (the source layer is read once), keyed by
+    ``part/name``. Scalars use the global a1/a2 and are sliced to each rank's experts."""
+    src = read_layer_source(ckpt, layer)
+    dev = torch.device(device)
+    h_pad, _ = padded_dims(layer)
+    scalars = _layer_scalars(ckpt, layer, src["raw_scalars"])
+    out: dict[str, torch.Tensor] = {}
+    for r in ranks:
+        pieces = (t.to(dev) for t in slice_source(src, r, layer.intermediate_size))
+        w13, s13, w2, s2 = to_kernel(*pieces, h_pad, r.intermediate_padded)
+        tensors = {"w13_weight": w13.cpu(), "w13_weight_scale": s13.cpu(), "w2_weight": w2.cpu(), "w2_weight_scale": s2.cpu()}
+        for name, value in scalars.items():
+            tensors[name] = value if name == "w13_input_scale_quant" else value[r.expert_start : r.expert_end].contiguous()
+        for name, value in tensors.items():
+            out[f"{r.part}/{layer.prefix}.{name}"] = value
+    return out
+
+
+def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    to_mult = ckpt.format.to_dequant_multiplier
+    scalars = kernel_scalars(to_mult(raw[:, :, 0]), to_mult(raw[:, :, 1]))
+    for name, value in scalars.items():
+        if not torch.isfinite(value).all() or (value <= 0).any():
+            raise InputError(
+                f"{ckpt.root}: {layer.prefix}.{name} has non-finite or non-positive values; "
+                "the checkpoint's global scales are broken"
+            )
+    if ckpt.format.name == "compressed-tensors":
+        scalars["w13_weight_global_scale"] = raw[:, :2, 0].contiguous()
+        scalars["w2_weight_global_scale"] = raw[:, 2, 0].contiguous()
+        scalars["w13_input_global_scale"] = raw[:, :2, 1].contiguous()
+        scalars["w2_input_global_scale"] = raw[:, 2, 1].contiguous()
+    return scalars
 
 
 def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") -> dict[str, torch.Tensor]:

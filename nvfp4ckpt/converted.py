@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from .descriptor import KERNEL_TENSORS, RAW_CT_TENSORS, SCALAR_TENSORS, descript
 from .errors import InputError
 from .io import CheckpointFiles, read_json
 from .layout import LAYOUT_NAME, LAYOUT_VERSION
+from .parallel import RankSpec, from_kernel
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class KernelLayer:
     scalar_shape: tuple[int, ...]
     hidden_padded: int
     intermediate_padded: int
+    ranks: tuple[RankSpec, ...] = ()  # rank-sharded output only
 
     @property
     def padded(self) -> bool:
@@ -47,9 +49,18 @@ class ConvertedCheckpoint:
     files: CheckpointFiles
     layers: list[KernelLayer]
 
+    rank_files: dict[str, CheckpointFiles] = field(default_factory=dict)  # part -> files (rank-sharded output)
+
     @property
     def source_format(self) -> str:
         return self.descriptor["source_format"]
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.rank_files)
+
+    def files_for(self, rank: RankSpec | None) -> CheckpointFiles:
+        return self.files if rank is None else self.rank_files[rank.part]
 
     def layer(self, which: str | int) -> KernelLayer:
         """A layer by expert prefix, by index in the descriptor, or by decoder layer number."""
@@ -64,12 +75,47 @@ class ConvertedCheckpoint:
                 return layer
         raise InputError(f"{self.root}: no MoE layer {which!r}; MoE layers are {', '.join(l.prefix for l in self.layers)}")
 
-    def read_layer(self, layer: KernelLayer, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The layer's canonical tensors keyed by short name (``w13_weight``, ``g1_alphas``, ...)."""
-        out = {}
-        for full in layer.tensor_names(self.source_format):
-            out[full[len(layer.prefix) + 1 :]] = self.files.read(full).to(device)
-        return out
+    def read_layer(
+        self, layer: KernelLayer, device: str | torch.device = "cpu", rank: RankSpec | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The layer's canonical tensors keyed by short name (``w13_weight``, ``g1_alphas``, ...); for
+        rank-sharded output, those of one rank."""
+        if self.sharded and rank is None:
+            raise InputError(f"{self.root}: rank-sharded checkpoint; read one rank's tensors (rank=...)")
+        files = self.files_for(rank)
+        return {full[len(layer.prefix) + 1 :]: files.read(full).to(device) for full in layer.tensor_names(self.source_format)}
+
+    def reassemble_layer(self, layer: KernelLayer) -> dict[str, torch.Tensor]:
+        """The whole layer in source layout, from all ranks: ``w31`` ``[up; gate]``, ``s31``, ``down``,
+        ``down_scale`` (uint8, padding dropped), every scalar over all experts, and ``padding_zero``."""
+        e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        ranks: tuple[RankSpec | None, ...] = layer.ranks or (None,)
+        w31 = torch.empty((e, 2 * i, h // 2), dtype=torch.uint8)
+        s31 = torch.empty((e, 2 * i, h // 16), dtype=torch.uint8)
+        down = torch.empty((e, h, i // 2), dtype=torch.uint8)
+        down_s = torch.empty((e, h, i // 16), dtype=torch.uint8)
+        scalars: dict[str, torch.Tensor] = {}
+        zero = True
+        for r in ranks:
+            t = self.read_layer(layer, rank=r)
+            e0, e1 = (r.expert_start, r.expert_end) if r else (0, e)
+            i0, i1 = (r.inter_start, r.inter_end) if r else (0, i)
+            lw31, ls31, ld, lds, ok = from_kernel(t, h, i1 - i0)
+            zero &= ok
+            n = i1 - i0
+            w31[e0:e1, i0:i1], w31[e0:e1, i + i0 : i + i1] = lw31[:, :n], lw31[:, n:]
+            s31[e0:e1, i0:i1], s31[e0:e1, i + i0 : i + i1] = ls31[:, :n], ls31[:, n:]
+            down[e0:e1, :, i0 // 2 : i1 // 2] = ld
+            down_s[e0:e1, :, i0 // 16 : i1 // 16] = lds
+            for name, value in t.items():
+                if name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):
+                    continue
+                if name == "w13_input_scale_quant":
+                    scalars[name] = value
+                    continue
+                full = scalars.setdefault(name, torch.empty((e, *value.shape[1:]), dtype=value.dtype))
+                full[e0:e1] = value
+        return {"w31": w31, "s31": s31, "down": down, "down_scale": down_s, "padding_zero": torch.tensor(zero), **scalars}
 
 
 def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCheckpoint:
@@ -92,7 +138,15 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
             f"({LAYOUT_VERSION}); upgrade nvfp4ckpt"
         )
     layers = []
+    parallel = descriptor.get("parallel") or {}
     for prefix, info in (descriptor.get("layers") or {}).items():
+        rank_list = tuple(
+            RankSpec(
+                r["rank"], r["rank"] % parallel["tp"], r["rank"] // parallel["tp"], r["experts"][0], r["experts"][1],
+                r["intermediate"][0], r["intermediate"][1],
+            )  # fmt: skip
+            for r in info.get("ranks") or ()
+        )
         layers.append(
             KernelLayer(
                 prefix=prefix,
@@ -104,6 +158,8 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
                 scalar_shape=tuple(info["source_scalar_shape"]),
                 hidden_padded=int(info.get("hidden_size_padded", info["hidden_size"])),
                 intermediate_padded=int(info.get("intermediate_size_padded", info["intermediate_size"])),
+                ranks=rank_list,
             )
         )
-    return ConvertedCheckpoint(root, config, descriptor, CheckpointFiles(root), layers)
+    rank_files = {r["part"]: CheckpointFiles(root / r["part"]) for r in parallel.get("ranks", [])}
+    return ConvertedCheckpoint(root, config, descriptor, CheckpointFiles(root), layers, rank_files)

@@ -247,6 +247,12 @@ class PlannedTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    part: str = ""  # sub-folder of the output ("" = top level; "ranks/rank-001" for rank-sharded output)
+
+    @property
+    def key(self) -> str:
+        """Unique across parts: the same tensor name may exist in every rank's part."""
+        return f"{self.part}/{self.name}" if self.part else self.name
 
     @property
     def nbytes(self) -> int:

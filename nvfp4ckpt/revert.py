@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from . import layout
 from .checkpoint import _natural_key
 from .converted import ConvertedCheckpoint, KernelLayer, open_converted
 from .errors import InputError
@@ -62,8 +61,10 @@ def revert_checkpoint(
     check_destination(ckpt.root, dst_path, overwrite)
 
     owned = {name for layer in ckpt.layers for name in layer.tensor_names(ckpt.source_format)}
-    for name in owned:
-        ckpt.files.info(name)  # a missing canonical tensor is an input error, named
+    for layer in ckpt.layers:
+        for rank in layer.ranks or (None,):
+            for name in layer.tensor_names(ckpt.source_format):
+                ckpt.files_for(rank).info(name)  # a missing canonical tensor is an input error, named
     planned: list[PlannedTensor] = []
     computed: dict[str, str] = {}
     for name, info in ckpt.files.tensors.items():
@@ -84,6 +85,7 @@ def revert_checkpoint(
         config=_source_config(ckpt),
         max_shard_bytes=max_bytes,
         manifest_fields=None,
+        skip_files={"ranks"},
     )
     files = write_checkpoint(job, dst_path, progress)
     return RevertResult(ckpt.root, dst_path, ckpt.source_format, len(ckpt.layers), files, time.perf_counter() - start)
@@ -105,18 +107,14 @@ def _expert_specs(layer: KernelLayer, fmt) -> list[PlannedTensor]:
 
 
 def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, torch.Tensor]:
-    """All per-expert source tensors of one layer."""
+    """All per-expert source tensors of one layer (reassembled from every rank, padding dropped)."""
     fmt = FORMATS[ckpt.source_format]
-    t = ckpt.read_layer(layer)
-    gate, up, gate_s, up_s = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
-    down, down_s = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
-    if layer.padded:
-        h, i = layer.hidden_size, layer.intermediate_size
-        w31, s31 = layout.unpad_w31(torch.cat([up, gate], -2), torch.cat([up_s.view(torch.uint8), gate_s.view(torch.uint8)], -2), h, i)
-        up, gate = w31[:, :i], w31[:, i:]
-        up_s, gate_s = s31[:, :i].view(torch.float8_e4m3fn), s31[:, i:].view(torch.float8_e4m3fn)
-        down, down_s = layout.unpad_down(down, down_s, h, i)
-        down_s = down_s.view(torch.float8_e4m3fn)
+    t = ckpt.reassemble_layer(layer)
+    i = layer.intermediate_size
+    e4m3 = torch.float8_e4m3fn
+    up, gate = t["w31"][:, :i], t["w31"][:, i:]
+    up_s, gate_s = t["s31"][:, :i].view(e4m3), t["s31"][:, i:].view(e4m3)
+    down, down_s = t["down"], t["down_scale"].view(e4m3)
     dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
     if ckpt.source_format == "compressed-tensors":
         w_glob = torch.stack([t["w13_weight_global_scale"][:, 0], t["w13_weight_global_scale"][:, 1], t["w2_weight_global_scale"]], 1)

@@ -20,6 +20,7 @@ import torch
 
 from . import layout
 from .converted import ConvertedCheckpoint, KernelLayer, open_converted
+from .parallel import RankSpec
 from .errors import InputError
 
 BACKENDS = ("auto", "trtllm", "triton", "torch")
@@ -69,7 +70,21 @@ class MoELayer:
     routing_bias: torch.Tensor | None = None
     hidden_padded: int | None = None  # stored sizes when the converter padded them (None: not padded)
     intermediate_padded: int | None = None
+    expert_offset: int = 0  # rank-sharded output: first global expert of this rank
+    rank: RankSpec | None = None
+    global_input_scales: tuple[float, float] | None = None  # (a1, a2) over all ranks' experts
     _source: SourceWeights | None = field(default=None, repr=False)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.tensors["w13_weight"].shape[0] if self.tensors else self.num_experts
+
+    def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids -> this rank's (experts of other ranks become -1 and contribute nothing)."""
+        if self.expert_offset == 0 and self.num_local_experts == self.num_experts:
+            return topk_ids
+        local = topk_ids.long() - self.expert_offset
+        return torch.where((local >= 0) & (local < self.num_local_experts), local, -1).to(topk_ids.dtype)
 
     @property
     def stored_hidden(self) -> int:
@@ -109,8 +124,9 @@ class MoELayer:
             t = self.tensors
             gate, up, gate_s, up_s = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
             down, down_s = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
-            if (self.stored_hidden, self.stored_intermediate) != (self.hidden_size, self.intermediate_size):
-                h, i = self.hidden_size, self.intermediate_size
+            logical_i = self.rank.intermediate_size if self.rank else self.intermediate_size
+            if (self.stored_hidden, self.stored_intermediate) != (self.hidden_size, logical_i):
+                h, i = self.hidden_size, logical_i
                 w31, s31 = layout.unpad_w31(torch.cat([up, gate], -2), torch.cat([up_s, gate_s], -2).view(torch.uint8), h, i)
                 up, gate, up_s, gate_s = w31[:, :i], w31[:, i:], s31[:, :i], s31[:, i:]
                 up_s, gate_s = up_s.view(torch.float8_e4m3fn), gate_s.view(torch.float8_e4m3fn)
@@ -119,7 +135,7 @@ class MoELayer:
             self._source = SourceWeights(
                 gate, up, down, gate_s, up_s, down_s,
                 t["w13_weight_scale_2"][:, 0].contiguous(), t["w13_weight_scale_2"][:, 1].contiguous(), t["w2_weight_scale_2"],
-                float(t["w13_input_scale"].max()), float(t["w2_input_scale"].max()),
+                *(self.global_input_scales or (float(t["w13_input_scale"].max()), float(t["w2_input_scale"].max()))),
             )  # fmt: skip
         return self._source
 
@@ -142,6 +158,7 @@ class MoELayer:
                 raise InputError("--backend trtllm runs W4A4 only; use --act nvfp4 (or --backend triton for --act bf16)")
             return run_trtllm(self, hidden_states, router_logits)
         topk_ids, topk_weights = self.route(router_logits)
+        topk_ids = self.local_ids(topk_ids)
         if backend == "triton":
             return self.forward_triton(hidden_states, topk_ids, topk_weights, act)
         return self.forward_torch(hidden_states, topk_ids, topk_weights, act)
@@ -164,15 +181,37 @@ class MoELayer:
         out = moe_forward_triton(
             self.pad_hidden(hidden_states), topk_ids, topk_weights, t["w13_weight"], t["w13_weight_scale"], t["w2_weight"],
             t["w2_weight_scale"], t["g1_alphas"], t["g1_scale_c"], t["g2_alphas"], t["w13_input_scale_quant"], act,
-            w2_input_scale_quant=1.0 / float(t["w2_input_scale"].max()),
+            w2_input_scale_quant=1.0 / (self.global_input_scales[1] if self.global_input_scales else float(t["w2_input_scale"].max())),
         )  # fmt: skip
         return out[:, : self.hidden_size]
 
 
-def load_moe_layer(path: str | Path | ConvertedCheckpoint, layer: str | int, device: str | torch.device = "cpu") -> MoELayer:
-    """Load one MoE layer (expert prefix, or decoder layer number) of a converted checkpoint onto ``device``."""
+def load_moe_layer(
+    path: str | Path | ConvertedCheckpoint, layer: str | int, device: str | torch.device = "cpu", rank: int | None = None
+) -> MoELayer:
+    """Load one MoE layer (expert prefix, or decoder layer number) of a converted checkpoint onto ``device``.
+
+    For rank-sharded output (``convert --tp/--ep``) pass ``rank``: the layer then holds that rank's experts and
+    intermediate slice, routes with the global router and ignores tokens routed to other ranks; the sum of all
+    ranks' outputs is the layer's output.
+    """
     ckpt = path if isinstance(path, ConvertedCheckpoint) else open_converted(path)
     info: KernelLayer = ckpt.layer(layer)
+    spec: RankSpec | None = None
+    if info.ranks:
+        if rank is None:
+            raise InputError(f"{ckpt.root}: rank-sharded checkpoint ({len(info.ranks)} ranks); pass rank=0..{len(info.ranks) - 1}")
+        matches = [r for r in info.ranks if r.rank == rank]
+        if not matches:
+            raise InputError(f"{ckpt.root}: no rank {rank}; ranks are 0..{len(info.ranks) - 1}")
+        spec = matches[0]
+    elif rank not in (None, 0):
+        raise InputError(f"{ckpt.root}: not rank-sharded; there is no rank {rank}")
+    global_scales = None
+    if spec is not None:  # a1/a2 are maxima over every rank's experts, as the converter computed them
+        a1 = max(float(ckpt.files_for(r).read(f"{info.prefix}.w13_input_scale").max()) for r in info.ranks)
+        a2 = max(float(ckpt.files_for(r).read(f"{info.prefix}.w2_input_scale").max()) for r in info.ranks)
+        global_scales = (a1, a2)
     routing = dict(ckpt.descriptor.get("routing") or {})
     bias = None
     if routing.get("bias_suffix"):
@@ -186,10 +225,13 @@ def load_moe_layer(path: str | Path | ConvertedCheckpoint, layer: str | int, dev
         hidden_size=info.hidden_size,
         intermediate_size=info.intermediate_size,
         routing=routing,
-        tensors=ckpt.read_layer(info, device),
+        tensors=ckpt.read_layer(info, device, rank=spec),
         routing_bias=bias,
         hidden_padded=info.hidden_padded,
-        intermediate_padded=info.intermediate_padded,
+        intermediate_padded=spec.intermediate_padded if spec else info.intermediate_padded,
+        expert_offset=spec.expert_start if spec else 0,
+        rank=spec,
+        global_input_scales=global_scales,
     )
 
 
@@ -241,8 +283,8 @@ def trtllm_kwargs(
         "n_group": r.get("n_group"),
         "topk_group": r.get("topk_group"),
         "intermediate_size": layer.stored_intermediate,  # the (padded) I the weights were built with
-        "local_expert_offset": 0,
-        "local_num_experts": layer.num_experts,
+        "local_expert_offset": layer.expert_offset,
+        "local_num_experts": layer.num_local_experts,
         "routed_scaling_factor": r.get("routed_scaling_factor"),
         "routing_method_type": int(method),
         "do_finalize": True,

@@ -172,8 +172,9 @@ def _select_layers(ckpt: ConvertedCheckpoint, layers: list[str] | None) -> list[
 def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> CheckResult:
     problems: list[str] = []
     desc = ckpt.descriptor
-    for fname in ckpt.files.files:
-        meta = ckpt.files.file_metadata[fname]
+    all_files = [(ckpt.files, f) for f in ckpt.files.files] + [(rf, f) for rf in ckpt.rank_files.values() for f in rf.files]
+    for files, fname in all_files:
+        meta = files.file_metadata[fname]
         try:
             header_desc = json.loads(meta.get(METADATA_KEY, "null"))
         except ValueError:
@@ -181,14 +182,19 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
         if header_desc != desc:
             problems.append(f"{fname}: header metadata '{METADATA_KEY}' differs from config.json's descriptor")
     for layer in ckpt.layers:
-        for name, dtype, shape in canonical_specs(
-            layer.prefix, layer.num_experts, layer.hidden_padded, layer.intermediate_padded, ckpt.source_format, layer.scalar_dtype
-        ):
-            info = ckpt.files.tensors.get(name)
-            if info is None:
-                problems.append(f"{name}: missing")
-            elif info.dtype != dtype or info.shape != shape:
-                problems.append(f"{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
+        for rank in layer.ranks or (None,):
+            experts = rank.num_experts if rank else layer.num_experts
+            inter = rank.intermediate_padded if rank else layer.intermediate_padded
+            where = f"{rank.part}: " if rank else ""
+            files = ckpt.files_for(rank)
+            for name, dtype, shape in canonical_specs(
+                layer.prefix, experts, layer.hidden_padded, inter, ckpt.source_format, layer.scalar_dtype
+            ):
+                info = files.tensors.get(name)
+                if info is None:
+                    problems.append(f"{where}{name}: missing")
+                elif info.dtype != dtype or info.shape != shape:
+                    problems.append(f"{where}{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
         if not problems:
             problems.extend(_scalar_problems(ckpt, layer))
     problems.extend(_manifest_problems(ckpt.root, hash_files))
@@ -198,8 +204,24 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
 
 
 def _scalar_problems(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> list[str]:
-    t = {k: v for k, v in ckpt.read_layer(layer).items() if v.dtype != torch.uint8 and v.dtype != torch.float8_e4m3fn}
+    """Scalars are checked over all experts of the layer (a1/a2 are maxima over every rank's experts);
+    each rank must hold the same values for its experts."""
+    t: dict[str, torch.Tensor] = {}
     problems = []
+    for rank in layer.ranks or (None,):
+        local = {k: v for k, v in ckpt.read_layer(layer, rank=rank).items() if v.dtype not in (torch.uint8, torch.float8_e4m3fn)}
+        e0, e1 = (rank.expert_start, rank.expert_end) if rank else (0, layer.num_experts)
+        for name, value in local.items():
+            if name == "w13_input_scale_quant":
+                if name in t and not torch.equal(t[name], value):
+                    problems.append(f"{rank.part}: {layer.prefix}.{name} differs between ranks")
+                t[name] = value
+                continue
+            full = t.setdefault(name, torch.full((layer.num_experts, *value.shape[1:]), float("nan"), dtype=value.dtype))
+            prev = full[e0:e1]
+            if torch.isfinite(prev).all() and not torch.equal(prev, value):
+                problems.append(f"{rank.part}: {layer.prefix}.{name} differs from another rank's copy")
+            full[e0:e1] = value
     for name, value in t.items():
         v = value.float()
         if not torch.isfinite(v).all() or (v <= 0).any():
@@ -309,32 +331,20 @@ def _compare_layer(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, layer: Kern
         src_layer.num_experts, src_layer.hidden_size, src_layer.intermediate_size,
     ):  # fmt: skip
         return f"{layer.prefix}: sizes differ from the source"
-    t = ckpt.read_layer(layer)
+    t = ckpt.reassemble_layer(layer)
     s = read_layer_source(src, src_layer)
-    gate, up, gs, us = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
-    down, ds = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
+    if not bool(t["padding_zero"]):
+        return f"{layer.prefix}: padding bytes are not zero"
     i = layer.intermediate_size
-    if layer.padded:
-        h, hp, ip = layer.hidden_size, layer.hidden_padded, layer.intermediate_padded
-        w31p, s31p = torch.cat([up, gate], -2), torch.cat([us.view(torch.uint8), gs.view(torch.uint8)], -2)
-        w31, s31 = layout.unpad_w31(w31p, s31p, h, i)
-        d, dsc = layout.unpad_down(down, ds, h, i)
-        if not all(
-            torch.equal(a, b)
-            for a, b in zip(layout.pad_w31(w31, s31, hp, ip) + layout.pad_down(d, dsc, hp, ip), (w31p, s31p, down, ds.view(torch.uint8)))
-        ):
-            return f"{layer.prefix}: padding bytes are not zero"
-        up, gate, us, gs = w31[:, :i], w31[:, i:], s31[:, :i], s31[:, i:]
-        down, ds = d, dsc
     pairs = [
-        ("w13_weight", "up_proj weight", up, s["w31"][:, :i], 0),
-        ("w13_weight", "gate_proj weight", gate, s["w31"][:, i:], 0),
-        ("w13_weight_scale", "up_proj weight_scale", us, s["s31"][:, :i], 0),
-        ("w13_weight_scale", "gate_proj weight_scale", gs, s["s31"][:, i:], 0),
-        ("w2_weight", "down_proj weight", down, s["down"], 0),
-        ("w2_weight_scale", "down_proj weight_scale", ds, s["down_scale"], 0),
+        ("w13_weight", "up_proj weight", t["w31"][:, :i], s["w31"][:, :i]),
+        ("w13_weight", "gate_proj weight", t["w31"][:, i:], s["w31"][:, i:]),
+        ("w13_weight_scale", "up_proj weight_scale", t["s31"][:, :i], s["s31"][:, :i]),
+        ("w13_weight_scale", "gate_proj weight_scale", t["s31"][:, i:], s["s31"][:, i:]),
+        ("w2_weight", "down_proj weight", t["down"], s["down"]),
+        ("w2_weight_scale", "down_proj weight_scale", t["down_scale"], s["down_scale"]),
     ]
-    for name, what, got, want, _ in pairs:
+    for name, what, got, want in pairs:
         hit = _first_mismatch(got, want)
         if hit is not None:
             e, r = hit
@@ -363,12 +373,18 @@ def check_layer_numerics(
     device: torch.device,
 ) -> LayerNumerics:
     start = time.perf_counter()
-    moe = load_moe_layer(ckpt, layer.prefix, device)
+    ranks = [r.rank for r in layer.ranks] or [None]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     hidden = (torch.randn(tokens, layer.hidden_size, generator=gen) * 2.0).to(torch.bfloat16).to(device)
     logits = torch.randn(tokens, layer.num_experts, generator=gen).to(torch.bfloat16).to(device)
-    out = moe(hidden, logits, backend=backend, act=act).float()
-    ref_layer = _reference_layer(moe, src, layer, device) if src is not None else moe
+    out = None
+    for rank in ranks:  # rank-sharded: the layer's output is the sum of every rank's partial output
+        moe = load_moe_layer(ckpt, layer.prefix, device, rank=rank)
+        part = moe(hidden, logits, backend=backend, act=act).float()
+        out = part if out is None else out + part
+        del moe
+    moe = load_moe_layer(ckpt, layer.prefix, device, rank=ranks[0])
+    ref_layer = _reference_layer(ckpt, moe, src, layer, device) if src is not None or layer.ranks else moe
     ids, weights = ref_layer.route(logits)
     ref = ref_layer.forward_torch(hidden, ids, weights, act).float()
     diff = out - ref
@@ -392,16 +408,24 @@ def check_layer_numerics(
     )
 
 
-def _reference_layer(moe: MoELayer, src: SourceCheckpoint, layer: KernelLayer, device: torch.device) -> MoELayer:
-    """The same routing configuration, with weights read from the source checkpoint."""
+def _reference_layer(
+    ckpt: ConvertedCheckpoint, moe: MoELayer, src: SourceCheckpoint | None, layer: KernelLayer, device: torch.device
+) -> MoELayer:
+    """The same routing configuration, with the whole layer's weights read from the source checkpoint
+    (or, without one, reassembled from the converted checkpoint's ranks)."""
     from .runtime import SourceWeights
 
-    src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
-    s = read_layer_source(src, src_layer)
     i = layer.intermediate_size
-    to_mult = src.format.to_dequant_multiplier
-    ws2 = to_mult(s["raw_scalars"][:, :, 0]).to(device)
-    inp = to_mult(s["raw_scalars"][:, :, 1])
+    if src is not None:
+        src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
+        s = read_layer_source(src, src_layer)
+        to_mult = src.format.to_dequant_multiplier
+        ws2 = to_mult(s["raw_scalars"][:, :, 0]).to(device)
+        inp = to_mult(s["raw_scalars"][:, :, 1])
+    else:
+        s = ckpt.reassemble_layer(layer)
+        ws2 = torch.stack([s["w13_weight_scale_2"][:, 0], s["w13_weight_scale_2"][:, 1], s["w2_weight_scale_2"]], 1).to(device)
+        inp = torch.stack([s["w13_input_scale"][:, 0], s["w13_input_scale"][:, 1], s["w2_input_scale"]], 1)
     e4m3 = torch.float8_e4m3fn
     weights = SourceWeights(
         gate=s["w31"][:, i:].contiguous().to(device),
@@ -416,15 +440,11 @@ def _reference_layer(moe: MoELayer, src: SourceCheckpoint, layer: KernelLayer, d
         a1=float(inp[:, :2].max()),
         a2=float(inp[:, 2].max()),
     )
-    bias = None
-    if moe.routing.get("bias_suffix"):
+    bias = moe.routing_bias
+    if src is not None and moe.routing.get("bias_suffix"):
         name = f"{layer.prefix.rsplit('.', 1)[0]}.{moe.routing['bias_suffix']}"
-        if name in src.files.tensors:
-            bias = src.files.read(name).to(device)
-    ref = MoELayer(
-        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias,
-        hidden_padded=layer.hidden_padded, intermediate_padded=layer.intermediate_padded,
-    )  # fmt: skip
+        bias = src.files.read(name).to(device) if name in src.files.tensors else None
+    ref = MoELayer(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias)
     ref._source = weights
     return ref
 

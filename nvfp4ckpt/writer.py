@@ -40,9 +40,11 @@ ProgressFn = Callable[[Progress], None]
 class CheckpointJob:
     """Everything needed to write one output folder.
 
-    ``planned`` lists every tensor in write order. A tensor named in ``computed`` (name -> group)
-    comes from ``compute(group)``, which returns all tensors of that group at once (one MoE layer);
-    every other tensor is copied byte for byte from ``source``.
+    ``planned`` lists every tensor in write order. A tensor whose key is in ``computed`` (key -> group)
+    comes from ``compute(group)``, which returns all tensors of that group at once, keyed by
+    ``PlannedTensor.key`` (one MoE layer, for every rank); every other tensor is copied byte for byte
+    from ``source``. Tensors of different parts (sub-folders) may interleave: each part gets its own
+    shards and index, written concurrently, so a layer is dropped once all its ranks have it.
     """
 
     source: CheckpointFiles
@@ -53,6 +55,7 @@ class CheckpointJob:
     config: dict
     max_shard_bytes: int
     manifest_fields: dict | None = None  # None: write no manifest
+    part_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # extra header metadata per part
     skip_files: set[str] = field(default_factory=set)  # top-level names not to copy from the source folder
 
 
@@ -74,12 +77,15 @@ def write_checkpoint(
 
     Three things overlap: ``workers`` threads read and transform the next MoE layers (in plan order,
     at most ``workers`` ahead, so memory stays bounded), the main thread hands bytes over in plan
-    order, and one sink thread hashes, writes and fsyncs. The bytes never depend on ``workers``.
+    order, and sink threads hash, write and fsync. The bytes never depend on ``workers``.
     """
     report = progress or (lambda p: None)
-    shards = plan_shards(job.planned, job.max_shard_bytes)
-    groups = list(dict.fromkeys(job.computed[t.name] for s in shards for t in s.tensors if t.name in job.computed))
-    total_bytes = sum(s.nbytes for s in shards)
+    parts: dict[str, list[PlannedTensor]] = {}
+    for t in job.planned:
+        parts.setdefault(t.part, []).append(t)
+    shard_plans = {part: plan_shards(tensors, job.max_shard_bytes) for part, tensors in parts.items()}
+    groups = list(dict.fromkeys(job.computed[t.key] for t in job.planned if t.key in job.computed))
+    total_bytes = sum(t.nbytes for t in job.planned)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.nvfp4ckpt-partial-{os.getpid()}"
@@ -91,34 +97,43 @@ def write_checkpoint(
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4ckpt-layer")
     try:
         cache = _GroupPipeline(job, groups, pool, max(1, workers))
+        cursors = {
+            part: _PartCursor(tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink)
+            for part, plans in shard_plans.items()
+        }
         done = 0
-        writers = []
-        for shard in shards:
-            writer = ShardWriter(tmp / shard.filename, shard, job.metadata, sink)
-            writers.append(writer)
-            for t in shard.tensors:
-                group = job.computed.get(t.name)
-                if group is None:
-                    writer.copy_from(job.source, job.source.info(t.name))
-                else:
-                    writer.write(t.name, cache.take(group, t.name))
-                    if cache.finished_group:
-                        report(Progress("layer", cache.groups_done, len(groups), done, total_bytes))
-                done += t.nbytes
-                report(Progress("bytes", cache.groups_done, len(groups), done, total_bytes))
-            writer.close()
+        for t in job.planned:
+            writer = cursors[t.part].writer_for(t)
+            group = job.computed.get(t.key)
+            if group is None:
+                writer.copy_from(job.source, job.source.info(t.name))
+            else:
+                writer.write(t.name, cache.take(group, t.key))
+                if cache.finished_group:
+                    report(Progress("layer", cache.groups_done, len(groups), done, total_bytes))
+            cursors[t.part].advance()
+            done += t.nbytes
+            report(Progress("bytes", cache.groups_done, len(groups), done, total_bytes))
         sink.drain()
-        for shard, writer in zip(shards, writers):
-            files.append({"name": shard.filename, "size": (tmp / shard.filename).stat().st_size, "sha256": writer.sha256})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
-            files.append(write_json(tmp / INDEX_NAME, index))
+        for part, plans in shard_plans.items():
+            folder = tmp / part if part else tmp
+            prefix = f"{part}/" if part else ""
+            for plan, writer in zip(plans, cursors[part].writers):
+                files.append({"name": prefix + plan.filename, "size": (folder / plan.filename).stat().st_size, "sha256": writer.sha256})
+            if len(plans) > 1:
+                index = {
+                    "metadata": {"total_size": sum(p.nbytes for p in plans)},
+                    "weight_map": {t.name: p.filename for p in plans for t in p.tensors},
+                }
+                entry = write_json(folder / INDEX_NAME, index)
+                files.append({**entry, "name": prefix + entry["name"]})
         files.append(write_json(tmp / "config.json", job.config))
         files.extend(copy_other_files(job.source.root, tmp, job.skip_files | {"config.json", INDEX_NAME, MANIFEST_NAME}))
         files.sort(key=lambda f: f["name"])
         if job.manifest_fields is not None:
             write_json(tmp / MANIFEST_NAME, {**job.manifest_fields, "files": files})
-        fsync_dir(tmp)
+        for folder in {tmp / part for part in shard_plans}:
+            fsync_dir(folder)
         install(tmp, dst)
     except BaseException:
         sink.abort()
@@ -128,6 +143,33 @@ def write_checkpoint(
     pool.shutdown(wait=True)
     report(Progress("done", len(groups), len(groups), total_bytes, total_bytes))
     return files
+
+
+class _PartCursor:
+    """Walks one part's shard plans: opens the next shard when the previous one is full."""
+
+    def __init__(self, folder: Path, plans: list, metadata: dict[str, str], sink: AsyncSink) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.plans = plans
+        self.metadata = metadata
+        self.sink = sink
+        self.writers: list[ShardWriter] = []
+        self.index = -1
+        self.left = 0
+
+    def writer_for(self, t: PlannedTensor) -> ShardWriter:
+        if self.left == 0:
+            self.index += 1
+            plan = self.plans[self.index]
+            self.writers.append(ShardWriter(self.folder / plan.filename, plan, self.metadata, self.sink))
+            self.left = len(plan.tensors)
+        return self.writers[-1]
+
+    def advance(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.writers[-1].close()
 
 
 class _GroupPipeline:
@@ -205,7 +247,7 @@ def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dic
         rel = path.relative_to(src)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        if rel.name.endswith(".safetensors") or (len(rel.parts) == 1 and rel.name in skip_top_level):
+        if rel.name.endswith(".safetensors") or rel.parts[0] in skip_top_level:
             continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ def convert(
     device: Annotated[str, typer.Option("--device", help="Where to run the byte permutation: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Threads reading and transforming layers ahead of the writer (default: cores, at most 4). Output bytes do not depend on it.")] = None,
+    tp: Annotated[int, typer.Option("--tp", min=1, help="MoE tensor parallelism: split each expert's intermediate size over T ranks.")] = 1,
+    ep: Annotated[int, typer.Option("--ep", min=1, help="Expert parallelism: split the experts over P ranks (T*P rank folders).")] = 1,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -42,7 +44,7 @@ def convert(
 
         result = convert_checkpoint(
             src, dst, overwrite=overwrite, max_shard_size=max_shard_size, device=device, revision=revision,
-            progress=on_progress, workers=workers,
+            progress=on_progress, workers=workers, tp=tp, ep=ep,
         )
     out.result(result.to_dict())
     table = Table("file", "size", "sha256", title=f"{result.destination}", title_justify="left")
