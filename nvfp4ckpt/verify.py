@@ -59,6 +59,7 @@ class CheckResult:
     status: str  # "pass" | "fail" | "skip"
     summary: str
     problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -74,6 +75,8 @@ class LayerNumerics:
     passed: bool
     seconds: float
     reference: str  # "source" | "converted"
+    read_seconds: float = 0.0  # loading tensors from files (converted and reference) onto the device
+    compute_seconds: float = 0.0  # the backend's MoE plus the float32 reference
 
 
 @dataclass
@@ -127,12 +130,16 @@ def verify_checkpoint(
     tick = progress or (lambda stage, done, total: None)
 
     if "structure" in checks:
+        t0 = time.perf_counter()
         report.checks.append(check_structure(ckpt, hash_files))
+        report.checks[-1].seconds = time.perf_counter() - t0
     if "layout" in checks:
         if src is None:
             report.checks.append(CheckResult("layout", "skip", "no --source given"))
         else:
+            t0 = time.perf_counter()
             report.checks.append(check_layout(ckpt, src, tick))
+            report.checks[-1].seconds = time.perf_counter() - t0
     if "numerics" in checks:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         chosen = default_backend(dev) if backend == "auto" else backend
@@ -141,6 +148,7 @@ def verify_checkpoint(
         if chosen in ("triton", "trtllm") and dev.type != "cuda":
             raise InputError(f"--backend {chosen} needs a CUDA GPU; use --backend torch on this machine")
         results = []
+        t0 = time.perf_counter()
         for n, layer in enumerate(selected):
             tick("numerics", n, len(selected))
             results.append(check_layer_numerics(ckpt, src, layer, chosen, act, tokens, seed, dev))
@@ -153,6 +161,7 @@ def verify_checkpoint(
                 "fail" if bad else "pass",
                 f"{len(results) - len(bad)}/{len(results)} MoE layers within thresholds ({chosen}, act {act})",
                 [f"{r.prefix}: rel-L2 {r.rel_l2:.3g}, cosine {r.cosine:.6f}, close {r.frac_close:.4f}" for r in bad],
+                seconds=time.perf_counter() - t0,
             )
         )
     report.seconds = time.perf_counter() - start
@@ -378,15 +387,26 @@ def check_layer_numerics(
     hidden = (torch.randn(tokens, layer.hidden_size, generator=gen) * 2.0).to(torch.bfloat16).to(device)
     logits = torch.randn(tokens, layer.num_experts, generator=gen).to(torch.bfloat16).to(device)
     out = None
+    read_s = compute_s = 0.0
     for rank in ranks:  # rank-sharded: the layer's output is the sum of every rank's partial output
+        t0 = time.perf_counter()
         moe = load_moe_layer(ckpt, layer.prefix, device, rank=rank)
+        _sync(device)
+        t1 = time.perf_counter()
         part = moe(hidden, logits, backend=backend, act=act).float()
+        _sync(device)
+        read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
         out = part if out is None else out + part
         del moe
+    t0 = time.perf_counter()
     moe = load_moe_layer(ckpt, layer.prefix, device, rank=ranks[0])
     ref_layer = _reference_layer(ckpt, moe, src, layer, device) if src is not None or layer.ranks else moe
+    _sync(device)
+    t1 = time.perf_counter()
     ids, weights = ref_layer.route(logits)
     ref = ref_layer.forward_torch(hidden, ids, weights, act).float()
+    _sync(device)
+    read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
     diff = out - ref
     rel_l2 = float(diff.norm() / ref.norm().clamp(min=1e-30))
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
@@ -405,7 +425,14 @@ def check_layer_numerics(
         passed=passed,
         seconds=time.perf_counter() - start,
         reference="source" if src is not None else "converted",
+        read_seconds=read_s,
+        compute_seconds=compute_s,
     )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _reference_layer(

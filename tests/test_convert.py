@@ -187,3 +187,18 @@ def test_flat_and_nested_modelopt_configs_agree(example_factory, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(u8(a[k]), u8(b[k])) for k in a)
     qcfg = json.loads((tmp_path / "o1" / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_algo"] == "NVFP4" and qcfg["moe_kernel_layout"]["config_had_quantization_config"] is False
+
+
+@pytest.mark.gpu
+def test_cuda_transform_is_byte_identical(example_factory, tmp_path):
+    src = example_factory("deepseek_v3", "compressed-tensors")
+    convert_checkpoint(src, tmp_path / "cpu", device="cpu")
+    convert_checkpoint(src, tmp_path / "cuda", device="cuda")
+    assert tree_digest(tmp_path / "cpu") == tree_digest(tmp_path / "cuda")
+
+
+def test_workers_do_not_change_bytes(example_factory, tmp_path):
+    src = example_factory("qwen3_moe", "modelopt")
+    convert_checkpoint(src, tmp_path / "w1", workers=1, max_shard_size="400KB")
+    convert_checkpoint(src, tmp_path / "w3", workers=3, max_shard_size="400KB")
+    assert tree_digest(tmp_path / "w1") == tree_digest(tmp_path / "w3")

@@ -63,10 +63,14 @@ def verify(
                 f"{r.frac_close:.4f}", "[green]yes[/]" if r.passed else "[red]NO[/]",
             )  # fmt: skip
         out.table(table)
-    summary = Table("check", "status", "details", title=f"verify {report.path}", title_justify="left")
+    summary = Table("check", "status", "seconds", "details", title=f"verify {report.path}", title_justify="left")
     for c in report.checks:
         colour = {"pass": "green", "fail": "red", "skip": "yellow"}[c.status]
-        summary.add_row(c.name, f"[{colour}]{c.status}[/]", c.summary)
+        summary.add_row(c.name, f"[{colour}]{c.status}[/]", f"{c.seconds:.2f}", c.summary)
+    if report.numerics:
+        read = sum(r.read_seconds for r in report.numerics)
+        compute = sum(r.compute_seconds for r in report.numerics)
+        out.text(f"numerics: {read:.2f} s reading tensors onto the device, {compute:.2f} s computing (backend + reference)")
     out.table(summary)
     for c in report.checks:
         for problem in c.problems[:20]:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything nvfp4ckpt runs on the lent H200, in one command (see docs/benchmarks.md for the results).
+# Usage on the device machine, from the repo root, with .whl carried:  bash scripts/gpu_suite.sh [OUT]
+set -uo pipefail
+out=${1:-${OUT:-/tmp/out}}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite .whl/*.whl || exit 1
+export PYTHONPATH=$PWD/.devsite:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)" | tee -a "$out/gpu.txt"
+stage=${STAGE:-all}
+if [[ $stage == all || $stage == tests ]]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layout.py tests/test_triton_moe.py tests/test_convert.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+fi
+if [[ $stage == all || $stage == bench ]]; then
+  python3 scripts/bench_triton_moe.py --json "$out/bench_triton_moe.json" 2>&1 | tee "$out/bench_triton_moe.md"
+fi
+if [[ $stage == all || $stage == load ]]; then
+  python3 scripts/bench_load.py --workdir /tmp/bl --json "$out/bench_load.json" 2>&1 | tail -20 | tee "$out/bench_load.md"
+  # verify of one DeepSeek-V3-sized layer with the Triton backend: total time and the share spent reading files
+  python3 -m nvfp4ckpt verify /tmp/bl/dst --source /tmp/bl/src --backend triton --json "$out/verify_ds.json" 2>&1 | tail -25 | tee "$out/verify_ds.txt"
+fi
