@@ -83,7 +83,7 @@ class ConvertedCheckpoint:
         if self.sharded and rank is None:
             raise InputError(f"{self.root}: rank-sharded checkpoint; read one rank's tensors (rank=...)")
         files = self.files_for(rank)
-        return {full[len(layer.prefix) + 1 :]: files.read(full).to(device) for full in layer.tensor_names(self.source_format)}
+        return {full[len(layer.prefix) + 1 :]: files.read_to(full, device) for full in layer.tensor_names(self.source_format)}
 
     def reassemble_layer(self, layer: KernelLayer) -> dict[str, torch.Tensor]:
         """The whole layer in source layout, from all ranks: ``w31`` ``[up; gate]``, ``s31``, ``down``,

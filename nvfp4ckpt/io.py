@@ -218,11 +218,50 @@ class CheckpointFiles:
         self.read_into(name, out)
         return out
 
+    def read_to(self, name: str, device: str | torch.device) -> torch.Tensor:
+        """Read a tensor straight onto ``device``. For CUDA, bytes go through two pinned staging buffers
+        so reading the file overlaps the host-to-device copies (no pageable multi-GB host tensor)."""
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return self.read(name).to(dev)
+        info = self.info(name)
+        out = torch.empty(info.shape, dtype=DTYPE_TO_TORCH[info.dtype], device=dev)
+        flat = out.reshape(-1).view(torch.uint8)
+        stages = _staging_buffers(dev)
+        off = k = 0
+        while off < info.nbytes:
+            n = min(_STAGE_BYTES, info.nbytes - off)
+            buf, done = stages[k % len(stages)]
+            done.synchronize()  # the copy that last used this buffer has finished
+            self.pread_into(info, memoryview(buf.numpy())[:n], off)
+            flat[off : off + n].copy_(buf[:n], non_blocking=True)
+            done.record()
+            off += n
+            k += 1
+        for _, done in stages:
+            done.synchronize()
+        return out
+
     def read_bytes(self, name: str) -> bytes:
         info = self.info(name)
         data = bytearray(info.nbytes)
         self.pread_into(info, memoryview(data))
         return bytes(data)
+
+
+_STAGE_BYTES = 64 * 1024 * 1024
+_STAGES: dict[torch.device, list] = {}
+
+
+def _staging_buffers(dev: torch.device) -> list:
+    if dev not in _STAGES:
+        with torch.cuda.device(dev):
+            _STAGES[dev] = [
+                (torch.empty(_STAGE_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Event()) for _ in range(2)
+            ]
+            for _, ev in _STAGES[dev]:
+                ev.record()
+    return _STAGES[dev]
 
 
 def _read_json(path: Path) -> dict:

@@ -48,7 +48,9 @@ THRESHOLDS: dict[tuple[str, str], Threshold] = {
     ("torch", "nvfp4"): Threshold(1e-6, 0.999999, 1.0),
     ("torch", "bf16"): Threshold(1e-6, 0.999999, 1.0),
     ("triton", "bf16"): Threshold(1e-2, 0.9999, 0.999),
-    ("triton", "nvfp4"): Threshold(3e-2, 0.999, 0.99),
+    # measured on the H200 (docs/benchmarks.md): 1.7e-3 typically, 5.6e-2 when a block of the re-quantized
+    # intermediate rounds the other way (fast-exp SiLU vs the reference's); a layout error gives > 0.3
+    ("triton", "nvfp4"): Threshold(0.1, 0.995, 0.99),
     ("trtllm", "nvfp4"): Threshold(0.2, 0.98, 0.92),
 }
 
