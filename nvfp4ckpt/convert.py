@@ -108,7 +108,7 @@ def convert_checkpoint(
     )
     if workers is not None and workers < 1:
         raise InputError("--workers must be at least 1")
-    files = write_checkpoint(job, dst_path, progress, workers=workers or default_workers())
+    files = write_checkpoint(job, dst_path, progress, workers=workers or default_workers(), overwrite=overwrite)
     return ConvertResult(
         source=ckpt.root,
         destination=dst_path,

@@ -87,7 +87,7 @@ def revert_checkpoint(
         manifest_fields=None,
         skip_files={"ranks"},
     )
-    files = write_checkpoint(job, dst_path, progress)
+    files = write_checkpoint(job, dst_path, progress, overwrite=overwrite)
     return RevertResult(ckpt.root, dst_path, ckpt.source_format, len(ckpt.layers), files, time.perf_counter() - start)
 
 

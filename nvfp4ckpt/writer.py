@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,7 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def write_checkpoint(
-    job: CheckpointJob, dst: Path, progress: ProgressFn | None = None, workers: int = 1
+    job: CheckpointJob, dst: Path, progress: ProgressFn | None = None, workers: int = 1, overwrite: bool = False
 ) -> list[dict]:
     """Write the folder; returns the file list (name, size, sha256). DST must have been checked.
 
@@ -88,6 +89,35 @@ def write_checkpoint(
     total_bytes = sum(t.nbytes for t in job.planned)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst.parent.mkdir(parents=True, exist_ok=True)
+    with _destination_lock(dst):
+        # Under the lock, so two runs into one DST cannot both pass the emptiness check.
+        if dst.exists() and any(dst.iterdir()) and not overwrite:
+            raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
+        return _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers)
+
+
+@contextmanager
+def _destination_lock(dst: Path):
+    lock = dst.parent / f".{dst.name}.nvfp4ckpt-lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise OutputExistsError(
+            f"{dst}: another nvfp4ckpt run is writing it (lock file {lock}); wait for it, or delete the lock "
+            "if no such run is alive"
+        ) from None
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+
+
+def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -> list[dict]:
     tmp = dst.parent / f".{dst.name}.nvfp4ckpt-partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

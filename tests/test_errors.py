@@ -214,3 +214,47 @@ def test_interrupted_conversion_leaves_nothing(example_factory, tmp_path, monkey
 def test_bad_max_shard_size(example_factory, tmp_path, capsys):
     code, err = run_cli(capsys, "convert", str(example_factory()), str(tmp_path / "d"), "--max-shard-size", "lots")
     assert code == 2 and "--max-shard-size" in err and "5GB" in err
+
+
+def test_two_runs_into_one_destination(example_factory, tmp_path, capsys):
+    """A second run while a first holds the destination lock fails cleanly and leaves the first's work alone."""
+    src = example_factory()
+    dst = tmp_path / "dst"
+    lock = tmp_path / ".dst.nvfp4ckpt-lock"
+    lock.write_text("12345\n")  # a run in progress
+    code, err = run_cli(capsys, "convert", str(src), str(dst))
+    assert code == 2 and "another nvfp4ckpt run is writing it" in err and str(lock) in err
+    assert lock.exists() and not dst.exists()
+    lock.unlink()
+    assert run_cli(capsys, "convert", str(src), str(dst))[0] == 0
+    assert not lock.exists()
+
+
+def test_read_only_source_and_odd_paths(example_factory, tmp_path, capsys):
+    """Spaces and non-ASCII in paths, a symlinked shard, a read-only source folder."""
+    import os
+    import stat
+
+    src = tmp_path / "my models" / "Qwen3 ünï"
+    src.mkdir(parents=True)
+    original = example_factory()
+    for f in original.iterdir():
+        target = src / f.name
+        if f.name.endswith("00001-of-00002.safetensors"):
+            target.symlink_to(f)
+        else:
+            shutil.copy(f, target)
+    for f in src.iterdir():
+        if not f.is_symlink():
+            f.chmod(stat.S_IRUSR)
+    src.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        before = tree_digest(src)
+        code, err = run_cli(capsys, "convert", str(src), str(tmp_path / "out dir ✓"))
+        assert code == 0, err
+        assert tree_digest(src) == before
+    finally:
+        src.chmod(stat.S_IRWXU)
+        for f in src.iterdir():
+            if not f.is_symlink():
+                os.chmod(f, stat.S_IRUSR | stat.S_IWUSR)
