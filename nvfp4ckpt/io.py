@@ -142,9 +142,12 @@ class CheckpointFiles:
             weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
             if not isinstance(weight_map, dict):
                 raise CorruptFileError(f"{index_path}: no 'weight_map' object; the index is corrupt")
+            bad = [v for v in weight_map.values() if not isinstance(v, str) or not v or v.startswith("/") or ".." in Path(v).parts]
+            if bad:
+                raise CorruptFileError(f"{index_path}: weight_map has invalid shard name {bad[0]!r}; the index is corrupt")
             files = sorted(set(weight_map.values()))
             for fname in files:
-                if not isinstance(fname, str) or not (self.root / fname).is_file():
+                if not (self.root / fname).is_file():
                     raise CorruptFileError(f"{index_path}: shard {fname!r} listed in the index is missing; re-download the checkpoint")
             return files
         self.index = None
