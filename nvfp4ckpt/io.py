@@ -424,7 +424,7 @@ class AsyncSink:
 
     _STOP = object()
 
-    def __init__(self, threaded: bool = True, depth: int = 32) -> None:
+    def __init__(self, threaded: bool = True, depth: int = 8) -> None:
         import queue
 
         self.threaded = threaded

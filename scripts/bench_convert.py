@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--shard", default="2GB", help="source shard size")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rss-layers", type=int, nargs=2, default=[4, 16])
+    ap.add_argument("--rss-layers", type=int, nargs="*", default=[4, 16], help="layer counts for the peak-RSS runs (none: skip)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,8 @@ def main() -> int:
     for r in results["throughput"]:
         print(f"| {r['what']} | {r['seconds']} | {r['GB_per_s']} | {r['ratio_to_cp']} |")
     print(f"\nidentical output for workers {args.workers}: {results['identical_output_across_workers']}\n")
-    print("## peak RSS (workers 1)\n\n| MoE layers | checkpoint GB | seconds | peak RSS MB |\n|---|---|---|---|")
+    if rss:
+        print("## peak RSS (workers 1)\n\n| MoE layers | checkpoint GB | seconds | peak RSS MB |\n|---|---|---|---|")
     for r in rss:
         print(f"| {r['layers']} | {r['bytes'] / 1e9:.2f} | {r['seconds']} | {r['peak_rss_mb']} |")
     if args.json:

@@ -20,3 +20,15 @@ if [[ $stage == all || $stage == load ]]; then
   # verify of one DeepSeek-V3-sized layer with the Triton backend: total time and the share spent reading files
   python3 -m nvfp4ckpt verify /tmp/bl/dst --source /tmp/bl/src --backend triton --json "$out/verify_ds.json" 2>&1 | tail -25 | tee "$out/verify_ds.txt"
 fi
+if [[ $stage == convert ]]; then
+  # conversion throughput on the H200 host's 16 cores (CPU transform and --device cuda), against cp -r && sync
+  python3 scripts/bench_convert.py --workdir /tmp/bc --layers 6 --repeats 2 --workers 1 2 4 8 --rss-layers --json "$out/bench_convert_h200.json" 2>&1 | tee "$out/bench_convert_h200.md"
+  python3 - <<'PY' 2>&1 | tee -a "$out/bench_convert_h200.md"
+import subprocess, sys, time, shutil
+for dev in ("cpu", "cuda"):
+    shutil.rmtree("/tmp/bc/o", ignore_errors=True)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "nvfp4ckpt", "convert", "/tmp/bc/qwen3-30b-a3b-6L", "/tmp/bc/o", "-q", "--device", dev], check=True)
+    print(f"convert --device {dev}: {time.perf_counter() - t:.2f} s")
+PY
+fi
