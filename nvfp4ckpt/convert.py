@@ -315,34 +315,15 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
     """All output tensors of one MoE layer, keyed by full name."""
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
-    w31, s31, down, down_s = (src[k].to(dev) for k in ("w31", "s31", "down", "down_scale"))
-    h_pad, i_pad = padded_dims(layer)
-    if (h_pad, i_pad) != (layer.hidden_size, layer.intermediate_size):
-        w31, s31 = layout.pad_w31(w31, s31, h_pad, i_pad)
-        down, down_s = layout.pad_down(down, down_s, h_pad, i_pad)
-    w13, s13 = layout.w31_to_kernel(w31, s31)
-    w2, s2 = layout.w2_to_kernel(down, down_s)
-    raw = src["raw_scalars"]
-    to_mult = ckpt.format.to_dequant_multiplier
-    scalars = kernel_scalars(to_mult(raw[:, :, 0]), to_mult(raw[:, :, 1]))
-    for name, value in scalars.items():
-        if not torch.isfinite(value).all() or (value <= 0).any():
-            raise InputError(
-                f"{ckpt.root}: {layer.prefix}.{name} has non-finite or non-positive values; "
-                "the checkpoint's global scales are broken"
-            )
+    pieces = (src[k].to(dev) for k in ("w31", "s31", "down", "down_scale"))
+    w13, s13, w2, s2 = to_kernel(*pieces, *padded_dims(layer))
     out = {
         "w13_weight": w13.cpu(),
         "w13_weight_scale": s13.cpu(),
         "w2_weight": w2.cpu(),
         "w2_weight_scale": s2.cpu(),
-        **scalars,
+        **_layer_scalars(ckpt, layer, src["raw_scalars"]),
     }
-    if ckpt.format.name == "compressed-tensors":
-        out["w13_weight_global_scale"] = raw[:, :2, 0].contiguous()
-        out["w2_weight_global_scale"] = raw[:, 2, 0].contiguous()
-        out["w13_input_global_scale"] = raw[:, :2, 1].contiguous()
-        out["w2_input_global_scale"] = raw[:, 2, 1].contiguous()
     return {f"{layer.prefix}.{k}": v for k, v in out.items()}
 
 

@@ -64,3 +64,18 @@ def reference_swizzle_128x4(s: torch.Tensor) -> torch.Tensor:
     out = torch.empty(m * k, dtype=torch.uint8)
     out[dst.reshape(-1)] = s.view(torch.uint8).reshape(-1)
     return out.reshape(m, k)
+
+
+def load_dir(root: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files directly in ``root``, read with the real safetensors library."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def u8(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor (comparisons are made on bytes, never on floats)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)

@@ -10,23 +10,13 @@ import pytest
 import torch
 from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, get_w2_permute_indices_with_cache
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from nvfp4ckpt import convert_checkpoint, write_example
 from nvfp4ckpt.checkpoint import open_checkpoint
 from nvfp4ckpt.descriptor import MANIFEST_NAME, METADATA_KEY
-from tests.conftest import ARCHS, FORMATS, reference_swizzle_128x4, tree_digest
+from tests.conftest import ARCHS, FORMATS, reference_swizzle_128x4, tree_digest, load_dir, u8
 
 
-def load_all(root: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(root.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def u8(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -39,8 +29,8 @@ def test_convert_meets_output_contract(example_factory, tmp_path, arch, fmt):
     assert tree_digest(src) == before, "the source checkpoint must never be touched"
 
     ckpt = open_checkpoint(src)
-    source = load_all(src)
-    out = load_all(dst)
+    source = load_dir(src)
+    out = load_dir(dst)
     expert_names = ckpt.expert_tensor_names
     assert len(ckpt.layers) == result.num_moe_layers >= 2
 
@@ -142,11 +132,11 @@ def test_sharded_output_with_index(example_factory, tmp_path):
             for k in sf.keys():
                 stored[k] = f.name
     assert index["weight_map"] == stored
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_all(dst).values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in load_dir(dst).values())
     single = tmp_path / "single"
     convert_checkpoint(src, single)
-    assert {k: u8(v) for k, v in load_all(single).items()}.keys() == stored.keys()
-    a, b = load_all(single), load_all(dst)
+    assert {k: u8(v) for k, v in load_dir(single).items()}.keys() == stored.keys()
+    a, b = load_dir(single), load_dir(dst)
     assert all(torch.equal(u8(a[k]), u8(b[k])) for k in a)
 
 
@@ -183,7 +173,7 @@ def test_flat_and_nested_modelopt_configs_agree(example_factory, tmp_path):
     (flat_only / "hf_quant_config.json").unlink()
     convert_checkpoint(nested_only, tmp_path / "o1")
     convert_checkpoint(flat_only, tmp_path / "o2")
-    a, b = load_all(tmp_path / "o1"), load_all(tmp_path / "o2")
+    a, b = load_dir(tmp_path / "o1"), load_dir(tmp_path / "o2")
     assert a.keys() == b.keys() and all(torch.equal(u8(a[k]), u8(b[k])) for k in a)
     qcfg = json.loads((tmp_path / "o1" / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_algo"] == "NVFP4" and qcfg["moe_kernel_layout"]["config_had_quantization_config"] is False

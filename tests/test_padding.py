@@ -12,18 +12,9 @@ from safetensors.torch import load_file
 from nvfp4ckpt import convert_checkpoint, inspect_checkpoint, write_example
 from nvfp4ckpt.revert import revert_checkpoint
 from nvfp4ckpt.verify import verify_checkpoint
-from tests.conftest import reference_swizzle_128x4
+from tests.conftest import reference_swizzle_128x4, load_dir, u8
 
 
-def load_all(root):
-    out = {}
-    for f in sorted(root.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def u8(t):
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 # (hidden, moe intermediate): I needs padding; H needs padding; both.
@@ -41,7 +32,7 @@ def test_padded_conversion(tmp_path, h, i, h_pad, i_pad, fmt):
     assert (desc["hidden_size"], desc["hidden_size_padded"]) == (h, h_pad)
     assert (desc["intermediate_size"], desc["intermediate_size_padded"]) == (i, i_pad)
 
-    out, source = load_all(tmp_path / "conv"), load_all(src)
+    out, source = load_dir(tmp_path / "conv"), load_dir(src)
     p = "model.layers.1.mlp.experts"
     suffix = "weight" if fmt == "modelopt" else "weight_packed"
     assert out[f"{p}.w13_weight"].shape == (8, 2 * i_pad, h_pad // 2)
@@ -67,7 +58,7 @@ def test_padded_conversion(tmp_path, h, i, h_pad, i_pad, fmt):
     assert all(n.rel_l2 == 0.0 for n in report.numerics)
 
     revert_checkpoint(tmp_path / "conv", tmp_path / "back")
-    back = load_all(tmp_path / "back")
+    back = load_dir(tmp_path / "back")
     assert back.keys() == source.keys()
     assert all(torch.equal(u8(back[k]), u8(source[k])) and back[k].shape == source[k].shape for k in source)
 

@@ -8,25 +8,15 @@ import pytest
 import torch
 from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, get_w2_permute_indices_with_cache
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.cli import main
 from nvfp4ckpt.revert import revert_checkpoint
 from nvfp4ckpt.runtime import load_moe_layer
 from nvfp4ckpt.verify import verify_checkpoint
-from tests.conftest import reference_swizzle_128x4
+from tests.conftest import reference_swizzle_128x4, load_dir, u8
 
 
-def load_dir(root):
-    out = {}
-    for f in sorted(root.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def u8(t):
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.conftest import load_dir
 from nvfp4ckpt import convert_checkpoint, inspect_checkpoint
 from nvfp4ckpt.revert import revert_checkpoint
 from nvfp4ckpt.verify import verify_checkpoint
@@ -19,12 +19,6 @@ PRODUCERS = {
     "compressed-tensors": ("llmcompressor", make_compressed_tensors_checkpoint),
 }
 
-
-def load_all(root):
-    out = {}
-    for f in sorted(root.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.mark.slow
@@ -50,7 +44,7 @@ def test_real_producer_checkpoint(tmp_path, arch, fmt):
 
     back = tmp_path / "back"
     revert_checkpoint(tmp_path / "conv", back)
-    a, b = load_all(src), load_all(back)
+    a, b = load_dir(src), load_dir(back)
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name

@@ -6,19 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.cli import main
 from nvfp4ckpt.revert import revert_checkpoint
-from tests.conftest import ARCHS, FORMATS, tree_digest
+from tests.conftest import ARCHS, FORMATS, tree_digest, load_dir
 
-
-def load_all(root):
-    out = {}
-    for f in sorted(root.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -30,7 +23,7 @@ def test_round_trip_is_byte_identical(example_factory, tmp_path, arch, fmt):
     result = revert_checkpoint(tmp_path / "conv", tmp_path / "back")
     assert tree_digest(tmp_path / "conv") == before
     assert result.source_format == fmt
-    a, b = load_all(src), load_all(tmp_path / "back")
+    a, b = load_dir(src), load_dir(tmp_path / "back")
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
@@ -41,7 +34,7 @@ def test_round_trip_is_byte_identical(example_factory, tmp_path, arch, fmt):
     assert not (tmp_path / "back" / "nvfp4ckpt_manifest.json").exists()
     # The reverted checkpoint converts again to the same bytes.
     convert_checkpoint(tmp_path / "back", tmp_path / "again")
-    c1, c2 = load_all(tmp_path / "conv"), load_all(tmp_path / "again")
+    c1, c2 = load_dir(tmp_path / "conv"), load_dir(tmp_path / "again")
     assert all(torch.equal(c1[k].reshape(-1).view(torch.uint8), c2[k].reshape(-1).view(torch.uint8)) for k in c1)
 
 
