@@ -1,4 +1,4 @@
-"""``nvfp4ckpt verify DST``: structure, exact layout (with --source) and fused-MoE numerics."""
+"""``nvfp4ckpt verify DST``: structure, exact layout (with --source), fused-MoE numerics, and (--gsm8k) GSM8K."""
 
 from __future__ import annotations
 
@@ -10,33 +10,55 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_CHECK_FAILED
-from ..verify import CHECKS, verify_checkpoint
+from ..verify import CHECKS, CheckResult, VerifyReport, verify_checkpoint
 from ._options import QuietOpt
 from ._output import Output
 
-VERIFY_EXAMPLES = """Examples:\n\n  nvfp4ckpt verify ./qwen3-trtllm --source ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt verify ./r1-trtllm --no-hash --skip numerics --json report.json"""
+GSM8K = "gsm8k"
+
+VERIFY_EXAMPLES = """Examples:\n\n  nvfp4ckpt verify ./qwen3-trtllm --source ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt verify ./r1-trtllm --no-hash --skip numerics --json report.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --check gsm8k --source ./Qwen3-30B-A3B-NVFP4 --gsm8k-data ./gsm8k --json gsm8k.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --gsm8k --baseline-accuracy 89.5 --num-questions 200"""
 
 
 def verify(
     path: Annotated[str, typer.Argument(help="Converted checkpoint folder (or Hub repo id).", show_default=False)],
-    source: Annotated[str | None, typer.Option("--source", help="The source checkpoint it was converted from (enables the exact layout check).")] = None,
-    check: Annotated[list[str] | None, typer.Option("--check", help=f"Run only these checks ({', '.join(CHECKS)}); repeatable.")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="The source checkpoint it was converted from (enables the exact layout check; with --gsm8k it is run too).")] = None,
+    check: Annotated[list[str] | None, typer.Option("--check", help=f"Run only these checks ({', '.join(CHECKS)}, {GSM8K}); repeatable.")] = None,
     skip: Annotated[list[str] | None, typer.Option("--skip", help="Skip these checks; repeatable.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="Fused MoE backend: auto | trtllm | triton | torch.")] = "auto",
     act: Annotated[str, typer.Option("--act", help="Activations: nvfp4 (W4A4, as the kernel) or bf16 (W4A16).")] = "nvfp4",
     layers: Annotated[str | None, typer.Option("--layers", help="Comma-separated decoder layer numbers or expert prefixes (default: all).")] = None,
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Random tokens per layer.")] = 64,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random activations and router logits.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random activations and router logits. With --gsm8k, a non-zero seed also draws the few-shot examples and the questions at random (0: the first ones, as vLLM's harness).")] = 0,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of every file (huge checkpoints).")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu (default: cuda when present).")] = None,
-    json: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file ('-' for stdout).")] = None,
+    json: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file ('-' for stdout); with --gsm8k it holds every question's answers and completions.")] = None,
+    gsm8k: Annotated[bool, typer.Option("--gsm8k", help="Also run the whole model on GSM8K after the other checks (skipped if one of them fails): converted accuracy next to --source's (run with the torch reference) or --baseline-accuracy, and how often their answers agree. --check gsm8k runs only this.", rich_help_panel="GSM8K")] = False,
+    gsm8k_data: Annotated[str | None, typer.Option("--gsm8k-data", help="Folder with GSM8K's test.jsonl and train.jsonl (or the test jsonl file). Default: download openai/gsm8k from the Hub (cached).", rich_help_panel="GSM8K")] = None,
+    num_shots: Annotated[int, typer.Option("--num-shots", min=0, help="Few-shot examples from the train split.", rich_help_panel="GSM8K")] = 5,
+    num_questions: Annotated[int | None, typer.Option("--num-questions", min=1, help="Questions from the test split (default: all 1319).", rich_help_panel="GSM8K")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generated tokens per question at most.", rich_help_panel="GSM8K")] = 512,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Questions generated together (default 64 on a GPU, 8 on CPU).", rich_help_panel="GSM8K")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0, help="Allowed accuracy difference to the source or baseline, in points.", rich_help_panel="GSM8K")] = 1.0,
+    baseline_accuracy: Annotated[float | None, typer.Option("--baseline-accuracy", help="Known source accuracy (percent, or a fraction <= 1) instead of running --source; the agreement check is then skipped.", rich_help_panel="GSM8K")] = None,
+    min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="Pass when the converted accuracy is at least this (percent, or a fraction <= 1), whatever the reference.", rich_help_panel="GSM8K")] = None,
+    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Smallest fraction of questions whose answers agree with the source's (default 1.0 with --backend torch, 0.8 with a GPU kernel).", rich_help_panel="GSM8K")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder or Hub id, when the checkpoint has none.", rich_help_panel="GSM8K")] = None,
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap each prompt in the tokenizer's chat template (off: plain completion, as lm-eval/vLLM).", rich_help_panel="GSM8K")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Prove a converted checkpoint is kernel-ready. Exit 0 pass, 1 a check failed, 2 usage or input error."""
     out = Output(json_mode=str(json) == "-", quiet=quiet)
-    selected = tuple(check) if check else CHECKS
-    selected = tuple(c for c in selected if c not in (skip or []))
+    skipped = set(skip or [])
+    requested = list(check or [])
+    run_gsm8k_check = (gsm8k or GSM8K in requested) and GSM8K not in skipped
+    base = [c for c in requested if c != GSM8K] if requested else list(CHECKS)
+    selected = tuple(c for c in base if c not in skipped)
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
+    if run_gsm8k_check:
+        from ..gsm8k import validate_options
+
+        validate_options(source, tolerance, baseline_accuracy, min_accuracy, min_agreement)
+    gsm8k_report = None
     with out.progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -47,11 +69,31 @@ def verify(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
 
-        report = verify_checkpoint(
-            path, source=source, checks=selected, backend=backend, act=act, layers=layer_list, tokens=tokens,
-            seed=seed, hash_files=not no_hash, device=device, progress=on_progress,
-        )  # fmt: skip
+        if selected:
+            report = verify_checkpoint(
+                path, source=source, checks=selected, backend=backend, act=act, layers=layer_list, tokens=tokens,
+                seed=seed, hash_files=not no_hash, device=device, progress=on_progress,
+            )  # fmt: skip
+        else:
+            report = VerifyReport(path=str(path), source=str(source) if source else None)
+        if run_gsm8k_check:
+            if not report.passed:
+                report.checks.append(CheckResult(GSM8K, "skip", "an earlier check failed"))
+            else:
+                from ..gsm8k import run_gsm8k
+
+                gsm8k_report = run_gsm8k(
+                    path, source=source, data=gsm8k_data, num_shots=num_shots, num_questions=num_questions,
+                    seed=seed or None, max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend, act=act,
+                    device=device, tokenizer=tokenizer, chat_template=chat_template, tolerance=tolerance,
+                    baseline_accuracy=baseline_accuracy, min_accuracy=min_accuracy, min_agreement=min_agreement,
+                    progress=on_progress,
+                )  # fmt: skip
+                for c in gsm8k_report.checks:
+                    report.checks.append(CheckResult(c.name, c.status, c.summary, gsm8k_report.problems(c.name)))
     data = report.to_dict()
+    if gsm8k_report is not None:
+        data["gsm8k"] = gsm8k_report.to_dict()
     if json is not None and str(json) != "-":
         Path(json).write_text(jsonlib.dumps(data, indent=2) + "\n")
     out.result(data)
@@ -63,23 +105,46 @@ def verify(
                 f"{r.frac_close:.4f}", "[green]yes[/]" if r.passed else "[red]NO[/]",
             )  # fmt: skip
         out.table(table)
-    summary = Table("check", "status", "seconds", "details", title=f"verify {report.path}", title_justify="left")
+    if gsm8k_report is not None:
+        out.table(_gsm8k_table(gsm8k_report))
+    summary = Table("check", "status", "details", title=f"verify {report.path}", title_justify="left")
     for c in report.checks:
         colour = {"pass": "green", "fail": "red", "skip": "yellow"}[c.status]
-        summary.add_row(c.name, f"[{colour}]{c.status}[/]", f"{c.seconds:.2f}", c.summary)
-    if report.numerics:
-        read = sum(r.read_seconds for r in report.numerics)
-        compute = sum(r.compute_seconds for r in report.numerics)
-        out.text(f"numerics: {read:.2f} s reading tensors onto the device, {compute:.2f} s computing (backend + reference)")
+        summary.add_row(c.name, f"[{colour}]{c.status}[/]", c.summary)
     out.table(summary)
     for c in report.checks:
         for problem in c.problems[:20]:
             out.text(f"[red]{c.name}:[/] {problem}")
         if len(c.problems) > 20:
             out.text(f"[red]{c.name}:[/] ... and {len(c.problems) - 20} more (see --json)")
-    out.text(f"{'[green]PASS' if report.passed else '[red]FAIL'}[/] in {report.seconds:.2f} s")
+    seconds = report.seconds + (gsm8k_report.seconds if gsm8k_report is not None else 0.0)
+    out.text(f"{'[green]PASS' if report.passed else '[red]FAIL'}[/] in {seconds:.2f} s")
     if not report.passed:
         if quiet or out.json_mode:
             first = next(c for c in report.checks if c.status == "fail")
             out.error(f"{first.name} check failed: {first.problems[0] if first.problems else first.summary}")
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _gsm8k_table(g) -> Table:
+    n = g.converted.num_questions
+    title = (
+        f"GSM8K: {n} questions, {g.settings['num_shots']}-shot, max {g.settings['max_new_tokens']} new tokens, "
+        f"{g.settings['routing']} routing"
+    )
+    table = Table("side", "MoE", "accuracy", "strict", "invalid", "tokens/s", "s/question", title=title, title_justify="left")
+    sides = [g.converted] + ([g.source_side] if g.source_side is not None else [])
+    for s in sides:
+        table.add_row(
+            s.side, f"{s.backend}/{s.act}", f"{s.accuracy:.2f}%", f"{s.strict_accuracy:.2f}%",
+            str(s.invalid), f"{s.tokens_per_second:.1f}", f"{s.seconds_per_question:.3f}",
+        )  # fmt: skip
+    if g.baseline_accuracy is not None:
+        table.add_row("baseline", "", f"{g.baseline_accuracy:.2f}%", "", "", "", "")
+    if g.agreement is not None:
+        se = g.difference_stderr
+        table.caption = (
+            f"answers agree on {100 * g.agreement:.1f}%, completions identical on {100 * (g.identical or 0):.1f}%; "
+            f"accuracy difference {g.converted.accuracy - g.source_side.accuracy:+.2f} ± {se:.2f} points (1 s.e.)"
+        )
+    return table
