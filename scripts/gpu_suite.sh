@@ -32,3 +32,9 @@ for dev in ("cpu", "cuda"):
     print(f"convert --device {dev}: {time.perf_counter() - t:.2f} s")
 PY
 fi
+if [[ $stage == gsm8k ]]; then
+  # tiny example end to end with the Triton backend; then runner timings (tiny and Qwen3-30B-A3B-shaped, 4 layers)
+  python3 -m nvfp4ckpt example /tmp/g/src -q --overwrite && python3 -m nvfp4ckpt convert /tmp/g/src /tmp/g/dst -q --overwrite
+  timeout 150 python3 -m nvfp4ckpt verify /tmp/g/dst --source /tmp/g/src --gsm8k --gsm8k-data .gsm8k --num-questions 16 --max-new-tokens 64 --backend triton --json "$out/verify_gsm8k_tiny.json" 2>&1 | tail -30 | tee "$out/verify_gsm8k_tiny.txt"
+  timeout 330 python3 scripts/bench_gsm8k.py --data .gsm8k --models tiny,qwen3-30b-a3b --layers 4 --num-questions 16 --max-new-tokens 64 --batch-size 16 --json "$out/bench_gsm8k.json" 2>&1 | tail -30 | tee "$out/bench_gsm8k.md"
+fi
