@@ -188,3 +188,52 @@ def test_usage_errors_exit_2(example_factory, converted, capsys):
     assert code == 2 and "unknown check" in err
     code, _, err = run(capsys, "verify", dst, "--layers", "7")
     assert code == 2 and "no MoE layer 7" in err
+
+
+def test_missing_canonical_tensor(converted, tmp_path):
+    _, good = converted()
+    dst = tmp_path / "missing"
+    shutil.copytree(good, dst)
+    _rewrite(dst, lambda t: t.pop("model.layers.1.mlp.experts.w2_weight_scale", None) is not None)
+    report = verify_checkpoint(dst, checks=("structure",))
+    assert report.checks[0].problems == ["model.layers.1.mlp.experts.w2_weight_scale: missing"]
+
+
+def _poison_cuda_cache() -> None:
+    """Fill the caching allocator's free memory with NaN so any output element the kernel fails to write shows."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    poison = torch.full((min(free // 2, 8 * 2**30) // 4,), float("nan"), device="cuda")
+    del poison
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_triton_backend_on_every_example(converted, arch, fmt):
+    src, dst = converted(arch, fmt)
+    for act in ("nvfp4", "bf16"):
+        _poison_cuda_cache()
+        report = verify_checkpoint(dst, source=src, checks=("numerics",), backend="triton", act=act, tokens=48)
+        assert report.passed, report.to_dict()
+        assert all(n.rel_l2 < 0.02 and n.max_abs == n.max_abs for n in report.numerics)  # finite: every element written
+
+
+@pytest.mark.gpu
+def test_triton_backend_catches_swapped_gate_up(converted, tmp_path):
+    src, good = converted("qwen3_moe", "modelopt")
+    dst = tmp_path / "swapped"
+    shutil.copytree(good, dst)
+
+    def swap(t):
+        changed = False
+        for name in [n for n in t if n.endswith(".w13_weight")]:
+            gate, up, gs, us = layout.w13_from_kernel(t[name], t[name + "_scale"])
+            t[name], t[name + "_scale"] = layout.w13_to_kernel(up, gate, us, gs)
+            changed = True
+        return changed
+
+    _rewrite(dst, swap)
+    report = verify_checkpoint(dst, source=src, checks=("numerics",), backend="triton", tokens=48)
+    assert not report.passed and all(n.rel_l2 > 0.1 for n in report.numerics)
