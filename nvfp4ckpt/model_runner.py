@@ -41,7 +41,7 @@ from .errors import InputError, UnsupportedArchitectureError
 from .formats import FORMATS
 from .io import CheckpointFiles
 from .quant import dequantize
-from .runtime import ACT_MODES, BACKENDS, MoELayer, SourceWeights, default_backend, load_moe_layer
+from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
 
 ROUTING_MODES = ("auto", "hf", "kernel")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
@@ -224,24 +224,8 @@ def load_source_model(
 def source_moe_layer(src: SourceCheckpoint, layer, device: torch.device) -> MoELayer:
     """A ``runtime.MoELayer`` whose torch reference reads the source checkpoint's expert tensors (no kernel layout)."""
     s = read_layer_source(src, layer)
-    i = layer.intermediate_size
     to_mult = src.format.to_dequant_multiplier
-    ws2 = to_mult(s["raw_scalars"][:, :, 0]).to(device)
-    inp = to_mult(s["raw_scalars"][:, :, 1])
-    e4m3 = torch.float8_e4m3fn
-    weights = SourceWeights(
-        gate=s["w31"][:, i:].contiguous().to(device),
-        up=s["w31"][:, :i].contiguous().to(device),
-        down=s["down"].to(device),
-        gate_scale=s["s31"][:, i:].contiguous().view(e4m3).to(device),
-        up_scale=s["s31"][:, :i].contiguous().view(e4m3).to(device),
-        down_scale=s["down_scale"].view(e4m3).to(device),
-        ws2_gate=ws2[:, 0].contiguous(),
-        ws2_up=ws2[:, 1].contiguous(),
-        ws2_down=ws2[:, 2].contiguous(),
-        a1=float(inp[:, :2].max()),
-        a2=float(inp[:, 2].max()),
-    )
+    weights = stacked_source_weights(s, to_mult(s["raw_scalars"][:, :, 0]), to_mult(s["raw_scalars"][:, :, 1]), device)
     routing = src.routing.to_dict()
     bias = None
     if routing.get("bias_suffix"):

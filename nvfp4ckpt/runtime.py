@@ -57,6 +57,29 @@ class SourceWeights:
     a2: float
 
 
+def stacked_source_weights(
+    stacked: dict[str, torch.Tensor], ws2: torch.Tensor, input_scale: torch.Tensor, device: torch.device | str
+) -> SourceWeights:
+    """SourceWeights from a whole layer in source layout: ``w31`` ``[up; gate]``, ``s31``, ``down``, ``down_scale``
+    (uint8) and ModelOpt-convention scales ``[E, 3]`` (columns gate, up, down); a1/a2 are their maxima."""
+    i = stacked["w31"].shape[-2] // 2
+    e4m3 = torch.float8_e4m3fn
+    ws2 = ws2.float().to(device)
+    return SourceWeights(
+        gate=stacked["w31"][:, i:].contiguous().to(device),
+        up=stacked["w31"][:, :i].contiguous().to(device),
+        down=stacked["down"].to(device),
+        gate_scale=stacked["s31"][:, i:].contiguous().view(e4m3).to(device),
+        up_scale=stacked["s31"][:, :i].contiguous().view(e4m3).to(device),
+        down_scale=stacked["down_scale"].view(e4m3).to(device),
+        ws2_gate=ws2[:, 0].contiguous(),
+        ws2_up=ws2[:, 1].contiguous(),
+        ws2_down=ws2[:, 2].contiguous(),
+        a1=float(input_scale[:, :2].max()),
+        a2=float(input_scale[:, 2].max()),
+    )
+
+
 @dataclass
 class MoELayer:
     """One MoE layer's kernel-ready tensors on a device, with its routing configuration."""

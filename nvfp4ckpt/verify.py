@@ -28,7 +28,7 @@ from .convert import kernel_scalars, read_layer_source
 from .converted import ConvertedCheckpoint, KernelLayer, open_converted
 from .descriptor import MANIFEST_NAME, METADATA_KEY, canonical_specs
 from .errors import CorruptFileError, InputError
-from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer
+from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
 
 CHECKS = ("structure", "layout", "numerics")
 
@@ -442,33 +442,16 @@ def _reference_layer(
 ) -> MoELayer:
     """The same routing configuration, with the whole layer's weights read from the source checkpoint
     (or, without one, reassembled from the converted checkpoint's ranks)."""
-    from .runtime import SourceWeights
-
-    i = layer.intermediate_size
     if src is not None:
         src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
         s = read_layer_source(src, src_layer)
         to_mult = src.format.to_dequant_multiplier
-        ws2 = to_mult(s["raw_scalars"][:, :, 0]).to(device)
-        inp = to_mult(s["raw_scalars"][:, :, 1])
+        weights = stacked_source_weights(s, to_mult(s["raw_scalars"][:, :, 0]), to_mult(s["raw_scalars"][:, :, 1]), device)
     else:
         s = ckpt.reassemble_layer(layer)
-        ws2 = torch.stack([s["w13_weight_scale_2"][:, 0], s["w13_weight_scale_2"][:, 1], s["w2_weight_scale_2"]], 1).to(device)
+        ws2 = torch.stack([s["w13_weight_scale_2"][:, 0], s["w13_weight_scale_2"][:, 1], s["w2_weight_scale_2"]], 1)
         inp = torch.stack([s["w13_input_scale"][:, 0], s["w13_input_scale"][:, 1], s["w2_input_scale"]], 1)
-    e4m3 = torch.float8_e4m3fn
-    weights = SourceWeights(
-        gate=s["w31"][:, i:].contiguous().to(device),
-        up=s["w31"][:, :i].contiguous().to(device),
-        down=s["down"].to(device),
-        gate_scale=s["s31"][:, i:].contiguous().view(e4m3).to(device),
-        up_scale=s["s31"][:, :i].contiguous().view(e4m3).to(device),
-        down_scale=s["down_scale"].view(e4m3).to(device),
-        ws2_gate=ws2[:, 0].contiguous(),
-        ws2_up=ws2[:, 1].contiguous(),
-        ws2_down=ws2[:, 2].contiguous(),
-        a1=float(inp[:, :2].max()),
-        a2=float(inp[:, 2].max()),
-    )
+        weights = stacked_source_weights(s, ws2, inp, device)
     bias = moe.routing_bias
     if src is not None and moe.routing.get("bias_suffix"):
         name = f"{layer.prefix.rsplit('.', 1)[0]}.{moe.routing['bias_suffix']}"
