@@ -384,6 +384,20 @@ class ShardWriter:
         self._sink.put(self._file, mv, keep)
         self._next += 1
 
+    def write_blocks(self, name: str, blocks) -> None:
+        """Write one tensor given as consecutive uint8 blocks (already read, e.g. by a prefetching thread)."""
+        expected = self.plan.tensors[self._next]
+        if expected.name != name:
+            raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
+        total = 0
+        for block in blocks:
+            if block.numel():
+                self._sink.put(self._file, memoryview(block.numpy()), block)
+            total += block.numel()
+        if total != expected.nbytes:
+            raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")
+        self._next += 1
+
     def copy_from(self, source: "CheckpointFiles", info: TensorInfo, chunk: int = 64 * 1024 * 1024) -> None:
         """Copy a source tensor's bytes without decoding them."""
         expected = self.plan.tensors[self._next]

@@ -125,8 +125,10 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
     files: list[dict] = []
     sink = AsyncSink(threaded=True)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4ckpt-layer")
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4ckpt-read")
     try:
         cache = _GroupPipeline(job, groups, pool, max(1, workers))
+        carried = _CarriedPrefetch(job.source, [t for t in job.planned if t.key not in job.computed], reader)
         cursors = {
             part: _PartCursor(tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink)
             for part, plans in shard_plans.items()
@@ -136,7 +138,7 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
             writer = cursors[t.part].writer_for(t)
             group = job.computed.get(t.key)
             if group is None:
-                writer.copy_from(job.source, job.source.info(t.name))
+                writer.write_blocks(t.name, carried.blocks(t.name))
             else:
                 writer.write(t.name, cache.take(group, t.key))
                 if cache.finished_group:
@@ -167,12 +169,56 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
         install(tmp, dst)
     except BaseException:
         sink.abort()
+        reader.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     pool.shutdown(wait=True)
+    reader.shutdown(wait=True)
     report(Progress("done", len(groups), len(groups), total_bytes, total_bytes))
     return files
+
+
+class _CarriedPrefetch:
+    """Reads the carried-over tensors' bytes ahead, in write order, on a reader thread (at most ``depth``
+    blocks of ``block`` bytes in flight), so the main thread never waits on the source disk."""
+
+    def __init__(self, source: CheckpointFiles, tensors: list[PlannedTensor], pool: ThreadPoolExecutor,
+                 depth: int = 4, block: int = 64 * 1024 * 1024) -> None:  # fmt: skip
+        self.source = source
+        self.pool = pool
+        self.depth = depth
+        self.chunks = iter([(t.name, off, min(block, t.nbytes - off)) for t in tensors for off in range(0, max(t.nbytes, 1), block)])
+        self.pending: list[tuple[str, Future]] = []
+        self._fill()
+
+    def _read(self, name: str, offset: int, size: int) -> torch.Tensor:
+        buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled
+        if size:
+            self.source.pread_into(self.source.info(name), memoryview(buf.numpy()), offset)
+        return buf
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.depth:
+            nxt = next(self.chunks, None)
+            if nxt is None:
+                return
+            self.pending.append((nxt[0], self.pool.submit(self._read, *nxt)))
+
+    def blocks(self, name: str):
+        """The blocks of tensor ``name`` (the next one in write order)."""
+        info = self.source.info(name)
+        got = 0
+        while got < info.nbytes or (info.nbytes == 0 and got == 0):
+            owner, future = self.pending.pop(0)
+            if owner != name:
+                raise RuntimeError(f"carried tensors out of order: expected {owner!r}, writing {name!r}")
+            buf = future.result()
+            self._fill()
+            got += buf.numel()
+            yield buf
+            if info.nbytes == 0:
+                return
 
 
 class _PartCursor:
