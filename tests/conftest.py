@@ -79,3 +79,16 @@ def load_dir(root: Path) -> dict[str, torch.Tensor]:
 def u8(t: torch.Tensor) -> torch.Tensor:
     """The bytes of a tensor (comparisons are made on bytes, never on floats)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def swap_gate_up(tensors: dict[str, torch.Tensor]) -> bool:
+    """Corrupt converted tensors the way a buggy tool would: gate and up halves of w13 exchanged (then re-laid out,
+    so dtypes, shapes and scalars stay consistent). Returns whether anything changed."""
+    from nvfp4ckpt import layout
+
+    changed = False
+    for name in [n for n in tensors if n.endswith(".w13_weight")]:
+        gate, up, gs, us = layout.w13_from_kernel(tensors[name], tensors[name + "_scale"])
+        tensors[name], tensors[name + "_scale"] = layout.w13_to_kernel(up, gate, us, gs)
+        changed = True
+    return changed

@@ -43,7 +43,7 @@ from nvfp4ckpt.model_runner import (
     load_weights,
 )
 from nvfp4ckpt.quant import dequantize
-from tests.conftest import ARCHS
+from tests.conftest import ARCHS, swap_gate_up
 
 # The workspace's ../shared/data/gsm8k when present, else the copy in tests/data/gsm8k (same files, MIT, with
 # their LICENSE and SHA256SUMS), so a clean clone anywhere runs these tests.
@@ -397,15 +397,7 @@ def test_swapped_gate_and_up_fail_the_agreement_check(pair, tmp_path, capsys):
     dst = tmp_path / "swapped"
     shutil.copytree(good, dst)
 
-    def swap(t):
-        changed = False
-        for name in [n for n in t if n.endswith(".w13_weight")]:
-            gate, up, gs, us = layout.w13_from_kernel(t[name], t[name + "_scale"])
-            t[name], t[name + "_scale"] = layout.w13_to_kernel(up, gate, us, gs)
-            changed = True
-        return changed
-
-    _rewrite(dst, swap)
+    _rewrite(dst, swap_gate_up)
     report_path = tmp_path / "r.json"
     code, _, err = run(
         capsys, "verify", dst, "--check", "gsm8k", "--source", src, "--gsm8k-data", DATA, "--num-shots", "2",

@@ -16,7 +16,7 @@ from nvfp4ckpt import convert_checkpoint, layout
 from nvfp4ckpt.cli import main
 from nvfp4ckpt.io import read_header
 from nvfp4ckpt.verify import verify_checkpoint
-from tests.conftest import ARCHS, FORMATS
+from tests.conftest import ARCHS, FORMATS, swap_gate_up
 
 
 @pytest.fixture
@@ -118,16 +118,7 @@ def test_swapped_gate_and_up_fail_layout_and_numerics(converted, tmp_path):
     dst = tmp_path / "swapped"
     shutil.copytree(good, dst)
 
-    def swap(t):
-        changed = False
-        for name in [n for n in t if n.endswith(".w13_weight")]:
-            scale = name + "_scale"
-            gate, up, gs, us = layout.w13_from_kernel(t[name], t[scale])
-            t[name], t[scale] = layout.w13_to_kernel(up, gate, us, gs)  # gate and up exchanged
-            changed = True
-        return changed
-
-    _rewrite(dst, swap)
+    _rewrite(dst, swap_gate_up)
     report = verify_checkpoint(dst, source=src, backend="torch", tokens=16)
     status = {c.name: c for c in report.checks}
     assert status["structure"].status == "pass"  # shapes, dtypes, scalars and manifest are all still consistent
@@ -226,14 +217,6 @@ def test_triton_backend_catches_swapped_gate_up(converted, tmp_path):
     dst = tmp_path / "swapped"
     shutil.copytree(good, dst)
 
-    def swap(t):
-        changed = False
-        for name in [n for n in t if n.endswith(".w13_weight")]:
-            gate, up, gs, us = layout.w13_from_kernel(t[name], t[name + "_scale"])
-            t[name], t[name + "_scale"] = layout.w13_to_kernel(up, gate, us, gs)
-            changed = True
-        return changed
-
-    _rewrite(dst, swap)
+    _rewrite(dst, swap_gate_up)
     report = verify_checkpoint(dst, source=src, checks=("numerics",), backend="triton", tokens=48)
     assert not report.passed and all(n.rel_l2 > 0.1 for n in report.numerics)
