@@ -114,7 +114,11 @@ def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheck
     text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     try:
         routing = arch.routing(text_cfg)
-    except (KeyError, TypeError, ValueError) as exc:
+        if not 1 <= routing.top_k <= routing.num_experts:
+            raise ValueError(f"top-k {routing.top_k} of {routing.num_experts} experts")
+        if routing.n_group is not None and not 1 <= (routing.topk_group or 0) <= routing.n_group:
+            raise ValueError(f"topk_group {routing.topk_group} of n_group {routing.n_group}")
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         raise InputError(f"{config_path}: routing settings for {arch.name} are missing or invalid ({exc})") from exc
     for layer in layers:
         if layer.num_experts != routing.num_experts:

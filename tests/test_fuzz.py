@@ -4,6 +4,7 @@ config.json and the index never crash: either the checkpoint still opens or a on
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from nvfp4ckpt.checkpoint import open_checkpoint
 from nvfp4ckpt.errors import Nvfp4CkptError
 
 SMALL = {"hidden_size": 128, "moe_intermediate_size": 64, "num_experts": 4, "vocab_size": 64, "num_hidden_layers": 1}
-FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI explores the same 4000 cases every run (a failure reproduces); run with
+# NVFP4CKPT_FUZZ_RANDOM=1 to explore new ones.
+FUZZ = settings(
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=not os.environ.get("NVFP4CKPT_FUZZ_RANDOM"),
+)
 
 
 @pytest.fixture(scope="module")
