@@ -45,10 +45,6 @@ class CorruptFileError(InputError):
     """A safetensors file or index is unreadable, truncated or inconsistent."""
 
 
-class UnsupportedShapeError(InputError):
-    """Sizes the kernel cannot take without padding."""
-
-
 class AlreadyConvertedError(InputError):
     """The source already carries the nvfp4ckpt layout descriptor."""
 

@@ -398,20 +398,6 @@ class ShardWriter:
             raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")
         self._next += 1
 
-    def copy_from(self, source: "CheckpointFiles", info: TensorInfo, chunk: int = 64 * 1024 * 1024) -> None:
-        """Copy a source tensor's bytes without decoding them."""
-        expected = self.plan.tensors[self._next]
-        if expected.name != info.name or expected.nbytes != info.nbytes:
-            raise RuntimeError(f"shard writer expected {expected.name!r}, got {info.name!r}")
-        done = 0
-        while done < info.nbytes:
-            block = torch.empty(min(chunk, info.nbytes - done), dtype=torch.uint8)  # not zero-filled
-            view = memoryview(block.numpy())
-            source.pread_into(info, view, done)
-            self._sink.put(self._file, view, block)
-            done += len(view)
-        self._next += 1
-
     def close(self) -> None:
         """Queue the end of the file (flush + fsync happen on the sink)."""
         if self._next != len(self.plan.tensors):

@@ -54,19 +54,6 @@ class MoEDims:
     def needs_padding(self) -> bool:
         return (self.hidden_padded, self.intermediate_padded) != (self.hidden_size, self.intermediate_size)
 
-    def check_kernel_compatible(self) -> None:
-        """Raise LayoutShapeError unless the layout needs no padding (I % 64, H % 128)."""
-        problems = []
-        if self.intermediate_size % 64:
-            problems.append(f"intermediate size I={self.intermediate_size} is not a multiple of 64")
-        if self.hidden_size % 128:
-            problems.append(f"hidden size H={self.hidden_size} is not a multiple of 128")
-        if problems:
-            raise LayoutShapeError(
-                "; ".join(problems)
-                + ": the TRT-LLM-gen layout would need zero padding, which this version does not write yet"
-            )
-
 
 @lru_cache(maxsize=64)
 def shuffle_row_permutation(rows: int) -> torch.Tensor:
@@ -130,12 +117,6 @@ def unpad_down(w: torch.Tensor, s: torch.Tensor, hidden: int, inter: int) -> tup
     return _as_u8(w)[:, :hidden, : inter // 2].contiguous(), _as_u8(s)[:, :hidden, : inter // 16].contiguous()
 
 
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), dtype=perm.dtype)
-    return inv
-
-
 def swizzle_scales_128x4(scales_u8: torch.Tensor) -> torch.Tensor:
     """128x4 block-scale interleave of ``[..., M, K]`` uint8 (M % 128 == 0, K % 4 == 0).
 
@@ -184,7 +165,7 @@ def _permute_row_blocks(t: torch.Tensor, block_shape: tuple[int, ...], order: tu
 
 
 def w13_rows_to_kernel(w31: torch.Tensor) -> torch.Tensor:
-    """Rows of ``[up ; gate]`` in kernel order; the same as ``gather_rows(w31, w13_row_permutation(2I))``.
+    """Rows of ``[up ; gate]`` in kernel order; the same as ``w31[..., w13_row_permutation(2I), :]``.
 
     Kernel row j = 32b + 16a + 8h + r holds ``W31[h*I + 16b + 2r + a]``: a permutation of the
     sub-dimensions (h, b, r, a) -> (b, a, h, r), done as one strided copy.
@@ -211,16 +192,6 @@ def shuffle_rows(x: torch.Tensor) -> torch.Tensor:
 def unshuffle_rows(y: torch.Tensor) -> torch.Tensor:
     rows = y.shape[-2]
     return _permute_row_blocks(y, (rows // 32, 4, 8), (0, 2, 1))
-
-
-def gather_rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(-2, perm)`` for byte tensors, moving whole rows as the widest words that fit."""
-    u8 = _as_u8(t).contiguous()
-    cols = u8.shape[-1]
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if cols % size == 0:
-            return u8.view(dtype).index_select(-2, perm).view(torch.uint8)
-    return u8.index_select(-2, perm)
 
 
 def _check_scale_tile(m: int, k: int) -> None:

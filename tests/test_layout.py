@@ -74,10 +74,11 @@ def test_closed_form_permutation_matches_documented_formula():
     assert torch.equal(perm, half * (rows // 2) + s)
 
 
-@pytest.mark.parametrize("e,h,i", [(1, 256, 96), (1, 192, 128)])
-def test_sizes_needing_padding_are_refused(e, h, i):
-    with pytest.raises(layout.LayoutShapeError, match="multiple of"):
-        layout.MoEDims(e, h, i).check_kernel_compatible()
+@pytest.mark.parametrize("h,i,h_pad,i_pad", [(256, 96, 256, 128), (192, 128, 256, 128), (7168, 2048, 7168, 2048)])
+def test_padded_sizes(h, i, h_pad, i_pad):
+    dims = layout.MoEDims(1, h, i)
+    assert (dims.hidden_padded, dims.intermediate_padded) == (h_pad, i_pad)
+    assert dims.needs_padding == ((h, i) != (h_pad, i_pad))
 
 
 @pytest.mark.gpu
