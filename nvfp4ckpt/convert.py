@@ -200,24 +200,23 @@ def _plan_tensors(
             planned.append(PlannedTensor(name, info.dtype, info.shape))
         elif layer.prefix not in emitted:
             emitted.add(layer.prefix)
-            for spec in layer_output_specs(layer, ckpt.format.name):
-                if spec.name in ckpt.files.tensors:
-                    raise InputError(
-                        f"{ckpt.files.info(spec.name).file}: tensor {spec.name!r} already exists next to per-expert tensors; "
-                        "the checkpoint mixes fused and per-expert experts"
-                    )
             if ranks is None:
                 specs = layer_output_specs(layer, ckpt.format.name)
             else:
                 h_pad, _ = padded_dims(layer)
                 specs = [
-                    PlannedTensor(name, dtype, shape, part=r.part)
+                    PlannedTensor(n, dtype, shape, part=r.part)
                     for r in ranks[layer.prefix]
-                    for name, dtype, shape in canonical_specs(
+                    for n, dtype, shape in canonical_specs(
                         layer.prefix, r.num_experts, h_pad, r.intermediate_padded, ckpt.format.name, layer.scalar_dtype
                     )
                 ]
             for spec in specs:
+                if spec.name in ckpt.files.tensors:
+                    raise InputError(
+                        f"{ckpt.files.info(spec.name).file}: tensor {spec.name!r} already exists next to per-expert tensors; "
+                        "the checkpoint mixes fused and per-expert experts"
+                    )
                 planned.append(spec)
                 layer_of[spec.key] = layer
     return planned, layer_of

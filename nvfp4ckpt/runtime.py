@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import layout
 from .converted import ConvertedCheckpoint, KernelLayer, open_converted
-from .parallel import RankSpec
+from .parallel import RankSpec, from_kernel
 from .errors import InputError
 
 BACKENDS = ("auto", "trtllm", "triton", "torch")
@@ -145,16 +144,12 @@ class MoELayer:
         """Un-shuffled weights and ModelOpt-convention scalars (cached)."""
         if self._source is None:
             t = self.tensors
-            gate, up, gate_s, up_s = layout.w13_from_kernel(t["w13_weight"], t["w13_weight_scale"])
-            down, down_s = layout.w2_from_kernel(t["w2_weight"], t["w2_weight_scale"])
             logical_i = self.rank.intermediate_size if self.rank else self.intermediate_size
-            if (self.stored_hidden, self.stored_intermediate) != (self.hidden_size, logical_i):
-                h, i = self.hidden_size, logical_i
-                w31, s31 = layout.unpad_w31(torch.cat([up, gate], -2), torch.cat([up_s, gate_s], -2).view(torch.uint8), h, i)
-                up, gate, up_s, gate_s = w31[:, :i], w31[:, i:], s31[:, :i], s31[:, i:]
-                up_s, gate_s = up_s.view(torch.float8_e4m3fn), gate_s.view(torch.float8_e4m3fn)
-                down, down_s = layout.unpad_down(down, down_s, h, i)
-                down_s = down_s.view(torch.float8_e4m3fn)
+            w31, s31, down, down_s, _ = from_kernel(t, self.hidden_size, logical_i)  # padding dropped
+            e4m3 = torch.float8_e4m3fn
+            up, gate = w31[:, :logical_i], w31[:, logical_i:]
+            up_s, gate_s = s31[:, :logical_i].view(e4m3), s31[:, logical_i:].view(e4m3)
+            down_s = down_s.view(e4m3)
             self._source = SourceWeights(
                 gate, up, down, gate_s, up_s, down_s,
                 t["w13_weight_scale_2"][:, 0].contiguous(), t["w13_weight_scale_2"][:, 1].contiguous(), t["w2_weight_scale_2"],
