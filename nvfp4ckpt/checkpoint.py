@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import architectures
 from .architectures import ROLES, Architecture, Routing
-from .errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError
+from .errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
 from .formats import QuantFormat, detect_format
 from .io import CheckpointFiles, TensorInfo, read_json
 
@@ -68,6 +68,11 @@ class MoELayer:
     proj_names: dict[str, str]  # role -> on-disk projection name (gate_proj / w1 ...)
     scalar_dtype: str
     scalar_shape: tuple[int, ...]
+    gated: bool = True  # SwiGLU gate+up; False: non-gated (relu2), up only
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ROLES if self.gated else ("up", "down")
 
     @property
     def block(self) -> str:
@@ -101,8 +106,11 @@ def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheck
         raise InputError(f"{root}: no config.json; pass a Hugging Face model folder")
     config = read_json(config_path)
     fmt = detect_format(root, config)
-    arch = architectures.for_config(config, str(config_path))
     files = CheckpointFiles(root)
+    try:
+        arch = architectures.for_config(config, str(config_path))
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedArchitectureError(f"{exc}; {architectures.diagnose(config.get('model_type'), list(files.tensors))}") from None
     if not files.tensors:
         raise InputError(f"{root}: no *.safetensors files; only safetensors checkpoints are supported")
     layers, excluded = find_moe_layers(files, fmt, arch)
@@ -161,7 +169,7 @@ def find_moe_layers(
         if prev != proj:
             raise BadTensorError(f"{files.root}: {prefix} mixes projection names {prev!r} and {proj!r} for {role}")
     layers = [
-        _build_layer(files, fmt, prefix, found[prefix], proj_names[prefix])
+        _build_layer(files, fmt, prefix, found[prefix], proj_names[prefix], arch.gated)
         for prefix in sorted(found, key=_natural_key)
     ]
     return layers, sorted(excluded, key=_natural_key)
@@ -173,15 +181,17 @@ def _build_layer(
     prefix: str,
     by_expert: dict[int, dict[str, dict[str, str]]],
     proj_names: dict[str, str],
+    gated: bool = True,
 ) -> MoELayer:
     num_experts = max(by_expert) + 1
+    roles_wanted = ROLES if gated else ("up", "down")
     experts: list[dict[str, ExpertTensors]] = []
     for e in range(num_experts):
         roles = by_expert.get(e)
         if roles is None:
             raise MissingTensorError(f"{files.root}: {prefix}.{e} is missing (the layer has experts up to {num_experts - 1})")
         entry: dict[str, ExpertTensors] = {}
-        for role in ROLES:
+        for role in roles_wanted:
             kinds = roles.get(role, {})
             missing = [k for k in ("weight", "weight_scale", "weight_global", "input_global") if k not in kinds]
             if missing:
@@ -192,7 +202,7 @@ def _build_layer(
         experts.append(entry)
 
     first = experts[0]
-    gate_w = files.info(first["gate"].weight)
+    gate_w = files.info(first["gate" if gated else "up"].weight)
     down_w = files.info(first["down"].weight)
     _expect(gate_w, "U8", 2)
     _expect(down_w, "U8", 2)
@@ -236,6 +246,7 @@ def _build_layer(
         proj_names=dict(proj_names),
         scalar_dtype=scalar_dtypes.pop(),
         scalar_shape=scalar_shapes.pop(),
+        gated=gated,
     )
 
 

@@ -85,7 +85,10 @@ def convert_checkpoint(
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise InputError(f"--device {device}: no such device here; use --device cpu")
 
-    ranks = {l.prefix: rank_specs(tp, ep, l.num_experts, l.intermediate_size, f"{ckpt.root}: {l.prefix}") for l in ckpt.layers}
+    ranks = {
+        l.prefix: rank_specs(tp, ep, l.num_experts, l.intermediate_size, f"{ckpt.root}: {l.prefix}", l.gated)
+        for l in ckpt.layers
+    }
     sharded = tp * ep > 1
     descriptor = _descriptor(ckpt, ranks if sharded else None, tp, ep)
     planned, layer_of = _plan_tensors(ckpt, ranks if sharded else None)
@@ -133,7 +136,7 @@ def default_workers() -> int:
 
 def padded_dims(layer: MoELayer) -> tuple[int, int]:
     """(H, I) as stored: padded to H % 128 == 0 and I % 64 == 0 where the kernel needs it."""
-    dims = layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size)
+    dims = layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.gated)
     return dims.hidden_padded, dims.intermediate_padded
 
 
@@ -151,6 +154,7 @@ def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None,
         routing=ckpt.routing.to_dict(),
         layers=infos,
         config_had_quantization_config=isinstance(ckpt.config.get("quantization_config"), dict),
+        activation=ckpt.arch.activation,
     )
     if ranks:
         first = next(iter(ranks.values()))
@@ -177,7 +181,7 @@ def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None,
 def layer_output_specs(layer: MoELayer, source_format: str) -> list[PlannedTensor]:
     """Names, dtypes and shapes of one layer's output tensors, in write order."""
     h_pad, i_pad = padded_dims(layer)
-    specs = canonical_specs(layer.prefix, layer.num_experts, h_pad, i_pad, source_format, layer.scalar_dtype)
+    specs = canonical_specs(layer.prefix, layer.num_experts, h_pad, i_pad, source_format, layer.scalar_dtype, layer.gated)
     return [PlannedTensor(name, dtype, shape) for name, dtype, shape in specs]
 
 
@@ -208,7 +212,8 @@ def _plan_tensors(
                     PlannedTensor(n, dtype, shape, part=r.part)
                     for r in ranks[layer.prefix]
                     for n, dtype, shape in canonical_specs(
-                        layer.prefix, r.num_experts, h_pad, r.intermediate_padded, ckpt.format.name, layer.scalar_dtype
+                        layer.prefix, r.num_experts, h_pad, r.intermediate_padded, ckpt.format.name, layer.scalar_dtype,
+                        layer.gated,
                     )
                 ]
             for spec in specs:
@@ -227,47 +232,51 @@ def _plan_tensors(
 
 
 def read_layer_source(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torch.Tensor]:
-    """Stacked source tensors of a layer: w31/s31 ``[up ; gate]``, down/down_scale, raw scalars [E, 3, 2]."""
+    """Stacked source tensors of a layer: w31/s31 ``[up ; gate]`` (non-gated: ``[up]``), down/down_scale,
+    raw scalars ``[E, roles, 2]`` (roles gate, up, down; non-gated up, down)."""
     e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
     files = ckpt.files
-    w31 = torch.empty((e, 2 * i, h // 2), dtype=torch.uint8)
-    s31 = torch.empty((e, 2 * i, h // 16), dtype=torch.uint8)
+    w13_roles = ("up", "gate") if layer.gated else ("up",)  # row blocks of w31, in order
+    n = len(w13_roles)
+    w31 = torch.empty((e, n * i, h // 2), dtype=torch.uint8)
+    s31 = torch.empty((e, n * i, h // 16), dtype=torch.uint8)
     down = torch.empty((e, h, i // 2), dtype=torch.uint8)
     down_s = torch.empty((e, h, i // 16), dtype=torch.uint8)
     scalar_dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
-    # raw[e, role, 0] = weight global, raw[e, role, 1] = input global; roles gate, up, down
-    raw = torch.empty((e, 3, 2), dtype=scalar_dtype)
+    # raw[e, role, 0] = weight global, raw[e, role, 1] = input global
+    raw = torch.empty((e, len(layer.roles), 2), dtype=scalar_dtype)
     for x, names in enumerate(layer.experts):
-        files.read_into(names["up"].weight, w31[x, :i])
-        files.read_into(names["gate"].weight, w31[x, i:])
-        files.read_into(names["up"].weight_scale, s31[x, :i])
-        files.read_into(names["gate"].weight_scale, s31[x, i:])
+        for k, role in enumerate(w13_roles):
+            files.read_into(names[role].weight, w31[x, k * i : (k + 1) * i])
+            files.read_into(names[role].weight_scale, s31[x, k * i : (k + 1) * i])
         files.read_into(names["down"].weight, down[x])
         files.read_into(names["down"].weight_scale, down_s[x])
-        for r, role in enumerate(("gate", "up", "down")):
+        for r, role in enumerate(layer.roles):
             files.read_into(names[role].weight_global, raw[x, r, 0])
             files.read_into(names[role].input_global, raw[x, r, 1])
     return {"w31": w31, "s31": s31, "down": down, "down_scale": down_s, "raw_scalars": raw}
 
 
 def kernel_scalars(ws2: torch.Tensor, input_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-expert scalars from ModelOpt-convention scales ``[E, 3]`` (columns gate, up, down).
+    """Per-expert scalars from ModelOpt-convention scales ``[E, 3]`` (columns gate, up, down), or
+    ``[E, 2]`` (up, down) for non-gated experts.
 
     Operation order follows SGLang's ModelOpt path so the float32 bits match it.
     """
     ws2 = ws2.float()
     input_scale = input_scale.float()
-    a1 = input_scale[:, :2].max()
-    a2 = input_scale[:, 2].max()
+    n = ws2.shape[1] - 1  # w13 columns
+    a1 = input_scale[:, :n].max()
+    a2 = input_scale[:, n].max()
     w2_input_scale_quant = 1.0 / a2
     return {
-        "w13_weight_scale_2": ws2[:, :2].contiguous(),
-        "w2_weight_scale_2": ws2[:, 2].contiguous(),
-        "w13_input_scale": input_scale[:, :2].contiguous(),
-        "w2_input_scale": input_scale[:, 2].contiguous(),
+        "w13_weight_scale_2": ws2[:, :n].contiguous(),
+        "w2_weight_scale_2": ws2[:, n].contiguous(),
+        "w13_input_scale": input_scale[:, :n].contiguous(),
+        "w2_input_scale": input_scale[:, n].contiguous(),
         "g1_alphas": (a1 * ws2[:, 0]).contiguous(),
-        "g1_scale_c": (w2_input_scale_quant * (a1 * ws2[:, 1])).contiguous(),
-        "g2_alphas": (a2 * ws2[:, 2]).contiguous(),
+        "g1_scale_c": (w2_input_scale_quant * (a1 * ws2[:, n - 1])).contiguous(),
+        "g2_alphas": (a2 * ws2[:, n]).contiguous(),
         "w13_input_scale_quant": (1.0 / a1).reshape(1),
     }
 
@@ -284,7 +293,7 @@ def convert_layer_ranks(
     out: dict[str, torch.Tensor] = {}
     for r in ranks:
         pieces = (t.to(dev) for t in slice_source(src, r, layer.intermediate_size))
-        w13, s13, w2, s2 = to_kernel(*pieces, h_pad, r.intermediate_padded)
+        w13, s13, w2, s2 = to_kernel(*pieces, h_pad, r.intermediate_padded, layer.gated)
         tensors = {"w13_weight": w13.cpu(), "w13_weight_scale": s13.cpu(), "w2_weight": w2.cpu(), "w2_weight_scale": s2.cpu()}
         for name, value in scalars.items():
             tensors[name] = value if name == "w13_input_scale_quant" else value[r.expert_start : r.expert_end].contiguous()
@@ -303,10 +312,11 @@ def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor) -
                 "the checkpoint's global scales are broken"
             )
     if ckpt.format.name == "compressed-tensors":
-        scalars["w13_weight_global_scale"] = raw[:, :2, 0].contiguous()
-        scalars["w2_weight_global_scale"] = raw[:, 2, 0].contiguous()
-        scalars["w13_input_global_scale"] = raw[:, :2, 1].contiguous()
-        scalars["w2_input_global_scale"] = raw[:, 2, 1].contiguous()
+        n = raw.shape[1] - 1
+        scalars["w13_weight_global_scale"] = raw[:, :n, 0].contiguous()
+        scalars["w2_weight_global_scale"] = raw[:, n, 0].contiguous()
+        scalars["w13_input_global_scale"] = raw[:, :n, 1].contiguous()
+        scalars["w2_input_global_scale"] = raw[:, n, 1].contiguous()
     return scalars
 
 
@@ -315,7 +325,7 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
     pieces = (src[k].to(dev) for k in ("w31", "s31", "down", "down_scale"))
-    w13, s13, w2, s2 = to_kernel(*pieces, *padded_dims(layer))
+    w13, s13, w2, s2 = to_kernel(*pieces, *padded_dims(layer), gated=layer.gated)
     out = {
         "w13_weight": w13.cpu(),
         "w13_weight_scale": s13.cpu(),

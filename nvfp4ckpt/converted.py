@@ -29,6 +29,11 @@ class KernelLayer:
     hidden_padded: int
     intermediate_padded: int
     ranks: tuple[RankSpec, ...] = ()  # rank-sharded output only
+    gated: bool = True  # w13 = [up ; gate] (SwiGLU) or [up] (relu2)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("gate", "up", "down") if self.gated else ("up", "down")
 
     @property
     def padded(self) -> bool:
@@ -86,12 +91,14 @@ class ConvertedCheckpoint:
         return {full[len(layer.prefix) + 1 :]: files.read_to(full, device) for full in layer.tensor_names(self.source_format)}
 
     def reassemble_layer(self, layer: KernelLayer) -> dict[str, torch.Tensor]:
-        """The whole layer in source layout, from all ranks: ``w31`` ``[up; gate]``, ``s31``, ``down``,
-        ``down_scale`` (uint8, padding dropped), every scalar over all experts, and ``padding_zero``."""
+        """The whole layer in source layout, from all ranks: ``w31`` ``[up; gate]`` (non-gated ``[up]``),
+        ``s31``, ``down``, ``down_scale`` (uint8, padding dropped), every scalar over all experts, and
+        ``padding_zero``."""
         e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        halves = 2 if layer.gated else 1
         ranks: tuple[RankSpec | None, ...] = layer.ranks or (None,)
-        w31 = torch.empty((e, 2 * i, h // 2), dtype=torch.uint8)
-        s31 = torch.empty((e, 2 * i, h // 16), dtype=torch.uint8)
+        w31 = torch.empty((e, halves * i, h // 2), dtype=torch.uint8)
+        s31 = torch.empty((e, halves * i, h // 16), dtype=torch.uint8)
         down = torch.empty((e, h, i // 2), dtype=torch.uint8)
         down_s = torch.empty((e, h, i // 16), dtype=torch.uint8)
         scalars: dict[str, torch.Tensor] = {}
@@ -100,11 +107,12 @@ class ConvertedCheckpoint:
             t = self.read_layer(layer, rank=r)
             e0, e1 = (r.expert_start, r.expert_end) if r else (0, e)
             i0, i1 = (r.inter_start, r.inter_end) if r else (0, i)
-            lw31, ls31, ld, lds, ok = from_kernel(t, h, i1 - i0)
+            lw31, ls31, ld, lds, ok = from_kernel(t, h, i1 - i0, layer.gated)
             zero &= ok
             n = i1 - i0
-            w31[e0:e1, i0:i1], w31[e0:e1, i + i0 : i + i1] = lw31[:, :n], lw31[:, n:]
-            s31[e0:e1, i0:i1], s31[e0:e1, i + i0 : i + i1] = ls31[:, :n], ls31[:, n:]
+            for k in range(halves):
+                w31[e0:e1, k * i + i0 : k * i + i1] = lw31[:, k * n : (k + 1) * n]
+                s31[e0:e1, k * i + i0 : k * i + i1] = ls31[:, k * n : (k + 1) * n]
             down[e0:e1, :, i0 // 2 : i1 // 2] = ld
             down_s[e0:e1, :, i0 // 16 : i1 // 16] = lds
             for name, value in t.items():
@@ -139,11 +147,12 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
         )
     layers = []
     parallel = descriptor.get("parallel") or {}
+    gated = descriptor.get("activation", "swiglu") != "relu2"
     for prefix, info in (descriptor.get("layers") or {}).items():
         rank_list = tuple(
             RankSpec(
                 r["rank"], r["rank"] % parallel["tp"], r["rank"] // parallel["tp"], r["experts"][0], r["experts"][1],
-                r["intermediate"][0], r["intermediate"][1],
+                r["intermediate"][0], r["intermediate"][1], gated,
             )  # fmt: skip
             for r in info.get("ranks") or ()
         )
@@ -159,6 +168,7 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
                 hidden_padded=int(info.get("hidden_size_padded", info["hidden_size"])),
                 intermediate_padded=int(info.get("intermediate_size_padded", info["intermediate_size"])),
                 ranks=rank_list,
+                gated=gated,
             )
         )
     rank_files = {r["part"]: CheckpointFiles(root / r["part"]) for r in parallel.get("ranks", [])}

@@ -21,11 +21,11 @@ MANIFEST_NAME = "nvfp4ckpt_manifest.json"
 # Canonical per-layer tensor names (relative to the expert prefix P), in write order.
 KERNEL_TENSORS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
 SCALAR_TENSORS = (
-    "w13_weight_scale_2",  # [E, 2] col 0 = gate, col 1 = up (dequant multipliers)
+    "w13_weight_scale_2",  # [E, 2] col 0 = gate, col 1 = up (dequant multipliers); non-gated [E, 1] up
     "w2_weight_scale_2",  # [E]
-    "w13_input_scale",  # [E, 2] col 0 = gate, col 1 = up
+    "w13_input_scale",  # [E, 2] col 0 = gate, col 1 = up; non-gated [E, 1] up
     "w2_input_scale",  # [E]
-    "g1_alphas",  # [E] a1 * ws2_gate      -> output1_scale_gate_scalar
+    "g1_alphas",  # [E] a1 * ws2_gate (non-gated: ws2_up) -> output1_scale_gate_scalar
     "g1_scale_c",  # [E] (1/a2) * (a1 * ws2_up) -> output1_scale_scalar
     "g2_alphas",  # [E] a2 * ws2_down      -> output2_scale_scalar
     "w13_input_scale_quant",  # [1] 1/a1 -> fp4_quantize global scale for hidden states
@@ -35,26 +35,27 @@ RAW_CT_TENSORS = ("w13_weight_global_scale", "w2_weight_global_scale", "w13_inpu
 
 
 def canonical_specs(
-    prefix: str, num_experts: int, hidden: int, inter: int, source_format: str, scalar_dtype: str
+    prefix: str, num_experts: int, hidden: int, inter: int, source_format: str, scalar_dtype: str, gated: bool = True
 ) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, safetensors dtype, shape) of one layer's output tensors, in write order."""
     e, h, i = num_experts, hidden, inter
+    n = 2 if gated else 1  # w13 halves: [up ; gate] or [up]
     shapes: dict[str, tuple[str, tuple[int, ...]]] = {
-        "w13_weight": ("U8", (e, 2 * i, h // 2)),
-        "w13_weight_scale": ("F8_E4M3", (e, 2 * i, h // 16)),
+        "w13_weight": ("U8", (e, n * i, h // 2)),
+        "w13_weight_scale": ("F8_E4M3", (e, n * i, h // 16)),
         "w2_weight": ("U8", (e, h, i // 2)),
         "w2_weight_scale": ("F8_E4M3", (e, h, i // 16)),
-        "w13_weight_scale_2": ("F32", (e, 2)),
+        "w13_weight_scale_2": ("F32", (e, n)),
         "w2_weight_scale_2": ("F32", (e,)),
-        "w13_input_scale": ("F32", (e, 2)),
+        "w13_input_scale": ("F32", (e, n)),
         "w2_input_scale": ("F32", (e,)),
         "g1_alphas": ("F32", (e,)),
         "g1_scale_c": ("F32", (e,)),
         "g2_alphas": ("F32", (e,)),
         "w13_input_scale_quant": ("F32", (1,)),
-        "w13_weight_global_scale": (scalar_dtype, (e, 2)),
+        "w13_weight_global_scale": (scalar_dtype, (e, n)),
         "w2_weight_global_scale": (scalar_dtype, (e,)),
-        "w13_input_global_scale": (scalar_dtype, (e, 2)),
+        "w13_input_global_scale": (scalar_dtype, (e, n)),
         "w2_input_global_scale": (scalar_dtype, (e,)),
     }
     names = list(KERNEL_TENSORS + SCALAR_TENSORS)
@@ -102,7 +103,9 @@ def build_descriptor(
     routing: dict,
     layers: list[LayerInfo],
     config_had_quantization_config: bool,
+    activation: str = "silu",
 ) -> dict:
+    gated = activation != "relu2"
     hidden = sorted({l.hidden_size for l in layers})
     inter = sorted({l.intermediate_size for l in layers})
     hidden_p = sorted({l.hidden_size_padded for l in layers})
@@ -112,17 +115,22 @@ def build_descriptor(
         "layout_version": LAYOUT_VERSION,
         "kernel": "flashinfer.fused_moe.trtllm_fp4_block_scale_moe",
         "epilogue_tile_m": EPILOGUE_TILE_M,
-        "w13_order": "up_gate",
-        "gated_act_row_interleave": True,
+        "activation": "swiglu" if gated else activation,
+        "w13_order": "up_gate" if gated else "up",
+        "gated_act_row_interleave": gated,
         "scale_swizzle": "128x4",
         "scale_group_size": GROUP_SIZE,
         "scalar_convention": "modelopt_dequant",
-        "w13_scalar_columns": ["gate", "up"],
+        "w13_scalar_columns": ["gate", "up"] if gated else ["up"],
         "hidden_size": hidden[0] if len(hidden) == 1 else hidden,
         "hidden_size_padded": hidden_p[0] if len(hidden_p) == 1 else hidden_p,
         "intermediate_size": inter[0] if len(inter) == 1 else inter,
         "intermediate_size_padded": inter_p[0] if len(inter_p) == 1 else inter_p,
-        "padding": "zero rows/columns per gate/up half (I) and on the hidden dimension (H); padded values contribute 0",
+        "padding": (
+            "zero rows/columns per gate/up half (I, to 64) and on the hidden dimension (H, to 128); padded values contribute 0"
+            if gated
+            else "zero rows/columns of up (I, to 128) and on the hidden dimension (H, to 128); padded values contribute 0"
+        ),
         "source_format": source_format,
         "architecture": architecture,
         "routing": routing,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -106,7 +107,9 @@ def write_example(
     if layers is not None:
         if layers < 1:
             raise InputError("--layers must be at least 1")
-        config["num_hidden_layers"] = layers + (config.get("first_k_dense_replace", 0) if arch == "deepseek_v3" else 0)
+        config["num_hidden_layers"] = layers + int(config.get("first_k_dense_replace") or 0)
+        if "hybrid_override_pattern" in config:
+            config["hybrid_override_pattern"] = (config["hybrid_override_pattern"] * layers)[: config["num_hidden_layers"]]
     out_path = Path(out).expanduser()
     if out_path.exists() and any(out_path.iterdir()):
         if not overwrite:
@@ -114,9 +117,13 @@ def write_example(
         shutil.rmtree(out_path)
     out_path.mkdir(parents=True, exist_ok=True)
     builder = _Builder(format, seed, random_weights=shape is not None)
-    _model_tensors(spec.name, config, builder)
+    text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    _model_tensors(spec, text_config, builder)
 
-    exclude = ["lm_head", "model.embed_tokens", "*.gate"] if spec.name != "mixtral" else ["lm_head", "model.embed_tokens", "*.block_sparse_moe.gate"]
+    names = spec.names
+    # routers (and Qwen's shared-expert gate) stay bf16, as the producers leave them
+    unquantized = [f"{names.block}.{names.router}"] + ([f"{names.block}.{names.shared_expert_gate}"] if names.shared_expert_gate else [])
+    exclude = [names.lm_head, names.embed] + [f"*.{m}" for m in unquantized]
     if format == "modelopt":
         section = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude}
         (out_path / "hf_quant_config.json").write_text(
@@ -137,7 +144,7 @@ def write_example(
                     "input_activations": {**scheme, "dynamic": "local"},
                 }
             },
-            "ignore": ["lm_head", r"re:.*mlp.gate$", r"re:.*block_sparse_moe.gate$"],
+            "ignore": [names.lm_head] + [f"re:.*{re.escape(m)}$" for m in unquantized],
         }
     (out_path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_path / "generation_config.json").write_text(
@@ -320,45 +327,87 @@ def _requantize(w: torch.Tensor, ws2: torch.Tensor, input_amax: float):
     return QuantizedLinear(encode_e2m1(scaled.reshape(n, k)), scale, ws2.float().reshape(()), torch.tensor(input_amax / (6.0 * 448.0)))
 
 
-def _model_tensors(arch: str, cfg: dict, b: _Builder) -> None:
+def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> None:
+    """Every tensor of the family's model, named as its checkpoints name them (``spec.names``); each decoder
+    layer as ``spec.layer_kinds`` says (MoE, dense MLP, or a hybrid model's Mamba/attention/MLP mixer)."""
+    names = spec.names
     h, v = cfg["hidden_size"], cfg["vocab_size"]
-    b.dense("model.embed_tokens.weight", (v, h), std=0.02)
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
+    b.dense(f"{names.embed}.weight", (v, h), std=0.02)
+    hybrid = names.attention == names.block  # Nemotron-H: one norm and one "mixer" per layer
+    for layer, kind in enumerate(spec.layer_kinds(cfg)):
+        p = f"{names.layers}.{layer}"
         amax = lambda what: b.scalar(f"{p}.{what}", 2.0, 8.0)  # noqa: E731
-        b.norm(f"{p}.input_layernorm", h)
-        b.norm(f"{p}.post_attention_layernorm", h)
-        _attention(b, arch, cfg, f"{p}.self_attn", amax("attn"))
-        if arch == "deepseek_v3" and layer < cfg["first_k_dense_replace"]:
-            _dense_mlp(b, f"{p}.mlp", h, cfg["intermediate_size"], amax("mlp"))
+        if hybrid:
+            b.norm(f"{p}.norm", h)
+        else:
+            b.norm(f"{p}.input_layernorm", h)
+            b.norm(f"{p}.post_attention_layernorm", h)
+            _attention(b, names.attention_kind, cfg, f"{p}.{names.attention}", amax("attn"))
+        block = f"{p}.{names.block}"
+        if kind == "mamba":
+            _mamba_mixer(b, cfg, block)
             continue
-        block = f"{p}.block_sparse_moe" if arch == "mixtral" else f"{p}.mlp"
+        if kind == "attention":
+            _attention(b, "gqa", cfg, block, amax("attn"))
+            continue
+        if kind in ("dense", "mlp"):
+            inter = cfg.get("intermediate_size_mlp") or cfg["intermediate_size"]
+            _dense_mlp(b, block, h, inter, amax("mlp"), gated=spec.gated)
+            continue
         num_experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg["num_local_experts"]
         inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-        names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        b.dense(f"{block}.gate.weight", (num_experts, h), std=1.0 / math.sqrt(h))
-        if arch == "deepseek_v3":
-            b.dense(f"{block}.gate.e_score_correction_bias", (num_experts,), std=0.1, dtype=torch.float32)
+        gate_name, up_name, down_name = names.projections
+        b.dense(f"{block}.{names.router}.weight", (num_experts, h), std=1.0 / math.sqrt(h))
+        if spec.routing(cfg).bias_suffix:
+            b.dense(f"{block}.{spec.routing(cfg).bias_suffix}", (num_experts,), std=0.1, dtype=torch.float32)
         a13, a2_base = amax("experts_in"), amax("experts_inter")
         for e in range(num_experts):
             ex = f"{block}.experts.{e}"
-            if b.fmt == "modelopt":
+            if not spec.gated:
+                b.linear(f"{ex}.{up_name}", inter, h, input_amax=a13)
+            elif b.fmt == "modelopt":
                 # One input_scale per layer, gate and up share weight_scale_2 (as ModelOpt exports).
-                b.linear_group([f"{ex}.{names[0]}", f"{ex}.{names[1]}"], [(inter, h), (inter, h)], input_amax=a13)
-                b.linear(f"{ex}.{names[2]}", h, inter, input_amax=a2_base)
+                b.linear_group([f"{ex}.{gate_name}", f"{ex}.{up_name}"], [(inter, h), (inter, h)], input_amax=a13)
             else:
-                # compressed-tensors: a global scale per module; down input scales differ per expert.
-                b.linear(f"{ex}.{names[0]}", inter, h, input_amax=a13)
-                b.linear(f"{ex}.{names[1]}", inter, h, input_amax=a13)
-                b.linear(f"{ex}.{names[2]}", h, inter, input_amax=a2_base * b.scalar(f"{ex}.down", 0.5, 1.5))
-        if arch == "deepseek_v3" and cfg.get("n_shared_experts"):
-            _dense_mlp(b, f"{block}.shared_experts", h, inter * cfg["n_shared_experts"], amax("shared"))
-    b.norm("model.norm", h)
-    b.dense("lm_head.weight", (v, h), std=0.02)
+                # compressed-tensors: a global scale per module
+                b.linear(f"{ex}.{gate_name}", inter, h, input_amax=a13)
+                b.linear(f"{ex}.{up_name}", inter, h, input_amax=a13)
+            # compressed-tensors: down input scales differ per expert
+            down_amax = a2_base if b.fmt == "modelopt" else a2_base * b.scalar(f"{ex}.down", 0.5, 1.5)
+            b.linear(f"{ex}.{down_name}", h, inter, input_amax=down_amax)
+        if names.shared_expert:
+            shared = (
+                cfg.get("shared_expert_intermediate_size")
+                or cfg.get("moe_shared_expert_intermediate_size")
+                or inter * int(cfg.get("n_shared_experts") or 1)
+            )
+            _dense_mlp(b, f"{block}.{names.shared_expert}", h, shared, amax("shared"), gated=spec.gated)
+        if names.shared_expert_gate:
+            b.dense(f"{block}.{names.shared_expert_gate}.weight", (1, h), std=1.0 / math.sqrt(h))
+    b.norm(names.final_norm, h)
+    b.dense(f"{names.lm_head}.weight", (v, h), std=0.02)
 
 
-def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float) -> None:
-    if b.fmt == "modelopt":
+def _mamba_mixer(b: _Builder, cfg: dict, p: str) -> None:
+    """A Mamba-2 mixer's tensors (bf16/fp32, not quantized; shapes follow transformers' NemotronH)."""
+    h = cfg["hidden_size"]
+    heads, head_dim, state, groups = cfg["mamba_num_heads"], cfg["mamba_head_dim"], cfg["ssm_state_size"], cfg["n_groups"]
+    inner = heads * head_dim
+    conv_dim = inner + 2 * groups * state
+    b.dense(f"{p}.in_proj.weight", (inner + conv_dim + heads, h), std=1.0 / math.sqrt(h))
+    b.dense(f"{p}.conv1d.weight", (conv_dim, 1, cfg["conv_kernel"]), std=0.1)
+    b.dense(f"{p}.conv1d.bias", (conv_dim,), std=0.1)
+    b.dense(f"{p}.dt_bias", (heads,), std=0.1)
+    b.dense(f"{p}.A_log", (heads,), std=0.1, dtype=torch.float32)
+    b.dense(f"{p}.D", (heads,), std=0.1, mean=1.0, dtype=torch.float32)
+    b.norm(f"{p}.norm", inner)
+    b.dense(f"{p}.out_proj.weight", (h, inner), std=1.0 / math.sqrt(inner))
+
+
+def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float, gated: bool = True) -> None:
+    if not gated:  # relu2 MLP: up and down only
+        b.linear(f"{p}.up_proj", inter, h, input_amax=amax)
+    elif b.fmt == "modelopt":
         b.linear_group([f"{p}.gate_proj", f"{p}.up_proj"], [(inter, h), (inter, h)], input_amax=amax)
     else:
         b.linear(f"{p}.gate_proj", inter, h, input_amax=amax)
@@ -366,9 +415,9 @@ def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float) -> None:
     b.linear(f"{p}.down_proj", h, inter, input_amax=amax * 0.5)
 
 
-def _attention(b: _Builder, arch: str, cfg: dict, p: str, amax: float) -> None:
+def _attention(b: _Builder, kind: str, cfg: dict, p: str, amax: float) -> None:
     h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    if arch == "deepseek_v3":
+    if kind == "mla":
         ql, kvl = cfg["q_lora_rank"], cfg["kv_lora_rank"]
         rope, nope, vd = cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
         b.linear(f"{p}.q_a_proj", ql, h, input_amax=amax)
@@ -379,11 +428,11 @@ def _attention(b: _Builder, arch: str, cfg: dict, p: str, amax: float) -> None:
         b.linear(f"{p}.kv_b_proj", nh * (nope + vd), kvl, input_amax=amax)
         b.linear(f"{p}.o_proj", h, nh * vd, input_amax=amax)
         return
-    hd, nkv = cfg["head_dim"], cfg["num_key_value_heads"]
+    hd, nkv = cfg.get("head_dim") or h // nh, cfg["num_key_value_heads"]
     b.linear(f"{p}.q_proj", nh * hd, h, input_amax=amax)
     b.linear(f"{p}.k_proj", nkv * hd, h, input_amax=amax)
     b.linear(f"{p}.v_proj", nkv * hd, h, input_amax=amax)
     b.linear(f"{p}.o_proj", h, nh * hd, input_amax=amax)
-    if arch == "qwen3_moe":
+    if kind == "gqa_qk_norm":
         b.norm(f"{p}.q_norm", hd)
         b.norm(f"{p}.k_norm", hd)

@@ -88,17 +88,20 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
     to_mult = ckpt.format.to_dequant_multiplier
     differ_ws2 = differ_input = differ_down = 0
     for layer in ckpt.layers:
-        dims = layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size)
+        dims = layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.gated)
         if dims.needs_padding:
+            what = "per gate/up half" if layer.gated else "non-gated: I to a multiple of 128"
             issues.append(
                 f"{layer.prefix}: H={dims.hidden_size}, I={dims.intermediate_size} need zero padding to "
-                f"H={dims.hidden_padded}, I={dims.intermediate_padded} (per gate/up half); convert pads and records it"
+                f"H={dims.hidden_padded}, I={dims.intermediate_padded} ({what}); convert pads and records it"
             )
-        gate = torch.stack([to_mult(ckpt.files.read(e["gate"].weight_global)).reshape(()) for e in layer.experts])
-        up = torch.stack([to_mult(ckpt.files.read(e["up"].weight_global)).reshape(()) for e in layer.experts])
-        differ_ws2 += int((gate != up).sum())
+        w13_roles = ("gate", "up") if layer.gated else ("up",)
+        if layer.gated:
+            gate = torch.stack([to_mult(ckpt.files.read(e["gate"].weight_global)).reshape(()) for e in layer.experts])
+            up = torch.stack([to_mult(ckpt.files.read(e["up"].weight_global)).reshape(()) for e in layer.experts])
+            differ_ws2 += int((gate != up).sum())
         ins = torch.stack(
-            [to_mult(ckpt.files.read(e[r].input_global)).reshape(()) for e in layer.experts for r in ("gate", "up")]
+            [to_mult(ckpt.files.read(e[r].input_global)).reshape(()) for e in layer.experts for r in w13_roles]
         )
         differ_input += int(not torch.all(ins == ins[0]))
         downs = torch.stack([to_mult(ckpt.files.read(e["down"].input_global)).reshape(()) for e in layer.experts])

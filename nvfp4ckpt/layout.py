@@ -6,6 +6,8 @@ and reversible (see docs/layout.md and the shared layout reference, sections 3 a
 For every expert of a layer (H = hidden size, I = intermediate size):
 - w13 = [up ; gate] rows (uint8 [2I, H/2]), gathered with ``w13_row_permutation(2I)``, which is
   FlashInfer's ``reorder_rows_for_gated_act_gemm`` followed by ``shuffle_matrix_a(.., 128)``.
+- Non-gated experts (relu2, Nemotron-H): w13 = up rows only (uint8 [I, H/2]) with the shuffle alone
+  (FlashInfer's ``is_gated_act_gemm=False``: no interleave), I padded to a multiple of 128.
 - w2 = down rows (uint8 [H, I/2]) gathered with ``shuffle_row_permutation(H)``.
 - Block scales get the identical row gathers and then the 128x4 swizzle of
   ``block_scale_interleave``; they keep their logical shape, only the byte order changes.
@@ -41,6 +43,7 @@ class MoEDims:
     num_experts: int
     hidden_size: int  # H
     intermediate_size: int  # I (per expert, unpadded)
+    gated: bool = True  # SwiGLU ([up ; gate]) or a non-gated activation (relu2: up only)
 
     @property
     def hidden_padded(self) -> int:
@@ -48,11 +51,27 @@ class MoEDims:
 
     @property
     def intermediate_padded(self) -> int:
-        return -(-self.intermediate_size // 64) * 64
+        return pad_intermediate(self.intermediate_size, self.gated)
 
     @property
     def needs_padding(self) -> bool:
         return (self.hidden_padded, self.intermediate_padded) != (self.hidden_size, self.intermediate_size)
+
+
+def intermediate_alignment(gated: bool) -> int:
+    """I must be a multiple of this: w13 scales have 2I (gated) or I rows, tiled by 128 (vLLM's
+    ``min_alignment``: 64 gated, 128 non-gated)."""
+    return 64 if gated else 128
+
+
+def pad_intermediate(inter: int, gated: bool = True) -> int:
+    align = intermediate_alignment(gated)
+    return -(-inter // align) * align
+
+
+def w13_halves(gated: bool) -> int:
+    """Row blocks of I in w13: [up ; gate] or [up]."""
+    return 2 if gated else 1
 
 
 @lru_cache(maxsize=64)
@@ -80,23 +99,29 @@ def w13_row_permutation(rows: int) -> torch.Tensor:
     return interleave_src
 
 
-def pad_w31(w31: torch.Tensor, s31: torch.Tensor, h_pad: int, i_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad ``[up ; gate]`` per half to ``i_pad`` rows and the inputs to ``h_pad`` (as vLLM pads:
-    ``[up | 0 | gate | 0]``). Zero codes with zero block scales contribute exactly nothing."""
-    e, two_i, _ = w31.shape
-    i = two_i // 2
-    w = torch.zeros((e, 2 * i_pad, h_pad // 2), dtype=torch.uint8, device=w31.device)
-    s = torch.zeros((e, 2 * i_pad, h_pad // 16), dtype=torch.uint8, device=w31.device)
-    for half in range(2):
+def pad_w31(
+    w31: torch.Tensor, s31: torch.Tensor, h_pad: int, i_pad: int, gated: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``[up ; gate]`` per half (or ``[up]``) to ``i_pad`` rows and the inputs to ``h_pad`` (as
+    vLLM pads: ``[up | 0 | gate | 0]``). Zero codes with zero block scales contribute exactly nothing."""
+    halves = w13_halves(gated)
+    e, rows, _ = w31.shape
+    i = rows // halves
+    w = torch.zeros((e, halves * i_pad, h_pad // 2), dtype=torch.uint8, device=w31.device)
+    s = torch.zeros((e, halves * i_pad, h_pad // 16), dtype=torch.uint8, device=w31.device)
+    for half in range(halves):
         w[:, half * i_pad : half * i_pad + i, : w31.shape[-1]] = _as_u8(w31)[:, half * i : (half + 1) * i]
         s[:, half * i_pad : half * i_pad + i, : s31.shape[-1]] = _as_u8(s31)[:, half * i : (half + 1) * i]
     return w, s
 
 
-def unpad_w31(w: torch.Tensor, s: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pad_w31` (the padding is dropped; :func:`w31_padding_is_zero` checks it)."""
-    i_pad = w.shape[-2] // 2
-    rows = torch.cat([torch.arange(inter), i_pad + torch.arange(inter)]).to(w.device)
+def unpad_w31(
+    w: torch.Tensor, s: torch.Tensor, hidden: int, inter: int, gated: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pad_w31` (the padding is dropped)."""
+    halves = w13_halves(gated)
+    i_pad = w.shape[-2] // halves
+    rows = torch.cat([h * i_pad + torch.arange(inter) for h in range(halves)]).to(w.device)
     return (
         _as_u8(w).index_select(-2, rows)[..., : hidden // 2].contiguous(),
         _as_u8(s).index_select(-2, rows)[..., : hidden // 16].contiguous(),
@@ -218,11 +243,19 @@ def w13_to_kernel(
     return w31_to_kernel(w31, s31)
 
 
-def w31_to_kernel(w31: torch.Tensor, s31: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel order for an already stacked ``[up ; gate]`` (uint8 ``[E, 2I, H/2]``, scales ``[E, 2I, H/16]``)."""
-    weight = w13_rows_to_kernel(w31)
-    scale = swizzle_scales_128x4(w13_rows_to_kernel(s31))
+def w31_to_kernel(w31: torch.Tensor, s31: torch.Tensor, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel order for an already stacked ``[up ; gate]`` (uint8 ``[E, 2I, H/2]``, scales ``[E, 2I, H/16]``);
+    non-gated: ``[up]`` (``[E, I, ...]``), shuffled without the gated interleave."""
+    rows_to_kernel = w13_rows_to_kernel if gated else shuffle_rows
+    weight = rows_to_kernel(w31)
+    scale = swizzle_scales_128x4(rows_to_kernel(s31))
     return weight, scale.view(torch.float8_e4m3fn)
+
+
+def w31_from_kernel(weight: torch.Tensor, scale: torch.Tensor, gated: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`w31_to_kernel`: (``[up ; gate]`` or ``[up]`` rows, their scales), both uint8."""
+    rows_from_kernel = w13_rows_from_kernel if gated else unshuffle_rows
+    return rows_from_kernel(weight), rows_from_kernel(unswizzle_scales_128x4(scale))
 
 
 def w2_to_kernel(down: torch.Tensor, down_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

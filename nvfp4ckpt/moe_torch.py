@@ -11,7 +11,7 @@ Per layer (H = hidden, I = intermediate, K = top_k):
 2. Weights are dequantized exactly: ``e2m1 * e4m3 * weight_scale_2`` (``quant.dequantize``; the e2m1*e4m3
    product is exact, the global multiplier rounds once in fp32).
 3. For every routed (token, expert) pair, in fp32: ``gate = x @ Wg^T``, ``up = x @ Wu^T``,
-   ``inter = up * silu(gate)``; then ``act="nvfp4"``: ``inter`` is quant-dequantized to NVFP4 with global scale
+   ``inter = up * silu(gate)`` (non-gated experts, ``gate=None``: ``inter = relu(up)^2``, Nemotron-H's relu2); then ``act="nvfp4"``: ``inter`` is quant-dequantized to NVFP4 with global scale
    ``1/a2`` (the static ``w2`` input scale, not a dynamic amax); ``act="bf16"``: ``inter`` is rounded to bf16.
    ``y = inter @ Wd^T``.
 4. Finalize: ``out[t] = sum_k topk_weights[t, k] * y[t, k]``, summed in k order, fp32.
@@ -39,13 +39,13 @@ def moe_forward_torch(
     hidden_states: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    gate: torch.Tensor,
+    gate: torch.Tensor | None,
     up: torch.Tensor,
     down: torch.Tensor,
-    gate_scale: torch.Tensor,
+    gate_scale: torch.Tensor | None,
     up_scale: torch.Tensor,
     down_scale: torch.Tensor,
-    ws2_gate: torch.Tensor,
+    ws2_gate: torch.Tensor | None,
     ws2_up: torch.Tensor,
     ws2_down: torch.Tensor,
     a1: float,
@@ -58,17 +58,19 @@ def moe_forward_torch(
     gate/up: uint8 ``[E, I, H/2]``, down: uint8 ``[E, H, I/2]`` (two e2m1 codes per byte, low nibble first).
     gate_scale/up_scale: float8_e4m3fn ``[E, I, H/16]``, down_scale ``[E, H, I/16]`` (linear layout).
     ws2_*: fp32 ``[E]`` (ModelOpt ``weight_scale_2``); a1/a2: the w13/w2 input scales (max over all experts).
+    ``gate``, ``gate_scale`` and ``ws2_gate`` are None for non-gated (relu2) experts.
     """
     if act not in ACT_MODES:
         raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
     num_tokens, hidden = hidden_states.shape
-    num_experts, inter_size, _ = gate.shape
+    num_experts, inter_size, _ = up.shape
+    gated = gate is not None
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
         raise ValueError("topk_ids and topk_weights must both be [T, K]")
-    if up.shape != gate.shape or down.shape != (num_experts, hidden, inter_size // 2):
+    if (gated and up.shape != gate.shape) or down.shape != (num_experts, hidden, inter_size // 2):
         raise ValueError("gate/up must be [E, I, H/2] and down [E, H, I/2]")
-    if gate.shape[-1] * 2 != hidden:
-        raise ValueError(f"gate has {gate.shape[-1] * 2} inputs, hidden states have {hidden}")
+    if up.shape[-1] * 2 != hidden:
+        raise ValueError(f"up has {up.shape[-1] * 2} inputs, hidden states have {hidden}")
     top_k = topk_ids.shape[1]
     device = hidden_states.device
     a1f, a2f = _scalar(a1), _scalar(a2)
@@ -85,12 +87,14 @@ def moe_forward_torch(
             continue
         pairs = torch.nonzero(flat_ids == e).squeeze(1)
         xe = x.index_select(0, pairs // top_k)
-        w_gate = dequantize(gate[e], gate_scale[e], ws2_gate[e])
         w_up = dequantize(up[e], up_scale[e], ws2_up[e])
         w_down = dequantize(down[e], down_scale[e], ws2_down[e])
-        g = xe @ w_gate.T
         u = xe @ w_up.T
-        inter = u * torch.nn.functional.silu(g)
+        if gated:
+            g = xe @ dequantize(gate[e], gate_scale[e], ws2_gate[e]).T
+            inter = u * torch.nn.functional.silu(g)
+        else:
+            inter = torch.relu(u).square()
         if act == "nvfp4":
             inter = quantize_activations(inter, 1.0 / a2f)
         else:

@@ -96,7 +96,7 @@ def _expert_specs(layer: KernelLayer, fmt) -> list[PlannedTensor]:
     shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
     out = []
     for x in range(e):
-        for role in ("gate", "up", "down"):
+        for role in layer.roles:
             n, k = shapes[role]
             base = f"{layer.prefix}.{x}.{layer.proj_names[role]}"
             out.append(PlannedTensor(f"{base}.{fmt.weight_suffix}", "U8", (n, k // 2)))
@@ -112,21 +112,20 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, tor
     t = ckpt.reassemble_layer(layer)
     i = layer.intermediate_size
     e4m3 = torch.float8_e4m3fn
-    up, gate = t["w31"][:, :i], t["w31"][:, i:]
-    up_s, gate_s = t["s31"][:, :i].view(e4m3), t["s31"][:, i:].view(e4m3)
-    down, down_s = t["down"], t["down_scale"].view(e4m3)
+    # w31 rows: [up ; gate] (gated) or [up]; scalar columns: (gate, up, down) or (up, down)
+    mats = {"up": (t["w31"][:, :i], t["s31"][:, :i].view(e4m3)), "down": (t["down"], t["down_scale"].view(e4m3))}
+    if layer.gated:
+        mats["gate"] = (t["w31"][:, i:], t["s31"][:, i:].view(e4m3))
     dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
     if ckpt.source_format == "compressed-tensors":
-        w_glob = torch.stack([t["w13_weight_global_scale"][:, 0], t["w13_weight_global_scale"][:, 1], t["w2_weight_global_scale"]], 1)
-        i_glob = torch.stack([t["w13_input_global_scale"][:, 0], t["w13_input_global_scale"][:, 1], t["w2_input_global_scale"]], 1)
+        w13_w, w2_w, w13_i, w2_i = "w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale"
     else:
-        w_glob = torch.stack([t["w13_weight_scale_2"][:, 0], t["w13_weight_scale_2"][:, 1], t["w2_weight_scale_2"]], 1)
-        i_glob = torch.stack([t["w13_input_scale"][:, 0], t["w13_input_scale"][:, 1], t["w2_input_scale"]], 1)
-    w_glob, i_glob = w_glob.to(dtype), i_glob.to(dtype)
+        w13_w, w2_w, w13_i, w2_i = "w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale"
+    w_glob = torch.cat([t[w13_w], t[w2_w].unsqueeze(1)], 1).to(dtype)
+    i_glob = torch.cat([t[w13_i], t[w2_i].unsqueeze(1)], 1).to(dtype)
     out: dict[str, torch.Tensor] = {}
-    mats = {"gate": (gate, gate_s), "up": (up, up_s), "down": (down, down_s)}
     for x in range(layer.num_experts):
-        for r, role in enumerate(("gate", "up", "down")):
+        for r, role in enumerate(layer.roles):
             base = f"{layer.prefix}.{x}.{layer.proj_names[role]}"
             w, s = mats[role]
             out[f"{base}.{fmt.weight_suffix}"] = w[x]

@@ -17,6 +17,12 @@ Methods (FlashInfer enum value in brackets; the FlashInfer member names such as 
   them; the weights are the *unbiased* scores of the chosen experts, divided by their sum (+1e-20, as HF and
   FlashInfer's reference) when ``norm_topk_prob``, times ``routed_scaling_factor`` (HF DeepseekV3TopkRouter).
 
+- ``"minimax2"`` [7]: ``scores = sigmoid(logits)``, top-k on ``scores + bias``, weights are the unbiased scores
+  of the chosen experts divided by their sum (+1e-20), times ``routed_scaling_factor`` (HF MiniMax-M2).
+- ``"llama4"`` [3]: top-k on the logits (Llama-4 uses k = 1), weight = ``sigmoid(logit)`` of each chosen
+  expert, no renormalization. Llama-4 applies the weight to the expert's *input*; ``route`` only returns it
+  (``runtime.MoELayer`` scales the hidden states, as vLLM's ``apply_router_weight_on_input``).
+
 For the softmax methods ``bias`` (if given) is added to the logits before anything else and the weights are
 multiplied by ``routed_scaling_factor`` (default 1.0), as in FlashInfer's reference implementations.
 
@@ -32,14 +38,17 @@ import torch
 
 __all__ = ["FLASHINFER_ROUTING_METHOD_TYPE", "ROUTING_METHODS", "canonical_method", "route"]
 
-ROUTING_METHODS = ("default", "renormalize", "renormalize_naive", "deepseek_v3")
+ROUTING_METHODS = ("default", "renormalize", "renormalize_naive", "deepseek_v3", "llama4", "minimax2")
+WEIGHTS_ON_INPUT = ("llama4",)  # methods whose weight scales the expert input, not its output
 
 # flashinfer.tllm_enums.RoutingMethodType values (recorded for reference; compare by name, not number).
 FLASHINFER_ROUTING_METHOD_TYPE = {
     "default": 0,
     "renormalize": 1,
     "deepseek_v3": 2,
+    "llama4": 3,
     "renormalize_naive": 4,
+    "minimax2": 7,
 }
 
 _ALIASES = {
@@ -49,6 +58,8 @@ _ALIASES = {
     "renormalize_naive": "renormalize_naive",
     "deepseekv3": "deepseek_v3",
     "deepseek_v3": "deepseek_v3",
+    "llama4": "llama4",
+    "minimax2": "minimax2",
 }
 
 
@@ -92,6 +103,11 @@ def route(
 
     if method == "deepseek_v3":
         ids, weights = _route_deepseek_v3(logits, top_k, bias_f, n_group, topk_group, norm_topk_prob)
+    elif method == "minimax2":
+        ids, weights = _route_deepseek_v3(logits, top_k, bias_f, 1, 1, True)
+    elif method == "llama4":
+        top_logits, ids = _topk_desc(logits if bias_f is None else logits + bias_f, top_k)
+        weights = torch.sigmoid(top_logits)
     else:
         if bias_f is not None:
             logits = logits + bias_f

@@ -41,15 +41,16 @@ def default_backend(device: torch.device | str) -> str:
 
 @dataclass
 class SourceWeights:
-    """A layer's weights back in source layout (for the torch reference)."""
+    """A layer's weights back in source layout (for the torch reference); the gate fields are None for
+    non-gated (relu2) experts."""
 
-    gate: torch.Tensor
+    gate: torch.Tensor | None
     up: torch.Tensor
     down: torch.Tensor
-    gate_scale: torch.Tensor
+    gate_scale: torch.Tensor | None
     up_scale: torch.Tensor
     down_scale: torch.Tensor
-    ws2_gate: torch.Tensor
+    ws2_gate: torch.Tensor | None
     ws2_up: torch.Tensor
     ws2_down: torch.Tensor
     a1: float
@@ -60,22 +61,25 @@ def stacked_source_weights(
     stacked: dict[str, torch.Tensor], ws2: torch.Tensor, input_scale: torch.Tensor, device: torch.device | str
 ) -> SourceWeights:
     """SourceWeights from a whole layer in source layout: ``w31`` ``[up; gate]``, ``s31``, ``down``, ``down_scale``
-    (uint8) and ModelOpt-convention scales ``[E, 3]`` (columns gate, up, down); a1/a2 are their maxima."""
-    i = stacked["w31"].shape[-2] // 2
+    (uint8) and ModelOpt-convention scales ``[E, 3]`` (columns gate, up, down); a1/a2 are their maxima.
+    Non-gated layers: ``w31`` is ``[up]`` and the scales are ``[E, 2]`` (up, down)."""
+    n = ws2.shape[1] - 1  # w13 halves
+    i = stacked["w31"].shape[-2] // n
     e4m3 = torch.float8_e4m3fn
     ws2 = ws2.float().to(device)
+    gated = n == 2
     return SourceWeights(
-        gate=stacked["w31"][:, i:].contiguous().to(device),
+        gate=stacked["w31"][:, i:].contiguous().to(device) if gated else None,
         up=stacked["w31"][:, :i].contiguous().to(device),
         down=stacked["down"].to(device),
-        gate_scale=stacked["s31"][:, i:].contiguous().view(e4m3).to(device),
+        gate_scale=stacked["s31"][:, i:].contiguous().view(e4m3).to(device) if gated else None,
         up_scale=stacked["s31"][:, :i].contiguous().view(e4m3).to(device),
         down_scale=stacked["down_scale"].view(e4m3).to(device),
-        ws2_gate=ws2[:, 0].contiguous(),
-        ws2_up=ws2[:, 1].contiguous(),
-        ws2_down=ws2[:, 2].contiguous(),
-        a1=float(input_scale[:, :2].max()),
-        a2=float(input_scale[:, 2].max()),
+        ws2_gate=ws2[:, 0].contiguous() if gated else None,
+        ws2_up=ws2[:, n - 1].contiguous(),
+        ws2_down=ws2[:, n].contiguous(),
+        a1=float(input_scale[:, :n].max()),
+        a2=float(input_scale[:, n].max()),
     )
 
 
@@ -95,6 +99,7 @@ class MoELayer:
     expert_offset: int = 0  # rank-sharded output: first global expert of this rank
     rank: RankSpec | None = None
     global_input_scales: tuple[float, float] | None = None  # (a1, a2) over all ranks' experts
+    gated: bool = True  # SwiGLU; False: non-gated relu2 (w13 holds up only)
     _source: SourceWeights | None = field(default=None, repr=False)
 
     @property
@@ -140,19 +145,31 @@ class MoELayer:
             norm_topk_prob=r.get("norm_topk_prob", True),
         )
 
+    def weights_on_input(self, hidden: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama-4 routing scales the expert input: ``x * w`` (in the hidden dtype, before any quantization,
+        as vLLM's ``apply_router_weight_on_input``; top-1 only), then the output weight is 1."""
+        from .routing import WEIGHTS_ON_INPUT, canonical_method
+
+        if canonical_method(self.routing["method"]) not in WEIGHTS_ON_INPUT:
+            return hidden, weights
+        if weights.shape[1] != 1:
+            raise InputError(f"{self.prefix}: {self.routing['method']} routing applies weights on the input; top_k must be 1")
+        return (hidden * weights.to(hidden.dtype)).to(hidden.dtype), torch.ones_like(weights)
+
     def source_weights(self) -> SourceWeights:
         """Un-shuffled weights and ModelOpt-convention scalars (cached)."""
         if self._source is None:
             t = self.tensors
             logical_i = self.rank.intermediate_size if self.rank else self.intermediate_size
-            w31, s31, down, down_s, _ = from_kernel(t, self.hidden_size, logical_i)  # padding dropped
+            w31, s31, down, down_s, _ = from_kernel(t, self.hidden_size, logical_i, self.gated)  # padding dropped
             e4m3 = torch.float8_e4m3fn
-            up, gate = w31[:, :logical_i], w31[:, logical_i:]
-            up_s, gate_s = s31[:, :logical_i].view(e4m3), s31[:, logical_i:].view(e4m3)
-            down_s = down_s.view(e4m3)
+            up, up_s = w31[:, :logical_i], s31[:, :logical_i].view(e4m3)
+            gate = w31[:, logical_i:] if self.gated else None
+            gate_s = s31[:, logical_i:].view(e4m3) if self.gated else None
+            ws2_13 = t["w13_weight_scale_2"]
             self._source = SourceWeights(
-                gate, up, down, gate_s, up_s, down_s,
-                t["w13_weight_scale_2"][:, 0].contiguous(), t["w13_weight_scale_2"][:, 1].contiguous(), t["w2_weight_scale_2"],
+                gate, up, down, gate_s, up_s, down_s.view(e4m3),
+                ws2_13[:, 0].contiguous() if self.gated else None, ws2_13[:, -1].contiguous(), t["w2_weight_scale_2"],
                 *(self.global_input_scales or (float(t["w13_input_scale"].max()), float(t["w2_input_scale"].max()))),
             )  # fmt: skip
         return self._source
@@ -177,6 +194,7 @@ class MoELayer:
             return run_trtllm(self, hidden_states, router_logits)
         topk_ids, topk_weights = self.route(router_logits)
         topk_ids = self.local_ids(topk_ids)
+        hidden_states, topk_weights = self.weights_on_input(hidden_states, topk_weights)
         if backend == "triton":
             return self.forward_triton(hidden_states, topk_ids, topk_weights, act)
         return self.forward_torch(hidden_states, topk_ids, topk_weights, act)
@@ -193,6 +211,11 @@ class MoELayer:
     def forward_triton(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
         if self.device.type != "cuda":
             raise InputError("--backend triton needs a CUDA GPU (SM80 or newer); use --backend torch on CPU")
+        if not self.gated:
+            raise InputError(
+                f"{self.prefix}: the Triton backend runs SwiGLU experts only, this layer is non-gated (relu2); "
+                "use --backend torch (or trtllm on Blackwell)"
+            )
         from .kernels.triton_moe import moe_forward_triton
 
         t = self.tensors
@@ -250,6 +273,7 @@ def load_moe_layer(
         expert_offset=spec.expert_start if spec else 0,
         rank=spec,
         global_input_scales=global_scales,
+        gated=info.gated,
     )
 
 
@@ -311,9 +335,11 @@ def trtllm_kwargs(
     if "activation_type" in params:  # FlashInfer >= 0.6.3
         from flashinfer.tllm_enums import ActivationType
 
-        kwargs["activation_type"] = int(ActivationType.Swiglu)
-    elif "gated_act_type" in params:  # 0.3 .. 0.6.2: GatedActType.SwiGlu == 0
+        kwargs["activation_type"] = int(ActivationType.Swiglu if layer.gated else ActivationType.Relu2)
+    elif "gated_act_type" in params and layer.gated:  # 0.3 .. 0.6.2: GatedActType.SwiGlu == 0
         kwargs["gated_act_type"] = 0
+    elif not layer.gated:
+        raise InputError("installed FlashInfer's trtllm_fp4_block_scale_moe has no activation_type (needs >= 0.6.3 for relu2)")
     if "tile_tokens_dim" in params:  # removed in 0.6.0; None means automatic from 0.4.1
         kwargs["tile_tokens_dim"] = None
     if "tune_max_num_tokens" in params:

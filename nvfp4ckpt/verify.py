@@ -153,7 +153,9 @@ def verify_checkpoint(
         t0 = time.perf_counter()
         for n, layer in enumerate(selected):
             tick("numerics", n, len(selected))
-            results.append(check_layer_numerics(ckpt, src, layer, chosen, act, tokens, seed, dev))
+            # auto: the Triton kernel is SwiGLU-only, so non-gated (relu2) layers run on the torch backend
+            layer_backend = "torch" if backend == "auto" and chosen == "triton" and not layer.gated else chosen
+            results.append(check_layer_numerics(ckpt, src, layer, layer_backend, act, tokens, seed, dev))
         tick("numerics", len(selected), len(selected))
         report.numerics = results
         bad = [r for r in results if not r.passed]
@@ -199,7 +201,7 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
             where = f"{rank.part}: " if rank else ""
             files = ckpt.files_for(rank)
             for name, dtype, shape in canonical_specs(
-                layer.prefix, experts, layer.hidden_padded, inter, ckpt.source_format, layer.scalar_dtype
+                layer.prefix, experts, layer.hidden_padded, inter, ckpt.source_format, layer.scalar_dtype, layer.gated
             ):
                 info = files.tensors.get(name)
                 if info is None:
@@ -239,8 +241,9 @@ def _scalar_problems(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> list[str]
             problems.append(f"{layer.prefix}.{name}: non-finite or non-positive values")
     if problems:
         return problems
-    ws2 = torch.stack([t["w13_weight_scale_2"][:, 0], t["w13_weight_scale_2"][:, 1], t["w2_weight_scale_2"]], 1)
-    inp = torch.stack([t["w13_input_scale"][:, 0], t["w13_input_scale"][:, 1], t["w2_input_scale"]], 1)
+    # columns (gate, up, down), or (up, down) for non-gated layers
+    ws2 = torch.cat([t["w13_weight_scale_2"], t["w2_weight_scale_2"].unsqueeze(1)], 1)
+    inp = torch.cat([t["w13_input_scale"], t["w2_input_scale"].unsqueeze(1)], 1)
     expect = kernel_scalars(ws2, inp)
     for name in ("g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"):
         if not torch.equal(t[name], expect[name]):
@@ -347,13 +350,16 @@ def _compare_layer(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, layer: Kern
     if not bool(t["padding_zero"]):
         return f"{layer.prefix}: padding bytes are not zero"
     i = layer.intermediate_size
+    if t["w31"].shape != s["w31"].shape:
+        return f"{layer.prefix}: w13 holds {t['w31'].shape[1] // i} of I rows, the source {s['w31'].shape[1] // i} (gated vs non-gated)"
+    w13_roles = ("up", "gate") if layer.gated else ("up",)
     pairs = [
-        ("w13_weight", "up_proj weight", t["w31"][:, :i], s["w31"][:, :i]),
-        ("w13_weight", "gate_proj weight", t["w31"][:, i:], s["w31"][:, i:]),
-        ("w13_weight_scale", "up_proj weight_scale", t["s31"][:, :i], s["s31"][:, :i]),
-        ("w13_weight_scale", "gate_proj weight_scale", t["s31"][:, i:], s["s31"][:, i:]),
-        ("w2_weight", "down_proj weight", t["down"], s["down"]),
-        ("w2_weight_scale", "down_proj weight_scale", t["down_scale"], s["down_scale"]),
+        (name, f"{src_layer.proj_names[role]} {what}", t[key][:, k * i : (k + 1) * i], s[key][:, k * i : (k + 1) * i])
+        for name, key, what in (("w13_weight", "w31", "weight"), ("w13_weight_scale", "s31", "weight_scale"))
+        for k, role in enumerate(w13_roles)
+    ] + [
+        ("w2_weight", f"{src_layer.proj_names['down']} weight", t["down"], s["down"]),
+        ("w2_weight_scale", f"{src_layer.proj_names['down']} weight_scale", t["down_scale"], s["down_scale"]),
     ]
     for name, what, got, want in pairs:
         hit = _first_mismatch(got, want)
@@ -406,7 +412,8 @@ def check_layer_numerics(
     _sync(device)
     t1 = time.perf_counter()
     ids, weights = ref_layer.route(logits)
-    ref = ref_layer.forward_torch(hidden, ids, weights, act).float()
+    ref_in, weights = ref_layer.weights_on_input(hidden, weights)
+    ref = ref_layer.forward_torch(ref_in, ids, weights, act).float()
     _sync(device)
     read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
     diff = out - ref
@@ -449,14 +456,14 @@ def _reference_layer(
         weights = stacked_source_weights(s, to_mult(s["raw_scalars"][:, :, 0]), to_mult(s["raw_scalars"][:, :, 1]), device)
     else:
         s = ckpt.reassemble_layer(layer)
-        ws2 = torch.stack([s["w13_weight_scale_2"][:, 0], s["w13_weight_scale_2"][:, 1], s["w2_weight_scale_2"]], 1)
-        inp = torch.stack([s["w13_input_scale"][:, 0], s["w13_input_scale"][:, 1], s["w2_input_scale"]], 1)
+        ws2 = torch.cat([s["w13_weight_scale_2"], s["w2_weight_scale_2"].unsqueeze(1)], 1)
+        inp = torch.cat([s["w13_input_scale"], s["w2_input_scale"].unsqueeze(1)], 1)
         weights = stacked_source_weights(s, ws2, inp, device)
     bias = moe.routing_bias
     if src is not None and moe.routing.get("bias_suffix"):
         name = f"{layer.prefix.rsplit('.', 1)[0]}.{moe.routing['bias_suffix']}"
         bias = src.files.read(name).to(device) if name in src.files.tensors else None
-    ref = MoELayer(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias)
+    ref = MoELayer(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias, gated=layer.gated)
     ref._source = weights
     return ref
 

@@ -112,3 +112,49 @@ def test_strided_row_permutations_equal_index_gathers(rows, cols):
     assert torch.equal(layout.shuffle_rows(x), x[:, layout.shuffle_row_permutation(rows)])
     assert torch.equal(layout.w13_rows_from_kernel(layout.w13_rows_to_kernel(x)), x)
     assert torch.equal(layout.unshuffle_rows(layout.shuffle_rows(x)), x)
+
+
+# Non-gated experts (relu2, Nemotron-H): w13 is up only, shuffled without the gated interleave.
+NON_GATED_SHAPES = [(2, 128, 128), (3, 256, 256), (2, 2688, 1920)]  # 1920: Nemotron-3-Nano's 1856 padded to 128
+
+
+@pytest.mark.parametrize("e,h,i", NON_GATED_SHAPES)
+def test_non_gated_w13_matches_flashinfer(e, h, i):
+    gen = torch.Generator().manual_seed(5 * i + h)
+    up, up_s = _rand_u8(gen, e, i, h // 2), _rand_u8(gen, e, i, h // 16)
+    weight, scale = layout.w31_to_kernel(up, up_s, gated=False)
+    assert weight.shape == (e, i, h // 2) and scale.shape == (e, i, h // 16)
+    cache: dict = {}
+    for x in range(e):
+        perm = _maybe_get_cached_w3_w1_permute_indices(cache, up[x], 128, is_gated_act_gemm=False)
+        assert torch.equal(weight[x], up[x][perm])
+        assert torch.equal(weight[x], shuffle_matrix_a(up[x], 128))
+        sperm = _maybe_get_cached_w3_w1_permute_indices(cache, up_s[x], 128, num_elts_per_sf=16, is_gated_act_gemm=False)
+        assert torch.equal(scale[x].view(torch.uint8), reference_swizzle_128x4(up_s[x][sperm]))
+    w31, s31 = layout.w31_from_kernel(weight, scale, gated=False)
+    assert torch.equal(w31, up) and torch.equal(s31, up_s)
+
+
+def test_non_gated_pads_intermediate_to_128():
+    assert layout.MoEDims(1, 2688, 1856, gated=False).intermediate_padded == 1920
+    assert layout.MoEDims(1, 2688, 1856, gated=True).intermediate_padded == 1856
+    up = torch.randint(0, 256, (2, 192, 64), dtype=torch.uint8)
+    up_s = torch.randint(0, 256, (2, 192, 8), dtype=torch.uint8)
+    w, s = layout.pad_w31(up, up_s, 128, 256, gated=False)
+    assert w.shape == (2, 256, 64) and not w[:, 192:].any() and not s[:, 192:].any()
+    back_w, back_s = layout.unpad_w31(w, s, 128, 192, gated=False)
+    assert torch.equal(back_w, up) and torch.equal(back_s, up_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("e,h,i", NON_GATED_SHAPES)
+def test_non_gated_matches_flashinfer_gpu_scale_shuffle(e, h, i):
+    from flashinfer import shuffle_matrix_sf_a
+
+    gen = torch.Generator().manual_seed(3 * i + h)
+    up, up_s = _rand_u8(gen, e, i, h // 2), _rand_u8(gen, e, i, h // 16)
+    weight, scale = layout.w31_to_kernel(up.cuda(), up_s.cuda(), gated=False)
+    for x in range(e):
+        assert torch.equal(weight[x], shuffle_matrix_a(up[x].cuda(), 128))
+        fi_s = shuffle_matrix_sf_a(up_s[x].cuda(), 128)
+        assert torch.equal(scale[x].view(torch.uint8).reshape(-1), fi_s.view(torch.uint8).reshape(-1))

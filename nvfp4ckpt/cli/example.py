@@ -16,7 +16,7 @@ EXAMPLE_EXAMPLES = """Examples:\n\n  nvfp4ckpt example ./tiny\n\n  nvfp4ckpt exa
 def example(
     out: OutArg,
     format: Annotated[str, typer.Option("--format", help=f"Source format: {' | '.join(FORMAT_CHOICES)}.")] = "modelopt",
-    arch: Annotated[str, typer.Option("--arch", help="Architecture: qwen3_moe | deepseek_v3 | mixtral.")] = "qwen3_moe",
+    arch: Annotated[str, typer.Option("--arch", help="Family, by transformers model_type (see `nvfp4ckpt inspect --families`): qwen3_moe, deepseek_v3, mixtral, qwen2_moe, qwen3_next, glm4_moe, kimi_k2, minimax_m2, llama4, nemotron_h.")] = "qwen3_moe",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     shards: Annotated[int, typer.Option("--shards", min=1, help="Number of safetensors shards (tiny example).")] = 2,
     shape: Annotated[str | None, typer.Option("--shape", help=f"Synthetic checkpoint at real layer shapes: {' | '.join(SHAPES)}.")] = None,

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich.table import Table
 
+from .. import architectures
+from ..errors import InputError
 from ..inspect import inspect_checkpoint
-from ._options import JsonOpt, RevisionOpt, SrcArg
+from ._options import JsonOpt, RevisionOpt
 from ._output import Output, human_bytes
 
-INSPECT_EXAMPLES = """Examples:\n\n  nvfp4ckpt inspect ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt inspect nvidia/DeepSeek-R1-NVFP4 --json"""
+INSPECT_EXAMPLES = (
+    """Examples:\n\n  nvfp4ckpt inspect ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt inspect nvidia/DeepSeek-R1-NVFP4 --json"""
+    """\n\n  nvfp4ckpt inspect --families"""
+)
+
+OptionalSrcArg = Annotated[
+    str | None, typer.Argument(help="Checkpoint folder, or a Hugging Face Hub repo id (owner/name).", show_default=False)
+]
+FamiliesOpt = Annotated[bool, typer.Option("--families", help="List the supported model families and exit.")]
 
 
-def inspect(src: SrcArg, json: JsonOpt = False, revision: RevisionOpt = None) -> None:
-    """Describe a source or converted checkpoint without reading its weights."""
+def inspect(src: OptionalSrcArg = None, json: JsonOpt = False, revision: RevisionOpt = None, families: FamiliesOpt = False) -> None:
+    """Describe a source or converted checkpoint without reading its weights (or list supported families)."""
     out = Output(json_mode=json)
+    if families:
+        rows = [architectures.describe(a) for a in architectures.registered()]
+        out.result({"families": rows})
+        table = Table("family", "model_type", "activation", "routing", "expert tensors", title_justify="left")
+        for f in rows:
+            table.add_row(f["name"], ", ".join(f["model_types"]), f["activation"], str(f["routing"]), f["experts"])
+        out.table(table)
+        return
+    if src is None:
+        raise InputError("inspect: pass a checkpoint folder or Hub repo id (or --families)")
     report = inspect_checkpoint(src, revision)
     out.result(report.to_dict())
     summary = Table(title=f"{report.path}", show_header=False, title_justify="left")
