@@ -45,7 +45,8 @@ class ModelNames:
     shared_expert: str | None = None  # shared expert module inside the block
     shared_expert_gate: str | None = None  # Qwen2-MoE/Qwen3-Next: sigmoid gate on the shared expert
     attention: str = "self_attn"  # attention module inside a layer ("" for hybrid mixers)
-    attention_kind: str = "gqa"  # "gqa", "gqa_qk_norm" or "mla"
+    attention_kind: str = "gqa"  # "gqa", "gqa_qk_norm" (per head), "gqa_full_qk_norm" (over all heads) or "mla"
+    qkv_bias: bool = False  # Qwen2-MoE's q/k/v projections have biases
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
@@ -374,7 +375,7 @@ QWEN2_MOE = register(
         router_suffix="gate.weight",
         routing=_qwen2_routing,
         description="Qwen1.5/Qwen2-MoE: softmax top-k (renormalized only with norm_topk_prob), shared expert with a sigmoid gate",
-        names=ModelNames(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+        names=ModelNames(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate", qkv_bias=True),
         layer_kinds=_qwen_layer_kinds,
         example_config=lambda: {
             **_TINY_COMMON,
@@ -492,7 +493,7 @@ MINIMAX_M2 = register(
         router_suffix="gate.weight",
         routing=_minimax_m2_routing,
         description="MiniMax-M2: block_sparse_moe.experts.{w1,w3,w2}, sigmoid top-k with a routing bias, renormalized",
-        names=ModelNames(block="block_sparse_moe", projections=("w1", "w3", "w2"), attention_kind="gqa_qk_norm"),
+        names=ModelNames(block="block_sparse_moe", projections=("w1", "w3", "w2"), attention_kind="gqa_full_qk_norm"),
         example_config=lambda: {
             **_TINY_COMMON,
             "architectures": ["MiniMaxM2ForCausalLM"],

@@ -342,7 +342,7 @@ def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> 
         else:
             b.norm(f"{p}.input_layernorm", h)
             b.norm(f"{p}.post_attention_layernorm", h)
-            _attention(b, names.attention_kind, cfg, f"{p}.{names.attention}", amax("attn"))
+            _attention(b, names.attention_kind, cfg, f"{p}.{names.attention}", amax("attn"), names.qkv_bias)
         block = f"{p}.{names.block}"
         if kind == "mamba":
             _mamba_mixer(b, cfg, block)
@@ -415,7 +415,7 @@ def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float, gated: bool
     b.linear(f"{p}.down_proj", h, inter, input_amax=amax * 0.5)
 
 
-def _attention(b: _Builder, kind: str, cfg: dict, p: str, amax: float) -> None:
+def _attention(b: _Builder, kind: str, cfg: dict, p: str, amax: float, qkv_bias: bool = False) -> None:
     h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     if kind == "mla":
         ql, kvl = cfg["q_lora_rank"], cfg["kv_lora_rank"]
@@ -433,6 +433,12 @@ def _attention(b: _Builder, kind: str, cfg: dict, p: str, amax: float) -> None:
     b.linear(f"{p}.k_proj", nkv * hd, h, input_amax=amax)
     b.linear(f"{p}.v_proj", nkv * hd, h, input_amax=amax)
     b.linear(f"{p}.o_proj", h, nh * hd, input_amax=amax)
+    if qkv_bias:
+        for proj, size in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+            b.dense(f"{p}.{proj}.bias", (size,), std=0.02)
+    if kind == "gqa_full_qk_norm":  # MiniMax-M2: one norm over all heads
+        b.norm(f"{p}.q_norm", nh * hd)
+        b.norm(f"{p}.k_norm", nkv * hd)
     if kind == "gqa_qk_norm":
         b.norm(f"{p}.q_norm", hd)
         b.norm(f"{p}.k_norm", hd)

@@ -47,7 +47,12 @@ ROUTING_MODES = ("auto", "hf", "kernel")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
 # transformers-in-memory name fragment -> on-disk fragment, per family (only used when the first spelling is absent).
-_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {"mixtral": ((".mlp.", ".block_sparse_moe."),)}
+_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": ((".mlp.", ".block_sparse_moe."),),
+    "minimax_m2": ((".mlp.", ".block_sparse_moe."),),
+}
+# Families whose checkpoints name a model type transformers knows under another name (Kimi-K2 is DeepSeek-V3).
+_HF_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -278,7 +283,7 @@ def build_skeleton(config: dict, where: Path) -> tuple[architectures.Architectur
 
     cfg = json.loads(json.dumps(config))
     cfg.pop("quantization_config", None)  # nvfp4ckpt dequantizes/fuses itself: no transformers quantizer
-    model_type = cfg.get("model_type")
+    model_type = cfg["model_type"] = _HF_MODEL_TYPE.get(cfg.get("model_type"), cfg.get("model_type"))
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedArchitectureError(
             f"{where}: transformers {transformers.__version__} has no model type {model_type!r}; upgrade transformers"

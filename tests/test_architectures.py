@@ -67,5 +67,25 @@ def test_fake_family_converts_through_the_registry(example_factory, tmp_path, fa
 
 
 def test_unknown_family_lists_the_registered_ones():
-    with pytest.raises(UnsupportedArchitectureError, match="supported: deepseek_v3, mixtral, qwen3_moe"):
+    with pytest.raises(UnsupportedArchitectureError, match="supported: deepseek_v3, glm4_moe, kimi_k2, llama4, .*qwen3_moe"):
         architectures.for_config({"model_type": "gpt_oss"})
+
+
+def test_unknown_family_says_what_is_missing(example_factory, tmp_path):
+    """An unregistered model_type whose experts are named like a known family: the message says which."""
+    src = tmp_path / "src"
+    shutil.copytree(example_factory("qwen3_moe", "modelopt"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "qwen4_moe"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match=r"follow qwen3_moe's naming: .*add 'qwen4_moe' to that entry's model_types"):
+        inspect_checkpoint(src)
+    # experts under a block name no family uses: nothing to suggest but a new entry
+    for f in src.glob("*.safetensors"):
+        save_file({k.replace(".mlp.experts.", ".ffn.experts."): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k.replace(".mlp.experts.", ".ffn.experts."): v for k, v in index["weight_map"].items()}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsupportedArchitectureError, match="match no registered naming; register an Architecture"):
+        convert_checkpoint(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()

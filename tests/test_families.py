@@ -244,3 +244,40 @@ def test_inspect_lists_supported_families(tmp_path, capsys):
     listed = {f["name"]: f for f in json.loads(capsys.readouterr().out)["families"]}
     assert set(NEW_FAMILIES) | {"qwen3_moe", "deepseek_v3", "mixtral"} <= set(listed)
     assert listed["nemotron_h"]["activation"] == "relu2" and listed["llama4"]["routing"] == "Llama4"
+
+
+# ----------------------------------------------------------------------------------------------
+# verify --gsm8k: the whole-model runner builds the model with transformers, so it covers the families whose
+# transformers model matches the checkpoint (and whose example carries every tensor of it).
+
+GSM8K_FAMILIES = ("qwen2_moe", "glm4_moe", "kimi_k2", "minimax_m2")
+
+
+@pytest.mark.parametrize("arch", GSM8K_FAMILIES)
+def test_gsm8k_runs_for_family(example_factory, tmp_path, arch):
+    from nvfp4ckpt.gsm8k import run_gsm8k
+    from tests.test_gsm8k import DATA
+
+    src = example_factory(arch, "modelopt")
+    convert_checkpoint(src, tmp_path / "conv")
+    report = run_gsm8k(tmp_path / "conv", source=src, data=DATA, num_shots=1, num_questions=2, max_new_tokens=8, device="cpu")
+    assert report.passed and report.identical == 1.0, [c for c in report.checks]
+
+
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("llama4", "multimodal wrapper"),
+        ("qwen3_next", "no tensor for model.layers.0.linear_attn"),
+        ("nemotron_h", "has no MoE block at 'backbone.layers.1.mixer'"),
+    ],
+)
+def test_gsm8k_says_clearly_when_the_runner_cannot_build_a_family(example_factory, tmp_path, arch, message):
+    from nvfp4ckpt.errors import Nvfp4CkptError
+    from nvfp4ckpt.gsm8k import run_gsm8k
+    from tests.test_gsm8k import DATA
+
+    src = example_factory(arch, "modelopt")
+    convert_checkpoint(src, tmp_path / "conv")
+    with pytest.raises(Nvfp4CkptError, match=message):
+        run_gsm8k(tmp_path / "conv", source=src, data=DATA, num_shots=1, num_questions=1, max_new_tokens=4, device="cpu")
