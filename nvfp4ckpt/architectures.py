@@ -71,6 +71,11 @@ class Architecture:
     example_config: Callable[[], dict] = field(default=lambda: {}, repr=False)
     activation: str = "silu"  # a key of ACTIVATIONS; "relu2" experts have up and down only
     names: ModelNames = ModelNames()
+    # Fused ("BMM") experts: all experts of a layer in one tensor per projection, input-major, as ModelOpt exports
+    # Llama-4: ``<prefix>.gate_up_proj`` U8 [E, H/2, 2I] ([gate | up] along the last dim), ``<prefix>.down_proj``
+    # U8 [E, I/2, H], each with ``_weight_scale`` (same layout) and one ``_weight_scale_2``/``_input_scale``.
+    # Must capture ``prefix`` (up to and including ``.experts``).
+    fused_prefix_pattern: str | None = None
     # decoder layer index -> "moe" | "dense" | "mamba" | "attention" | "mlp" (for examples; default: all MoE)
     layer_kinds: Callable[[dict], list[str]] = field(default=lambda cfg: ["moe"] * int(cfg["num_hidden_layers"]), repr=False)
 
@@ -515,6 +520,7 @@ LLAMA4 = register(
         name="llama4",
         model_types=("llama4", "llama4_text"),
         expert_pattern=r"(?P<prefix>.+\.feed_forward\.experts)\.(?P<expert>\d+)\.(?P<proj>[a-z0-9_]+)",
+        fused_prefix_pattern=r"(?P<prefix>.+\.feed_forward\.experts)",
         projections=_GATE_UP_DOWN,
         router_suffix="router.weight",
         routing=_llama4_routing,

@@ -69,6 +69,7 @@ class MoELayer:
     scalar_dtype: str
     scalar_shape: tuple[int, ...]
     gated: bool = True  # SwiGLU gate+up; False: non-gated (relu2), up only
+    fused: dict[str, ExpertTensors] | None = None  # fused experts: "gate_up" / "down" -> names; then experts == []
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -80,7 +81,8 @@ class MoELayer:
         return self.prefix.rsplit(".", 1)[0]
 
     def source_names(self) -> list[str]:
-        return [n for e in self.experts for t in e.values() for n in vars(t).values()]
+        experts = [self.fused] if self.fused else self.experts
+        return [n for e in experts for t in e.values() for n in vars(t).values()]
 
 
 @dataclass
@@ -148,8 +150,15 @@ def find_moe_layers(
     found: dict[str, dict[int, dict[str, dict[str, str]]]] = defaultdict(lambda: defaultdict(dict))
     proj_names: dict[str, dict[str, str]] = defaultdict(dict)
     excluded: set[str] = set()
+    fused: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)  # prefix -> "gate_up"/"down" -> kind -> name
+    fused_re = re.compile(arch.fused_prefix_pattern) if arch.fused_prefix_pattern and fmt.name == "modelopt" else None
     for name in files.tensors:
         module, _, suffix = name.rpartition(".")
+        fused_hit = _match_fused(fused_re, module, suffix)
+        if fused_hit is not None:
+            proj, kind = fused_hit
+            fused[module].setdefault(proj, {})[kind] = name
+            continue
         hit = arch.match_expert(module)
         if hit is None:
             continue
@@ -168,11 +177,65 @@ def find_moe_layers(
         prev = proj_names[prefix].setdefault(role, proj)
         if prev != proj:
             raise BadTensorError(f"{files.root}: {prefix} mixes projection names {prev!r} and {proj!r} for {role}")
+    both = sorted(set(found) & set(fused))
+    if both:
+        raise BadTensorError(f"{files.root}: {both[0]} has both fused and per-expert tensors; the checkpoint is inconsistent")
     layers = [
         _build_layer(files, fmt, prefix, found[prefix], proj_names[prefix], arch.gated)
         for prefix in sorted(found, key=_natural_key)
-    ]
+    ] + [_build_fused_layer(files, fmt, prefix, fused[prefix]) for prefix in fused]
+    layers.sort(key=lambda l: _natural_key(l.prefix))
     return layers, sorted(excluded, key=_natural_key)
+
+
+# ModelOpt's fused ("BMM") expert tensors: <prefix>.<proj><suffix>; the suffix names the kind.
+FUSED_PROJECTIONS = {"gate_up_proj": "gate_up", "down_proj": "down"}
+FUSED_SUFFIXES = {"": "weight", "_weight_scale": "weight_scale", "_weight_scale_2": "weight_global", "_input_scale": "input_global"}
+
+
+def _match_fused(pattern: re.Pattern[str] | None, module: str, suffix: str) -> tuple[str, str] | None:
+    if pattern is None or pattern.fullmatch(module) is None:
+        return None
+    for proj, role in FUSED_PROJECTIONS.items():
+        if suffix.startswith(proj) and suffix[len(proj) :] in FUSED_SUFFIXES:
+            return role, FUSED_SUFFIXES[suffix[len(proj) :]]
+    return None
+
+
+def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by_proj: dict[str, dict[str, str]]) -> MoELayer:
+    """A layer stored as fused tensors: gate_up ``[E, H/2, 2I]`` and down ``[E, I/2, H]`` (input-major)."""
+    entry: dict[str, ExpertTensors] = {}
+    for role, proj in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+        kinds = by_proj.get(role, {})
+        missing = [f"{prefix}.{proj}{sfx}" for sfx, k in FUSED_SUFFIXES.items() if k not in kinds]
+        if missing:
+            raise MissingTensorError(f"{files.root}: missing tensor {', '.join(missing)}; the checkpoint is incomplete")
+        entry[role] = ExpertTensors(**kinds)
+    gu, down = files.info(entry["gate_up"].weight), files.info(entry["down"].weight)
+    _expect(gu, "U8", 3)
+    num_experts, hidden_half, two_i = gu.shape
+    hidden, inter = hidden_half * 2, two_i // 2
+    g = fmt.group_size
+    _expect(down, "U8", 3, (num_experts, inter // 2, hidden))
+    _expect(files.info(entry["gate_up"].weight_scale), "F8_E4M3", 3, (num_experts, hidden // g, two_i))
+    _expect(files.info(entry["down"].weight_scale), "F8_E4M3", 3, (num_experts, inter // g, hidden))
+    scalars = [files.info(n) for t in entry.values() for n in (t.weight_global, t.input_global)]
+    for info in scalars:
+        if info.dtype not in SCALAR_DTYPES or _numel(info.shape) != 1:
+            raise BadTensorError(f"{info.file}: tensor {info.name!r} is {info.dtype}{list(info.shape)}; expected one float32 value")
+    if len({(i.dtype, i.shape) for i in scalars}) > 1:
+        raise BadTensorError(f"{files.root}: {prefix} mixes scalar dtypes/shapes")
+    return MoELayer(
+        prefix=prefix,
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        experts=[],
+        proj_names={"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"},
+        scalar_dtype=scalars[0].dtype,
+        scalar_shape=scalars[0].shape,
+        fused=entry,
+    )
 
 
 def _build_layer(

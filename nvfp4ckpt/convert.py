@@ -144,7 +144,7 @@ def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None,
     infos = [
         LayerInfo(
             l.prefix, l.num_experts, l.hidden_size, l.intermediate_size, l.proj_names, l.scalar_dtype,
-            list(l.scalar_shape), *padded_dims(l),
+            list(l.scalar_shape), *padded_dims(l), "bmm" if l.fused else None,
         )  # fmt: skip
         for l in ckpt.layers
     ]
@@ -245,6 +245,8 @@ def read_layer_source(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torc
     scalar_dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
     # raw[e, role, 0] = weight global, raw[e, role, 1] = input global
     raw = torch.empty((e, len(layer.roles), 2), dtype=scalar_dtype)
+    if layer.fused:
+        return _read_fused_layer(ckpt, layer, raw)
     for x, names in enumerate(layer.experts):
         for k, role in enumerate(w13_roles):
             files.read_into(names[role].weight, w31[x, k * i : (k + 1) * i])
@@ -254,6 +256,22 @@ def read_layer_source(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torc
         for r, role in enumerate(layer.roles):
             files.read_into(names[role].weight_global, raw[x, r, 0])
             files.read_into(names[role].input_global, raw[x, r, 1])
+    return {"w31": w31, "s31": s31, "down": down, "down_scale": down_s, "raw_scalars": raw}
+
+
+def _read_fused_layer(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A fused (input-major) layer: gate_up ``[E, H/2, 2I]`` -> rows ``[up ; gate]``; down ``[E, I/2, H]`` -> ``[E, H, I/2]``.
+    Transposing a byte matrix keeps each byte (two E2M1 codes along H, or I) whole, so this is exact."""
+    files, i, f = ckpt.files, layer.intermediate_size, layer.fused
+    gate_up = files.read(f["gate_up"].weight).transpose(1, 2)  # [E, 2I, H/2]: gate rows, then up rows
+    gate_up_s = files.read(f["gate_up"].weight_scale).view(torch.uint8).transpose(1, 2)
+    w31 = torch.cat([gate_up[:, i:], gate_up[:, :i]], 1)
+    s31 = torch.cat([gate_up_s[:, i:], gate_up_s[:, :i]], 1)
+    down = files.read(f["down"].weight).transpose(1, 2).contiguous()
+    down_s = files.read(f["down"].weight_scale).view(torch.uint8).transpose(1, 2).contiguous()
+    for r, role in enumerate(("gate_up", "gate_up", "down")):  # one global scale per fused tensor, for every expert
+        raw[:, r, 0] = files.read(f[role].weight_global).reshape(())
+        raw[:, r, 1] = files.read(f[role].input_global).reshape(())
     return {"w31": w31, "s31": s31, "down": down, "down_scale": down_s, "raw_scalars": raw}
 
 

@@ -30,6 +30,7 @@ class KernelLayer:
     intermediate_padded: int
     ranks: tuple[RankSpec, ...] = ()  # rank-sharded output only
     gated: bool = True  # w13 = [up ; gate] (SwiGLU) or [up] (relu2)
+    source_fused: str | None = None  # "bmm": revert writes the fused input-major tensors back
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -169,6 +170,7 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
                 intermediate_padded=int(info.get("intermediate_size_padded", info["intermediate_size"])),
                 ranks=rank_list,
                 gated=gated,
+                source_fused=info.get("source_fused"),
             )
         )
     rank_files = {r["part"]: CheckpointFiles(root / r["part"]) for r in parallel.get("ranks", [])}

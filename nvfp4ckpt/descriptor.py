@@ -82,9 +82,12 @@ class LayerInfo:
     scalar_shape: list[int]
     hidden_size_padded: int
     intermediate_size_padded: int
+    source_fused: str | None = None  # "bmm": the source stored all experts in one input-major tensor per projection
 
     def to_dict(self) -> dict:
+        fused = {"source_fused": self.source_fused} if self.source_fused else {}
         return {
+            **fused,
             "num_experts": self.num_experts,
             "hidden_size": self.hidden_size,
             "hidden_size_padded": self.hidden_size_padded,

@@ -277,6 +277,39 @@ class _Builder:
             for name, (dtype, shape) in zip(module_names, dtypes_shapes):
                 self.specs[name] = (dtype, shape, self._from_group(name, compute))
 
+    def fused_experts(self, prefix: str, num_experts: int, inter: int, hidden: int, a13: float, a2: float) -> None:
+        """ModelOpt's fused ("BMM") experts: ``gate_up_proj`` U8 ``[E, H/2, 2I]`` (gate then up along the last
+        dim), ``down_proj`` U8 ``[E, I/2, H]``, scales in the same input-major layout, one global scale per tensor."""
+        shapes = {
+            "gate_up_proj": ((inter * 2, hidden), a13),
+            "down_proj": ((hidden, inter), a2),
+        }
+        entries = []
+        for proj, ((rows, cols), amax) in shapes.items():
+            p = f"{prefix}.{proj}"
+            entries += [
+                (p, torch.uint8, (num_experts, cols // 2, rows)),
+                (f"{p}_weight_scale", torch.float8_e4m3fn, (num_experts, cols // 16, rows)),
+                (f"{p}_weight_scale_2", torch.float32, ()),
+                (f"{p}_input_scale", torch.float32, ()),
+            ]
+
+        def compute() -> None:
+            self._group_cache.clear()
+            for proj, ((rows, cols), amax) in shapes.items():
+                p = f"{prefix}.{proj}"
+                weights = torch.randn(num_experts, rows, cols, generator=self.gen(p)) / math.sqrt(cols)
+                ws2 = torch.tensor(float(weights.abs().max()) / (6.0 * 448.0))  # one global scale for all experts
+                q = [_requantize(w, ws2, amax) for w in weights]
+                self._group_cache[p] = torch.stack([x.weight for x in q]).transpose(1, 2).contiguous()
+                scale = torch.stack([x.weight_scale.view(torch.uint8) for x in q]).transpose(1, 2).contiguous()
+                self._group_cache[f"{p}_weight_scale"] = scale.view(torch.float8_e4m3fn)
+                self._group_cache[f"{p}_weight_scale_2"] = ws2.float().reshape(())
+                self._group_cache[f"{p}_input_scale"] = torch.tensor(amax / (6.0 * 448.0), dtype=torch.float32)
+
+        for name, dtype, shape in entries:
+            self.specs[name] = (dtype, shape, self._from_group(name, compute))
+
     def _from_group(self, name: str, compute: Callable[[], None]) -> Callable[[], torch.Tensor]:
         def make() -> torch.Tensor:
             if name not in self._group_cache:
@@ -361,6 +394,9 @@ def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> 
         if spec.routing(cfg).bias_suffix:
             b.dense(f"{block}.{spec.routing(cfg).bias_suffix}", (num_experts,), std=0.1, dtype=torch.float32)
         a13, a2_base = amax("experts_in"), amax("experts_inter")
+        if spec.fused_prefix_pattern and b.fmt == "modelopt":
+            b.fused_experts(f"{block}.experts", num_experts, inter, h, a13, a2_base)  # as ModelOpt exports Llama-4
+            num_experts = 0
         for e in range(num_experts):
             ex = f"{block}.experts.{e}"
             if not spec.gated:

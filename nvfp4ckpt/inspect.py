@@ -95,6 +95,8 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
                 f"{layer.prefix}: H={dims.hidden_size}, I={dims.intermediate_size} need zero padding to "
                 f"H={dims.hidden_padded}, I={dims.intermediate_padded} ({what}); convert pads and records it"
             )
+        if layer.fused:
+            continue  # one global scale per fused tensor: nothing can differ between experts
         w13_roles = ("gate", "up") if layer.gated else ("up",)
         if layer.gated:
             gate = torch.stack([to_mult(ckpt.files.read(e["gate"].weight_global)).reshape(()) for e in layer.experts])

@@ -93,6 +93,17 @@ def revert_checkpoint(
 
 def _expert_specs(layer: KernelLayer, fmt) -> list[PlannedTensor]:
     e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    if layer.source_fused:
+        return [
+            PlannedTensor(f"{layer.prefix}.{proj}{sfx}", dtype, shape)
+            for proj, (k, n) in (("gate_up_proj", (h, 2 * i)), ("down_proj", (i, h)))
+            for sfx, dtype, shape in (
+                ("", "U8", (e, k // 2, n)),
+                ("_weight_scale", "F8_E4M3", (e, k // 16, n)),
+                ("_weight_scale_2", layer.scalar_dtype, layer.scalar_shape),
+                ("_input_scale", layer.scalar_dtype, layer.scalar_shape),
+            )
+        ]
     shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
     out = []
     for x in range(e):
@@ -123,6 +134,8 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, tor
         w13_w, w2_w, w13_i, w2_i = "w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale"
     w_glob = torch.cat([t[w13_w], t[w2_w].unsqueeze(1)], 1).to(dtype)
     i_glob = torch.cat([t[w13_i], t[w2_i].unsqueeze(1)], 1).to(dtype)
+    if layer.source_fused:
+        return _fused_tensors(layer, mats, w_glob, i_glob)
     out: dict[str, torch.Tensor] = {}
     for x in range(layer.num_experts):
         for r, role in enumerate(layer.roles):
@@ -133,6 +146,23 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, tor
             out[f"{base}.{fmt.weight_global_suffix}"] = w_glob[x, r].reshape(layer.scalar_shape)
             out[f"{base}.{fmt.input_global_suffix}"] = i_glob[x, r].reshape(layer.scalar_shape)
     return out
+
+
+def _fused_tensors(layer: KernelLayer, mats: dict, w_glob: torch.Tensor, i_glob: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fused input-major tensors back: gate_up ``[E, H/2, 2I]`` (gate then up), down ``[E, I/2, H]``; the
+    one global scale per fused tensor is the same for every expert (column gate for gate_up)."""
+    (gate, gate_s), (up, up_s), (down, down_s) = mats["gate"], mats["up"], mats["down"]
+    p, shape = layer.prefix, layer.scalar_shape
+    return {
+        f"{p}.gate_up_proj": torch.cat([gate, up], 1).transpose(1, 2).contiguous(),
+        f"{p}.gate_up_proj_weight_scale": torch.cat([gate_s.view(torch.uint8), up_s.view(torch.uint8)], 1).transpose(1, 2).contiguous().view(torch.float8_e4m3fn),
+        f"{p}.gate_up_proj_weight_scale_2": w_glob[0, 0].reshape(shape),
+        f"{p}.gate_up_proj_input_scale": i_glob[0, 0].reshape(shape),
+        f"{p}.down_proj": down.transpose(1, 2).contiguous(),
+        f"{p}.down_proj_weight_scale": down_s.view(torch.uint8).transpose(1, 2).contiguous().view(torch.float8_e4m3fn),
+        f"{p}.down_proj_weight_scale_2": w_glob[0, 2].reshape(shape),
+        f"{p}.down_proj_input_scale": i_glob[0, 2].reshape(shape),
+    }
 
 
 def _source_config(ckpt: ConvertedCheckpoint) -> dict:

@@ -66,7 +66,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-ARCHES = ("qwen3_moe", "mixtral", "deepseek_v3")
+ARCHES = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe", "glm4_moe", "minimax_m2", "llama4", "nemotron_h")
+# What each producer cannot make here (llm-compressor 0.14's MoE linearizer expects Llama-4's multimodal config;
+# ModelOpt's calibration of a tiny Nemotron-H trips over transformers' hybrid cache). The reason is in docs/formats.md.
+UNSUPPORTED = {("compressed-tensors", "llama4"), ("modelopt", "nemotron_h")}
 
 HIDDEN_SIZE = 256
 EXPERT_INTERMEDIATE_SIZE = 128
@@ -136,6 +139,66 @@ def tiny_config(arch: str = "qwen3_moe"):
             v_head_dim=HEAD_DIM,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
+            **common,
+        )
+    if arch == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+
+        return Qwen2MoeConfig(
+            num_key_value_heads=2,
+            moe_intermediate_size=EXPERT_INTERMEDIATE_SIZE,
+            intermediate_size=2 * HIDDEN_SIZE,
+            shared_expert_intermediate_size=HIDDEN_SIZE,
+            num_experts=NUM_EXPERTS,
+            **common,
+        )
+    if arch == "glm4_moe":
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            moe_intermediate_size=EXPERT_INTERMEDIATE_SIZE,
+            intermediate_size=2 * HIDDEN_SIZE,
+            n_routed_experts=NUM_EXPERTS,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            **common,
+        )
+    if arch == "minimax_m2":
+        from transformers import MiniMaxM2Config
+
+        return MiniMaxM2Config(
+            num_key_value_heads=2, head_dim=HEAD_DIM, intermediate_size=EXPERT_INTERMEDIATE_SIZE, num_local_experts=NUM_EXPERTS, **common
+        )
+    if arch == "llama4":  # the text model (Llama4ForCausalLM); ModelOpt exports its experts fused
+        from transformers import Llama4TextConfig
+
+        return Llama4TextConfig(
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            intermediate_size=EXPERT_INTERMEDIATE_SIZE,
+            intermediate_size_mlp=2 * HIDDEN_SIZE,
+            num_local_experts=NUM_EXPERTS,
+            **{**common, "num_experts_per_tok": 1},
+        )
+    if arch == "nemotron_h":  # one Mamba-2 layer, one MoE layer (non-gated relu2 experts)
+        from transformers import NemotronHConfig
+
+        return NemotronHConfig(
+            num_key_value_heads=2,
+            head_dim=HEAD_DIM,
+            intermediate_size=2 * HIDDEN_SIZE,
+            moe_intermediate_size=EXPERT_INTERMEDIATE_SIZE,
+            moe_shared_expert_intermediate_size=HIDDEN_SIZE,
+            n_routed_experts=NUM_EXPERTS,
+            hybrid_override_pattern="ME",
+            mamba_num_heads=8,
+            mamba_head_dim=32,
+            ssm_state_size=16,
+            n_groups=1,
             **common,
         )
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")

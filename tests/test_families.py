@@ -281,3 +281,51 @@ def test_gsm8k_says_clearly_when_the_runner_cannot_build_a_family(example_factor
     convert_checkpoint(src, tmp_path / "conv")
     with pytest.raises(Nvfp4CkptError, match=message):
         run_gsm8k(tmp_path / "conv", source=src, data=DATA, num_shots=1, num_questions=1, max_new_tokens=4, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused ("BMM") expert inputs: ModelOpt writes Llama-4's experts as one input-major tensor per projection
+
+
+def test_llama4_fused_experts_against_flashinfer(example_factory, tmp_path):
+    src = example_factory("llama4", "modelopt")
+    convert_checkpoint(src, tmp_path / "conv")
+    desc = _descriptor(tmp_path / "conv")
+    p = "language_model.model.layers.1.feed_forward.experts"
+    assert desc["layers"][p]["source_fused"] == "bmm"
+    a, c = load_dir(src), load_dir(tmp_path / "conv")
+    assert a[f"{p}.gate_up_proj"].shape == (8, 128, 256) and f"{p}.0.gate_proj.weight" not in a
+    cache: dict = {}
+    for e in range(8):
+        rows = a[f"{p}.gate_up_proj"][e].T.contiguous()  # [2I, H/2]: gate rows, then up rows
+        srows = a[f"{p}.gate_up_proj_weight_scale"][e].view(torch.uint8).T.contiguous()
+        w31, s31 = torch.cat([rows[128:], rows[:128]]), torch.cat([srows[128:], srows[:128]])
+        perm = _maybe_get_cached_w3_w1_permute_indices(cache, w31, 128)
+        assert torch.equal(c[f"{p}.w13_weight"][e], w31[perm])
+        sperm = _maybe_get_cached_w3_w1_permute_indices(cache, s31, 128, num_elts_per_sf=16)
+        assert torch.equal(c[f"{p}.w13_weight_scale"][e].view(torch.uint8), reference_swizzle_128x4(s31[sperm]))
+        down = a[f"{p}.down_proj"][e].T.contiguous()
+        assert torch.equal(c[f"{p}.w2_weight"][e], shuffle_matrix_a(down, 128))
+    # one global scale per fused tensor, repeated for every expert and both halves
+    ws2 = a[f"{p}.gate_up_proj_weight_scale_2"]
+    assert torch.equal(c[f"{p}.w13_weight_scale_2"], ws2.expand(8, 2))
+
+
+def test_fused_experts_with_a_wrong_shape_are_refused(example_factory, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from nvfp4ckpt.errors import BadTensorError
+
+    src = tmp_path / "src"
+    shutil.copytree(example_factory("llama4", "modelopt"), src)
+    name = "language_model.model.layers.1.feed_forward.experts.down_proj"
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        if name in tensors:
+            tensors[name] = tensors[name][:, :32].contiguous()
+            save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(BadTensorError, match=rf"tensor '{name}' is U8\[8, 32, 256\]; expected U8\[8, 64, 256\]"):
+        convert_checkpoint(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
