@@ -148,9 +148,15 @@ def test_routing_bias_and_scaling_for_softmax_methods():
 def test_method_names():
     assert canonical_method("DeepSeekV3") == "deepseek_v3"
     assert canonical_method("RenormalizeNaive") == "renormalize_naive"
-    assert FLASHINFER_ROUTING_METHOD_TYPE == {"default": 0, "renormalize": 1, "deepseek_v3": 2, "renormalize_naive": 4}
+    assert canonical_method("MiniMax2") == "minimax2" and canonical_method("Llama4") == "llama4"
+    # every method the reference implements exists in the installed FlashInfer's enum under that number
+    from flashinfer.tllm_enums import RoutingMethodType
+
+    by_key = {m.name.lower(): m.value for m in RoutingMethodType}
+    for method, number in FLASHINFER_ROUTING_METHOD_TYPE.items():
+        assert by_key[method.replace("_", "")] == number, method
     with pytest.raises(ValueError):
-        route(torch.zeros(1, 4), "llama4", 1)
+        route(torch.zeros(1, 4), "sigmoid_renorm", 1)
     with pytest.raises(ValueError):
         route(torch.zeros(1, 4), "default", 5)
 
