@@ -46,6 +46,7 @@ def revert_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: ProgressFn | None = None,
+    resume: bool = False,
 ) -> RevertResult:
     """Write the source-format checkpoint of a converted one (per-expert names, original scalars)."""
     start = time.perf_counter()
@@ -87,7 +88,7 @@ def revert_checkpoint(
         manifest_fields=None,
         skip_files={"ranks"},
     )
-    files = write_checkpoint(job, dst_path, progress, overwrite=overwrite)
+    files = write_checkpoint(job, dst_path, progress, overwrite=overwrite, resume=resume).files
     return RevertResult(ckpt.root, dst_path, ckpt.source_format, len(ckpt.layers), files, time.perf_counter() - start)
 
 
