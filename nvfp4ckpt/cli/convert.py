@@ -52,13 +52,15 @@ def convert(
             progress=on_progress, workers=workers, tp=tp, ep=ep, resume=resume,
         )
     out.result(result.to_dict())
-    table = Table("file", "size", "sha256", "resumed", title=f"{result.destination}", title_justify="left")
     reused = set(result.reused)
+    columns = ("file", "size", "sha256", "resumed") if resume else ("file", "size", "sha256")
+    table = Table(*columns, title=f"{result.destination}", title_justify="left")
     for f in result.files:
-        table.add_row(f["name"], human_bytes(f["size"]), f["sha256"][:16] + "...", "reused" if f["name"] in reused else "")
+        row = [f["name"], human_bytes(f["size"]), f["sha256"][:16] + "..."]
+        table.add_row(*row, *(["reused" if f["name"] in reused else ""] if resume else []))
     out.table(table)
     out.text(
         f"converted {result.num_moe_layers} MoE layers ({result.architecture}, {result.source_format}) "
         f"in {result.seconds:.2f} s, {human_bytes(result.bytes_written)} written"
-        + (f", {len(reused)} shards reused from the interrupted run" if resume else "")
+        + (f" ({len(reused)} shards reused from the interrupted run, not rewritten)" if resume else "")
     )
