@@ -98,7 +98,7 @@ def write_checkpoint(
     overwrite: bool = False,
     resume: bool = False,
 ) -> WriteResult:
-    """Write the folder; returns the file list (name, size, sha256). DST must have been checked.
+    """Write the folder; returns the file list (name, size, sha256) and the shards reused. DST must have been checked.
 
     Three things overlap: ``workers`` threads read and transform the next MoE layers (in plan order,
     at most ``workers`` ahead, so memory stays bounded), the main thread hands bytes over in plan

@@ -294,7 +294,8 @@ def test_revert_resume(example_factory, tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     from nvfp4ckpt.cli import main
 
-    assert main(["revert", str(converted), str(dst), "--max-shard-size", SHARD, "--resume", "--quiet"]) == 0
+    assert main(["revert", str(converted), str(dst), "--max-shard-size", SHARD, "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_reused"] >= 1
     assert tree_digest(dst) == tree_digest(tmp_path / "whole")
 
 
