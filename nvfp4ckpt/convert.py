@@ -42,6 +42,7 @@ class ConvertResult:
     bytes_written: int = 0
     seconds: float = 0.0
     descriptor: dict = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # shards kept from an interrupted run (--resume)
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +53,7 @@ class ConvertResult:
             "num_moe_layers": self.num_moe_layers,
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
+            "shards_reused": len(self.reused),
             "files": self.files,
         }
 
@@ -68,12 +70,14 @@ def convert_checkpoint(
     workers: int | None = None,
     tp: int = 1,
     ep: int = 1,
+    resume: bool = False,
 ) -> ConvertResult:
     """Write the kernel-ready version of ``src`` to ``dst``; see README "Output contract".
 
     ``workers`` threads read and transform MoE layers ahead of the writer (default: ``default_workers()``);
     the output bytes are the same for any value. ``tp``/``ep`` > 1 write one set of MoE files per rank
-    (see ``nvfp4ckpt.parallel``); non-expert tensors stay whole at the top level."""
+    (see ``nvfp4ckpt.parallel``); non-expert tensors stay whole at the top level. ``resume`` continues an
+    interrupted run into the same DST, reusing its finished shards (see ``writer.write_checkpoint``)."""
     start = time.perf_counter()
     try:
         max_bytes = parse_size(max_shard_size)
@@ -111,7 +115,8 @@ def convert_checkpoint(
     )
     if workers is not None and workers < 1:
         raise InputError("--workers must be at least 1")
-    files = write_checkpoint(job, dst_path, progress, workers=workers or default_workers(), overwrite=overwrite)
+    written = write_checkpoint(job, dst_path, progress, workers=workers or default_workers(), overwrite=overwrite, resume=resume)
+    files = written.files
     return ConvertResult(
         source=ckpt.root,
         destination=dst_path,
@@ -122,6 +127,7 @@ def convert_checkpoint(
         bytes_written=sum(f["size"] for f in files),
         seconds=time.perf_counter() - start,
         descriptor=descriptor,
+        reused=written.reused,
     )
 
 

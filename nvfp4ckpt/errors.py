@@ -53,6 +53,22 @@ class OutputExistsError(Nvfp4CkptError):
     """The destination exists and is not empty."""
 
 
+class SourceChangedError(InputError):
+    """A source file changed (size, mtime or inode) while it was being converted."""
+
+
+class OutputWriteError(Nvfp4CkptError):
+    """Writing the destination failed for a reason outside the input (disk full, interrupted run)."""
+
+
+class DiskFullError(OutputWriteError):
+    """The destination's file system ran out of space (or quota) while writing."""
+
+
+class ResumeMismatchError(OutputWriteError):
+    """``--resume`` found a partial folder written from other source files or options."""
+
+
 class HubError(InputError):
     """A Hugging Face Hub repo id could not be downloaded."""
 

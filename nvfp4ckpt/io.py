@@ -16,7 +16,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -398,12 +398,13 @@ class ShardWriter:
             raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")
         self._next += 1
 
-    def close(self) -> None:
-        """Queue the end of the file (flush + fsync happen on the sink)."""
+    def close(self, on_durable: "Callable[[_SinkFile], None] | None" = None) -> None:
+        """Queue the end of the file (flush + fsync happen on the sink). ``on_durable(file)`` runs once the
+        file is hashed, written and fsynced (on the sink's fsync thread): the resume journal hooks in here."""
         if self._next != len(self.plan.tensors):
             missing = self.plan.tensors[self._next].name
             raise RuntimeError(f"shard {self.path.name} closed before {missing!r} was written")
-        self._sink.finish(self._file)
+        self._sink.finish(self._file, on_durable)
 
     def abort(self) -> None:
         self._sink.abort()
@@ -415,6 +416,7 @@ class _SinkFile:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.hash = hashlib.sha256()
         self.sha256 = ""
+        self.hashed = threading.Event()  # set once sha256 is final
 
 
 class AsyncSink:
@@ -457,15 +459,18 @@ class AsyncSink:
         for q in self._queues:
             q.put(("data", f, data, keep))
 
-    def finish(self, f: _SinkFile) -> None:
+    def finish(self, f: _SinkFile, on_durable: "Callable[[_SinkFile], None] | None" = None) -> None:
         self._raise()
         if not self.threaded:
             os.fsync(f.fd)
             os.close(f.fd)
             f.sha256 = f.hash.hexdigest()
+            f.hashed.set()
+            if on_durable is not None:
+                on_durable(f)
             return
         for q in self._queues:
-            q.put(("finish", f, None, None))
+            q.put(("finish", f, on_durable, None))
 
     def _write_loop(self, q) -> None:
         while (item := q.get()) is not self._STOP:
@@ -476,8 +481,10 @@ class AsyncSink:
                 if op == "data":
                     _write_all(f.fd, data)
                 else:
-                    self._fsyncs.append(self._fsync_pool.submit(_fsync_close, f.fd))
+                    self._fsyncs.append(self._fsync_pool.submit(_fsync_close, f.fd, f, data))
             except BaseException as exc:  # reported to the producer by _raise()/drain()
+                if isinstance(exc, OSError) and exc.filename is None:
+                    exc.filename = str(f.path)  # os.write does not say which file was full
                 self._error = exc
 
     def _hash_loop(self, q) -> None:
@@ -487,6 +494,7 @@ class AsyncSink:
                 f.hash.update(data)
             else:
                 f.sha256 = f.hash.hexdigest()
+                f.hashed.set()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -522,11 +530,14 @@ def _write_all(fd: int, data) -> None:
         view = view[n:]
 
 
-def _fsync_close(fd: int) -> None:
+def _fsync_close(fd: int, f: _SinkFile | None = None, on_durable=None) -> None:
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if on_durable is not None and f is not None:
+        f.hashed.wait()  # the hash thread finishes the digest independently of the writer
+        on_durable(f)
 
 
 def parse_size(text: str | int) -> int:

@@ -27,6 +27,7 @@ class RevertResult:
     num_moe_layers: int
     files: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    reused: list[str] = field(default_factory=list)  # shards kept from an interrupted run (--resume)
 
     def to_dict(self) -> dict:
         return {
@@ -35,6 +36,7 @@ class RevertResult:
             "source_format": self.source_format,
             "num_moe_layers": self.num_moe_layers,
             "seconds": round(self.seconds, 3),
+            "shards_reused": len(self.reused),
             "files": self.files,
         }
 
@@ -46,6 +48,7 @@ def revert_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: ProgressFn | None = None,
+    resume: bool = False,
 ) -> RevertResult:
     """Write the source-format checkpoint of a converted one (per-expert names, original scalars)."""
     start = time.perf_counter()
@@ -87,8 +90,10 @@ def revert_checkpoint(
         manifest_fields=None,
         skip_files={"ranks"},
     )
-    files = write_checkpoint(job, dst_path, progress, overwrite=overwrite)
-    return RevertResult(ckpt.root, dst_path, ckpt.source_format, len(ckpt.layers), files, time.perf_counter() - start)
+    written = write_checkpoint(job, dst_path, progress, overwrite=overwrite, resume=resume)
+    return RevertResult(
+        ckpt.root, dst_path, ckpt.source_format, len(ckpt.layers), written.files, time.perf_counter() - start, written.reused
+    )
 
 
 def _expert_specs(layer: KernelLayer, fmt) -> list[PlannedTensor]:

@@ -6,10 +6,14 @@ Used by both ``convert`` (source -> kernel layout) and ``revert`` (kernel layout
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,20 +22,29 @@ from typing import Callable
 
 import torch
 
+from . import __version__
 from .descriptor import MANIFEST_NAME
-from .errors import InputError, OutputExistsError
-from .io import INDEX_NAME, AsyncSink, CheckpointFiles, PlannedTensor, ShardWriter, plan_shards
+from .errors import (
+    DiskFullError,
+    InputError,
+    Nvfp4CkptError,
+    OutputExistsError,
+    ResumeMismatchError,
+    SourceChangedError,
+)
+from .io import INDEX_NAME, AsyncSink, CheckpointFiles, PlannedTensor, ShardPlan, ShardWriter, plan_shards
 
 
 @dataclass
 class Progress:
     """What a writer reports as it goes (the CLI draws bars from it)."""
 
-    stage: str  # "plan" | "layer" | "bytes" | "done"
+    stage: str  # "plan" | "layer" | "bytes" | "done" | "notice" (a one-line message for the user)
     layers_done: int = 0
     layers_total: int = 0
     bytes_done: int = 0
     bytes_total: int = 0
+    message: str = ""
 
 
 ProgressFn = Callable[[Progress], None]
@@ -71,14 +84,29 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
 
 
+@dataclass
+class WriteResult:
+    files: list[dict]  # name, size, sha256 of every file written (the manifest's list)
+    reused: list[str] = field(default_factory=list)  # shards taken over from an interrupted run (--resume)
+
+
 def write_checkpoint(
-    job: CheckpointJob, dst: Path, progress: ProgressFn | None = None, workers: int = 1, overwrite: bool = False
-) -> list[dict]:
-    """Write the folder; returns the file list (name, size, sha256). DST must have been checked.
+    job: CheckpointJob,
+    dst: Path,
+    progress: ProgressFn | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> WriteResult:
+    """Write the folder; returns the file list (name, size, sha256) and the shards reused. DST must have been checked.
 
     Three things overlap: ``workers`` threads read and transform the next MoE layers (in plan order,
     at most ``workers`` ahead, so memory stays bounded), the main thread hands bytes over in plan
     order, and sink threads hash, write and fsync. The bytes never depend on ``workers``.
+
+    Output goes to ``partial_folder(dst)`` with a journal of finished shards; a run that dies (crash,
+    SIGKILL, disk full) leaves it, and ``resume=True`` continues it, reusing the shards the journal lists
+    after re-hashing them. Without ``resume`` a leftover partial folder is removed (and reported).
     """
     report = progress or (lambda p: None)
     parts: dict[str, list[PlannedTensor]] = {}
@@ -87,54 +115,253 @@ def write_checkpoint(
     shard_plans = {part: plan_shards(tensors, job.max_shard_bytes) for part, tensors in parts.items()}
     groups = list(dict.fromkeys(job.computed[t.key] for t in job.planned if t.key in job.computed))
     total_bytes = sum(t.nbytes for t in job.planned)
+    sources = source_stats(job.source.root)
+    fingerprint = _job_fingerprint(job, shard_plans)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst.parent.mkdir(parents=True, exist_ok=True)
     with _destination_lock(dst):
         # Under the lock, so two runs into one DST cannot both pass the emptiness check.
         if dst.exists() and any(dst.iterdir()) and not overwrite:
             raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
-        return _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers)
+        tmp = partial_folder(dst)
+        reused = _open_partial(tmp, fingerprint, sources, job.source.root, resume, report)
+        return _write_locked(job, dst, tmp, shard_plans, reused, sources, groups, total_bytes, report, workers)
 
 
 @contextmanager
 def _destination_lock(dst: Path):
+    """An flock on ``.DST.nvfp4ckpt-lock``: the kernel drops it when the holder exits, even on SIGKILL,
+    so a lock file left by a dead run is simply taken over (the PID in it is only for the message)."""
     lock = dst.parent / f".{dst.name}.nvfp4ckpt-lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise OutputExistsError(
-            f"{dst}: another nvfp4ckpt run is writing it (lock file {lock}); wait for it, or delete the lock "
-            "if no such run is alive"
-        ) from None
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputExistsError(
+                f"{dst}: another nvfp4ckpt run is writing it (pid {holder}, lock file {lock}); wait for it to finish"
+            ) from None
+        except OSError:
+            pass  # no flock on this file system (some network mounts): go on unlocked, as before locks existed
+        # The previous holder unlinks the file before releasing it; if we locked that old inode, retry.
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         try:
             os.unlink(lock)
         except FileNotFoundError:
             pass
+        os.close(fd)
 
 
-def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -> list[dict]:
-    tmp = dst.parent / f".{dst.name}.nvfp4ckpt-partial-{os.getpid()}"
-    if tmp.exists():
+# ----------------------------------------------------------------------------------------------
+# The partial folder and its journal (for --resume)
+
+JOURNAL_NAME = ".nvfp4ckpt-journal.jsonl"
+JOURNAL_VERSION = 1
+
+
+def partial_folder(dst: Path) -> Path:
+    """Where a run writes before the final rename: next to DST (same file system, so the rename is atomic),
+    named after DST only, so the next run finds it (the lock keeps two runs out of it)."""
+    return dst.parent / f".{dst.name}.nvfp4ckpt-partial"
+
+
+def source_stats(root: Path) -> dict[str, list[int]]:
+    """(size, mtime_ns, inode) of every file a job may read, by path relative to ``root``.
+
+    Cheap (no hashing), and what changes when a file is rewritten, appended to or replaced; an edit that
+    keeps size and restores the mtime goes unnoticed."""
+    out: dict[str, list[int]] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue  # a dangling symlink is not read
+        if path.is_file():
+            out[rel.as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def _job_fingerprint(job: CheckpointJob, shard_plans: dict[str, list[ShardPlan]]) -> str:
+    """Everything but the source files that decides the output bytes: tool version, options (through the
+    plan, headers and config), and the shard plan itself."""
+    desc = {
+        "journal": JOURNAL_VERSION,
+        "tool": __version__,
+        "max_shard_bytes": job.max_shard_bytes,
+        "metadata": job.metadata,
+        "part_metadata": job.part_metadata,
+        "config": job.config,
+        "manifest_fields": job.manifest_fields,
+        "skip_files": sorted(job.skip_files),
+        "computed": sorted(job.computed.items()),
+        "shards": {
+            part: [[p.filename, [[t.name, t.dtype, list(t.shape)] for t in p.tensors]] for p in plans]
+            for part, plans in sorted(shard_plans.items())
+        },
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Journal:
+    """``JOURNAL_NAME`` in the partial folder: a header line (fingerprint, source stats), then one line per
+    shard, appended and fsynced only after the shard itself is fsynced. Removed before the install."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def start(self, header: dict, entries: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes("".join(json.dumps(x, sort_keys=True) + "\n" for x in [header, *entries]).encode())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+        self.count = len(entries)
+
+    def add(self, name: str, size: int, sha256: str) -> None:
+        line = json.dumps({"name": name, "size": size, "sha256": sha256}, sort_keys=True) + "\n"
+        with self.lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                _write_bytes(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.count += 1
+
+    def read(self) -> tuple[dict, list[dict]] | None:
+        """(header, shard entries), or None when there is no readable journal. A torn last line (killed
+        mid-append) is ignored."""
+        try:
+            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+            header = json.loads(lines[0])
+        except (OSError, IndexError, ValueError):
+            return None
+        entries = []
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+                entries.append({"name": str(entry["name"]), "size": int(entry["size"]), "sha256": str(entry["sha256"])})
+            except (ValueError, KeyError, TypeError):
+                break
+        return header, entries
+
+
+def _write_bytes(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _open_partial(
+    tmp: Path, fingerprint: str, sources: dict[str, list[int]], source_root: Path, resume: bool, report: ProgressFn
+) -> dict[str, dict]:
+    """Set up the partial folder; returns the finished shards to reuse (name -> entry), empty unless resuming."""
+    journal = _Journal(tmp / JOURNAL_NAME)
+    header = {"journal": JOURNAL_VERSION, "fingerprint": fingerprint, "sources": sources}
+    if tmp.exists() and not resume:
+        old = journal.read()
+        finished = len(old[1]) if old else 0
+        report(Progress("notice", message=(
+            f"{tmp}: removing the partial folder of an interrupted run ({finished} finished shards); "
+            "pass --resume to continue it instead"
+        )))  # fmt: skip
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    if not tmp.exists():
+        if resume:
+            report(Progress("notice", message=f"{tmp}: no interrupted run to resume; writing everything"))
+        tmp.mkdir()
+        journal.start(header, [])
+        return {}
+    old = journal.read()
+    if old is None:
+        raise ResumeMismatchError(f"{tmp}: no readable journal of an interrupted run; rerun without --resume to start over")
+    old_header, entries = old
+    if old_header.get("fingerprint") != fingerprint or old_header.get("sources") != sources:
+        old_sources = old_header.get("sources") if isinstance(old_header.get("sources"), dict) else {}
+        changed = sorted(set(old_sources) ^ set(sources) | {n for n in sources if old_sources.get(n) != sources[n]})
+        what = f"{source_root / changed[0]} changed" if changed else "options or nvfp4ckpt version changed"
+        raise ResumeMismatchError(
+            f"{tmp}: source or options changed since the interrupted run ({what}); rerun without --resume"
+        )
+    reused: dict[str, dict] = {}
+    for entry in entries:
+        path = tmp / entry["name"]
+        # Re-hash rather than trust size alone: reading a shard back is still cheaper than rewriting it.
+        if path.is_file() and path.stat().st_size == entry["size"] and _sha256_file(path) == entry["sha256"]:
+            reused[entry["name"]] = entry
+    # Everything else (a shard cut off mid-write, the last attempt's index or manifest) is written again.
+    for path in sorted(tmp.rglob("*"), reverse=True):
+        rel = path.relative_to(tmp).as_posix()
+        if path.is_file() and rel not in reused and path != journal.path:
+            path.unlink()
+    journal.start(header, list(reused.values()))
+    return reused
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sources_unchanged(root: Path, before: dict[str, list[int]]) -> None:
+    """Raise ``SourceChangedError`` naming the first source file whose size, mtime or inode moved."""
+    now = source_stats(root)
+    changed = sorted(set(before) ^ set(now) | {n for n in now if before.get(n) != now[n]})
+    if changed:
+        raise SourceChangedError(
+            f"{root / changed[0]}: changed while it was being converted (size, mtime or inode); "
+            "rerun once the source is no longer being written"
+        )
+
+
+def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total_bytes, report, workers) -> WriteResult:
+    journal = _Journal(tmp / JOURNAL_NAME)
+    journal.count = len(reused)
+    # Only the shards not reused are written: plan, groups and compute shrink to their tensors.
+    todo_plans = {part: [p for p in plans if _shard_name(part, p) not in reused] for part, plans in shard_plans.items()}
+    todo_keys = {t.key for plans in todo_plans.values() for p in plans for t in p.tensors}
+    todo = [t for t in job.planned if t.key in todo_keys]
+    if reused:
+        job = dataclasses.replace(job, compute=lambda g, compute=job.compute: {k: v for k, v in compute(g).items() if k in todo_keys})
+    groups = list(dict.fromkeys(job.computed[t.key] for t in todo if t.key in job.computed))
+    skipped_groups = len(all_groups) - len(groups)
     files: list[dict] = []
     sink = AsyncSink(threaded=True)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4ckpt-layer")
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4ckpt-read")
     try:
         cache = _GroupPipeline(job, groups, pool, max(1, workers))
-        carried = _CarriedPrefetch(job.source, [t for t in job.planned if t.key not in job.computed], reader)
+        carried = _CarriedPrefetch(job.source, [t for t in todo if t.key not in job.computed], reader)
         cursors = {
-            part: _PartCursor(tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink)
-            for part, plans in shard_plans.items()
+            part: _PartCursor(
+                tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink,
+                lambda f, prefix=(f"{part}/" if part else ""): journal.add(prefix + f.path.name, f.path.stat().st_size, f.sha256),
+            )  # fmt: skip
+            for part, plans in todo_plans.items()
         }
-        done = 0
-        for t in job.planned:
+        done = total_bytes - sum(t.nbytes for t in todo)
+        for t in todo:
             writer = cursors[t.part].writer_for(t)
             group = job.computed.get(t.key)
             if group is None:
@@ -142,15 +369,21 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
             else:
                 writer.write(t.name, cache.take(group, t.key))
                 if cache.finished_group:
-                    report(Progress("layer", cache.groups_done, len(groups), done, total_bytes))
+                    report(Progress("layer", skipped_groups + cache.groups_done, len(all_groups), done, total_bytes))
             cursors[t.part].advance()
             done += t.nbytes
-            report(Progress("bytes", cache.groups_done, len(groups), done, total_bytes))
+            report(Progress("bytes", skipped_groups + cache.groups_done, len(all_groups), done, total_bytes))
         sink.drain()
         for part, plans in shard_plans.items():
             folder = tmp / part if part else tmp
             prefix = f"{part}/" if part else ""
-            for plan, writer in zip(plans, cursors[part].writers):
+            written = iter(cursors[part].writers)
+            for plan in plans:
+                old = reused.get(prefix + plan.filename)
+                if old is not None:
+                    files.append({"name": old["name"], "size": old["size"], "sha256": old["sha256"]})
+                    continue
+                writer = next(written)
                 files.append({"name": prefix + plan.filename, "size": (folder / plan.filename).stat().st_size, "sha256": writer.sha256})
             if len(plans) > 1:
                 index = {
@@ -162,21 +395,44 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
         files.append(write_json(tmp / "config.json", job.config))
         files.extend(copy_other_files(job.source.root, tmp, job.skip_files | {"config.json", INDEX_NAME, MANIFEST_NAME}))
         files.sort(key=lambda f: f["name"])
+        # Everything has been read: a source rewritten meanwhile may have given a mix of old and new bytes.
+        check_sources_unchanged(job.source.root, sources)
         if job.manifest_fields is not None:
             write_json(tmp / MANIFEST_NAME, {**job.manifest_fields, "files": files})
-        for folder in {tmp / part for part in shard_plans}:
+        journal.path.unlink()
+        for folder in {tmp / part for part in shard_plans} | {tmp}:
             fsync_dir(folder)
         install(tmp, dst)
-    except BaseException:
+    except BaseException as exc:
         sink.abort()
         reader.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # An input problem (bad or changed source) makes the partial folder worthless; anything else (disk
+        # full, Ctrl-C, a crash) keeps it, so --resume can pick up the finished shards.
+        if isinstance(exc, Nvfp4CkptError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"{exc.filename or tmp}: no space left on device; free space on {dst.parent} (the output needs "
+                f"{_size(total_bytes)}) and rerun with --resume to keep the {journal.count} finished shards"
+            ) from exc
         raise
     pool.shutdown(wait=True)
     reader.shutdown(wait=True)
-    report(Progress("done", len(groups), len(groups), total_bytes, total_bytes))
-    return files
+    report(Progress("done", len(all_groups), len(all_groups), total_bytes, total_bytes))
+    return WriteResult(files, sorted(reused))
+
+
+def _shard_name(part: str, plan: ShardPlan) -> str:
+    return f"{part}/{plan.filename}" if part else plan.filename
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 class _CarriedPrefetch:
@@ -224,12 +480,13 @@ class _CarriedPrefetch:
 class _PartCursor:
     """Walks one part's shard plans: opens the next shard when the previous one is full."""
 
-    def __init__(self, folder: Path, plans: list, metadata: dict[str, str], sink: AsyncSink) -> None:
+    def __init__(self, folder: Path, plans: list, metadata: dict[str, str], sink: AsyncSink, on_durable=None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.plans = plans
         self.metadata = metadata
         self.sink = sink
+        self.on_durable = on_durable  # called per shard once it is fsynced (journal entry)
         self.writers: list[ShardWriter] = []
         self.index = -1
         self.left = 0
@@ -245,7 +502,7 @@ class _PartCursor:
     def advance(self) -> None:
         self.left -= 1
         if self.left == 0:
-            self.writers[-1].close()
+            self.writers[-1].close(self.on_durable)
 
 
 class _GroupPipeline:

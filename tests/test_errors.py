@@ -190,8 +190,9 @@ def test_hub_id_offline(tmp_path, capsys):
     assert "pass a local folder" in err
 
 
-def test_interrupted_conversion_leaves_nothing(example_factory, tmp_path, monkeypatch, capsys):
-    """A crash half-way (here: Ctrl-C during the 15th computed tensor) leaves no DST and no temp folder."""
+def test_interrupted_conversion_leaves_no_dst(example_factory, tmp_path, monkeypatch, capsys):
+    """A crash half-way (here: Ctrl-C during the 15th computed tensor) leaves no DST, only the partial folder
+    (kept for --resume, see tests/test_faults.py) and no lock."""
     src = example_factory("deepseek_v3", "modelopt")
     real_write = ShardWriter.write
     calls = {"n": 0}
@@ -208,7 +209,8 @@ def test_interrupted_conversion_leaves_nothing(example_factory, tmp_path, monkey
     assert code == 130 and "interrupted" in err
     assert calls["n"] == 15
     assert not dst.exists()
-    assert [p.name for p in tmp_path.iterdir()] == []
+    assert [p.name for p in tmp_path.iterdir()] == [".dst.nvfp4ckpt-partial"]
+    assert not (tmp_path / ".dst.nvfp4ckpt-partial" / "nvfp4ckpt_manifest.json").exists()
 
 
 def test_bad_max_shard_size(example_factory, tmp_path, capsys):
@@ -217,15 +219,20 @@ def test_bad_max_shard_size(example_factory, tmp_path, capsys):
 
 
 def test_two_runs_into_one_destination(example_factory, tmp_path, capsys):
-    """A second run while a first holds the destination lock fails cleanly and leaves the first's work alone."""
+    """A second run while a first holds the destination lock fails cleanly and leaves the first's work alone;
+    a lock file nobody holds (its run was SIGKILLed) is taken over."""
+    import fcntl
+
     src = example_factory()
     dst = tmp_path / "dst"
     lock = tmp_path / ".dst.nvfp4ckpt-lock"
-    lock.write_text("12345\n")  # a run in progress
-    code, err = run_cli(capsys, "convert", str(src), str(dst))
-    assert code == 2 and "another nvfp4ckpt run is writing it" in err and str(lock) in err
-    assert lock.exists() and not dst.exists()
-    lock.unlink()
+    lock.write_text("12345\n")  # a run in progress: it holds an flock on the file
+    with open(lock, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, err = run_cli(capsys, "convert", str(src), str(dst))
+        assert code == 2 and "another nvfp4ckpt run is writing it" in err and "pid 12345" in err and str(lock) in err
+        assert lock.exists() and not dst.exists()
+    assert lock.exists()  # left behind, unlocked: a dead run's lock
     assert run_cli(capsys, "convert", str(src), str(dst))[0] == 0
     assert not lock.exists()
 

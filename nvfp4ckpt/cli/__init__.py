@@ -44,13 +44,17 @@ def _root(
     """Kernel-ready NVFP4 MoE checkpoints for FlashInfer's TRT-LLM-gen fused MoE."""
 
 
+# convert/revert keep their partial folder (next to DST, never complete-looking) for --resume.
+INTERRUPTED = "interrupted; no output was left behind that looks complete (convert and revert: rerun with --resume to continue)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, map known errors to one line and an exit code."""
     try:
         # Non-standalone typer returns exit codes (130 after Ctrl-C) instead of raising them.
         code = app(args=argv, standalone_mode=False)
         if code == 130:
-            Output().error("interrupted; no output was left behind that looks complete")
+            Output().error(INTERRUPTED)
         if isinstance(code, int):
             return code
     except typer.Exit as exc:  # --help, --version, explicit exits
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         Output().error("aborted")
         return 130
     except KeyboardInterrupt:
-        Output().error("interrupted; no output was left behind that looks complete")
+        Output().error(INTERRUPTED)
         return 130
     except Exception as exc:  # noqa: BLE001 - the single place errors become messages
         if _is_usage_error(exc):  # bad flags or arguments, from typer's parser

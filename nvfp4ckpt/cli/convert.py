@@ -11,7 +11,7 @@ from ..convert import DEFAULT_MAX_SHARD_SIZE, Progress, convert_checkpoint
 from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt, RevisionOpt, SrcArg
 from ._output import Output, human_bytes
 
-CONVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt convert ./Qwen3-30B-A3B-NVFP4 ./Qwen3-30B-A3B-NVFP4-trtllm\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --quiet"""
+CONVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt convert ./Qwen3-30B-A3B-NVFP4 ./Qwen3-30B-A3B-NVFP4-trtllm\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --quiet\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --resume   # after a crash or a full disk"""
 
 
 def convert(
@@ -24,6 +24,7 @@ def convert(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Threads reading and transforming layers ahead of the writer (default: cores, at most 4). Output bytes do not depend on it.")] = None,
     tp: Annotated[int, typer.Option("--tp", min=1, help="MoE tensor parallelism: split each expert's intermediate size over T ranks.")] = 1,
     ep: Annotated[int, typer.Option("--ep", min=1, help="Expert parallelism: split the experts over P ranks (T*P rank folders).")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into DST: keep its finished shards (re-hashed), write the rest. Without it a leftover partial folder is removed.")] = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -33,6 +34,10 @@ def convert(
         tasks: dict[str, int] = {}
 
         def on_progress(p: Progress) -> None:
+            if p.stage == "notice":
+                if not quiet:
+                    out.hint(p.message)
+                return
             if bar is None:
                 return
             if p.stage == "plan":
@@ -44,14 +49,18 @@ def convert(
 
         result = convert_checkpoint(
             src, dst, overwrite=overwrite, max_shard_size=max_shard_size, device=device, revision=revision,
-            progress=on_progress, workers=workers, tp=tp, ep=ep,
+            progress=on_progress, workers=workers, tp=tp, ep=ep, resume=resume,
         )
     out.result(result.to_dict())
-    table = Table("file", "size", "sha256", title=f"{result.destination}", title_justify="left")
+    reused = set(result.reused)
+    columns = ("file", "size", "sha256", "resumed") if resume else ("file", "size", "sha256")
+    table = Table(*columns, title=f"{result.destination}", title_justify="left")
     for f in result.files:
-        table.add_row(f["name"], human_bytes(f["size"]), f["sha256"][:16] + "...")
+        row = [f["name"], human_bytes(f["size"]), f["sha256"][:16] + "..."]
+        table.add_row(*row, *(["reused" if f["name"] in reused else ""] if resume else []))
     out.table(table)
     out.text(
         f"converted {result.num_moe_layers} MoE layers ({result.architecture}, {result.source_format}) "
         f"in {result.seconds:.2f} s, {human_bytes(result.bytes_written)} written"
+        + (f" ({len(reused)} shards reused from the interrupted run, not rewritten)" if resume else "")
     )

@@ -18,12 +18,16 @@ def revert(
     out: OutArg,
     overwrite: OverwriteOpt = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = DEFAULT_MAX_SHARD_SIZE,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into OUT, keeping its finished shards.")] = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write the source-format checkpoint (ModelOpt or compressed-tensors, as recorded) back."""
     output = Output(json_mode=json, quiet=quiet)
-    result = revert_checkpoint(path, out, overwrite=overwrite, max_shard_size=max_shard_size)
+    result = revert_checkpoint(
+        path, out, overwrite=overwrite, max_shard_size=max_shard_size, resume=resume,
+        progress=lambda p: output.hint(p.message) if p.stage == "notice" and not quiet else None,
+    )
     output.result(result.to_dict())
     total = sum(f["size"] for f in result.files)
     output.text(
