@@ -12,6 +12,18 @@ stage=${STAGE:-all}
 if [[ $stage == all || $stage == tests ]]; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layout.py tests/test_triton_moe.py tests/test_convert.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
 fi
+if [[ $stage == all || $stage == families ]]; then
+  # every registered family, both formats: convert, then verify on the GPU with the default backend
+  # (Triton for SwiGLU experts, torch on CUDA for Nemotron-H's relu2) and the Triton backend in W4A16 too
+  for arch in $(python3 -c "from nvfp4ckpt import architectures as a; print(' '.join(x.name for x in a.registered()))"); do
+    for fmt in modelopt compressed-tensors; do
+      python3 -m nvfp4ckpt example /tmp/f/$arch-$fmt --arch $arch --format $fmt -q --overwrite \
+        && python3 -m nvfp4ckpt convert /tmp/f/$arch-$fmt /tmp/f/$arch-$fmt-c -q --overwrite \
+        && python3 -m nvfp4ckpt verify /tmp/f/$arch-$fmt-c --source /tmp/f/$arch-$fmt --json "$out/v.json" >/dev/null 2>&1
+      echo "$arch $fmt rc=$? $(python3 -c "import json;r=json.load(open('$out/v.json'));print([(n['backend'],round(n['rel_l2'],5),n['passed']) for n in r.get('numerics',[])])" 2>&1)"
+    done
+  done 2>&1 | tee "$out/gpu_families.txt"
+fi
 if [[ $stage == all || $stage == bench ]]; then
   python3 scripts/bench_triton_moe.py --json "$out/bench_triton_moe.json" 2>&1 | tee "$out/bench_triton_moe.md"
 fi
