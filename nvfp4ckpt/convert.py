@@ -150,7 +150,7 @@ def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None,
     infos = [
         LayerInfo(
             l.prefix, l.num_experts, l.hidden_size, l.intermediate_size, l.proj_names, l.scalar_dtype,
-            list(l.scalar_shape), *padded_dims(l), "bmm" if l.fused else None,
+            tuple(l.scalar_shape), *padded_dims(l), "bmm" if l.fused else None,
         )  # fmt: skip
         for l in ckpt.layers
     ]

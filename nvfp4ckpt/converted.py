@@ -8,43 +8,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import resolve_source
-from .descriptor import KERNEL_TENSORS, RAW_CT_TENSORS, SCALAR_TENSORS, descriptor_from_config
+from .descriptor import LayerInfo, descriptor_from_config
 from .errors import InputError
 from .io import CheckpointFiles, read_json
 from .layout import LAYOUT_NAME, LAYOUT_VERSION
 from .parallel import RankSpec, from_kernel
-
-
-@dataclass(frozen=True)
-class KernelLayer:
-    """One MoE layer as recorded in the descriptor."""
-
-    prefix: str
-    num_experts: int
-    hidden_size: int
-    intermediate_size: int
-    proj_names: dict[str, str]
-    scalar_dtype: str
-    scalar_shape: tuple[int, ...]
-    hidden_padded: int
-    intermediate_padded: int
-    ranks: tuple[RankSpec, ...] = ()  # rank-sharded output only
-    gated: bool = True  # w13 = [up ; gate] (SwiGLU) or [up] (relu2)
-    source_fused: str | None = None  # "bmm": revert writes the fused input-major tensors back
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return ("gate", "up", "down") if self.gated else ("up", "down")
-
-    @property
-    def padded(self) -> bool:
-        return (self.hidden_padded, self.intermediate_padded) != (self.hidden_size, self.intermediate_size)
-
-    def tensor_names(self, source_format: str) -> list[str]:
-        names = list(KERNEL_TENSORS + SCALAR_TENSORS)
-        if source_format == "compressed-tensors":
-            names += list(RAW_CT_TENSORS)
-        return [f"{self.prefix}.{n}" for n in names]
 
 
 @dataclass
@@ -53,7 +21,7 @@ class ConvertedCheckpoint:
     config: dict
     descriptor: dict
     files: CheckpointFiles
-    layers: list[KernelLayer]
+    layers: list[LayerInfo]
 
     rank_files: dict[str, CheckpointFiles] = field(default_factory=dict)  # part -> files (rank-sharded output)
 
@@ -68,7 +36,7 @@ class ConvertedCheckpoint:
     def files_for(self, rank: RankSpec | None) -> CheckpointFiles:
         return self.files if rank is None else self.rank_files[rank.part]
 
-    def layer(self, which: str | int) -> KernelLayer:
+    def layer(self, which: str | int) -> LayerInfo:
         """A layer by expert prefix, by index in the descriptor, or by decoder layer number."""
         if isinstance(which, int) or str(which).isdigit():
             n = int(which)
@@ -82,7 +50,7 @@ class ConvertedCheckpoint:
         raise InputError(f"{self.root}: no MoE layer {which!r}; MoE layers are {', '.join(l.prefix for l in self.layers)}")
 
     def read_layer(
-        self, layer: KernelLayer, device: str | torch.device = "cpu", rank: RankSpec | None = None
+        self, layer: LayerInfo, device: str | torch.device = "cpu", rank: RankSpec | None = None
     ) -> dict[str, torch.Tensor]:
         """The layer's canonical tensors keyed by short name (``w13_weight``, ``g1_alphas``, ...); for
         rank-sharded output, those of one rank."""
@@ -91,7 +59,7 @@ class ConvertedCheckpoint:
         files = self.files_for(rank)
         return {full[len(layer.prefix) + 1 :]: files.read_to(full, device) for full in layer.tensor_names(self.source_format)}
 
-    def reassemble_layer(self, layer: KernelLayer) -> dict[str, torch.Tensor]:
+    def reassemble_layer(self, layer: LayerInfo) -> dict[str, torch.Tensor]:
         """The whole layer in source layout, from all ranks: ``w31`` ``[up; gate]`` (non-gated ``[up]``),
         ``s31``, ``down``, ``down_scale`` (uint8, padding dropped), every scalar over all experts, and
         ``padding_zero``."""
@@ -146,32 +114,9 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
             f"{config_path}: layout version {descriptor['layout_version']} is newer than this nvfp4ckpt supports "
             f"({LAYOUT_VERSION}); upgrade nvfp4ckpt"
         )
-    layers = []
     parallel = descriptor.get("parallel") or {}
     gated = descriptor.get("activation", "swiglu") != "relu2"
-    for prefix, info in (descriptor.get("layers") or {}).items():
-        rank_list = tuple(
-            RankSpec(
-                r["rank"], r["rank"] % parallel["tp"], r["rank"] // parallel["tp"], r["experts"][0], r["experts"][1],
-                r["intermediate"][0], r["intermediate"][1], gated,
-            )  # fmt: skip
-            for r in info.get("ranks") or ()
-        )
-        layers.append(
-            KernelLayer(
-                prefix=prefix,
-                num_experts=int(info["num_experts"]),
-                hidden_size=int(info["hidden_size"]),
-                intermediate_size=int(info["intermediate_size"]),
-                proj_names=dict(info["source_projection_names"]),
-                scalar_dtype=str(info["source_scalar_dtype"]),
-                scalar_shape=tuple(info["source_scalar_shape"]),
-                hidden_padded=int(info.get("hidden_size_padded", info["hidden_size"])),
-                intermediate_padded=int(info.get("intermediate_size_padded", info["intermediate_size"])),
-                ranks=rank_list,
-                gated=gated,
-                source_fused=info.get("source_fused"),
-            )
-        )
+    tp = int(parallel.get("tp", 1))
+    layers = [LayerInfo.from_dict(prefix, info, gated, tp) for prefix, info in (descriptor.get("layers") or {}).items()]
     rank_files = {r["part"]: CheckpointFiles(root / r["part"]) for r in parallel.get("ranks", [])}
     return ConvertedCheckpoint(root, config, descriptor, CheckpointFiles(root), layers, rank_files)

@@ -14,6 +14,7 @@ from importlib import metadata
 from . import __version__
 from .formats import DESCRIPTOR_KEY
 from .layout import EPILOGUE_TILE_M, GROUP_SIZE, LAYOUT_NAME, LAYOUT_VERSION
+from .parallel import RankSpec
 
 METADATA_KEY = "nvfp4ckpt"
 MANIFEST_NAME = "nvfp4ckpt_manifest.json"
@@ -73,30 +74,73 @@ def flashinfer_version() -> str | None:
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """One MoE layer as the descriptor records it: written by ``convert``, read back by ``open_converted``."""
+
     prefix: str
     num_experts: int
     hidden_size: int
     intermediate_size: int
-    proj_names: dict[str, str]
+    proj_names: dict[str, str]  # role -> source projection name (revert writes these names back)
     scalar_dtype: str
-    scalar_shape: list[int]
-    hidden_size_padded: int
-    intermediate_size_padded: int
+    scalar_shape: tuple[int, ...]
+    hidden_padded: int  # stored sizes (padded where the kernel needs it)
+    intermediate_padded: int
     source_fused: str | None = None  # "bmm": the source stored all experts in one input-major tensor per projection
+    gated: bool = True  # w13 = [up ; gate] (SwiGLU) or [up] (relu2); checkpoint-wide, from the descriptor's activation
+    ranks: tuple[RankSpec, ...] = ()  # rank-sharded output only
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("gate", "up", "down") if self.gated else ("up", "down")
+
+    @property
+    def padded(self) -> bool:
+        return (self.hidden_padded, self.intermediate_padded) != (self.hidden_size, self.intermediate_size)
+
+    def tensor_names(self, source_format: str) -> list[str]:
+        names = list(KERNEL_TENSORS + SCALAR_TENSORS)
+        if source_format == "compressed-tensors":
+            names += list(RAW_CT_TENSORS)
+        return [f"{self.prefix}.{n}" for n in names]
 
     def to_dict(self) -> dict:
+        """The descriptor's ``layers[prefix]`` entry (ranks are added by the writer of rank-sharded output)."""
         fused = {"source_fused": self.source_fused} if self.source_fused else {}
         return {
             **fused,
             "num_experts": self.num_experts,
             "hidden_size": self.hidden_size,
-            "hidden_size_padded": self.hidden_size_padded,
+            "hidden_size_padded": self.hidden_padded,
             "intermediate_size": self.intermediate_size,
-            "intermediate_size_padded": self.intermediate_size_padded,
+            "intermediate_size_padded": self.intermediate_padded,
             "source_projection_names": self.proj_names,
             "source_scalar_dtype": self.scalar_dtype,
-            "source_scalar_shape": self.scalar_shape,
+            "source_scalar_shape": list(self.scalar_shape),
         }
+
+    @classmethod
+    def from_dict(cls, prefix: str, info: dict, gated: bool = True, tp: int = 1) -> "LayerInfo":
+        ranks = tuple(
+            RankSpec(
+                r["rank"], r["rank"] % tp, r["rank"] // tp, r["experts"][0], r["experts"][1],
+                r["intermediate"][0], r["intermediate"][1], gated,
+            )  # fmt: skip
+            for r in info.get("ranks") or ()
+        )
+        return cls(
+            prefix=prefix,
+            num_experts=int(info["num_experts"]),
+            hidden_size=int(info["hidden_size"]),
+            intermediate_size=int(info["intermediate_size"]),
+            proj_names=dict(info["source_projection_names"]),
+            scalar_dtype=str(info["source_scalar_dtype"]),
+            scalar_shape=tuple(info["source_scalar_shape"]),
+            hidden_padded=int(info.get("hidden_size_padded", info["hidden_size"])),
+            intermediate_padded=int(info.get("intermediate_size_padded", info["intermediate_size"])),
+            source_fused=info.get("source_fused"),
+            gated=gated,
+            ranks=ranks,
+        )
 
 
 def build_descriptor(
@@ -111,8 +155,8 @@ def build_descriptor(
     gated = activation != "relu2"
     hidden = sorted({l.hidden_size for l in layers})
     inter = sorted({l.intermediate_size for l in layers})
-    hidden_p = sorted({l.hidden_size_padded for l in layers})
-    inter_p = sorted({l.intermediate_size_padded for l in layers})
+    hidden_p = sorted({l.hidden_padded for l in layers})
+    inter_p = sorted({l.intermediate_padded for l in layers})
     return {
         "layout": LAYOUT_NAME,
         "layout_version": LAYOUT_VERSION,

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import _natural_key
-from .converted import ConvertedCheckpoint, KernelLayer, open_converted
+from .converted import ConvertedCheckpoint, open_converted
+from .descriptor import LayerInfo
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY, FORMATS
 from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
@@ -96,7 +97,7 @@ def revert_checkpoint(
     )
 
 
-def _expert_specs(layer: KernelLayer, fmt) -> list[PlannedTensor]:
+def _expert_specs(layer: LayerInfo, fmt) -> list[PlannedTensor]:
     e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
     if layer.source_fused:
         return [
@@ -122,7 +123,7 @@ def _expert_specs(layer: KernelLayer, fmt) -> list[PlannedTensor]:
     return out
 
 
-def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, torch.Tensor]:
+def revert_layer(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> dict[str, torch.Tensor]:
     """All per-expert source tensors of one layer (reassembled from every rank, padding dropped)."""
     fmt = FORMATS[ckpt.source_format]
     t = ckpt.reassemble_layer(layer)
@@ -153,7 +154,7 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> dict[str, tor
     return out
 
 
-def _fused_tensors(layer: KernelLayer, mats: dict, w_glob: torch.Tensor, i_glob: torch.Tensor) -> dict[str, torch.Tensor]:
+def _fused_tensors(layer: LayerInfo, mats: dict, w_glob: torch.Tensor, i_glob: torch.Tensor) -> dict[str, torch.Tensor]:
     """The fused input-major tensors back: gate_up ``[E, H/2, 2I]`` (gate then up), down ``[E, I/2, H]``; the
     one global scale per fused tensor is the same for every expert (column gate for gate_up)."""
     (gate, gate_s), (up, up_s), (down, down_s) = mats["gate"], mats["up"], mats["down"]

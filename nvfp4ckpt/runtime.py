@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .converted import ConvertedCheckpoint, KernelLayer, open_converted
+from .converted import ConvertedCheckpoint, open_converted
+from .descriptor import LayerInfo
 from .parallel import RankSpec, from_kernel
 from .errors import InputError
 
@@ -237,7 +238,7 @@ def load_moe_layer(
     ranks' outputs is the layer's output.
     """
     ckpt = path if isinstance(path, ConvertedCheckpoint) else open_converted(path)
-    info: KernelLayer = ckpt.layer(layer)
+    info: LayerInfo = ckpt.layer(layer)
     spec: RankSpec | None = None
     if info.ranks:
         if rank is None:

@@ -25,8 +25,8 @@ import torch
 from . import layout
 from .checkpoint import SourceCheckpoint, open_checkpoint
 from .convert import kernel_scalars, read_layer_source
-from .converted import ConvertedCheckpoint, KernelLayer, open_converted
-from .descriptor import MANIFEST_NAME, METADATA_KEY, canonical_specs
+from .converted import ConvertedCheckpoint, open_converted
+from .descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
 from .errors import CorruptFileError, InputError
 from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
 
@@ -172,7 +172,7 @@ def verify_checkpoint(
     return report
 
 
-def _select_layers(ckpt: ConvertedCheckpoint, layers: list[str] | None) -> list[KernelLayer]:
+def _select_layers(ckpt: ConvertedCheckpoint, layers: list[str] | None) -> list[LayerInfo]:
     if not layers:
         return list(ckpt.layers)
     return [ckpt.layer(x) for x in layers]
@@ -216,7 +216,7 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
     return CheckResult("structure", "fail" if problems else "pass", what, problems)
 
 
-def _scalar_problems(ckpt: ConvertedCheckpoint, layer: KernelLayer) -> list[str]:
+def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
     """Scalars are checked over all experts of the layer (a1/a2 are maxima over every rank's experts);
     each rank must hold the same values for its experts."""
     t: dict[str, torch.Tensor] = {}
@@ -340,7 +340,7 @@ def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[int, int] | 
     return e, r
 
 
-def _compare_layer(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, layer: KernelLayer, src_layer) -> str | None:
+def _compare_layer(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, layer: LayerInfo, src_layer) -> str | None:
     if (layer.num_experts, layer.hidden_size, layer.intermediate_size) != (
         src_layer.num_experts, src_layer.hidden_size, src_layer.intermediate_size,
     ):  # fmt: skip
@@ -382,7 +382,7 @@ def _compare_layer(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, layer: Kern
 def check_layer_numerics(
     ckpt: ConvertedCheckpoint,
     src: SourceCheckpoint | None,
-    layer: KernelLayer,
+    layer: LayerInfo,
     backend: str,
     act: str,
     tokens: int,
@@ -445,7 +445,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _reference_layer(
-    ckpt: ConvertedCheckpoint, moe: MoELayer, src: SourceCheckpoint | None, layer: KernelLayer, device: torch.device
+    ckpt: ConvertedCheckpoint, moe: MoELayer, src: SourceCheckpoint | None, layer: LayerInfo, device: torch.device
 ) -> MoELayer:
     """The same routing configuration, with the whole layer's weights read from the source checkpoint
     (or, without one, reassembled from the converted checkpoint's ranks)."""
