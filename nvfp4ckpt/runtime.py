@@ -210,13 +210,13 @@ class MoELayer:
         )  # fmt: skip
 
     def forward_triton(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
-        if self.device.type != "cuda":
-            raise InputError("--backend triton needs a CUDA GPU (SM80 or newer); use --backend torch on CPU")
         if not self.gated:
             raise InputError(
                 f"{self.prefix}: the Triton backend runs SwiGLU experts only, this layer is non-gated (relu2); "
                 "use --backend torch (or trtllm on Blackwell)"
             )
+        if self.device.type != "cuda":
+            raise InputError("--backend triton needs a CUDA GPU (SM80 or newer); use --backend torch on CPU")
         from .kernels.triton_moe import moe_forward_triton
 
         t = self.tensors

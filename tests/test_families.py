@@ -329,3 +329,39 @@ def test_fused_experts_with_a_wrong_shape_are_refused(example_factory, tmp_path)
     with pytest.raises(BadTensorError, match=rf"tensor '{name}' is U8\[8, 32, 256\]; expected U8\[8, 64, 256\]"):
         convert_checkpoint(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+
+
+def test_fused_and_per_expert_tensors_in_one_layer_are_refused(example_factory, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from nvfp4ckpt.errors import BadTensorError
+
+    src = tmp_path / "src"
+    shutil.copytree(example_factory("llama4", "modelopt"), src)
+    p = "language_model.model.layers.1.feed_forward.experts"
+    f = next(f for f in src.glob("*.safetensors") if f"{p}.down_proj" in load_file(f))
+    tensors = load_file(f)
+    tensors[f"{p}.0.gate_proj.weight"] = torch.zeros(128, 128, dtype=torch.uint8)  # a stray per-expert tensor
+    save_file(tensors, f, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"][f"{p}.0.gate_proj.weight"] = f.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(BadTensorError, match=f"{p} has both fused and per-expert tensors"):
+        convert_checkpoint(src, tmp_path / "dst")
+
+
+def test_runtime_refuses_what_it_cannot_run(example_factory, tmp_path):
+    from nvfp4ckpt.errors import InputError
+
+    convert_checkpoint(example_factory("nemotron_h", "modelopt"), tmp_path / "nemo")
+    layer = load_moe_layer(tmp_path / "nemo", 1)
+    x = torch.randn(4, layer.hidden_size, dtype=torch.bfloat16)
+    ids, w = torch.zeros(4, 2, dtype=torch.int32), torch.ones(4, 2)
+    with pytest.raises(InputError, match="the Triton backend runs SwiGLU experts only, this layer is non-gated"):
+        layer.forward_triton(x, ids, w)
+    llama = load_moe_layer(_converted(example_factory), 1)
+    llama.routing = {**llama.routing, "top_k": 2}
+    with pytest.raises(InputError, match="applies weights on the input; top_k must be 1"):
+        llama(torch.randn(3, 256, dtype=torch.bfloat16), torch.randn(3, 8))
