@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import layout
@@ -24,7 +25,7 @@ from .descriptor import (
 )
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY
-from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
+from .io import DTYPE_TO_TORCH, PlannedTensor, out_buffer, parse_size
 from .parallel import RankSpec, rank_specs, slice_source, to_kernel
 from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
 
@@ -312,6 +313,8 @@ def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor) -
 
 def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") -> dict[str, torch.Tensor]:
     """All output tensors of one MoE layer, keyed by full name."""
+    if torch.device(device).type == "cpu" and _mappable(layer):
+        return {f"{layer.prefix}.{k}": v for k, v in _convert_layer_mapped(ckpt, layer).items()}
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
     pieces = (src[k].to(dev) for k in ("w31", "s31", "down", "down_scale"))
@@ -324,6 +327,82 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
         **_layer_scalars(ckpt, layer, src["raw_scalars"]),
     }
     return {f"{layer.prefix}.{k}": v for k, v in out.items()}
+
+
+# The CPU fast path: the same bytes as ``read_layer_source`` + ``parallel.to_kernel`` (tests check it), but each
+# expert's tensors are permuted straight from the memory-mapped source (page cache) into the output buffers (pooled by
+# the writer): no stacked source copy, no intermediate row-permuted copy, one strided copy per expert tensor. The
+# copies go through numpy: single-threaded and without the GIL, so layer threads run them in parallel, whereas a
+# torch copy this small is split over OpenMP threads, which stalls badly when the cores are busy.
+
+
+def _mappable(layer: MoELayer) -> bool:
+    """Gated experts that need no padding (the kernel layout is then a pure per-expert permutation)."""
+    return (
+        padded_dims(layer) == (layer.hidden_size, layer.intermediate_size)
+        and bool(layer.experts)
+        and all(set(names) == {"gate", "up", "down"} for names in layer.experts)
+    )
+
+
+def _convert_layer_mapped(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torch.Tensor]:
+    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    files = ckpt.files
+    src = files.map_tensors(
+        getattr(names[role], part) for names in layer.experts for role in ("up", "gate", "down") for part in ("weight", "weight_scale")
+    )
+    w13 = out_buffer((e, 2 * i, h // 2))
+    s13 = out_buffer((e, 2 * i, h // 16))
+    w2 = out_buffer((e, h, i // 2))
+    s2 = out_buffer((e, h, i // 16))
+    w13_np, s13_np, w2_np, s2_np = (t.numpy() for t in (w13, s13, w2, s2))
+    raw = torch.empty((e, 3, 2), dtype=DTYPE_TO_TORCH[layer.scalar_dtype])
+    for x, names in enumerate(layer.experts):
+        for half, role in enumerate(("up", "gate")):
+            _w13_rows_into(w13_np[x], half, src[names[role].weight].numpy().reshape(i, h // 2))
+            _w13_scales_into(s13_np[x], half, src[names[role].weight_scale].numpy().reshape(i, h // 16))
+        _w2_rows_into(w2_np[x], src[names["down"].weight].numpy().reshape(h, i // 2))
+        _w2_scales_into(s2_np[x], src[names["down"].weight_scale].numpy().reshape(h, i // 16))
+        for r, role in enumerate(("gate", "up", "down")):
+            files.read_into(names[role].weight_global, raw[x, r, 0])
+            files.read_into(names[role].input_global, raw[x, r, 1])
+    del src  # unmap the source layer
+    return {
+        "w13_weight": w13,
+        "w13_weight_scale": s13.view(torch.float8_e4m3fn),
+        "w2_weight": w2,
+        "w2_weight_scale": s2.view(torch.float8_e4m3fn),
+        **_layer_scalars(ckpt, layer, raw),
+    }
+
+
+def _w13_rows_into(out, half: int, rows) -> None:
+    """One half (0 = up, 1 = gate) of one expert's ``[up ; gate]`` weight rows into kernel order
+    (``layout.w13_rows_to_kernel``: kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a)."""
+    n, c = rows.shape
+    out.reshape(n // 16, 2, 2, 8, c)[:, :, half] = rows.reshape(n // 16, 8, 2, c).transpose(0, 2, 1, 3)
+
+
+def _w13_scales_into(out, half: int, rows) -> None:
+    """One half of one expert's block scales: the w13 row order, then the 128x4 swizzle
+    (``layout.swizzle_scales_128x4``), as one copy of int32 words (4 scale bytes of a row stay together)."""
+    n, k = rows.shape
+    # kernel row R = 32b + 16a + 8h + r with b = 4*B1 + B0 lands at word ((B1*(k/4) + w)*32 + R%32)*4 + B0
+    o = out.reshape(-1).view(np.int32).reshape(n // 64, k // 4, 2, 2, 8, 4)  # (B1, w, a, h, r, B0)
+    o[:, :, :, half] = rows.reshape(-1).view(np.int32).reshape(n // 64, 4, 8, 2, k // 4).transpose(0, 4, 3, 2, 1)
+
+
+def _w2_rows_into(out, rows) -> None:
+    """One expert's down_proj rows in ``layout.shuffle_rows`` order (row 32b + 8p + q holds row 32b + 4q + p)."""
+    n, c = rows.shape
+    out.reshape(n // 32, 4, 8, c)[:] = rows.reshape(n // 32, 8, 4, c).transpose(0, 2, 1, 3)
+
+
+def _w2_scales_into(out, rows) -> None:
+    """One expert's down_proj block scales: shuffled rows, then the 128x4 swizzle, as one copy of int32 words."""
+    n, k = rows.shape
+    o = out.reshape(-1).view(np.int32).reshape(n // 128, k // 4, 4, 8, 4)  # (B1, w, p, q, B0)
+    o[:] = rows.reshape(-1).view(np.int32).reshape(n // 128, 4, 8, 4, k // 4).transpose(0, 4, 3, 2, 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from .descriptor import MANIFEST_NAME
 from .errors import InputError, OutputExistsError
-from .io import INDEX_NAME, AsyncSink, CheckpointFiles, PlannedTensor, ShardWriter, plan_shards
+from .io import INDEX_NAME, AsyncSink, BufferPool, CheckpointFiles, PlannedTensor, ShardWriter, buffers_from, plan_shards
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4ckpt-layer")
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4ckpt-read")
     try:
-        cache = _GroupPipeline(job, groups, pool, max(1, workers))
+        cache = _GroupPipeline(job, groups, pool, max(1, workers), sink.buffers)
         carried = _CarriedPrefetch(job.source, [t for t in job.planned if t.key not in job.computed], reader)
         cursors = {
             part: _PartCursor(tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink)
@@ -180,8 +180,10 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
 
 
 class _CarriedPrefetch:
-    """Reads the carried-over tensors' bytes ahead, in write order, on a reader thread (at most ``depth``
-    blocks of ``block`` bytes in flight), so the main thread never waits on the source disk."""
+    """Maps the carried-over tensors' bytes ahead, in write order, on a reader thread (at most ``depth``
+    blocks of ``block`` bytes in flight), starting read-ahead, so the main thread never waits on the
+    source disk. Blocks are views of the source's page cache (no copy into a buffer): the sink writes
+    and hashes straight from them."""
 
     def __init__(self, source: CheckpointFiles, tensors: list[PlannedTensor], pool: ThreadPoolExecutor,
                  depth: int = 4, block: int = 64 * 1024 * 1024) -> None:  # fmt: skip
@@ -193,10 +195,8 @@ class _CarriedPrefetch:
         self._fill()
 
     def _read(self, name: str, offset: int, size: int) -> torch.Tensor:
-        buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled
-        if size:
-            self.source.pread_into(self.source.info(name), memoryview(buf.numpy()), offset)
-        return buf
+        info = self.source.info(name)
+        return self.source.map_bytes(info.file, info.begin + offset, info.begin + offset + size, willneed=True)
 
     def _fill(self) -> None:
         while len(self.pending) < self.depth:
@@ -252,8 +252,11 @@ class _GroupPipeline:
     """Computes groups (MoE layers) ahead on a thread pool, in the order they will be written, and
     hands out each group's tensors once; a group is dropped as soon as all its tensors are taken."""
 
-    def __init__(self, job: CheckpointJob, order: list[str], pool: ThreadPoolExecutor, ahead: int) -> None:
+    def __init__(
+        self, job: CheckpointJob, order: list[str], pool: ThreadPoolExecutor, ahead: int, buffers: BufferPool | None = None
+    ) -> None:
         self.job = job
+        self.buffers = buffers  # where compute() takes its output buffers (io.out_buffer)
         self.order = order
         self.pool = pool
         self.ahead = ahead
@@ -263,19 +266,24 @@ class _GroupPipeline:
         self.tensors: dict[str, torch.Tensor] = {}
         self.groups_done = 0
         self.finished_group = False
+        self._fill()  # start on the first layers now, while the tensors before them are copied
 
     def _fill(self) -> None:
         while self.next_submit < len(self.order) and len(self.futures) < self.ahead:
             group = self.order[self.next_submit]
-            self.futures[group] = self.pool.submit(self.job.compute, group)
+            self.futures[group] = self.pool.submit(self._compute, group)
             self.next_submit += 1
+
+    def _compute(self, group: str) -> dict[str, torch.Tensor]:
+        with buffers_from(self.buffers):
+            return self.job.compute(group)
 
     def take(self, group: str, name: str) -> torch.Tensor:
         if self.current != group:
             self.tensors = {}  # drop the previous layer before waiting for the next
             self._fill()
             future = self.futures.pop(group, None)
-            self.tensors = future.result() if future is not None else self.job.compute(group)
+            self.tensors = future.result() if future is not None else self._compute(group)
             self.current = group
             self._fill()
         tensor = self.tensors.pop(name)
