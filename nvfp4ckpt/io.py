@@ -377,79 +377,6 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
     return struct.pack("<Q", len(raw)) + raw
 
 
-class ShardWriter:
-    """Writes one planned shard: header first, then tensor bytes strictly in plan order.
-
-    With a ``sink`` (an :class:`AsyncSink`) hashing and writing happen on the sink's thread, so the
-    caller can read and transform the next tensors meanwhile; without one they happen inline.
-    """
-
-    def __init__(self, path: Path, plan: ShardPlan, metadata: dict[str, str], sink: "AsyncSink | None" = None) -> None:
-        self.path = path
-        self.plan = plan
-        self._next = 0
-        self._sink = sink or AsyncSink(threaded=False)
-        self._file = self._sink.open(path)
-        self._sink.put(self._file, encode_header(plan.tensors, metadata))
-
-    @property
-    def sha256(self) -> str:
-        return self._file.sha256
-
-    def write(self, name: str, data: torch.Tensor | bytes) -> None:
-        expected = self.plan.tensors[self._next]
-        if expected.name != name:
-            raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
-        if isinstance(data, torch.Tensor):
-            t = data.contiguous()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            # A buffer of the sink's pool goes back to it once both sink threads are done with these bytes.
-            keep = (self._sink.buffers.lease(t) if self._sink.buffers is not None else None) or t
-        else:
-            mv = memoryview(data)
-            keep = data
-        if mv.nbytes != expected.nbytes:
-            raise RuntimeError(f"{name}: {mv.nbytes} bytes produced, {expected.nbytes} planned")
-        self._sink.put(self._file, mv, keep)
-        self._next += 1
-
-    def write_blocks(self, name: str, blocks) -> None:
-        """Write one tensor given as consecutive uint8 blocks (already read or memory-mapped, e.g. by a prefetching thread)."""
-        expected = self.plan.tensors[self._next]
-        if expected.name != name:
-            raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
-        total = 0
-        for block in blocks:
-            if block.numel():
-                self._sink.put(self._file, memoryview(block.numpy()), block)
-            total += block.numel()
-        if total != expected.nbytes:
-            raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")
-        self._next += 1
-
-    def close(self) -> None:
-        """Queue the end of the file (flush + fsync happen on the sink)."""
-        if self._next != len(self.plan.tensors):
-            missing = self.plan.tensors[self._next].name
-            raise RuntimeError(f"shard {self.path.name} closed before {missing!r} was written")
-        self._sink.finish(self._file)
-
-    def abort(self) -> None:
-        self._sink.abort()
-
-
-class _SinkFile:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.hash = hashlib.sha256()
-        self.sha256 = ""
-        self.written = 0  # bytes written so far, and how many of them have been handed to write-back
-        self.flushed = 0
-
-
 class BufferPool:
     """Output buffers reused across MoE layers: a layer's output tensors are written into buffers that
     earlier layers used (already faulted in, so no first-touch page faults and no zeroing), and a buffer
@@ -537,6 +464,80 @@ def out_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torc
     for d in shape:
         numel *= d
     return pool.take(numel * dtype.itemsize).view(dtype).view(shape)
+
+
+class ShardWriter:
+    """Writes one planned shard: header first, then tensor bytes strictly in plan order.
+
+    With a ``sink`` (an :class:`AsyncSink`) hashing and writing happen on the sink's thread, so the
+    caller can read and transform the next tensors meanwhile; without one they happen inline.
+    """
+
+    def __init__(self, path: Path, plan: ShardPlan, metadata: dict[str, str], sink: "AsyncSink | None" = None) -> None:
+        self.path = path
+        self.plan = plan
+        self._next = 0
+        self._sink = sink or AsyncSink(threaded=False)
+        self._file = self._sink.open(path)
+        self._sink.put(self._file, encode_header(plan.tensors, metadata))
+
+    @property
+    def sha256(self) -> str:
+        return self._file.sha256
+
+    def write(self, name: str, data: torch.Tensor | bytes) -> None:
+        expected = self.plan.tensors[self._next]
+        if expected.name != name:
+            raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
+        if isinstance(data, torch.Tensor):
+            t = data.contiguous()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            # A buffer of the sink's pool goes back to it once both sink threads are done with these bytes.
+            keep = (self._sink.buffers.lease(t) if self._sink.buffers is not None else None) or t
+        else:
+            mv = memoryview(data)
+            keep = data
+        if mv.nbytes != expected.nbytes:
+            raise RuntimeError(f"{name}: {mv.nbytes} bytes produced, {expected.nbytes} planned")
+        self._sink.put(self._file, mv, keep)
+        self._next += 1
+
+    def write_blocks(self, name: str, blocks) -> None:
+        """Write one tensor given as consecutive uint8 blocks (already read or memory-mapped, e.g. by a prefetching thread)."""
+        expected = self.plan.tensors[self._next]
+        if expected.name != name:
+            raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
+        total = 0
+        for block in blocks:
+            if block.numel():
+                self._sink.put(self._file, memoryview(block.numpy()), block)
+            total += block.numel()
+        if total != expected.nbytes:
+            raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")
+        self._next += 1
+
+    def close(self) -> None:
+        """Queue the end of the file (flush + fsync happen on the sink)."""
+        if self._next != len(self.plan.tensors):
+            missing = self.plan.tensors[self._next].name
+            raise RuntimeError(f"shard {self.path.name} closed before {missing!r} was written")
+        self._sink.finish(self._file)
+
+    def abort(self) -> None:
+        self._sink.abort()
+
+
+class _SinkFile:
+    written = 0  # bytes written so far, and how many of them were handed to write-back (AsyncSink._wrote)
+    flushed = 0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.hash = hashlib.sha256()
+        self.sha256 = ""
 
 
 class AsyncSink:
@@ -649,13 +650,6 @@ class AsyncSink:
                 t.join()
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 _WRITEBACK_BYTES = 32 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 try:  # Linux: start write-back of a range without waiting for it (not in the os module)
@@ -671,6 +665,13 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     are produced rather than all at the final fsync. Best effort: fsync still makes the file durable."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _fsync_close(fd: int) -> None:
