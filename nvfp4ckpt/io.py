@@ -209,33 +209,6 @@ class CheckpointFiles:
                 raise CorruptFileError(f"{info.file}: tensor {info.name!r} is truncated; re-download the checkpoint")
             done += n
 
-    def map_bytes(self, path: Path, begin: int, end: int, willneed: bool = False) -> torch.Tensor:
-        """Bytes ``[begin, end)`` of ``path`` as a flat uint8 tensor over a private memory map: no copy,
-        the pages are the page cache's (treat it as read-only). The map lives as long as the tensor or
-        any view of it. ``willneed`` starts read-ahead of the range (for a cold page cache)."""
-        if end <= begin:
-            return torch.empty(0, dtype=torch.uint8)
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        # ACCESS_COPY (MAP_PRIVATE, writable) only so torch gets a writable buffer; nothing writes to it.
-        mm = mmap.mmap(self._fd(path), end - start, access=mmap.ACCESS_COPY, offset=start)
-        if willneed and hasattr(mm, "madvise"):
-            mm.madvise(mmap.MADV_WILLNEED)
-        return torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin - start)
-
-    def map_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Flat uint8 views of several tensors' bytes (see :meth:`map_bytes`), one map per file spanning them."""
-        by_file: dict[Path, list[TensorInfo]] = {}
-        for name in names:
-            info = self.info(name)
-            by_file.setdefault(info.file, []).append(info)
-        out: dict[str, torch.Tensor] = {}
-        for path, infos in by_file.items():
-            lo, hi = min(i.begin for i in infos), max(i.end for i in infos)
-            window = self.map_bytes(path, lo, hi)
-            for i in infos:
-                out[i.name] = window[i.begin - lo : i.end - lo]
-        return out
-
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Read a tensor's bytes into a contiguous preallocated tensor ``out`` (no extra copy)."""
         info = self.info(name)
@@ -381,8 +354,10 @@ class BufferPool:
     """Output buffers reused across MoE layers: a layer's output tensors are written into buffers that
     earlier layers used (already faulted in, so no first-touch page faults and no zeroing), and a buffer
     returns to the pool once the sink has written and hashed it. Buffers are made only when none of the
-    size is free, so the pool never holds more than the most buffers in flight at once; it is dropped
-    with the run."""
+    size is free, and at most ``keep_free`` free ones per size are kept, so the pool never holds more than
+    the buffers in flight plus a few; it is dropped with the run."""
+
+    keep_free = 2  # free buffers kept per size: more go back to the system (bounds the pool after a burst)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -413,8 +388,9 @@ class BufferPool:
     def _give(self, ptr: int) -> None:
         with self._lock:
             buf = self._out.pop(ptr, None)
-            if buf is not None:
-                self._free.setdefault(buf.numel(), []).append(buf)
+            free = self._free.setdefault(buf.numel(), []) if buf is not None else None
+            if free is not None and len(free) < self.keep_free:
+                free.append(buf)  # else dropped (unmapped): in steady state a few per size are reused
 
 
 class _Lease:
@@ -466,6 +442,21 @@ def out_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torc
     return pool.take(numel * dtype.itemsize).view(dtype).view(shape)
 
 
+@contextmanager
+def scratch_buffer(nbytes: int):
+    """A flat uint8 buffer for the duration of the block (source bytes of a layer): from the calling thread's
+    pool (see :func:`buffers_from`), which gets it back at the end of the block, else a fresh one."""
+    pool = getattr(_local, "pool", None)
+    if pool is None or nbytes == 0:
+        yield torch.empty(nbytes, dtype=torch.uint8)
+        return
+    buf = pool.take(nbytes)
+    try:
+        yield buf
+    finally:
+        pool._give(buf.data_ptr())
+
+
 class ShardWriter:
     """Writes one planned shard: header first, then tensor bytes strictly in plan order.
 
@@ -505,14 +496,15 @@ class ShardWriter:
         self._next += 1
 
     def write_blocks(self, name: str, blocks) -> None:
-        """Write one tensor given as consecutive uint8 blocks (already read or memory-mapped, e.g. by a prefetching thread)."""
+        """Write one tensor given as consecutive uint8 blocks (already read, e.g. by a prefetching thread)."""
         expected = self.plan.tensors[self._next]
         if expected.name != name:
             raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
         total = 0
         for block in blocks:
             if block.numel():
-                self._sink.put(self._file, memoryview(block.numpy()), block)
+                keep = (self._sink.buffers.lease(block) if self._sink.buffers is not None else None) or block
+                self._sink.put(self._file, memoryview(block.numpy()), keep)
             total += block.numel()
         if total != expected.nbytes:
             raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")

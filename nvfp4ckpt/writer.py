@@ -128,7 +128,7 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4ckpt-read")
     try:
         cache = _GroupPipeline(job, groups, pool, max(1, workers), sink.buffers)
-        carried = _CarriedPrefetch(job.source, [t for t in job.planned if t.key not in job.computed], reader)
+        carried = _CarriedPrefetch(job.source, [t for t in job.planned if t.key not in job.computed], reader, sink.buffers)
         cursors = {
             part: _PartCursor(tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink)
             for part, plans in shard_plans.items()
@@ -180,14 +180,16 @@ def _write_locked(job, dst, shard_plans, groups, total_bytes, report, workers) -
 
 
 class _CarriedPrefetch:
-    """Maps the carried-over tensors' bytes ahead, in write order, on a reader thread (at most ``depth``
-    blocks of ``block`` bytes in flight), starting read-ahead, so the main thread never waits on the
-    source disk. Blocks are views of the source's page cache (no copy into a buffer): the sink writes
-    and hashes straight from them."""
+    """Reads the carried-over tensors' bytes ahead, in write order, on a reader thread (at most ``depth``
+    blocks of ``block`` bytes in flight), so the main thread never waits on the source disk. Blocks of
+    1 MiB or more are read into buffers of the sink's pool (``buffers``; power-of-two size classes), which
+    come back once written and hashed, so the same few buffers serve the whole run (no page faults)."""
 
     def __init__(self, source: CheckpointFiles, tensors: list[PlannedTensor], pool: ThreadPoolExecutor,
-                 depth: int = 4, block: int = 64 * 1024 * 1024) -> None:  # fmt: skip
+                 buffers: BufferPool | None = None, depth: int = 4, block: int = 64 * 1024 * 1024) -> None:  # fmt: skip
         self.source = source
+        self.buffers = buffers
+        self.block = block
         self.pool = pool
         self.depth = depth
         self.chunks = iter([(t.name, off, min(block, t.nbytes - off)) for t in tensors for off in range(0, max(t.nbytes, 1), block)])
@@ -195,8 +197,13 @@ class _CarriedPrefetch:
         self._fill()
 
     def _read(self, name: str, offset: int, size: int) -> torch.Tensor:
-        info = self.source.info(name)
-        return self.source.map_bytes(info.file, info.begin + offset, info.begin + offset + size, willneed=True)
+        if self.buffers is not None and size >= 1 << 20:
+            buf = self.buffers.take(min(1 << (size - 1).bit_length(), max(self.block, size)))[:size]
+        else:
+            buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled
+        if size:
+            self.source.pread_into(self.source.info(name), memoryview(buf.numpy()), offset)
+        return buf
 
     def _fill(self) -> None:
         while len(self.pending) < self.depth:
