@@ -313,7 +313,7 @@ def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor) -
 
 def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") -> dict[str, torch.Tensor]:
     """All output tensors of one MoE layer, keyed by full name."""
-    if torch.device(device).type == "cpu" and _mappable(layer):
+    if torch.device(device).type == "cpu" and _has_fast_path(layer):
         return {f"{layer.prefix}.{k}": v for k, v in _convert_layer_fast(ckpt, layer).items()}
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
@@ -336,7 +336,7 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
 # parallel, whereas a torch copy this small is split over OpenMP threads, which stalls badly when the cores are busy.
 
 
-def _mappable(layer: MoELayer) -> bool:
+def _has_fast_path(layer: MoELayer) -> bool:
     """Gated experts that need no padding (the kernel layout is then a pure per-expert permutation)."""
     return (
         padded_dims(layer) == (layer.hidden_size, layer.intermediate_size)

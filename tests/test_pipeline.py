@@ -28,7 +28,7 @@ def test_mapped_layer_matches_stacked_transform(tmp_path):
     pool = BufferPool()
     seen: set[int] = set()
     for layer in ckpt.layers:
-        assert conv._mappable(layer)
+        assert conv._has_fast_path(layer)
         src = conv.read_layer_source(ckpt, layer)
         expected = to_kernel(src["w31"], src["s31"], src["down"], src["down_scale"], *conv.padded_dims(layer))
         with buffers_from(pool):
