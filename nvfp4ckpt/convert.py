@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import layout
@@ -24,7 +25,7 @@ from .descriptor import (
 )
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY
-from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
+from .io import DTYPE_TO_TORCH, PlannedTensor, out_buffer, parse_size, scratch_buffer
 from .parallel import RankSpec, rank_specs, slice_source, to_kernel
 from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
 
@@ -346,6 +347,8 @@ def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor) -
 
 def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") -> dict[str, torch.Tensor]:
     """All output tensors of one MoE layer, keyed by full name."""
+    if torch.device(device).type == "cpu" and _has_fast_path(layer):
+        return {f"{layer.prefix}.{k}": v for k, v in _convert_layer_fast(ckpt, layer).items()}
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
     pieces = (src[k].to(dev) for k in ("w31", "s31", "down", "down_scale"))
@@ -358,6 +361,60 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
         **_layer_scalars(ckpt, layer, src["raw_scalars"]),
     }
     return {f"{layer.prefix}.{k}": v for k, v in out.items()}
+
+
+# The CPU fast path: the same bytes as ``read_layer_source`` + ``parallel.to_kernel`` (tests check it), but one
+# expert at a time: its six tensors are read into a small scratch buffer (cache-warm, reused) and permuted from there
+# straight into the output buffers (pooled by the writer): no stacked per-layer source copy, no intermediate
+# row-permuted copy. The copies go through numpy: single-threaded and without the GIL, so layer threads run them in
+# parallel, whereas a torch copy this small is split over OpenMP threads, which stalls badly when the cores are busy.
+
+
+def _has_fast_path(layer: MoELayer) -> bool:
+    """Gated experts that need no padding (the kernel layout is then a pure per-expert permutation)."""
+    return (
+        padded_dims(layer) == (layer.hidden_size, layer.intermediate_size)
+        and bool(layer.experts)
+        and all(set(names) == {"gate", "up", "down"} for names in layer.experts)
+    )
+
+
+def _convert_layer_fast(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torch.Tensor]:
+    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    files = ckpt.files
+    w13 = out_buffer((e, 2 * i, h // 2))
+    s13 = out_buffer((e, 2 * i, h // 16))
+    w2 = out_buffer((e, h, i // 2))
+    s2 = out_buffer((e, h, i // 16))
+    w13_np, s13_np, w2_np, s2_np = (t.numpy() for t in (w13, s13, w2, s2))
+    raw = torch.empty((e, 3, 2), dtype=DTYPE_TO_TORCH[layer.scalar_dtype])
+    w_bytes, s_bytes = i * h // 2, i * h // 16  # per expert and projection (up, gate and down alike)
+    with scratch_buffer(3 * (w_bytes + s_bytes)) as scratch:  # one expert's source tensors, reused
+        parts = torch.split(scratch, [w_bytes] * 3 + [s_bytes] * 3)
+        up, gate, down, up_s, gate_s, down_s = parts
+        up_np, gate_np, down_np = up.numpy().reshape(i, h // 2), gate.numpy().reshape(i, h // 2), down.numpy().reshape(h, i // 2)
+        up_s_np, gate_s_np = up_s.numpy().reshape(i, h // 16), gate_s.numpy().reshape(i, h // 16)
+        down_s_np = down_s.numpy().reshape(h, i // 16)
+        for x, names in enumerate(layer.experts):
+            for name, dst in ((names["up"].weight, up), (names["gate"].weight, gate), (names["down"].weight, down),
+                              (names["up"].weight_scale, up_s), (names["gate"].weight_scale, gate_s),
+                              (names["down"].weight_scale, down_s)):  # fmt: skip
+                files.read_into(name, dst)
+            for half, (rows, scales) in enumerate(((up_np, up_s_np), (gate_np, gate_s_np))):
+                layout.w13_rows_into(w13_np[x], half, rows)
+                layout.w13_scales_into(s13_np[x], half, scales)
+            layout.w2_rows_into(w2_np[x], down_np)
+            layout.w2_scales_into(s2_np[x], down_s_np)
+            for r, role in enumerate(("gate", "up", "down")):
+                files.read_into(names[role].weight_global, raw[x, r, 0])
+                files.read_into(names[role].input_global, raw[x, r, 1])
+    return {
+        "w13_weight": w13,
+        "w13_weight_scale": s13.view(torch.float8_e4m3fn),
+        "w2_weight": w2,
+        "w2_weight_scale": s2.view(torch.float8_e4m3fn),
+        **_layer_scalars(ckpt, layer, raw),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,11 +9,14 @@ tensors are copied byte-for-byte, whatever their dtype.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -347,6 +350,113 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
     return struct.pack("<Q", len(raw)) + raw
 
 
+class BufferPool:
+    """Output buffers reused across MoE layers: a layer's output tensors are written into buffers that
+    earlier layers used (already faulted in, so no first-touch page faults and no zeroing), and a buffer
+    returns to the pool once the sink has written and hashed it. Buffers are made only when none of the
+    size is free, and at most ``keep_free`` free ones per size are kept, so the pool never holds more than
+    the buffers in flight plus a few; it is dropped with the run."""
+
+    keep_free = 2  # free buffers kept per size: more go back to the system (bounds the pool after a burst)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._out: dict[int, torch.Tensor] = {}
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(nbytes)
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = _anonymous_buffer(nbytes)
+        if nbytes:
+            with self._lock:
+                self._out[buf.data_ptr()] = buf
+        return buf
+
+    def lease(self, t: torch.Tensor) -> "_Lease | None":
+        """For a tensor over a buffer of this pool: an object that keeps the tensor alive and gives the
+        buffer back when it is itself dropped (pass it as the sink's ``keep``: the queue items hold it
+        until both sink threads are done with the bytes). None for any other tensor."""
+        ptr = t.untyped_storage().data_ptr()
+        with self._lock:
+            if ptr not in self._out:
+                return None
+        return _Lease(t, self, ptr)
+
+    def _give(self, ptr: int) -> None:
+        with self._lock:
+            buf = self._out.pop(ptr, None)
+            free = self._free.setdefault(buf.numel(), []) if buf is not None else None
+            if free is not None and len(free) < self.keep_free:
+                free.append(buf)  # else dropped (unmapped): in steady state a few per size are reused
+
+
+class _Lease:
+    __slots__ = ("tensor", "pool", "ptr")
+
+    def __init__(self, tensor: torch.Tensor, pool: BufferPool, ptr: int) -> None:
+        self.tensor, self.pool, self.ptr = tensor, pool, ptr
+
+    def __del__(self) -> None:
+        self.pool._give(self.ptr)
+
+
+def _anonymous_buffer(nbytes: int) -> torch.Tensor:
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    mm = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults the first time it is filled
+        except OSError:
+            pass
+    return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+_local = threading.local()
+
+
+@contextmanager
+def buffers_from(pool: BufferPool | None):
+    """Inside the block, :func:`out_buffer` on this thread takes its buffers from ``pool``."""
+    prev = getattr(_local, "pool", None)
+    _local.pool = pool
+    try:
+        yield
+    finally:
+        _local.pool = prev
+
+
+def out_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor for an output tensor: from the writer's buffer pool when the
+    calling thread computes for a writer (see :func:`buffers_from`), else a fresh one. One buffer per
+    output tensor: the pool takes it back once that tensor is written."""
+    pool = getattr(_local, "pool", None)
+    if pool is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for d in shape:
+        numel *= d
+    return pool.take(numel * dtype.itemsize).view(dtype).view(shape)
+
+
+@contextmanager
+def scratch_buffer(nbytes: int):
+    """A flat uint8 buffer for the duration of the block (source bytes of a layer): from the calling thread's
+    pool (see :func:`buffers_from`), which gets it back at the end of the block, else a fresh one."""
+    pool = getattr(_local, "pool", None)
+    if pool is None or nbytes == 0:
+        yield torch.empty(nbytes, dtype=torch.uint8)
+        return
+    buf = pool.take(nbytes)
+    try:
+        yield buf
+    finally:
+        pool._give(buf.data_ptr())
+
+
 class ShardWriter:
     """Writes one planned shard: header first, then tensor bytes strictly in plan order.
 
@@ -375,7 +485,8 @@ class ShardWriter:
             if t.device.type != "cpu":
                 t = t.cpu()
             mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            keep = t
+            # A buffer of the sink's pool goes back to it once both sink threads are done with these bytes.
+            keep = (self._sink.buffers.lease(t) if self._sink.buffers is not None else None) or t
         else:
             mv = memoryview(data)
             keep = data
@@ -392,7 +503,8 @@ class ShardWriter:
         total = 0
         for block in blocks:
             if block.numel():
-                self._sink.put(self._file, memoryview(block.numpy()), block)
+                keep = (self._sink.buffers.lease(block) if self._sink.buffers is not None else None) or block
+                self._sink.put(self._file, memoryview(block.numpy()), keep)
             total += block.numel()
         if total != expected.nbytes:
             raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")
@@ -411,6 +523,9 @@ class ShardWriter:
 
 
 class _SinkFile:
+    written = 0  # bytes written so far, and how many of them were handed to write-back (AsyncSink._wrote)
+    flushed = 0
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -421,8 +536,11 @@ class _SinkFile:
 
 class AsyncSink:
     """Writes byte blocks in order on one thread and hashes them on another (both release the GIL),
-    then fsyncs each finished file on a third, so disk flushes overlap the rest of the work.
-    ``drain()`` waits for all of it and re-raises the first error."""
+    then fsyncs each finished file on a third, so disk flushes overlap the rest of the work; every
+    ``_WRITEBACK_BYTES`` written, the third thread also starts the disk write of that range, so the disk
+    works while the rest is computed and the final fsync has little left.
+    ``drain()`` waits for all of it and re-raises the first error. ``buffers`` is the pool that layer
+    computations take their output buffers from (see :func:`out_buffer`)."""
 
     _STOP = object()
 
@@ -430,6 +548,7 @@ class AsyncSink:
         import queue
 
         self.threaded = threaded
+        self.buffers: BufferPool | None = BufferPool() if threaded else None
         self._error: BaseException | None = None
         self._queues: list[queue.Queue] = []
         self._threads: list[threading.Thread] = []
@@ -480,12 +599,20 @@ class AsyncSink:
             try:
                 if op == "data":
                     _write_all(f.fd, data)
+                    self._wrote(f, data)
                 else:
                     self._fsyncs.append(self._fsync_pool.submit(_fsync_close, f.fd, f, data))
             except BaseException as exc:  # reported to the producer by _raise()/drain()
                 if isinstance(exc, OSError) and exc.filename is None:
                     exc.filename = str(f.path)  # os.write does not say which file was full
                 self._error = exc
+
+    def _wrote(self, f: _SinkFile, data) -> None:
+        f.written += memoryview(data).nbytes
+        if f.written - f.flushed >= _WRITEBACK_BYTES:
+            # On the fsync thread, which may block on a full disk queue; in order, so before this file's fsync.
+            self._fsync_pool.submit(_start_writeback, f.fd, f.flushed, f.written - f.flushed)
+            f.flushed = f.written
 
     def _hash_loop(self, q) -> None:
         while (item := q.get()) is not self._STOP:
@@ -521,6 +648,23 @@ class AsyncSink:
             if t.is_alive():
                 q.put(self._STOP)
                 t.join()
+
+
+_WRITEBACK_BYTES = 32 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+try:  # Linux: start write-back of a range without waiting for it (not in the os module)
+    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+except (OSError, AttributeError):
+    _sync_file_range = None
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start (not wait for) the disk write of a range just written, so the disk works while the next bytes
+    are produced rather than all at the final fsync. Best effort: fsync still makes the file durable."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _write_all(fd: int, data) -> None:

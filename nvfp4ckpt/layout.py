@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 EPILOGUE_TILE_M = 128
@@ -287,3 +288,38 @@ def w2_from_kernel(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Ten
     down = unshuffle_rows(weight)
     down_scale = unshuffle_rows(unswizzle_scales_128x4(scale))
     return down, down_scale.view(torch.float8_e4m3fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# One expert at a time, into a preallocated output (numpy views; the CPU fast path of ``convert``).
+# The same bytes as the vectorized functions above (tests/test_pipeline.py and tests/test_layout.py check them);
+# numpy copies are single-threaded and release the GIL, so layer threads run them side by side.
+
+
+def w13_rows_into(out: np.ndarray, half: int, rows: np.ndarray) -> None:
+    """One half (0 = up, 1 = gate) of one expert's ``[up ; gate]`` weight rows into kernel order
+    (``layout.w13_rows_to_kernel``: kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a)."""
+    n, c = rows.shape
+    out.reshape(n // 16, 2, 2, 8, c)[:, :, half] = rows.reshape(n // 16, 8, 2, c).transpose(0, 2, 1, 3)
+
+
+def w13_scales_into(out: np.ndarray, half: int, rows: np.ndarray) -> None:
+    """One half of one expert's block scales: the w13 row order, then the 128x4 swizzle
+    (``layout.swizzle_scales_128x4``), as one copy of int32 words (4 scale bytes of a row stay together)."""
+    n, k = rows.shape
+    # kernel row R = 32b + 16a + 8h + r with b = 4*B1 + B0 lands at word ((B1*(k/4) + w)*32 + R%32)*4 + B0
+    o = out.reshape(-1).view(np.int32).reshape(n // 64, k // 4, 2, 2, 8, 4)  # (B1, w, a, h, r, B0)
+    o[:, :, :, half] = rows.reshape(-1).view(np.int32).reshape(n // 64, 4, 8, 2, k // 4).transpose(0, 4, 3, 2, 1)
+
+
+def w2_rows_into(out: np.ndarray, rows: np.ndarray) -> None:
+    """One expert's down_proj rows in ``layout.shuffle_rows`` order (row 32b + 8p + q holds row 32b + 4q + p)."""
+    n, c = rows.shape
+    out.reshape(n // 32, 4, 8, c)[:] = rows.reshape(n // 32, 8, 4, c).transpose(0, 2, 1, 3)
+
+
+def w2_scales_into(out: np.ndarray, rows: np.ndarray) -> None:
+    """One expert's down_proj block scales: shuffled rows, then the 128x4 swizzle, as one copy of int32 words."""
+    n, k = rows.shape
+    o = out.reshape(-1).view(np.int32).reshape(n // 128, k // 4, 4, 8, 4)  # (B1, w, p, q, B0)
+    o[:] = rows.reshape(-1).view(np.int32).reshape(n // 128, 4, 8, 4, k // 4).transpose(0, 4, 3, 2, 1)

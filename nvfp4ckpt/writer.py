@@ -32,7 +32,17 @@ from .errors import (
     ResumeMismatchError,
     SourceChangedError,
 )
-from .io import INDEX_NAME, AsyncSink, CheckpointFiles, PlannedTensor, ShardPlan, ShardWriter, plan_shards
+from .io import (
+    INDEX_NAME,
+    AsyncSink,
+    BufferPool,
+    CheckpointFiles,
+    PlannedTensor,
+    ShardPlan,
+    ShardWriter,
+    buffers_from,
+    plan_shards,
+)
 
 
 @dataclass
@@ -351,8 +361,8 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nvfp4ckpt-layer")
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4ckpt-read")
     try:
-        cache = _GroupPipeline(job, groups, pool, max(1, workers))
-        carried = _CarriedPrefetch(job.source, [t for t in todo if t.key not in job.computed], reader)
+        cache = _GroupPipeline(job, groups, pool, max(1, workers), sink.buffers)
+        carried = _CarriedPrefetch(job.source, [t for t in todo if t.key not in job.computed], reader, sink.buffers)
         cursors = {
             part: _PartCursor(
                 tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink,
@@ -437,11 +447,15 @@ def _size(n: int) -> str:
 
 class _CarriedPrefetch:
     """Reads the carried-over tensors' bytes ahead, in write order, on a reader thread (at most ``depth``
-    blocks of ``block`` bytes in flight), so the main thread never waits on the source disk."""
+    blocks of ``block`` bytes in flight), so the main thread never waits on the source disk. Blocks of
+    1 MiB or more are read into buffers of the sink's pool (``buffers``; power-of-two size classes), which
+    come back once written and hashed, so the same few buffers serve the whole run (no page faults)."""
 
     def __init__(self, source: CheckpointFiles, tensors: list[PlannedTensor], pool: ThreadPoolExecutor,
-                 depth: int = 4, block: int = 64 * 1024 * 1024) -> None:  # fmt: skip
+                 buffers: BufferPool | None = None, depth: int = 4, block: int = 64 * 1024 * 1024) -> None:  # fmt: skip
         self.source = source
+        self.buffers = buffers
+        self.block = block
         self.pool = pool
         self.depth = depth
         self.chunks = iter([(t.name, off, min(block, t.nbytes - off)) for t in tensors for off in range(0, max(t.nbytes, 1), block)])
@@ -449,7 +463,10 @@ class _CarriedPrefetch:
         self._fill()
 
     def _read(self, name: str, offset: int, size: int) -> torch.Tensor:
-        buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled
+        if self.buffers is not None and size >= 1 << 20:
+            buf = self.buffers.take(min(1 << (size - 1).bit_length(), max(self.block, size)))[:size]
+        else:
+            buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled
         if size:
             self.source.pread_into(self.source.info(name), memoryview(buf.numpy()), offset)
         return buf
@@ -509,8 +526,11 @@ class _GroupPipeline:
     """Computes groups (MoE layers) ahead on a thread pool, in the order they will be written, and
     hands out each group's tensors once; a group is dropped as soon as all its tensors are taken."""
 
-    def __init__(self, job: CheckpointJob, order: list[str], pool: ThreadPoolExecutor, ahead: int) -> None:
+    def __init__(
+        self, job: CheckpointJob, order: list[str], pool: ThreadPoolExecutor, ahead: int, buffers: BufferPool | None = None
+    ) -> None:
         self.job = job
+        self.buffers = buffers  # where compute() takes its output buffers (io.out_buffer)
         self.order = order
         self.pool = pool
         self.ahead = ahead
@@ -520,19 +540,24 @@ class _GroupPipeline:
         self.tensors: dict[str, torch.Tensor] = {}
         self.groups_done = 0
         self.finished_group = False
+        self._fill()  # start on the first layers now, while the tensors before them are copied
 
     def _fill(self) -> None:
         while self.next_submit < len(self.order) and len(self.futures) < self.ahead:
             group = self.order[self.next_submit]
-            self.futures[group] = self.pool.submit(self.job.compute, group)
+            self.futures[group] = self.pool.submit(self._compute, group)
             self.next_submit += 1
+
+    def _compute(self, group: str) -> dict[str, torch.Tensor]:
+        with buffers_from(self.buffers):
+            return self.job.compute(group)
 
     def take(self, group: str, name: str) -> torch.Tensor:
         if self.current != group:
             self.tensors = {}  # drop the previous layer before waiting for the next
             self._fill()
             future = self.futures.pop(group, None)
-            self.tensors = future.result() if future is not None else self.job.compute(group)
+            self.tensors = future.result() if future is not None else self._compute(group)
             self.current = group
             self._fill()
         tensor = self.tensors.pop(name)

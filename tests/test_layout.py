@@ -158,3 +158,24 @@ def test_non_gated_matches_flashinfer_gpu_scale_shuffle(e, h, i):
         assert torch.equal(weight[x], shuffle_matrix_a(up[x].cuda(), 128))
         fi_s = shuffle_matrix_sf_a(up_s[x].cuda(), 128)
         assert torch.equal(scale[x].view(torch.uint8).reshape(-1), fi_s.view(torch.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("h,i", [(128, 64), (256, 192), (2048, 768)])
+def test_per_expert_writers_match_flashinfer(h, i):
+    """The numpy per-expert writers of the convert fast path, against FlashInfer's helpers directly."""
+    gen = torch.Generator().manual_seed(h * 3 + i)
+    gate, up, down = _rand_u8(gen, i, h // 2), _rand_u8(gen, i, h // 2), _rand_u8(gen, h, i // 2)
+    gs, us, ds = _rand_u8(gen, i, h // 16), _rand_u8(gen, i, h // 16), _rand_u8(gen, h, i // 16)
+    w13, s13 = torch.empty(2 * i, h // 2, dtype=torch.uint8), torch.empty(2 * i, h // 16, dtype=torch.uint8)
+    w2, s2 = torch.empty(h, i // 2, dtype=torch.uint8), torch.empty(h, i // 16, dtype=torch.uint8)
+    for half, (rows, scales) in enumerate(((up, us), (gate, gs))):
+        layout.w13_rows_into(w13.numpy(), half, rows.numpy())
+        layout.w13_scales_into(s13.numpy(), half, scales.numpy())
+    layout.w2_rows_into(w2.numpy(), down.numpy())
+    layout.w2_scales_into(s2.numpy(), ds.numpy())
+    cache: dict = {}
+    w31, s31 = torch.cat([up, gate]), torch.cat([us, gs])
+    assert torch.equal(w13, w31[_maybe_get_cached_w3_w1_permute_indices(cache, w31, 128)])
+    assert torch.equal(s13, reference_swizzle_128x4(s31[_maybe_get_cached_w3_w1_permute_indices(cache, s31, 128, num_elts_per_sf=16)]))
+    assert torch.equal(w2, shuffle_matrix_a(down, 128))
+    assert torch.equal(s2, reference_swizzle_128x4(ds[get_w2_permute_indices_with_cache(cache, ds, 128, num_elts_per_sf=16)]))
