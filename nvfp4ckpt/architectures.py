@@ -403,12 +403,14 @@ QWEN2_MOE = register(
 QWEN3_NEXT = register(
     Architecture(
         name="qwen3_next",
-        model_types=("qwen3_next",),
+        # Qwen3.5 MoE (top level qwen3_5_moe, text model qwen3_5_moe_text, tensors under model.language_model.)
+        # has the same experts, shared expert and routing
+        model_types=("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"),
         expert_pattern=_MLP_EXPERTS,
         projections=_GATE_UP_DOWN,
         router_suffix="gate.weight",
         routing=_qwen3_routing,
-        description="Qwen3-Next: hybrid linear/full attention, 512 experts top-10 renormalized, gated shared expert",
+        description="Qwen3-Next / Qwen3.5 MoE: hybrid linear/full attention, many experts renormalized, gated shared expert",
         names=ModelNames(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate", attention_kind="gqa_qk_norm"),
         layer_kinds=_qwen_layer_kinds,
         example_config=lambda: {

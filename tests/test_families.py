@@ -365,3 +365,29 @@ def test_runtime_refuses_what_it_cannot_run(example_factory, tmp_path):
     llama.routing = {**llama.routing, "top_k": 2}
     with pytest.raises(InputError, match="applies weights on the input; top_k must be 1"):
         llama(torch.randn(3, 256, dtype=torch.bfloat16), torch.randn(3, 8))
+
+
+def test_qwen3_5_moe_reads_as_qwen3_next(example_factory, tmp_path):
+    """Qwen3.5 MoE checkpoints (a multimodal wrapper; text model under model.language_model) use Qwen3-Next's entry."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(example_factory("qwen3_next", "modelopt"), src)
+    for f in src.glob("*.safetensors"):
+        save_file({k.replace("model.layers.", "model.language_model.layers."): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k.replace("model.layers.", "model.language_model.layers."): v for k, v in index["weight_map"].items()}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = json.loads((src / "config.json").read_text())
+    text = {k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures")}
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "quantization_config": cfg["quantization_config"], "text_config": {**text, "model_type": "qwen3_5_moe_text"},
+    }))  # fmt: skip
+    report = inspect_checkpoint(src)
+    assert report.architecture == "qwen3_next" and report.routing["method"] == "RenormalizeNaive"
+    assert [l.prefix for l in report.moe_layers] == [f"model.language_model.layers.{i}.mlp.experts" for i in range(2)]
+    convert_checkpoint(src, tmp_path / "conv")
+    assert verify_checkpoint(tmp_path / "conv", source=src, backend="torch", tokens=8).passed
