@@ -17,6 +17,11 @@ ROLES = ("gate", "up", "down")
 ACTIVATIONS = {"silu": True, "relu2": False}  # activation -> gated (SwiGLU [up ; gate]) or not (up only)
 
 
+def expert_roles(gated: bool) -> tuple[str, ...]:
+    """Projections every expert has, in the order of the source scalar columns."""
+    return ROLES if gated else ("up", "down")
+
+
 @dataclass(frozen=True)
 class Routing:
     """How a layer picks experts (what the fused kernel needs besides the weights)."""
@@ -85,8 +90,7 @@ class Architecture:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        """Projections every expert has, in the order of the source scalar columns."""
-        return ROLES if self.gated else ("up", "down")
+        return expert_roles(self.gated)
 
     @property
     def regex(self) -> re.Pattern[str]:
@@ -179,7 +183,12 @@ def get(name: str) -> Architecture:
 # ----------------------------------------------------------------------------------------------
 # Built-in families
 
-_MLP_EXPERTS = r"(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>[a-z0-9_]+)"
+def _experts_of(block: str) -> str:
+    """``expert_pattern`` for per-expert modules ``<...>.<block>.experts.<e>.<proj>``."""
+    return rf"(?P<prefix>.+\.{re.escape(block)}\.experts)\.(?P<expert>\d+)\.(?P<proj>[a-z0-9_]+)"
+
+
+_MLP_EXPERTS = _experts_of("mlp")
 _GATE_UP_DOWN = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
@@ -349,7 +358,7 @@ MIXTRAL = register(
     Architecture(
         name="mixtral",
         model_types=("mixtral",),
-        expert_pattern=r"(?P<prefix>.+\.block_sparse_moe\.experts)\.(?P<expert>\d+)\.(?P<proj>[a-z0-9_]+)",
+        expert_pattern=_experts_of("block_sparse_moe"),
         # w1 = gate, w3 = up, w2 = down; llm-compressor renames them to gate/up/down_proj.
         projections={"w1": "gate", "w3": "up", "w2": "down", **_GATE_UP_DOWN},
         router_suffix="gate.weight",
@@ -495,7 +504,7 @@ MINIMAX_M2 = register(
     Architecture(
         name="minimax_m2",
         model_types=("minimax_m2",),
-        expert_pattern=r"(?P<prefix>.+\.block_sparse_moe\.experts)\.(?P<expert>\d+)\.(?P<proj>[a-z0-9_]+)",
+        expert_pattern=_experts_of("block_sparse_moe"),
         projections={"w1": "gate", "w3": "up", "w2": "down", **_GATE_UP_DOWN},
         router_suffix="gate.weight",
         routing=_minimax_m2_routing,
@@ -521,7 +530,7 @@ LLAMA4 = register(
     Architecture(
         name="llama4",
         model_types=("llama4", "llama4_text"),
-        expert_pattern=r"(?P<prefix>.+\.feed_forward\.experts)\.(?P<expert>\d+)\.(?P<proj>[a-z0-9_]+)",
+        expert_pattern=_experts_of("feed_forward"),
         fused_prefix_pattern=r"(?P<prefix>.+\.feed_forward\.experts)",
         projections=_GATE_UP_DOWN,
         router_suffix="router.weight",
@@ -556,7 +565,7 @@ NEMOTRON_H = register(
     Architecture(
         name="nemotron_h",
         model_types=("nemotron_h",),
-        expert_pattern=r"(?P<prefix>.+\.mixer\.experts)\.(?P<expert>\d+)\.(?P<proj>[a-z0-9_]+)",
+        expert_pattern=_experts_of("mixer"),
         projections={"up_proj": "up", "down_proj": "down"},
         router_suffix="gate.weight",
         routing=_deepseek_routing,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import architectures
-from .architectures import ROLES, Architecture, Routing
+from .architectures import Architecture, Routing
 from .errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
 from .formats import QuantFormat, detect_format
 from .io import CheckpointFiles, TensorInfo, read_json
@@ -73,7 +73,7 @@ class MoELayer:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ROLES if self.gated else ("up", "down")
+        return architectures.expert_roles(self.gated)
 
     @property
     def block(self) -> str:
@@ -247,7 +247,7 @@ def _build_layer(
     gated: bool = True,
 ) -> MoELayer:
     num_experts = max(by_expert) + 1
-    roles_wanted = ROLES if gated else ("up", "down")
+    roles_wanted = architectures.expert_roles(gated)
     experts: list[dict[str, ExpertTensors]] = []
     for e in range(num_experts):
         roles = by_expert.get(e)

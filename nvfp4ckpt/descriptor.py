@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from . import __version__
+from .architectures import expert_roles
 from .formats import DESCRIPTOR_KEY
 from .layout import EPILOGUE_TILE_M, GROUP_SIZE, LAYOUT_NAME, LAYOUT_VERSION
 from .parallel import RankSpec
@@ -91,7 +92,7 @@ class LayerInfo:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ("gate", "up", "down") if self.gated else ("up", "down")
+        return expert_roles(self.gated)
 
     @property
     def padded(self) -> bool:
