@@ -219,12 +219,7 @@ def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by
     _expect(down, "U8", 3, (num_experts, inter // 2, hidden))
     _expect(files.info(entry["gate_up"].weight_scale), "F8_E4M3", 3, (num_experts, hidden // g, two_i))
     _expect(files.info(entry["down"].weight_scale), "F8_E4M3", 3, (num_experts, inter // g, hidden))
-    scalars = [files.info(n) for t in entry.values() for n in (t.weight_global, t.input_global)]
-    for info in scalars:
-        if info.dtype not in SCALAR_DTYPES or _numel(info.shape) != 1:
-            raise BadTensorError(f"{info.file}: tensor {info.name!r} is {info.dtype}{list(info.shape)}; expected one float32 value")
-    if len({(i.dtype, i.shape) for i in scalars}) > 1:
-        raise BadTensorError(f"{files.root}: {prefix} mixes scalar dtypes/shapes")
+    scalar_dtype, scalar_shape = _scalar_kind(files, prefix, [n for t in entry.values() for n in (t.weight_global, t.input_global)])
     return MoELayer(
         prefix=prefix,
         num_experts=num_experts,
@@ -232,8 +227,8 @@ def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by
         intermediate_size=inter,
         experts=[],
         proj_names={"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"},
-        scalar_dtype=scalars[0].dtype,
-        scalar_shape=scalars[0].shape,
+        scalar_dtype=scalar_dtype,
+        scalar_shape=scalar_shape,
         fused=entry,
     )
 
@@ -283,23 +278,14 @@ def _build_layer(
         )
     g = fmt.group_size
     want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, intermediate)}
-    scalar_dtypes: set[str] = set()
-    scalar_shapes: set[tuple[int, ...]] = set()
     for entry in experts:
         for role, t in entry.items():
             n, k = want[role]
             _expect(files.info(t.weight), "U8", 2, (n, k // 2))
             _expect(files.info(t.weight_scale), "F8_E4M3", 2, (n, k // g))
-            for scalar in (t.weight_global, t.input_global):
-                info = files.info(scalar)
-                if info.dtype not in SCALAR_DTYPES or _numel(info.shape) != 1:
-                    raise BadTensorError(
-                        f"{info.file}: tensor {scalar!r} is {info.dtype}{list(info.shape)}; expected one float32 value"
-                    )
-                scalar_dtypes.add(info.dtype)
-                scalar_shapes.add(info.shape)
-    if len(scalar_dtypes) > 1 or len(scalar_shapes) > 1:
-        raise BadTensorError(f"{files.root}: {prefix} mixes scalar dtypes/shapes {sorted(scalar_dtypes)} {sorted(scalar_shapes)}")
+    scalar_dtype, scalar_shape = _scalar_kind(
+        files, prefix, [n for entry in experts for t in entry.values() for n in (t.weight_global, t.input_global)]
+    )
     return MoELayer(
         prefix=prefix,
         num_experts=num_experts,
@@ -307,10 +293,25 @@ def _build_layer(
         intermediate_size=intermediate,
         experts=experts,
         proj_names=dict(proj_names),
-        scalar_dtype=scalar_dtypes.pop(),
-        scalar_shape=scalar_shapes.pop(),
+        scalar_dtype=scalar_dtype,
+        scalar_shape=scalar_shape,
         gated=gated,
     )
+
+
+def _scalar_kind(files: CheckpointFiles, prefix: str, names: list[str]) -> tuple[str, tuple[int, ...]]:
+    """The (dtype, shape) all of a layer's global scales share; each must hold one float value."""
+    dtypes: set[str] = set()
+    shapes: set[tuple[int, ...]] = set()
+    for name in names:
+        info = files.info(name)
+        if info.dtype not in SCALAR_DTYPES or _numel(info.shape) != 1:
+            raise BadTensorError(f"{info.file}: tensor {name!r} is {info.dtype}{list(info.shape)}; expected one float32 value")
+        dtypes.add(info.dtype)
+        shapes.add(info.shape)
+    if len(dtypes) > 1 or len(shapes) > 1:
+        raise BadTensorError(f"{files.root}: {prefix} mixes scalar dtypes/shapes {sorted(dtypes)} {sorted(shapes)}")
+    return dtypes.pop(), shapes.pop()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -684,6 +684,15 @@ def _fsync_close(fd: int, f: _SinkFile | None = None, on_durable=None) -> None:
         on_durable(f)
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a whole file, read in 16 MB blocks (manifest checks, resume)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def parse_size(text: str | int) -> int:
     """'5GB' -> bytes (decimal units like transformers; 'GiB' binary)."""
     if isinstance(text, int):

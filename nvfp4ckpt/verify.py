@@ -13,7 +13,6 @@ Checks (each can be selected or skipped):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from .convert import kernel_scalars, read_layer_source
 from .converted import ConvertedCheckpoint, open_converted
 from .descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
 from .errors import CorruptFileError, InputError
+from .io import sha256_file
 from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
 
 CHECKS = ("structure", "layout", "numerics")
@@ -283,17 +283,9 @@ def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
         if f.stat().st_size != entry.get("size"):
             problems.append(f"{name}: size {f.stat().st_size} != manifest {entry.get('size')}")
             continue
-        if hash_files and _sha256(f) != entry.get("sha256"):
+        if hash_files and sha256_file(f) != entry.get("sha256"):
             problems.append(f"{name}: sha256 does not match the manifest")
     return problems
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

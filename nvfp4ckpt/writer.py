@@ -42,6 +42,7 @@ from .io import (
     ShardWriter,
     buffers_from,
     plan_shards,
+    sha256_file,
 )
 
 
@@ -315,7 +316,7 @@ def _open_partial(
     for entry in entries:
         path = tmp / entry["name"]
         # Re-hash rather than trust size alone: reading a shard back is still cheaper than rewriting it.
-        if path.is_file() and path.stat().st_size == entry["size"] and _sha256_file(path) == entry["sha256"]:
+        if path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
             reused[entry["name"]] = entry
     # Everything else (a shard cut off mid-write, the last attempt's index or manifest) is written again.
     for path in sorted(tmp.rglob("*"), reverse=True):
@@ -324,14 +325,6 @@ def _open_partial(
             path.unlink()
     journal.start(header, list(reused.values()))
     return reused
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_sources_unchanged(root: Path, before: dict[str, list[int]]) -> None:
