@@ -25,6 +25,7 @@ import torch
 from . import __version__
 from .descriptor import MANIFEST_NAME
 from .errors import (
+    CorruptFileError,
     DiskFullError,
     InputError,
     Nvfp4CkptError,
@@ -414,6 +415,9 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
         # full, Ctrl-C, a crash) keeps it, so --resume can pick up the finished shards.
         if isinstance(exc, Nvfp4CkptError):
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, CorruptFileError):
+            # A source rewritten while being read looks truncated or corrupt: say that it changed, if it did.
+            check_sources_unchanged(job.source.root, sources)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 f"{exc.filename or tmp}: no space left on device; free space on {dst.parent} (the output needs "
