@@ -367,6 +367,7 @@ def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> 
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     b.dense(f"{names.embed}.weight", (v, h), std=0.02)
     hybrid = names.attention == names.block  # Nemotron-H: one norm and one "mixer" per layer
+    bias_suffix = spec.routing(cfg).bias_suffix  # the router's correction bias, if the family has one
     for layer, kind in enumerate(spec.layer_kinds(cfg)):
         p = f"{names.layers}.{layer}"
         amax = lambda what: b.scalar(f"{p}.{what}", 2.0, 8.0)  # noqa: E731
@@ -391,8 +392,8 @@ def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> 
         inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
         gate_name, up_name, down_name = names.projections
         b.dense(f"{block}.{names.router}.weight", (num_experts, h), std=1.0 / math.sqrt(h))
-        if spec.routing(cfg).bias_suffix:
-            b.dense(f"{block}.{spec.routing(cfg).bias_suffix}", (num_experts,), std=0.1, dtype=torch.float32)
+        if bias_suffix:
+            b.dense(f"{block}.{bias_suffix}", (num_experts,), std=0.1, dtype=torch.float32)
         a13, a2_base = amax("experts_in"), amax("experts_inter")
         if spec.fused_prefix_pattern and b.fmt == "modelopt":
             b.fused_experts(f"{block}.experts", num_experts, inter, h, a13, a2_base)  # as ModelOpt exports Llama-4
