@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+from ._lazy import torch
 
 from . import layout
 from .checkpoint import MoELayer, SourceCheckpoint, _natural_key, open_checkpoint
@@ -25,7 +25,7 @@ from .descriptor import (
 )
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY
-from .io import DTYPE_TO_TORCH, PlannedTensor, out_buffer, parse_size, scratch_buffer
+from .io import Array, PlannedTensor, torch_dtype, out_buffer, parse_size, scratch_buffer
 from .parallel import RankSpec, rank_specs, slice_source, to_kernel
 from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
 
@@ -87,7 +87,7 @@ def convert_checkpoint(
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
     check_destination(ckpt.root, dst_path, overwrite)
-    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+    if not _on_cpu(device) and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise InputError(f"--device {device}: no such device here; use --device cpu")
 
     ranks = {
@@ -99,7 +99,7 @@ def convert_checkpoint(
     planned, layer_of = _plan_tensors(ckpt, ranks if sharded else None)
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
 
-    def compute(prefix: str) -> dict[str, torch.Tensor]:
+    def compute(prefix: str) -> dict[str, Array]:
         layer = by_prefix[prefix]
         return convert_layer_ranks(ckpt, layer, ranks[prefix], device) if sharded else convert_layer(ckpt, layer, device)
 
@@ -249,7 +249,7 @@ def read_layer_source(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torc
     s31 = torch.empty((e, n * i, h // 16), dtype=torch.uint8)
     down = torch.empty((e, h, i // 2), dtype=torch.uint8)
     down_s = torch.empty((e, h, i // 16), dtype=torch.uint8)
-    scalar_dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
+    scalar_dtype = torch_dtype(layer.scalar_dtype)
     # raw[e, role, 0] = weight global, raw[e, role, 1] = input global
     raw = torch.empty((e, len(layer.roles), 2), dtype=scalar_dtype)
     if layer.fused:
@@ -282,28 +282,43 @@ def _read_fused_layer(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor
     return {"w31": w31, "s31": s31, "down": down, "down_scale": down_s, "raw_scalars": raw}
 
 
-def kernel_scalars(ws2: torch.Tensor, input_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+def kernel_scalars(ws2: Array, input_scale: Array) -> dict[str, Array]:
     """Per-expert scalars from ModelOpt-convention scales ``[E, 3]`` (columns gate, up, down), or
-    ``[E, 2]`` (up, down) for non-gated experts.
+    ``[E, 2]`` (up, down) for non-gated experts: torch tensors in, torch tensors out; numpy arrays in,
+    numpy arrays out (the CPU fast path). Either way every operation is one IEEE float32 operation
+    (correctly rounded), so both give the same bits.
 
     Operation order follows SGLang's ModelOpt path so the float32 bits match it.
     """
-    ws2 = ws2.float()
-    input_scale = input_scale.float()
+    ws2 = _float32(ws2)
+    input_scale = _float32(input_scale)
     n = ws2.shape[1] - 1  # w13 columns
     a1 = input_scale[:, :n].max()
     a2 = input_scale[:, n].max()
-    w2_input_scale_quant = 1.0 / a2
-    return {
-        "w13_weight_scale_2": ws2[:, :n].contiguous(),
-        "w2_weight_scale_2": ws2[:, n].contiguous(),
-        "w13_input_scale": input_scale[:, :n].contiguous(),
-        "w2_input_scale": input_scale[:, n].contiguous(),
-        "g1_alphas": (a1 * ws2[:, 0]).contiguous(),
-        "g1_scale_c": (w2_input_scale_quant * (a1 * ws2[:, n - 1])).contiguous(),
-        "g2_alphas": (a2 * ws2[:, n]).contiguous(),
+    w2_input_scale_quant = 1.0 / a2  # float32: a Python float does not widen a float32 operand (numpy >= 2, torch)
+    out = {
+        "w13_weight_scale_2": ws2[:, :n],
+        "w2_weight_scale_2": ws2[:, n],
+        "w13_input_scale": input_scale[:, :n],
+        "w2_input_scale": input_scale[:, n],
+        "g1_alphas": a1 * ws2[:, 0],
+        "g1_scale_c": w2_input_scale_quant * (a1 * ws2[:, n - 1]),
+        "g2_alphas": a2 * ws2[:, n],
         "w13_input_scale_quant": (1.0 / a1).reshape(1),
     }
+    return {name: _contiguous(value) for name, value in out.items()}
+
+
+def _float32(x: Array) -> Array:
+    return x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else x.float()
+
+
+def _contiguous(x: Array) -> Array:
+    return np.ascontiguousarray(x) if isinstance(x, (np.ndarray, np.generic)) else x.contiguous()
+
+
+def _on_cpu(device: str) -> bool:
+    return device.split(":")[0] == "cpu"
 
 
 def convert_layer_ranks(
@@ -327,27 +342,31 @@ def convert_layer_ranks(
     return out
 
 
-def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: Array) -> dict[str, Array]:
+    """The layer's scalar tensors from its raw global scales ``[E, roles, 2]`` (numpy or torch, as given)."""
     to_mult = ckpt.format.to_dequant_multiplier
     scalars = kernel_scalars(to_mult(raw[:, :, 0]), to_mult(raw[:, :, 1]))
     for name, value in scalars.items():
-        if not torch.isfinite(value).all() or (value <= 0).any():
+        v = np.asarray(value)  # float32 on the CPU either way: no copy
+        if not np.isfinite(v).all() or (v <= 0).any():
             raise InputError(
                 f"{ckpt.root}: {layer.prefix}.{name} has non-finite or non-positive values; "
                 "the checkpoint's global scales are broken"
             )
     if ckpt.format.name == "compressed-tensors":
         n = raw.shape[1] - 1
-        scalars["w13_weight_global_scale"] = raw[:, :n, 0].contiguous()
-        scalars["w2_weight_global_scale"] = raw[:, n, 0].contiguous()
-        scalars["w13_input_global_scale"] = raw[:, :n, 1].contiguous()
-        scalars["w2_input_global_scale"] = raw[:, n, 1].contiguous()
+        scalars["w13_weight_global_scale"] = _contiguous(raw[:, :n, 0])
+        scalars["w2_weight_global_scale"] = _contiguous(raw[:, n, 0])
+        scalars["w13_input_global_scale"] = _contiguous(raw[:, :n, 1])
+        scalars["w2_input_global_scale"] = _contiguous(raw[:, n, 1])
     return scalars
 
 
-def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All output tensors of one MoE layer, keyed by full name."""
-    if torch.device(device).type == "cpu" and _has_fast_path(layer):
+def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") -> dict[str, Array]:
+    """All output tensors of one MoE layer, keyed by full name: their bytes, as the writer takes them.
+    On the CPU fast path these are numpy arrays (block scales as raw uint8; torch is not imported),
+    otherwise CPU torch tensors of the output dtypes."""
+    if _on_cpu(device) and _has_fast_path(layer):
         return {f"{layer.prefix}.{k}": v for k, v in _convert_layer_fast(ckpt, layer).items()}
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
@@ -371,50 +390,44 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
 
 
 def _has_fast_path(layer: MoELayer) -> bool:
-    """Gated experts that need no padding (the kernel layout is then a pure per-expert permutation)."""
+    """Gated per-expert layers that need no padding (the kernel layout is then a pure per-expert permutation)
+    and have float32 global scales (as ModelOpt and llm-compressor write them; numpy has no bfloat16)."""
     return (
         padded_dims(layer) == (layer.hidden_size, layer.intermediate_size)
+        and layer.scalar_dtype == "F32"
         and bool(layer.experts)
         and all(set(names) == {"gate", "up", "down"} for names in layer.experts)
     )
 
 
-def _convert_layer_fast(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, torch.Tensor]:
+def _convert_layer_fast(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, np.ndarray]:
     e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
     files = ckpt.files
     w13 = out_buffer((e, 2 * i, h // 2))
     s13 = out_buffer((e, 2 * i, h // 16))
     w2 = out_buffer((e, h, i // 2))
     s2 = out_buffer((e, h, i // 16))
-    w13_np, s13_np, w2_np, s2_np = (t.numpy() for t in (w13, s13, w2, s2))
-    raw = torch.empty((e, 3, 2), dtype=DTYPE_TO_TORCH[layer.scalar_dtype])
+    raw = np.empty((e, 3, 2), dtype=np.float32)
     w_bytes, s_bytes = i * h // 2, i * h // 16  # per expert and projection (up, gate and down alike)
     with scratch_buffer(3 * (w_bytes + s_bytes)) as scratch:  # one expert's source tensors, reused
-        parts = torch.split(scratch, [w_bytes] * 3 + [s_bytes] * 3)
-        up, gate, down, up_s, gate_s, down_s = parts
-        up_np, gate_np, down_np = up.numpy().reshape(i, h // 2), gate.numpy().reshape(i, h // 2), down.numpy().reshape(h, i // 2)
-        up_s_np, gate_s_np = up_s.numpy().reshape(i, h // 16), gate_s.numpy().reshape(i, h // 16)
-        down_s_np = down_s.numpy().reshape(h, i // 16)
+        cuts = np.cumsum([w_bytes] * 3 + [s_bytes] * 2)
+        up, gate, down, up_s, gate_s, down_s = np.split(scratch, cuts)
+        up, gate, down = up.reshape(i, h // 2), gate.reshape(i, h // 2), down.reshape(h, i // 2)
+        up_s, gate_s, down_s = up_s.reshape(i, h // 16), gate_s.reshape(i, h // 16), down_s.reshape(h, i // 16)
         for x, names in enumerate(layer.experts):
             for name, dst in ((names["up"].weight, up), (names["gate"].weight, gate), (names["down"].weight, down),
                               (names["up"].weight_scale, up_s), (names["gate"].weight_scale, gate_s),
                               (names["down"].weight_scale, down_s)):  # fmt: skip
                 files.read_into(name, dst)
-            for half, (rows, scales) in enumerate(((up_np, up_s_np), (gate_np, gate_s_np))):
-                layout.w13_rows_into(w13_np[x], half, rows)
-                layout.w13_scales_into(s13_np[x], half, scales)
-            layout.w2_rows_into(w2_np[x], down_np)
-            layout.w2_scales_into(s2_np[x], down_s_np)
+            for half, (rows, scales) in enumerate(((up, up_s), (gate, gate_s))):
+                layout.w13_rows_into(w13[x], half, rows)
+                layout.w13_scales_into(s13[x], half, scales)
+            layout.w2_rows_into(w2[x], down)
+            layout.w2_scales_into(s2[x], down_s)
             for r, role in enumerate(("gate", "up", "down")):
-                files.read_into(names[role].weight_global, raw[x, r, 0])
-                files.read_into(names[role].input_global, raw[x, r, 1])
-    return {
-        "w13_weight": w13,
-        "w13_weight_scale": s13.view(torch.float8_e4m3fn),
-        "w2_weight": w2,
-        "w2_weight_scale": s2.view(torch.float8_e4m3fn),
-        **_layer_scalars(ckpt, layer, raw),
-    }
+                files.read_into(names[role].weight_global, raw[x, r, 0:1])  # a slice: a view, not a copy
+                files.read_into(names[role].input_global, raw[x, r, 1:2])
+    return {"w13_weight": w13, "w13_weight_scale": s13, "w2_weight": w2, "w2_weight_scale": s2, **_layer_scalars(ckpt, layer, raw)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ._lazy import torch
 
 from .checkpoint import resolve_source
 from .descriptor import LayerInfo, descriptor_from_config

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
+from ._lazy import torch
 
 from . import architectures
 from .errors import InputError, OutputExistsError
 from .formats.compressed_tensors import PACK_FORMAT
-from .io import TORCH_TO_DTYPE, PlannedTensor, ShardPlan, ShardWriter, parse_size, plan_shards
+from .io import dtype_name, PlannedTensor, ShardPlan, ShardWriter, parse_size, plan_shards
 from .quant import quantize_linear
 
 FORMAT_CHOICES = ("modelopt", "compressed-tensors")
@@ -165,7 +165,7 @@ def write_example(
 def _write_shards(out: Path, b: _Builder, *, count: int | None = None, by_bytes: int | None = None) -> list[str]:
     """Write the builder's tensors in registration order, one at a time: into ``count`` files of
     about equal size (so a layer's experts straddle files), or into shards of at most ``by_bytes``."""
-    planned = [PlannedTensor(n, TORCH_TO_DTYPE[d], tuple(shape)) for n, (d, shape, _) in b.specs.items()]
+    planned = [PlannedTensor(n, dtype_name(d), tuple(shape)) for n, (d, shape, _) in b.specs.items()]
     total = sum(p.nbytes for p in planned)
     if by_bytes is not None:
         plans = plan_shards(planned, by_bytes)
@@ -243,7 +243,9 @@ class _Builder:
     def scalar(self, name: str, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.gen("scalar:" + name)))
 
-    def dense(self, name: str, shape: tuple[int, ...], *, std: float, mean: float = 0.0, dtype=torch.bfloat16) -> None:
+    def dense(self, name: str, shape: tuple[int, ...], *, std: float, mean: float = 0.0, dtype=None) -> None:
+        dtype = dtype or torch.bfloat16
+
         def make() -> torch.Tensor:
             return (torch.randn(shape, generator=self.gen(name)) * std + mean).to(dtype)
 

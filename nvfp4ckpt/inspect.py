@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from . import layout
 from .checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
@@ -98,16 +98,15 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
         if layer.fused:
             continue  # one global scale per fused tensor: nothing can differ between experts
         w13_roles = ("gate", "up") if layer.gated else ("up",)
+        def scales(role: str, kind: str) -> np.ndarray:  # one float32 multiplier per expert
+            return np.stack([to_mult(ckpt.files.read_numpy(getattr(e[role], kind))).reshape(()) for e in layer.experts])
+
         if layer.gated:
-            gate = torch.stack([to_mult(ckpt.files.read(e["gate"].weight_global)).reshape(()) for e in layer.experts])
-            up = torch.stack([to_mult(ckpt.files.read(e["up"].weight_global)).reshape(()) for e in layer.experts])
-            differ_ws2 += int((gate != up).sum())
-        ins = torch.stack(
-            [to_mult(ckpt.files.read(e[r].input_global)).reshape(()) for e in layer.experts for r in w13_roles]
-        )
-        differ_input += int(not torch.all(ins == ins[0]))
-        downs = torch.stack([to_mult(ckpt.files.read(e["down"].input_global)).reshape(()) for e in layer.experts])
-        differ_down += int(not torch.all(downs == downs[0]))
+            differ_ws2 += int((scales("gate", "weight_global") != scales("up", "weight_global")).sum())
+        ins = np.concatenate([scales(r, "input_global") for r in w13_roles])
+        differ_input += int(not (ins == ins[0]).all())
+        downs = scales("down", "input_global")
+        differ_down += int(not (downs == downs[0]).all())
     if differ_ws2:
         issues.append(
             f"gate and up weight global scales differ in {differ_ws2} experts: kept exact (the kernel scales the halves "

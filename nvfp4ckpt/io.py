@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -19,31 +20,48 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Union
 
-import torch
+import numpy as np
+
+from ._lazy import torch, torch_tensor_type
 
 from .errors import CorruptFileError, MissingTensorError
+
+if TYPE_CHECKING:
+    import torch as _torch
+
+# A tensor's bytes in memory: a numpy array on the CPU fast path (torch is never imported there), a torch
+# tensor elsewhere. Readers and writers below take either; only the bytes count, dtypes come from headers.
+Array = Union[np.ndarray, "_torch.Tensor"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
 
-DTYPE_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_DTYPE = {v: k for k, v in DTYPE_TO_TORCH.items()}
+_TORCH_DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+_NUMPY_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
+    "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+}  # fmt: skip
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype string (imports torch)."""
+    return getattr(torch, _TORCH_DTYPE_NAMES[name])
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    """The safetensors dtype string of a torch dtype."""
+    return next(k for k, v in _TORCH_DTYPE_NAMES.items() if getattr(torch, v) == dtype)
+
+
 DTYPE_SIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -209,18 +227,19 @@ class CheckpointFiles:
                 raise CorruptFileError(f"{info.file}: tensor {info.name!r} is truncated; re-download the checkpoint")
             done += n
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read a tensor's bytes into a contiguous preallocated tensor ``out`` (no extra copy)."""
+    def read_into(self, name: str, out: Array) -> None:
+        """Read a tensor's bytes into ``out``, a contiguous preallocated numpy array or CPU torch tensor
+        (no extra copy; a numpy slice like ``a[i, j:j + 1]`` is a view, ``a[i, j]`` would be a copy)."""
         info = self.info(name)
-        buf = out.reshape(-1).view(torch.uint8)
-        if buf.numel() != info.nbytes:
-            raise ValueError(f"{name}: destination has {buf.numel()} bytes, tensor has {info.nbytes}")
-        self.pread_into(info, memoryview(buf.numpy()))
+        buf = byte_view(out)
+        if buf.nbytes != info.nbytes:
+            raise ValueError(f"{name}: destination has {buf.nbytes} bytes, tensor has {info.nbytes}")
+        self.pread_into(info, buf)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor (any dtype torch knows)."""
         info = self.info(name)
-        out = torch.empty(info.shape, dtype=DTYPE_TO_TORCH[info.dtype])
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         self.read_into(name, out)
         return out
 
@@ -231,7 +250,7 @@ class CheckpointFiles:
         if dev.type != "cuda":
             return self.read(name).to(dev)
         info = self.info(name)
-        out = torch.empty(info.shape, dtype=DTYPE_TO_TORCH[info.dtype], device=dev)
+        out = torch.empty(info.shape, dtype=torch_dtype(info.dtype), device=dev)
         flat = out.reshape(-1).view(torch.uint8)
         stages = _staging_buffers(dev)
         off = k = 0
@@ -248,6 +267,20 @@ class CheckpointFiles:
             done.synchronize()
         return out
 
+    def read_numpy(self, name: str) -> np.ndarray:
+        """Read one tensor as a numpy array, without torch: integer and float dtypes numpy has, and BF16
+        widened to float32 (exact: a bfloat16 is the top half of a float32)."""
+        info = self.info(name)
+        if info.dtype == "BF16":
+            bits = np.empty(info.shape, dtype=np.uint16)
+            self.read_into(name, bits)
+            return (bits.astype(np.uint32) << 16).view(np.float32)
+        if info.dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which numpy cannot hold; use read()")
+        out = np.empty(info.shape, dtype=_NUMPY_DTYPES[info.dtype])
+        self.read_into(name, out)
+        return out
+
     def read_bytes(self, name: str) -> bytes:
         info = self.info(name)
         data = bytearray(info.nbytes)
@@ -256,7 +289,7 @@ class CheckpointFiles:
 
 
 _STAGE_BYTES = 64 * 1024 * 1024
-_STAGES: dict[torch.device, list] = {}
+_STAGES: dict = {}  # torch.device -> two (pinned buffer, event) pairs
 
 
 def _staging_buffers(dev: torch.device) -> list:
@@ -350,6 +383,27 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
     return struct.pack("<Q", len(raw)) + raw
 
 
+def byte_view(data: Array) -> memoryview:
+    """The bytes of a contiguous numpy array or CPU torch tensor, without a copy (torch stays unimported
+    for numpy input)."""
+    tensor_type = torch_tensor_type()
+    if tensor_type is not None and isinstance(data, tensor_type):
+        if not data.is_contiguous() or data.device.type != "cpu":
+            raise ValueError("byte_view needs a contiguous CPU tensor")
+        data = data.reshape(-1).view(torch.uint8).numpy()
+    if not data.flags.c_contiguous:
+        raise ValueError("byte_view needs a contiguous array")
+    return memoryview(data.reshape(-1).view(np.uint8))
+
+
+def _data_ptr(data: Array) -> int:
+    """Address of the first byte of the memory block a numpy array or torch tensor lives in."""
+    tensor_type = torch_tensor_type()
+    if tensor_type is not None and isinstance(data, tensor_type):
+        return data.untyped_storage().data_ptr()
+    return data.__array_interface__["data"][0]
+
+
 class BufferPool:
     """Output buffers reused across MoE layers: a layer's output tensors are written into buffers that
     earlier layers used (already faulted in, so no first-touch page faults and no zeroing), and a buffer
@@ -361,10 +415,11 @@ class BufferPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._out: dict[int, torch.Tensor] = {}
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._out: dict[int, np.ndarray] = {}
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int) -> np.ndarray:
+        """A flat uint8 buffer of ``nbytes``, uninitialised."""
         with self._lock:
             free = self._free.get(nbytes)
             buf = free.pop() if free else None
@@ -372,14 +427,14 @@ class BufferPool:
             buf = _anonymous_buffer(nbytes)
         if nbytes:
             with self._lock:
-                self._out[buf.data_ptr()] = buf
+                self._out[_data_ptr(buf)] = buf
         return buf
 
-    def lease(self, t: torch.Tensor) -> "_Lease | None":
-        """For a tensor over a buffer of this pool: an object that keeps the tensor alive and gives the
+    def lease(self, t: Array) -> "_Lease | None":
+        """For an array (or tensor) over a buffer of this pool: an object that keeps it alive and gives the
         buffer back when it is itself dropped (pass it as the sink's ``keep``: the queue items hold it
-        until both sink threads are done with the bytes). None for any other tensor."""
-        ptr = t.untyped_storage().data_ptr()
+        until both sink threads are done with the bytes). None for any other array."""
+        ptr = _data_ptr(t)
         with self._lock:
             if ptr not in self._out:
                 return None
@@ -388,7 +443,7 @@ class BufferPool:
     def _give(self, ptr: int) -> None:
         with self._lock:
             buf = self._out.pop(ptr, None)
-            free = self._free.setdefault(buf.numel(), []) if buf is not None else None
+            free = self._free.setdefault(buf.size, []) if buf is not None else None
             if free is not None and len(free) < self.keep_free:
                 free.append(buf)  # else dropped (unmapped): in steady state a few per size are reused
 
@@ -396,23 +451,23 @@ class BufferPool:
 class _Lease:
     __slots__ = ("tensor", "pool", "ptr")
 
-    def __init__(self, tensor: torch.Tensor, pool: BufferPool, ptr: int) -> None:
+    def __init__(self, tensor: Array, pool: BufferPool, ptr: int) -> None:
         self.tensor, self.pool, self.ptr = tensor, pool, ptr
 
     def __del__(self) -> None:
         self.pool._give(self.ptr)
 
 
-def _anonymous_buffer(nbytes: int) -> torch.Tensor:
+def _anonymous_buffer(nbytes: int) -> np.ndarray:
     if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
+        return np.empty(0, dtype=np.uint8)
     mm = mmap.mmap(-1, nbytes)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mm.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults the first time it is filled
         except OSError:
             pass
-    return torch.frombuffer(mm, dtype=torch.uint8)
+    return np.frombuffer(mm, dtype=np.uint8)  # writable: the map is
 
 
 _local = threading.local()
@@ -429,17 +484,14 @@ def buffers_from(pool: BufferPool | None):
         _local.pool = prev
 
 
-def out_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor for an output tensor: from the writer's buffer pool when the
-    calling thread computes for a writer (see :func:`buffers_from`), else a fresh one. One buffer per
-    output tensor: the pool takes it back once that tensor is written."""
+def out_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised contiguous uint8 array for an output tensor's bytes: from the writer's buffer pool
+    when the calling thread computes for a writer (see :func:`buffers_from`), else a fresh one. One buffer
+    per output tensor: the pool takes it back once that tensor is written."""
     pool = getattr(_local, "pool", None)
     if pool is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for d in shape:
-        numel *= d
-    return pool.take(numel * dtype.itemsize).view(dtype).view(shape)
+        return np.empty(shape, dtype=np.uint8)
+    return pool.take(math.prod(shape)).reshape(shape)
 
 
 @contextmanager
@@ -448,13 +500,13 @@ def scratch_buffer(nbytes: int):
     pool (see :func:`buffers_from`), which gets it back at the end of the block, else a fresh one."""
     pool = getattr(_local, "pool", None)
     if pool is None or nbytes == 0:
-        yield torch.empty(nbytes, dtype=torch.uint8)
+        yield np.empty(nbytes, dtype=np.uint8)
         return
     buf = pool.take(nbytes)
     try:
         yield buf
     finally:
-        pool._give(buf.data_ptr())
+        pool._give(_data_ptr(buf))
 
 
 class ShardWriter:
@@ -476,15 +528,21 @@ class ShardWriter:
     def sha256(self) -> str:
         return self._file.sha256
 
-    def write(self, name: str, data: torch.Tensor | bytes) -> None:
+    def write(self, name: str, data: Array | bytes) -> None:
+        """Queue one tensor's bytes: a numpy array or torch tensor (any dtype: only its bytes count,
+        the header says the dtype) or ``bytes``."""
         expected = self.plan.tensors[self._next]
         if expected.name != name:
             raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
-        if isinstance(data, torch.Tensor):
-            t = data.contiguous()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        tensor_type = torch_tensor_type()
+        if isinstance(data, np.ndarray) or (tensor_type is not None and isinstance(data, tensor_type)):
+            if isinstance(data, np.ndarray):
+                t = np.ascontiguousarray(data)
+            else:
+                t = data.contiguous()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+            mv = byte_view(t)
             # A buffer of the sink's pool goes back to it once both sink threads are done with these bytes.
             keep = (self._sink.buffers.lease(t) if self._sink.buffers is not None else None) or t
         else:
@@ -501,11 +559,11 @@ class ShardWriter:
         if expected.name != name:
             raise RuntimeError(f"shard writer expected {expected.name!r}, got {name!r}")
         total = 0
-        for block in blocks:
-            if block.numel():
+        for block in blocks:  # flat uint8 numpy arrays
+            if block.size:
                 keep = (self._sink.buffers.lease(block) if self._sink.buffers is not None else None) or block
-                self._sink.put(self._file, memoryview(block.numpy()), keep)
-            total += block.numel()
+                self._sink.put(self._file, memoryview(block), keep)
+            total += block.size
         if total != expected.nbytes:
             raise RuntimeError(f"{name}: {total} bytes produced, {expected.nbytes} planned")
         self._next += 1

@@ -22,7 +22,7 @@ Expert ids outside ``[0, E)`` (e.g. experts of another EP rank) contribute nothi
 
 from __future__ import annotations
 
-import torch
+from ._lazy import torch
 
 from .quant import dequantize, quantize_activations
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
+from ._lazy import torch
 
 from . import layout
 from .errors import InputError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from ._lazy import torch
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
@@ -21,13 +21,13 @@ GROUP_SIZE = 16
 _E2M1_BOUNDARIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
-def e2m1_table(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def e2m1_table(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
     """The 16 E2M1 code values (bit 3 is the sign)."""
-    mags = torch.tensor(E2M1_VALUES, dtype=dtype, device=device)
+    mags = torch.tensor(E2M1_VALUES, dtype=dtype or torch.float32, device=device)
     return torch.cat([mags, -mags])
 
 
-def unpack_e2m1(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def unpack_e2m1(packed: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """uint8 ``[..., K/2]`` -> values ``[..., K]`` (low nibble first)."""
     table = e2m1_table(packed.device, dtype)
     low = (packed & 0x0F).long()

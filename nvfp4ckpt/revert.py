@@ -7,14 +7,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ._lazy import torch
 
 from .checkpoint import _natural_key
 from .converted import ConvertedCheckpoint, open_converted
 from .descriptor import LayerInfo
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY, FORMATS
-from .io import DTYPE_TO_TORCH, PlannedTensor, parse_size
+from .io import torch_dtype, PlannedTensor, parse_size
 from .writer import CheckpointJob, ProgressFn, check_destination, write_checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"
@@ -133,7 +133,7 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> dict[str, torch
     mats = {"up": (t["w31"][:, :i], t["s31"][:, :i].view(e4m3)), "down": (t["down"], t["down_scale"].view(e4m3))}
     if layer.gated:
         mats["gate"] = (t["w31"][:, i:], t["s31"][:, i:].view(e4m3))
-    dtype = DTYPE_TO_TORCH[layer.scalar_dtype]
+    dtype = torch_dtype(layer.scalar_dtype)
     if ckpt.source_format == "compressed-tensors":
         w13_w, w2_w, w13_i, w2_i = "w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale"
     else:

@@ -16,7 +16,7 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ._lazy import torch
 
 from .converted import ConvertedCheckpoint, open_converted
 from .descriptor import LayerInfo

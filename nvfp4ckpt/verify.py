@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+from ._lazy import torch
 
 from . import layout
 from .checkpoint import SourceCheckpoint, open_checkpoint

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
+
 
 from . import __version__
 from .descriptor import MANIFEST_NAME
@@ -34,6 +35,7 @@ from .errors import (
     SourceChangedError,
 )
 from .io import (
+    Array,
     INDEX_NAME,
     AsyncSink,
     BufferPool,
@@ -68,7 +70,8 @@ class CheckpointJob:
 
     ``planned`` lists every tensor in write order. A tensor whose key is in ``computed`` (key -> group)
     comes from ``compute(group)``, which returns all tensors of that group at once, keyed by
-    ``PlannedTensor.key`` (one MoE layer, for every rank); every other tensor is copied byte for byte
+    ``PlannedTensor.key`` (one MoE layer, for every rank) as numpy arrays or CPU torch tensors whose bytes
+    are the tensor's (the dtype comes from ``planned``); every other tensor is copied byte for byte
     from ``source``. Tensors of different parts (sub-folders) may interleave: each part gets its own
     shards and index, written concurrently, so a layer is dropped once all its ranks have it.
     """
@@ -76,7 +79,7 @@ class CheckpointJob:
     source: CheckpointFiles
     planned: list[PlannedTensor]
     computed: dict[str, str]
-    compute: Callable[[str], dict[str, torch.Tensor]]
+    compute: Callable[[str], dict[str, Array]]
     metadata: dict[str, str]
     config: dict
     max_shard_bytes: int
@@ -459,13 +462,13 @@ class _CarriedPrefetch:
         self.pending: list[tuple[str, Future]] = []
         self._fill()
 
-    def _read(self, name: str, offset: int, size: int) -> torch.Tensor:
+    def _read(self, name: str, offset: int, size: int) -> np.ndarray:
         if self.buffers is not None and size >= 1 << 20:
             buf = self.buffers.take(min(1 << (size - 1).bit_length(), max(self.block, size)))[:size]
         else:
-            buf = torch.empty(size, dtype=torch.uint8)  # not zero-filled
+            buf = np.empty(size, dtype=np.uint8)  # not zero-filled
         if size:
-            self.source.pread_into(self.source.info(name), memoryview(buf.numpy()), offset)
+            self.source.pread_into(self.source.info(name), memoryview(buf), offset)
         return buf
 
     def _fill(self) -> None:
@@ -485,7 +488,7 @@ class _CarriedPrefetch:
                 raise RuntimeError(f"carried tensors out of order: expected {owner!r}, writing {name!r}")
             buf = future.result()
             self._fill()
-            got += buf.numel()
+            got += buf.size
             yield buf
             if info.nbytes == 0:
                 return
@@ -534,7 +537,7 @@ class _GroupPipeline:
         self.futures: dict[str, Future] = {}
         self.next_submit = 0
         self.current: str | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, Array] = {}
         self.groups_done = 0
         self.finished_group = False
         self._fill()  # start on the first layers now, while the tensors before them are copied
@@ -545,11 +548,11 @@ class _GroupPipeline:
             self.futures[group] = self.pool.submit(self._compute, group)
             self.next_submit += 1
 
-    def _compute(self, group: str) -> dict[str, torch.Tensor]:
+    def _compute(self, group: str) -> dict[str, Array]:
         with buffers_from(self.buffers):
             return self.job.compute(group)
 
-    def take(self, group: str, name: str) -> torch.Tensor:
+    def take(self, group: str, name: str) -> Array:
         if self.current != group:
             self.tensors = {}  # drop the previous layer before waiting for the next
             self._fill()

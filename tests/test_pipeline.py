@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
+import pytest
 import torch
 
 from nvfp4ckpt import convert_checkpoint, write_example
@@ -20,9 +22,10 @@ SMALL = {"hidden_size": 256, "moe_intermediate_size": 128, "num_experts": 8, "vo
          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 
 
-def test_mapped_layer_matches_stacked_transform(tmp_path):
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_mapped_layer_matches_stacked_transform(tmp_path, fmt):
     # Small shards: a layer's experts spread over several files.
-    write_example(tmp_path / "src", shape="qwen3-30b-a3b", layers=2, config_overrides=SMALL, max_shard_size="300KB")
+    write_example(tmp_path / "src", format=fmt, shape="qwen3-30b-a3b", layers=2, config_overrides=SMALL, max_shard_size="300KB")
     ckpt = open_checkpoint(tmp_path / "src")
     assert any(len({ckpt.files.info(n).file for n in layer.source_names()}) > 1 for layer in ckpt.layers)
     pool = BufferPool()
@@ -34,8 +37,16 @@ def test_mapped_layer_matches_stacked_transform(tmp_path):
         with buffers_from(pool):
             got = conv._convert_layer_fast(ckpt, layer)
         for key, ref in zip(("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"), expected):
-            assert got[key].dtype == ref.dtype and got[key].shape == ref.shape, key
-            assert torch.equal(got[key].view(torch.uint8), ref.view(torch.uint8)), key
+            # numpy uint8 on the fast path (the writer only takes bytes; the header has the dtype)
+            assert isinstance(got[key], np.ndarray) and got[key].dtype == np.uint8, key
+            assert got[key].shape == tuple(ref.shape), key
+            assert np.array_equal(got[key], ref.view(torch.uint8).numpy()), key
+        # Scalars: computed in numpy here, in torch on the plain path; the same float32 bits either way.
+        ref_scalars = conv._layer_scalars(ckpt, layer, src["raw_scalars"])
+        assert set(ref_scalars) <= set(got)
+        for key, ref in ref_scalars.items():
+            assert isinstance(got[key], np.ndarray), key
+            assert got[key].tobytes() == ref.contiguous().view(torch.uint8).numpy().tobytes(), key
         ptrs = []
         for key in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):
             lease = pool.lease(got[key])
