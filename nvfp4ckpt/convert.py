@@ -137,8 +137,10 @@ def convert_checkpoint(
 
 
 def default_workers() -> int:
-    """Layer threads: one per core up to 4 (the copy is memory- and disk-bound beyond that)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Layer threads: one per core left over by the writer's write and hash threads, 1 to 4. On 2 cores a
+    second layer thread competes with those two and made runs slower and erratic (docs/benchmarks.md); beyond
+    4 the copy is memory- and disk-bound."""
+    return max(1, min(4, (os.cpu_count() or 1) - 2))
 
 
 def padded_dims(layer: MoELayer) -> tuple[int, int]:

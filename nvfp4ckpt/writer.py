@@ -452,7 +452,7 @@ class _CarriedPrefetch:
     come back once written and hashed, so the same few buffers serve the whole run (no page faults)."""
 
     def __init__(self, source: CheckpointFiles, tensors: list[PlannedTensor], pool: ThreadPoolExecutor,
-                 buffers: BufferPool | None = None, depth: int = 4, block: int = 64 * 1024 * 1024) -> None:  # fmt: skip
+                 buffers: BufferPool | None = None, depth: int = 4, block: int = 16 * 1024 * 1024) -> None:  # fmt: skip
         self.source = source
         self.buffers = buffers
         self.block = block
