@@ -33,11 +33,6 @@ class LazyModule:
         return f"<lazy module {self._name!r} ({state})>"
 
 
-def is_imported(name: str) -> bool:
-    """True once something in this process imported ``name`` (then its objects can exist)."""
-    return name in sys.modules
-
-
 def torch_tensor_type() -> type | None:
     """``torch.Tensor`` if torch is imported, else None (no tensor can exist then): lets code accept torch
     tensors next to numpy arrays without importing torch itself."""

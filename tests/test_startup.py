@@ -63,3 +63,28 @@ def test_padded_layer_still_converts(tmp_path):
     write_example(src, shape="qwen3-30b-a3b", layers=1, config_overrides={**SMALL, "moe_intermediate_size": 96})
     assert run_cli("convert", str(src), str(tmp_path / "dst"), "--quiet") == {"code": 0, "torch": True}
     assert run_cli("verify", str(tmp_path / "dst"), "--source", str(src), "--quiet")["code"] == 0
+
+
+def test_read_numpy_equals_torch_reads(tmp_path):
+    # inspect reads scalars with numpy (no torch): every dtype it may meet gives the values torch reads, bit for bit.
+    import torch
+    from safetensors.torch import save_file
+
+    from nvfp4ckpt.io import CheckpointFiles
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, generator=g) * 1e-3
+    tensors = {
+        "bf16": base.to(torch.bfloat16), "f16": base.to(torch.float16), "f32": base, "scalar": base[0, 0].clone(),
+        "i32": torch.arange(7, dtype=torch.int32), "u8": torch.arange(9, dtype=torch.uint8),
+    }  # fmt: skip
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    files = CheckpointFiles(tmp_path)
+    for name, t in tensors.items():
+        got = files.read_numpy(name)
+        want = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert got.tobytes() == want.tobytes(), name
+    save_file({"fp8": base.to(torch.float8_e4m3fn)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="numpy cannot hold"):
+        CheckpointFiles(tmp_path).read_numpy("fp8")
