@@ -25,7 +25,7 @@ from .descriptor import (
 )
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY
-from .io import Array, PlannedTensor, torch_dtype, out_buffer, parse_size, scratch_buffer
+from .io import Array, PlannedTensor, as_float32, out_buffer, parse_size, scratch_buffer, torch_dtype
 from .parallel import RankSpec, rank_specs, slice_source, to_kernel
 from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
 
@@ -292,8 +292,8 @@ def kernel_scalars(ws2: Array, input_scale: Array) -> dict[str, Array]:
 
     Operation order follows SGLang's ModelOpt path so the float32 bits match it.
     """
-    ws2 = _float32(ws2)
-    input_scale = _float32(input_scale)
+    ws2 = as_float32(ws2)
+    input_scale = as_float32(input_scale)
     n = ws2.shape[1] - 1  # w13 columns
     a1 = input_scale[:, :n].max()
     a2 = input_scale[:, n].max()
@@ -309,10 +309,6 @@ def kernel_scalars(ws2: Array, input_scale: Array) -> dict[str, Array]:
         "w13_input_scale_quant": (1.0 / a1).reshape(1),
     }
     return {name: _contiguous(value) for name, value in out.items()}
-
-
-def _float32(x: Array) -> Array:
-    return x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else x.float()
 
 
 def _contiguous(x: Array) -> Array:

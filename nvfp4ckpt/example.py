@@ -23,7 +23,7 @@ from ._lazy import torch
 from . import architectures
 from .errors import InputError, OutputExistsError
 from .formats.compressed_tensors import PACK_FORMAT
-from .io import dtype_name, PlannedTensor, ShardPlan, ShardWriter, parse_size, plan_shards
+from .io import PlannedTensor, ShardPlan, ShardWriter, dtype_name, parse_size, plan_shards
 from .quant import quantize_linear
 
 FORMAT_CHOICES = ("modelopt", "compressed-tensors")

@@ -98,6 +98,7 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
         if layer.fused:
             continue  # one global scale per fused tensor: nothing can differ between experts
         w13_roles = ("gate", "up") if layer.gated else ("up",)
+
         def scales(role: str, kind: str) -> np.ndarray:  # one float32 multiplier per expert
             return np.stack([to_mult(ckpt.files.read_numpy(getattr(e[role], kind))).reshape(()) for e in layer.experts])
 

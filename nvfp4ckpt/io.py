@@ -52,6 +52,11 @@ _NUMPY_DTYPES = {
 }  # fmt: skip
 
 
+def as_float32(x: Array) -> Array:
+    """``x`` as float32, staying a numpy array or a torch tensor (no copy when it already is float32)."""
+    return x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else x.float()
+
+
 def torch_dtype(name: str) -> "torch.dtype":
     """The torch dtype of a safetensors dtype string (imports torch)."""
     return getattr(torch, _TORCH_DTYPE_NAMES[name])

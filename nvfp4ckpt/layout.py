@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
 from ._lazy import torch
 
 EPILOGUE_TILE_M = 128

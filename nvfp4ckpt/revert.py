@@ -14,7 +14,7 @@ from .converted import ConvertedCheckpoint, open_converted
 from .descriptor import LayerInfo
 from .errors import InputError
 from .formats import DESCRIPTOR_KEY, FORMATS
-from .io import torch_dtype, PlannedTensor, parse_size
+from .io import PlannedTensor, parse_size, torch_dtype
 from .writer import CheckpointJob, ProgressFn, check_destination, write_checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"

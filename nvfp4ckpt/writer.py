@@ -22,7 +22,6 @@ from typing import Callable
 
 import numpy as np
 
-
 from . import __version__
 from .descriptor import MANIFEST_NAME
 from .errors import (

@@ -6,14 +6,10 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
-
-import numpy as np
+from typing import ClassVar
 
 from ..errors import NotNvfp4Error
-
-if TYPE_CHECKING:
-    import torch
+from ..io import Array, as_float32
 
 # Key under config.json["quantization_config"] that marks a converted checkpoint.
 DESCRIPTOR_KEY = "moe_kernel_layout"
@@ -53,9 +49,9 @@ class QuantFormat:
             "input_global": self.input_global_suffix,
         }
 
-    def to_dequant_multiplier(self, value: "torch.Tensor | np.ndarray") -> "torch.Tensor | np.ndarray":
+    def to_dequant_multiplier(self, value: Array) -> Array:
         """Stored global scale -> ModelOpt convention (dequant multiplier), float32 (torch or numpy, as given)."""
-        v = value.astype(np.float32, copy=False) if isinstance(value, np.ndarray) else value.float()
+        v = as_float32(value)
         return 1.0 / v if self.global_scales_reciprocal else v
 
     def is_excluded(self, module: str) -> bool:
