@@ -317,6 +317,22 @@ QWEN3_MOE = register(
     )
 )
 
+# The MoE part of the DeepSeek-V3-style tiny examples (DeepSeek-V3, GLM-4 MoE, and Kimi-K2 through DeepSeek-V3's):
+# one dense first layer, then routed + shared experts with grouped sigmoid routing.
+_DEEPSEEK_STYLE_MOE = {
+    "num_hidden_layers": 3,
+    "first_k_dense_replace": 1,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+}
+
 DEEPSEEK_V3 = register(
     Architecture(
         name="deepseek_v3",
@@ -332,17 +348,7 @@ DEEPSEEK_V3 = register(
             **_TINY_COMMON,
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": "deepseek_v3",
-            "num_hidden_layers": 3,
-            "first_k_dense_replace": 1,
-            "intermediate_size": 512,
-            "moe_intermediate_size": 128,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "n_group": 2,
-            "topk_group": 1,
-            "routed_scaling_factor": 2.5,
-            "norm_topk_prob": True,
+            **_DEEPSEEK_STYLE_MOE,
             "num_key_value_heads": 4,
             "q_lora_rank": 64,
             "kv_lora_rank": 64,
@@ -457,17 +463,8 @@ GLM4_MOE = register(
             **_TINY_COMMON,
             "architectures": ["Glm4MoeForCausalLM"],
             "model_type": "glm4_moe",
-            "num_hidden_layers": 3,
-            "first_k_dense_replace": 1,
-            "intermediate_size": 512,
-            "moe_intermediate_size": 128,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "n_group": 1,
-            "topk_group": 1,
-            "routed_scaling_factor": 2.5,
-            "norm_topk_prob": True,
+            **_DEEPSEEK_STYLE_MOE,
+            "n_group": 1,  # a later key keeps the first one's place: same config.json key order
             "num_key_value_heads": 2,
             "head_dim": 64,
             "partial_rotary_factor": 0.5,
