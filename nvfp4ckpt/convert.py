@@ -24,7 +24,7 @@ from .descriptor import (
     header_metadata,
 )
 from .errors import InputError
-from .formats import DESCRIPTOR_KEY
+from .formats import DESCRIPTOR_KEY, KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY
 from .io import Array, PlannedTensor, as_float32, out_buffer, parse_size, scratch_buffer, torch_dtype
 from .parallel import RankSpec, rank_specs, slice_source, to_kernel
 from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
@@ -433,13 +433,18 @@ def _convert_layer_fast(ckpt: SourceCheckpoint, layer: MoELayer) -> dict[str, np
 
 
 def _output_config(ckpt: SourceCheckpoint, descriptor: dict) -> dict:
+    """config.json of the output: the source config with its quantization_config wrapped (see
+    ``formats.base.KERNEL_QUANT_METHOD``): engines without the nvfp4ckpt plugin refuse it instead of shuffling twice."""
     config = json.loads(json.dumps(ckpt.config))
     qcfg = config.get("quantization_config")
     if not isinstance(qcfg, dict):
-        # ModelOpt with only hf_quant_config.json: give engines the flat form as well.
-        section = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": ckpt.format.group_size}
+        # ModelOpt with only hf_quant_config.json: the plugins' dense layers need the flat form.
+        qcfg = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": ckpt.format.group_size}
         if ckpt.format.exclude:
-            section["ignore"] = list(ckpt.format.exclude)
-        qcfg = config["quantization_config"] = section
-    qcfg[DESCRIPTOR_KEY] = descriptor
+            qcfg["ignore"] = list(ckpt.format.exclude)
+    config["quantization_config"] = {
+        "quant_method": KERNEL_QUANT_METHOD,
+        SOURCE_QUANT_KEY: qcfg,
+        DESCRIPTOR_KEY: descriptor,
+    }
     return config
