@@ -191,6 +191,9 @@ def _write_shards(out: Path, b: _Builder, *, count: int | None = None, by_bytes:
 
 
 def _write_tokenizer(out: Path) -> None:
+    from ._lazy import require
+
+    require("tokenizers")  # one-line error naming the extra on the core install
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
