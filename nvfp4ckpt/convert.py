@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 from ._lazy import torch
 
-from . import layout
-from .checkpoint import MoELayer, SourceCheckpoint, _natural_key, open_checkpoint
-from .descriptor import (
+from .layouts.trtllm_gen import transform as layout
+from .source.checkpoint import MoELayer, SourceCheckpoint, _natural_key, open_checkpoint
+from .layouts.trtllm_gen.descriptor import (
     LayerInfo,
     canonical_specs,
     build_descriptor,
     header_metadata,
 )
 from .errors import InputError
-from .formats import DESCRIPTOR_KEY
+from .source.formats import DESCRIPTOR_KEY
 from .io import Array, PlannedTensor, as_float32, out_buffer, parse_size, scratch_buffer, torch_dtype
-from .parallel import RankSpec, rank_specs, slice_source, to_kernel
-from .writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
+from .layouts.trtllm_gen.ranks import RankSpec, rank_specs, slice_source, to_kernel
+from .output.writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 

@@ -20,9 +20,9 @@ from typing import Callable
 
 from ._lazy import torch
 
-from . import architectures
+from .source import architectures
 from .errors import InputError, OutputExistsError
-from .formats.compressed_tensors import PACK_FORMAT
+from .source.formats.compressed_tensors import PACK_FORMAT
 from .io import PlannedTensor, ShardPlan, ShardWriter, dtype_name, parse_size, plan_shards
 from .quant import quantize_linear
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from ._lazy import torch
 
-from .checkpoint import _natural_key
-from .converted import ConvertedCheckpoint, open_converted
-from .descriptor import LayerInfo
+from .source.checkpoint import _natural_key
+from .layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
+from .layouts.trtllm_gen.descriptor import LayerInfo
 from .errors import InputError
-from .formats import DESCRIPTOR_KEY, FORMATS
+from .source.formats import DESCRIPTOR_KEY, FORMATS
 from .io import PlannedTensor, parse_size, torch_dtype
-from .writer import CheckpointJob, ProgressFn, check_destination, write_checkpoint
+from .output.writer import CheckpointJob, ProgressFn, check_destination, write_checkpoint
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"
 

@@ -23,7 +23,7 @@ from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt import io as nvio
 from nvfp4ckpt.errors import ResumeMismatchError, SourceChangedError
 from nvfp4ckpt.io import ShardWriter
-from nvfp4ckpt.writer import JOURNAL_NAME, partial_folder
+from nvfp4ckpt.output.writer import JOURNAL_NAME, partial_folder
 from tests.conftest import tree_digest
 from tests.test_errors import copy_ckpt, run_cli
 

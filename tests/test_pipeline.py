@@ -13,10 +13,10 @@ import torch
 
 from nvfp4ckpt import convert_checkpoint, write_example
 from nvfp4ckpt import convert as conv
-from nvfp4ckpt.checkpoint import open_checkpoint
-from nvfp4ckpt.descriptor import MANIFEST_NAME
+from nvfp4ckpt.source.checkpoint import open_checkpoint
+from nvfp4ckpt.layouts.trtllm_gen.descriptor import MANIFEST_NAME
 from nvfp4ckpt.io import BufferPool, buffers_from
-from nvfp4ckpt.parallel import to_kernel
+from nvfp4ckpt.layouts.trtllm_gen.ranks import to_kernel
 
 SMALL = {"hidden_size": 256, "moe_intermediate_size": 128, "num_experts": 8, "vocab_size": 512,
          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip

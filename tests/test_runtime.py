@@ -9,7 +9,7 @@ import torch
 
 from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.errors import InputError
-from nvfp4ckpt.runtime import default_backend, load_moe_layer, trtllm_kwargs
+from nvfp4ckpt.runtime.layer import default_backend, load_moe_layer, trtllm_kwargs
 
 
 @pytest.fixture(scope="module")

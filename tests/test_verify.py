@@ -12,10 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nvfp4ckpt import convert_checkpoint, layout
+from nvfp4ckpt import convert_checkpoint
+from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 from nvfp4ckpt.cli import main
 from nvfp4ckpt.io import read_header
-from nvfp4ckpt.verify import verify_checkpoint
+from nvfp4ckpt.verify.checks import verify_checkpoint
 from tests.conftest import ARCHS, FORMATS, swap_gate_up
 
 

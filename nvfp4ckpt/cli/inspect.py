@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import architectures
+from ..source import architectures
 from ..errors import InputError
 from ..inspect import inspect_checkpoint
 from ._options import JsonOpt, RevisionOpt

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_CHECK_FAILED
-from ..verify import CHECKS, CheckResult, VerifyReport, verify_checkpoint
+from ..verify.checks import CHECKS, CheckResult, VerifyReport, verify_checkpoint
 from ._options import QuietOpt
 from ._output import Output
 
@@ -55,7 +55,7 @@ def verify(
     selected = tuple(c for c in base if c not in skipped)
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
     if run_gsm8k_check:
-        from ..gsm8k import validate_options
+        from ..eval.gsm8k import validate_options
 
         validate_options(source, tolerance, baseline_accuracy, min_accuracy, min_agreement)
     gsm8k_report = None
@@ -80,7 +80,7 @@ def verify(
             if not report.passed:
                 report.checks.append(CheckResult(GSM8K, "skip", "an earlier check failed"))
             else:
-                from ..gsm8k import run_gsm8k
+                from ..eval.gsm8k import run_gsm8k
 
                 gsm8k_report = run_gsm8k(
                     path, source=source, data=gsm8k_data, num_shots=num_shots, num_questions=num_questions,

@@ -34,7 +34,7 @@ All arithmetic is fp32, whatever the logits' dtype.
 
 from __future__ import annotations
 
-from ._lazy import torch
+from .._lazy import torch
 
 __all__ = ["FLASHINFER_ROUTING_METHOD_TYPE", "ROUTING_METHODS", "canonical_method", "route"]
 

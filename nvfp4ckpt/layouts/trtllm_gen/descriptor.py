@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass
 from importlib import metadata
 
-from . import __version__
-from .architectures import expert_roles
-from .formats import DESCRIPTOR_KEY
-from .layout import EPILOGUE_TILE_M, GROUP_SIZE, LAYOUT_NAME, LAYOUT_VERSION
-from .parallel import RankSpec
+from ... import __version__
+from ...source.architectures import expert_roles
+from ...source.formats import DESCRIPTOR_KEY
+from .transform import EPILOGUE_TILE_M, GROUP_SIZE, LAYOUT_NAME, LAYOUT_VERSION
+from .ranks import RankSpec
 
 METADATA_KEY = "nvfp4ckpt"
 MANIFEST_NAME = "nvfp4ckpt_manifest.json"

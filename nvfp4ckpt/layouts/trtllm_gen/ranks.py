@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ._lazy import torch
+from ..._lazy import torch
 
-from . import layout
-from .errors import InputError
+from . import transform as layout
+from ...errors import InputError
 
 
 @dataclass(frozen=True)

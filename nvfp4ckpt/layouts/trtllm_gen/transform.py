@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ._lazy import torch
+from ..._lazy import torch
 
 EPILOGUE_TILE_M = 128
 SHUFFLE_BLOCK_ROWS = 32  # get_shuffle_block_size(128)

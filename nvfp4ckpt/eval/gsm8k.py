@@ -36,7 +36,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError
+from ..errors import InputError
 
 STOP_STRINGS = ("Question", "</s>", "<|im_end|>")
 HUB_REPO = "openai/gsm8k"
@@ -652,7 +652,7 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     out = {"nvfp4ckpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     try:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import NotNvfp4Error
-from ..io import Array, as_float32
+from ...errors import NotNvfp4Error
+from ...io import Array, as_float32
 
 # Key under config.json["quantization_config"] that marks a converted checkpoint.
 DESCRIPTOR_KEY = "moe_kernel_layout"

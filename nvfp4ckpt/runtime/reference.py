@@ -22,9 +22,9 @@ Expert ids outside ``[0, E)`` (e.g. experts of another EP rank) contribute nothi
 
 from __future__ import annotations
 
-from ._lazy import torch
+from .._lazy import torch
 
-from .quant import dequantize, quantize_activations
+from ..quant import dequantize, quantize_activations
 
 __all__ = ["ACT_MODES", "moe_forward_torch"]
 

@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
-from .descriptor import MANIFEST_NAME
-from .errors import (
+from .. import __version__
+from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME
+from ..errors import (
     CorruptFileError,
     DiskFullError,
     InputError,
@@ -33,7 +33,7 @@ from .errors import (
     ResumeMismatchError,
     SourceChangedError,
 )
-from .io import (
+from ..io import (
     Array,
     INDEX_NAME,
     AsyncSink,

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._lazy import torch
+from ..._lazy import torch
 
-from .checkpoint import resolve_source
+from ...source.checkpoint import resolve_source
 from .descriptor import LayerInfo, descriptor_from_config
-from .errors import InputError
-from .io import CheckpointFiles, read_json
-from .layout import LAYOUT_NAME, LAYOUT_VERSION
-from .parallel import RankSpec, from_kernel
+from ...errors import InputError
+from ...io import CheckpointFiles, read_json
+from .transform import LAYOUT_NAME, LAYOUT_VERSION
+from .ranks import RankSpec, from_kernel
 
 
 @dataclass

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 
 ROLES = ("gate", "up", "down")
 ACTIVATIONS = {"silu": True, "relu2": False}  # activation -> gated (SwiGLU [up ; gate]) or not (up only)

@@ -16,12 +16,12 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._lazy import torch
+from .._lazy import torch
 
-from .converted import ConvertedCheckpoint, open_converted
-from .descriptor import LayerInfo
-from .parallel import RankSpec, from_kernel
-from .errors import InputError
+from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
+from ..layouts.trtllm_gen.descriptor import LayerInfo
+from ..layouts.trtllm_gen.ranks import RankSpec, from_kernel
+from ..errors import InputError
 
 BACKENDS = ("auto", "trtllm", "triton", "torch")
 ACT_MODES = ("nvfp4", "bf16")
@@ -201,7 +201,7 @@ class MoELayer:
         return self.forward_torch(hidden_states, topk_ids, topk_weights, act)
 
     def forward_torch(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
-        from .moe_torch import moe_forward_torch
+        from .reference import moe_forward_torch
 
         s = self.source_weights()
         return moe_forward_torch(

@@ -33,15 +33,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import architectures
-from .checkpoint import SourceCheckpoint, open_checkpoint
-from .convert import read_layer_source
-from .converted import ConvertedCheckpoint, open_converted
-from .errors import InputError, UnsupportedArchitectureError
-from .formats import FORMATS
-from .io import CheckpointFiles
-from .quant import dequantize
-from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
+from ..source import architectures
+from ..source.checkpoint import SourceCheckpoint, open_checkpoint
+from ..convert import read_layer_source
+from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
+from ..errors import InputError, UnsupportedArchitectureError
+from ..source.formats import FORMATS
+from ..io import CheckpointFiles
+from ..quant import dequantize
+from ..runtime.layer import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
 
 ROUTING_MODES = ("auto", "hf", "kernel")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")

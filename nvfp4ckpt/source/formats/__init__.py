@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import AlreadyConvertedError, NotNvfp4Error
+from ...errors import AlreadyConvertedError, NotNvfp4Error
 from .base import DESCRIPTOR_KEY, QuantFormat
 from .compressed_tensors import CompressedTensorsFormat
 from .modelopt import ModelOptFormat

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from . import architectures
 from .architectures import Architecture, Routing
-from .errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
+from ..errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
 from .formats import QuantFormat, detect_format
-from .io import CheckpointFiles, TensorInfo, read_json
+from ..io import CheckpointFiles, TensorInfo, read_json
 
 SCALAR_DTYPES = ("F32", "BF16", "F16")
 

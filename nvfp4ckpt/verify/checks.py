@@ -19,16 +19,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ._lazy import torch
+from .._lazy import torch
 
-from . import layout
-from .checkpoint import SourceCheckpoint, open_checkpoint
-from .convert import kernel_scalars, read_layer_source
-from .converted import ConvertedCheckpoint, open_converted
-from .descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
-from .errors import CorruptFileError, InputError
-from .io import sha256_file
-from .runtime import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
+from ..layouts.trtllm_gen import transform as layout
+from ..source.checkpoint import SourceCheckpoint, open_checkpoint
+from ..convert import kernel_scalars, read_layer_source
+from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
+from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
+from ..errors import CorruptFileError, InputError
+from ..io import sha256_file
+from ..runtime.layer import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
 
 CHECKS = ("structure", "layout", "numerics")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import NotNvfp4Error
+from ...errors import NotNvfp4Error
 from .base import QuantFormat
 
 PACK_FORMAT = "nvfp4-pack-quantized"

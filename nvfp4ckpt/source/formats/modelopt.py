@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import NotNvfp4Error
-from ..io import read_json
+from ...errors import NotNvfp4Error
+from ...io import read_json
 from .base import QuantFormat
 
 

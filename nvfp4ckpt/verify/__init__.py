@@ -1,0 +1,1 @@
+"""Checking a converted checkpoint: structure, layout (bytes against the source) and numerics."""
