@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nvfp4ckpt import convert_checkpoint
-from nvfp4ckpt import io as nvio
+from nvfp4ckpt.io import sink as nvio
 from nvfp4ckpt.errors import ResumeMismatchError, SourceChangedError
 from nvfp4ckpt.io import ShardWriter
 from nvfp4ckpt.output.writer import JOURNAL_NAME, partial_folder
