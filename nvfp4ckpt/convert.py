@@ -27,7 +27,8 @@ from .errors import InputError
 from .source.formats import DESCRIPTOR_KEY
 from .io import Array, PlannedTensor, as_float32, out_buffer, parse_size, scratch_buffer, torch_dtype
 from .layouts.trtllm_gen.ranks import RankSpec, rank_specs, slice_source, to_kernel
-from .output.writer import CheckpointJob, Progress, ProgressFn, check_destination, write_checkpoint
+from .output import CheckpointJob, check_destination, write_checkpoint
+from .progress import ProgressFn
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
@@ -78,7 +79,7 @@ def convert_checkpoint(
     ``workers`` threads read and transform MoE layers ahead of the writer (default: ``default_workers()``);
     the output bytes are the same for any value. ``tp``/``ep`` > 1 write one set of MoE files per rank
     (see ``nvfp4ckpt.parallel``); non-expert tensors stay whole at the top level. ``resume`` continues an
-    interrupted run into the same DST, reusing its finished shards (see ``writer.write_checkpoint``)."""
+    interrupted run into the same DST, reusing its finished shards (see ``output.write_checkpoint``)."""
     start = time.perf_counter()
     try:
         max_bytes = parse_size(max_shard_size)

@@ -15,7 +15,8 @@ from .layouts.trtllm_gen.descriptor import LayerInfo
 from .errors import InputError
 from .source.formats import DESCRIPTOR_KEY, FORMATS
 from .io import PlannedTensor, parse_size, torch_dtype
-from .output.writer import CheckpointJob, ProgressFn, check_destination, write_checkpoint
+from .output import CheckpointJob, check_destination, write_checkpoint
+from .progress import ProgressFn
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"
 

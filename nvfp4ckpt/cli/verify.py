@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_CHECK_FAILED
-from ..verify.checks import CHECKS, CheckResult, VerifyReport, verify_checkpoint
+from ..verify import CHECKS, CheckResult, VerifyReport, verify_checkpoint
 from ._options import QuietOpt
 from ._output import Output
 

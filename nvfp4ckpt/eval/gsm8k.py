@@ -34,8 +34,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable
 
+from ..progress import TickFn
 from ..errors import InputError
 
 STOP_STRINGS = ("Question", "</s>", "<|im_end|>")
@@ -46,7 +46,6 @@ DEFAULT_MIN_AGREEMENT = 0.80
 EXACT_MIN_AGREEMENT = 1.0
 CACHE_ENV = "NVFP4CKPT_CACHE"
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +525,7 @@ def run_gsm8k(
     min_accuracy: float | None = None,
     min_agreement: float | None = None,
     stop_strings: tuple[str, ...] = STOP_STRINGS,
-    progress: ProgressFn | None = None,
+    progress: TickFn | None = None,
 ) -> Gsm8kReport:
     """Run GSM8K on the converted checkpoint and (unless ``baseline_accuracy``) on its source; see the module doc.
 

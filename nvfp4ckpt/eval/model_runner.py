@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from ..source import architectures
 from ..source.checkpoint import SourceCheckpoint, open_checkpoint
 from ..convert import read_layer_source
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
+from ..progress import TickFn
 from ..errors import InputError, UnsupportedArchitectureError
 from ..source.formats import FORMATS
 from ..io import CheckpointFiles
@@ -54,7 +55,6 @@ _RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
 # Families whose checkpoints name a model type transformers knows under another name (Kimi-K2 is DeepSeek-V3).
 _HF_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +440,7 @@ def generate(
     batch_size: int = 8,
     stop_strings: Sequence[str] = (),
     eos_token_ids: Sequence[int] | None = None,
-    progress: ProgressFn | None = None,
+    progress: TickFn | None = None,
     stage: str = "generate",
 ) -> tuple[list[Generation], float]:
     """Greedy, batched (left padding, KV cache) generation; returns completions in prompt order and seconds spent.

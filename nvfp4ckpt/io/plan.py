@@ -78,6 +78,15 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byt
 
 
 
+def format_size(n: float) -> str:
+    """Bytes for people, in decimal units like ``parse_size`` reads: '512 B', '1.50 MB'."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
 def parse_size(text: str | int) -> int:
     """'5GB' -> bytes (decimal units like transformers; 'GiB' binary)."""
     if isinstance(text, int):

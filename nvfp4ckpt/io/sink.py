@@ -142,7 +142,7 @@ class AsyncSink:
         self._raise()
         if not self.threaded:
             f.hash.update(data)
-            _write_all(f.fd, data)
+            write_all(f.fd, data)
             return
         for q in self._queues:
             q.put(("data", f, data, keep))
@@ -167,7 +167,7 @@ class AsyncSink:
                 continue
             try:
                 if op == "data":
-                    _write_all(f.fd, data)
+                    write_all(f.fd, data)
                     self._wrote(f, data)
                 else:
                     self._fsyncs.append(self._fsync_pool.submit(_fsync_close, f.fd, f, data))
@@ -236,7 +236,7 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _write_all(fd: int, data) -> None:
+def write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = os.write(fd, view)

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
-import hashlib
-import json
-import os
 import shutil
-import threading
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__
-from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME
-from ..errors import (
-    CorruptFileError,
-    DiskFullError,
-    InputError,
-    Nvfp4CkptError,
-    OutputExistsError,
-    ResumeMismatchError,
-    SourceChangedError,
-)
+from ..errors import CorruptFileError, DiskFullError, Nvfp4CkptError, OutputExistsError
 from ..io import (
-    Array,
     INDEX_NAME,
+    Array,
     AsyncSink,
     BufferPool,
     CheckpointFiles,
@@ -43,24 +27,14 @@ from ..io import (
     ShardPlan,
     ShardWriter,
     buffers_from,
+    format_size,
     plan_shards,
-    sha256_file,
 )
-
-
-@dataclass
-class Progress:
-    """What a writer reports as it goes (the CLI draws bars from it)."""
-
-    stage: str  # "plan" | "layer" | "bytes" | "done" | "notice" (a one-line message for the user)
-    layers_done: int = 0
-    layers_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
-    message: str = ""
-
-
-ProgressFn = Callable[[Progress], None]
+from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME
+from ..progress import Progress, ProgressFn
+from .destination import destination_lock
+from .install import copy_other_files, fsync_dir, install, write_json
+from .journal import JOURNAL_NAME, _Journal, check_sources_unchanged, job_fingerprint, open_partial, partial_folder, source_stats
 
 
 @dataclass
@@ -85,17 +59,6 @@ class CheckpointJob:
     manifest_fields: dict | None = None  # None: write no manifest
     part_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # extra header metadata per part
     skip_files: set[str] = field(default_factory=set)  # top-level names not to copy from the source folder
-
-
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise InputError(f"{dst}: the destination overlaps the source {src}; choose a folder outside it")
-    if d.exists():
-        if not d.is_dir():
-            raise OutputExistsError(f"{dst}: exists and is not a folder; choose another destination")
-        if any(d.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
 
 
 @dataclass
@@ -130,215 +93,16 @@ def write_checkpoint(
     groups = list(dict.fromkeys(job.computed[t.key] for t in job.planned if t.key in job.computed))
     total_bytes = sum(t.nbytes for t in job.planned)
     sources = source_stats(job.source.root)
-    fingerprint = _job_fingerprint(job, shard_plans)
+    fingerprint = job_fingerprint(job, shard_plans)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _destination_lock(dst):
+    with destination_lock(dst):
         # Under the lock, so two runs into one DST cannot both pass the emptiness check.
         if dst.exists() and any(dst.iterdir()) and not overwrite:
             raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
         tmp = partial_folder(dst)
-        reused = _open_partial(tmp, fingerprint, sources, job.source.root, resume, report)
+        reused = open_partial(tmp, fingerprint, sources, job.source.root, resume, report)
         return _write_locked(job, dst, tmp, shard_plans, reused, sources, groups, total_bytes, report, workers)
-
-
-@contextmanager
-def _destination_lock(dst: Path):
-    """An flock on ``.DST.nvfp4ckpt-lock``: the kernel drops it when the holder exits, even on SIGKILL,
-    so a lock file left by a dead run is simply taken over (the PID in it is only for the message)."""
-    lock = dst.parent / f".{dst.name}.nvfp4ckpt-lock"
-    while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise OutputExistsError(
-                f"{dst}: another nvfp4ckpt run is writing it (pid {holder}, lock file {lock}); wait for it to finish"
-            ) from None
-        except OSError:
-            pass  # no flock on this file system (some network mounts): go on unlocked, as before locks existed
-        # The previous holder unlinks the file before releasing it; if we locked that old inode, retry.
-        try:
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        try:
-            os.unlink(lock)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------
-# The partial folder and its journal (for --resume)
-
-JOURNAL_NAME = ".nvfp4ckpt-journal.jsonl"
-JOURNAL_VERSION = 1
-
-
-def partial_folder(dst: Path) -> Path:
-    """Where a run writes before the final rename: next to DST (same file system, so the rename is atomic),
-    named after DST only, so the next run finds it (the lock keeps two runs out of it)."""
-    return dst.parent / f".{dst.name}.nvfp4ckpt-partial"
-
-
-def source_stats(root: Path) -> dict[str, list[int]]:
-    """(size, mtime_ns, inode) of every file a job may read, by path relative to ``root``.
-
-    Cheap (no hashing), and what changes when a file is rewritten, appended to or replaced; an edit that
-    keeps size and restores the mtime goes unnoticed."""
-    out: dict[str, list[int]] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            continue  # a dangling symlink is not read
-        if path.is_file():
-            out[rel.as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino]
-    return out
-
-
-def _job_fingerprint(job: CheckpointJob, shard_plans: dict[str, list[ShardPlan]]) -> str:
-    """Everything but the source files that decides the output bytes: tool version, options (through the
-    plan, headers and config), and the shard plan itself."""
-    desc = {
-        "journal": JOURNAL_VERSION,
-        "tool": __version__,
-        "max_shard_bytes": job.max_shard_bytes,
-        "metadata": job.metadata,
-        "part_metadata": job.part_metadata,
-        "config": job.config,
-        "manifest_fields": job.manifest_fields,
-        "skip_files": sorted(job.skip_files),
-        "computed": sorted(job.computed.items()),
-        "shards": {
-            part: [[p.filename, [[t.name, t.dtype, list(t.shape)] for t in p.tensors]] for p in plans]
-            for part, plans in sorted(shard_plans.items())
-        },
-    }
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class _Journal:
-    """``JOURNAL_NAME`` in the partial folder: a header line (fingerprint, source stats), then one line per
-    shard, appended and fsynced only after the shard itself is fsynced. Removed before the install."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.count = 0
-
-    def start(self, header: dict, entries: list[dict]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes("".join(json.dumps(x, sort_keys=True) + "\n" for x in [header, *entries]).encode())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
-        self.count = len(entries)
-
-    def add(self, name: str, size: int, sha256: str) -> None:
-        line = json.dumps({"name": name, "size": size, "sha256": sha256}, sort_keys=True) + "\n"
-        with self.lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            try:
-                _write_bytes(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.count += 1
-
-    def read(self) -> tuple[dict, list[dict]] | None:
-        """(header, shard entries), or None when there is no readable journal. A torn last line (killed
-        mid-append) is ignored."""
-        try:
-            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
-            header = json.loads(lines[0])
-        except (OSError, IndexError, ValueError):
-            return None
-        entries = []
-        for line in lines[1:]:
-            try:
-                entry = json.loads(line)
-                entries.append({"name": str(entry["name"]), "size": int(entry["size"]), "sha256": str(entry["sha256"])})
-            except (ValueError, KeyError, TypeError):
-                break
-        return header, entries
-
-
-def _write_bytes(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _open_partial(
-    tmp: Path, fingerprint: str, sources: dict[str, list[int]], source_root: Path, resume: bool, report: ProgressFn
-) -> dict[str, dict]:
-    """Set up the partial folder; returns the finished shards to reuse (name -> entry), empty unless resuming."""
-    journal = _Journal(tmp / JOURNAL_NAME)
-    header = {"journal": JOURNAL_VERSION, "fingerprint": fingerprint, "sources": sources}
-    if tmp.exists() and not resume:
-        old = journal.read()
-        finished = len(old[1]) if old else 0
-        report(Progress("notice", message=(
-            f"{tmp}: removing the partial folder of an interrupted run ({finished} finished shards); "
-            "pass --resume to continue it instead"
-        )))  # fmt: skip
-        shutil.rmtree(tmp)
-    if not tmp.exists():
-        if resume:
-            report(Progress("notice", message=f"{tmp}: no interrupted run to resume; writing everything"))
-        tmp.mkdir()
-        journal.start(header, [])
-        return {}
-    old = journal.read()
-    if old is None:
-        raise ResumeMismatchError(f"{tmp}: no readable journal of an interrupted run; rerun without --resume to start over")
-    old_header, entries = old
-    if old_header.get("fingerprint") != fingerprint or old_header.get("sources") != sources:
-        old_sources = old_header.get("sources") if isinstance(old_header.get("sources"), dict) else {}
-        changed = sorted(set(old_sources) ^ set(sources) | {n for n in sources if old_sources.get(n) != sources[n]})
-        what = f"{source_root / changed[0]} changed" if changed else "options or nvfp4ckpt version changed"
-        raise ResumeMismatchError(
-            f"{tmp}: source or options changed since the interrupted run ({what}); rerun without --resume"
-        )
-    reused: dict[str, dict] = {}
-    for entry in entries:
-        path = tmp / entry["name"]
-        # Re-hash rather than trust size alone: reading a shard back is still cheaper than rewriting it.
-        if path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
-            reused[entry["name"]] = entry
-    # Everything else (a shard cut off mid-write, the last attempt's index or manifest) is written again.
-    for path in sorted(tmp.rglob("*"), reverse=True):
-        rel = path.relative_to(tmp).as_posix()
-        if path.is_file() and rel not in reused and path != journal.path:
-            path.unlink()
-    journal.start(header, list(reused.values()))
-    return reused
-
-
-def check_sources_unchanged(root: Path, before: dict[str, list[int]]) -> None:
-    """Raise ``SourceChangedError`` naming the first source file whose size, mtime or inode moved."""
-    now = source_stats(root)
-    changed = sorted(set(before) ^ set(now) | {n for n in now if before.get(n) != now[n]})
-    if changed:
-        raise SourceChangedError(
-            f"{root / changed[0]}: changed while it was being converted (size, mtime or inode); "
-            "rerun once the source is no longer being written"
-        )
 
 
 def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total_bytes, report, workers) -> WriteResult:
@@ -423,7 +187,7 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 f"{exc.filename or tmp}: no space left on device; free space on {dst.parent} (the output needs "
-                f"{_size(total_bytes)}) and rerun with --resume to keep the {journal.count} finished shards"
+                f"{format_size(total_bytes)}) and rerun with --resume to keep the {journal.count} finished shards"
             ) from exc
         raise
     pool.shutdown(wait=True)
@@ -434,14 +198,6 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
 
 def _shard_name(part: str, plan: ShardPlan) -> str:
     return f"{part}/{plan.filename}" if part else plan.filename
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 class _CarriedPrefetch:
@@ -566,53 +322,3 @@ class _GroupPipeline:
         return tensor
 
 
-def install(tmp: Path, dst: Path) -> None:
-    """Move the finished temporary folder into place (replacing an old DST only now)."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.nvfp4ckpt-old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, data: dict) -> dict:
-    raw = (json.dumps(data, indent=2) + "\n").encode("utf-8")
-    path.write_bytes(raw)
-    return {"name": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-
-
-def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dict]:
-    """Tokenizer, generation config, code, ...: every file that is not a weight shard."""
-    out = []
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if rel.name.endswith(".safetensors") or rel.parts[0] in skip_top_level:
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with open(path, "rb") as fi, open(target, "wb") as fo:
-            while block := fi.read(16 * 1024 * 1024):
-                digest.update(block)
-                fo.write(block)
-        shutil.copystat(path, target)
-        out.append({"name": rel.as_posix(), "size": target.stat().st_size, "sha256": digest.hexdigest()})
-    return out

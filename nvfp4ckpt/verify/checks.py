@@ -17,15 +17,14 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .._lazy import torch
 
-from ..layouts.trtllm_gen import transform as layout
 from ..source.checkpoint import SourceCheckpoint, open_checkpoint
 from ..convert import kernel_scalars, read_layer_source
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
+from ..progress import TickFn
 from ..errors import CorruptFileError, InputError
 from ..io import sha256_file
 from ..runtime.layer import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
@@ -97,7 +96,6 @@ class VerifyReport:
         return {**asdict(self), "passed": self.passed}
 
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 def verify_checkpoint(
@@ -112,7 +110,7 @@ def verify_checkpoint(
     seed: int = 0,
     hash_files: bool = True,
     device: str | None = None,
-    progress: ProgressFn | None = None,
+    progress: TickFn | None = None,
 ) -> VerifyReport:
     start = time.perf_counter()
     unknown = [c for c in checks if c not in CHECKS]
@@ -292,7 +290,7 @@ def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
 # layout
 
 
-def check_layout(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, tick: ProgressFn) -> CheckResult:
+def check_layout(ckpt: ConvertedCheckpoint, src: SourceCheckpoint, tick: TickFn) -> CheckResult:
     problems: list[str] = []
     src_layers = {l.prefix: l for l in src.layers}
     if set(src_layers) != {l.prefix for l in ckpt.layers}:
