@@ -135,10 +135,7 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> dict[str, torch
     if layer.gated:
         mats["gate"] = (t["w31"][:, i:], t["s31"][:, i:].view(e4m3))
     dtype = torch_dtype(layer.scalar_dtype)
-    if ckpt.source_format == "compressed-tensors":
-        w13_w, w2_w, w13_i, w2_i = "w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale"
-    else:
-        w13_w, w2_w, w13_i, w2_i = "w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale"
+    w13_w, w2_w, w13_i, w2_i = fmt.stored_scalar_names()  # the global scales in the source's own convention
     w_glob = torch.cat([t[w13_w], t[w2_w].unsqueeze(1)], 1).to(dtype)
     i_glob = torch.cat([t[w13_i], t[w2_i].unsqueeze(1)], 1).to(dtype)
     if layer.source_fused:

@@ -12,7 +12,7 @@ from nvfp4ckpt import convert_checkpoint, inspect_checkpoint
 from nvfp4ckpt.source import architectures
 from nvfp4ckpt.source.architectures import Architecture, Routing
 from nvfp4ckpt.errors import UnsupportedArchitectureError
-from nvfp4ckpt.verify.checks import verify_checkpoint
+from nvfp4ckpt import verify_checkpoint
 
 
 @pytest.fixture

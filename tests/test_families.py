@@ -16,10 +16,10 @@ from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices
 from nvfp4ckpt import convert_checkpoint, inspect_checkpoint
 from nvfp4ckpt.source import architectures
 from nvfp4ckpt.cli import main
-from nvfp4ckpt.revert import revert_checkpoint
+from nvfp4ckpt import revert_checkpoint
 from nvfp4ckpt.runtime.routing import route
-from nvfp4ckpt.runtime.layer import load_moe_layer
-from nvfp4ckpt.verify.checks import verify_checkpoint
+from nvfp4ckpt import load_moe_layer
+from nvfp4ckpt import verify_checkpoint
 from tests.conftest import FORMATS, load_dir, reference_swizzle_128x4, u8
 
 NEW_FAMILIES = ("qwen2_moe", "qwen3_next", "glm4_moe", "kimi_k2", "minimax_m2", "llama4", "nemotron_h")

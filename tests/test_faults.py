@@ -280,7 +280,7 @@ def test_interrupted_then_resume(src, tmp_path, monkeypatch, capsys, reference, 
 
 def test_revert_resume(example_factory, tmp_path, monkeypatch, capsys):
     """revert shares the writer: an interrupted revert resumes into the same bytes as an uninterrupted one."""
-    from nvfp4ckpt.revert import revert_checkpoint
+    from nvfp4ckpt import revert_checkpoint
 
     converted = tmp_path / "converted"
     convert_checkpoint(example_factory(), converted)

@@ -16,7 +16,7 @@ from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 from nvfp4ckpt.source.checkpoint import open_checkpoint
 from nvfp4ckpt.cli import main
-from nvfp4ckpt.convert import read_layer_source
+from nvfp4ckpt.source.stacked import read_layer_source
 from nvfp4ckpt.errors import InputError
 from nvfp4ckpt.eval.gsm8k import (
     Answer,

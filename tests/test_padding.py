@@ -10,8 +10,8 @@ from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, g
 from safetensors.torch import load_file
 
 from nvfp4ckpt import convert_checkpoint, inspect_checkpoint, write_example
-from nvfp4ckpt.revert import revert_checkpoint
-from nvfp4ckpt.verify.checks import verify_checkpoint
+from nvfp4ckpt import revert_checkpoint
+from nvfp4ckpt import verify_checkpoint
 from tests.conftest import reference_swizzle_128x4, load_dir, u8
 
 

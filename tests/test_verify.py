@@ -16,7 +16,7 @@ from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 from nvfp4ckpt.cli import main
 from nvfp4ckpt.io import read_header
-from nvfp4ckpt.verify.checks import verify_checkpoint
+from nvfp4ckpt import verify_checkpoint
 from tests.conftest import ARCHS, FORMATS, swap_gate_up
 
 

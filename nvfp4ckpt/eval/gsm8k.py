@@ -36,6 +36,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ..progress import TickFn
+from ..runtime.backends import resolve_backend
 from ..errors import InputError
 
 STOP_STRINGS = ("Question", "</s>", "<|im_end|>")
@@ -543,7 +544,7 @@ def run_gsm8k(
     run_source = source is not None and baseline_accuracy is None
 
     dev = mr.resolve_device(device)
-    chosen = mr.resolve_backend(backend, act, dev)
+    chosen = resolve_backend(backend, act, dev)
     mode = mr.resolve_routing(routing, chosen)
     batch = batch_size or (64 if dev.type == "cuda" else 8)
     train, test = load_gsm8k(data, need_train=num_shots > 0)

@@ -35,25 +35,19 @@ from torch import nn
 
 from ..source import architectures
 from ..source.checkpoint import SourceCheckpoint, open_checkpoint
-from ..convert import read_layer_source
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from ..progress import TickFn
 from ..errors import InputError, UnsupportedArchitectureError
 from ..source.formats import FORMATS
 from ..io import CheckpointFiles
 from ..quant import dequantize
-from ..runtime.layer import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
+from ..runtime.backends import resolve_backend, sync
+from ..runtime.layer import MoELayer, load_moe_layer, source_moe_layer
+from ..runtime.routing import needs_fp32_logits
 
 ROUTING_MODES = ("auto", "hf", "kernel")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
 
-# transformers-in-memory name fragment -> on-disk fragment, per family (only used when the first spelling is absent).
-_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
-    "mixtral": ((".mlp.", ".block_sparse_moe."),),
-    "minimax_m2": ((".mlp.", ".block_sparse_moe."),),
-}
-# Families whose checkpoints name a model type transformers knows under another name (Kimi-K2 is DeepSeek-V3).
-_HF_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}
 
 
 
@@ -148,19 +142,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_backend(backend: str, act: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if act not in ACT_MODES:
-        raise InputError(f"--act {act!r}: choose one of {', '.join(ACT_MODES)}")
-    chosen = default_backend(device) if backend == "auto" else backend
-    if chosen in ("triton", "trtllm") and device.type != "cuda":
-        raise InputError(f"--backend {chosen} needs a CUDA GPU; use --backend torch on this machine")
-    if chosen == "trtllm" and act != "nvfp4":
-        raise InputError("--backend trtllm runs W4A4 only; use --act nvfp4 (or --backend triton for --act bf16)")
-    return chosen
-
-
 def resolve_routing(routing: str, backend: str) -> str:
     if routing not in ROUTING_MODES:
         raise InputError(f"routing {routing!r}: choose one of {', '.join(ROUTING_MODES)}")
@@ -226,22 +207,6 @@ def load_source_model(
     )  # fmt: skip
 
 
-def source_moe_layer(src: SourceCheckpoint, layer, device: torch.device) -> MoELayer:
-    """A ``runtime.MoELayer`` whose torch reference reads the source checkpoint's expert tensors (no kernel layout)."""
-    s = read_layer_source(src, layer)
-    to_mult = src.format.to_dequant_multiplier
-    weights = stacked_source_weights(s, to_mult(s["raw_scalars"][:, :, 0]), to_mult(s["raw_scalars"][:, :, 1]), device)
-    routing = src.routing.to_dict()
-    bias = None
-    if routing.get("bias_suffix"):
-        name = f"{layer.block}.{routing['bias_suffix']}"
-        if name in src.files.tensors:
-            bias = src.files.read(name).to(device)
-    moe = MoELayer(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, routing, {}, bias)
-    moe._source = weights
-    return moe
-
-
 # ----------------------------------------------------------------------------------------------
 # Building
 
@@ -283,7 +248,7 @@ def build_skeleton(config: dict, where: Path) -> tuple[architectures.Architectur
 
     cfg = json.loads(json.dumps(config))
     cfg.pop("quantization_config", None)  # nvfp4ckpt dequantizes/fuses itself: no transformers quantizer
-    model_type = cfg["model_type"] = _HF_MODEL_TYPE.get(cfg.get("model_type"), cfg.get("model_type"))
+    model_type = cfg["model_type"] = arch.hf_model_type or cfg.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedArchitectureError(
             f"{where}: transformers {transformers.__version__} has no model type {model_type!r}; upgrade transformers"
@@ -294,10 +259,10 @@ def build_skeleton(config: dict, where: Path) -> tuple[architectures.Architectur
     return arch, model
 
 
-def _candidates(name: str, arch: str, to_disk: bool) -> list[str]:
+def _candidates(name: str, arch: architectures.Architecture, to_disk: bool) -> list[str]:
     """``name`` first, then its spelling on disk (``to_disk``) or in memory (renames match whole components)."""
     out = [name]
-    for mem, disk in _RENAMES.get(arch, ()):
+    for mem, disk in arch.hf_renames:
         a, b = (mem, disk) if to_disk else (disk, mem)
         dotted = f".{name}."
         if a in dotted:
@@ -318,7 +283,7 @@ def install_moe(
     """Replace every MoE block's experts (``routing="hf"``) or the whole block (``"kernel"``)."""
     for prefix, moe in layers.items():
         block_disk = prefix.rsplit(".", 1)[0]
-        path = next((p for p in _candidates(block_disk, arch.name, to_disk=False) if _submodule(model, p) is not None), None)
+        path = next((p for p in _candidates(block_disk, arch, to_disk=False) if _submodule(model, p) is not None), None)
         block = _submodule(model, path) if path else None
         if block is None or not hasattr(block, "gate"):
             raise InputError(
@@ -331,7 +296,7 @@ def install_moe(
         else:  # the kernel's routing, or transformers < 5 (per-expert ModuleList): replace the whole block
             parent_path, _, leaf = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, leaf, FusedMoEBlock(block, moe, backend, act, fp32_logits=moe.routing.get("method") == "DeepSeekV3"))
+            setattr(parent, leaf, FusedMoEBlock(block, moe, backend, act, fp32_logits=needs_fp32_logits(moe.routing.get("method"))))
 
 
 def _nvfp4_weight(files: CheckpointFiles, fmt_name: str, module: str) -> torch.Tensor | None:
@@ -380,7 +345,7 @@ def load_weights(model: nn.Module, arch: architectures.Architecture, files: Chec
 
 
 def _read_target(files: CheckpointFiles, fmt_name: str, arch: str, name: str) -> torch.Tensor | None:
-    for disk in _candidates(name, arch, to_disk=True):
+    for disk in _candidates(name, architectures.get(arch), to_disk=True):
         if name.endswith(".weight"):
             w = _nvfp4_weight(files, fmt_name, disk[: -len(".weight")])
             if w is not None:
@@ -472,11 +437,11 @@ def generate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(loaded.device)
-        _sync(loaded.device)
+        sync(loaded.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = loaded.model.generate(**enc, generation_config=gen_config, tokenizer=tok)
-        _sync(loaded.device)
+        sync(loaded.device)
         seconds += time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         for i, ids in zip(idx, new):
@@ -525,11 +490,6 @@ def _finish(tok, ids: list[int], eos: set[int], stop_strings: Sequence[str]) -> 
     return Generation(text, ids, finish)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 __all__ = [
     "FusedExperts",
     "FusedMoEBlock",
@@ -541,5 +501,4 @@ __all__ = [
     "load_converted_model",
     "load_source_model",
     "load_tokenizer",
-    "source_moe_layer",
 ]

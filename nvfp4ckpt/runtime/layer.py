@@ -4,15 +4,11 @@
     layer = load_moe_layer("qwen3-trtllm", 3, "cuda")          # decoder layer 3 (or the expert prefix)
     out = layer(hidden_states, router_logits)                    # bf16 [T, H]; backend chosen for the GPU
 
-Backends:
-- ``trtllm``: FlashInfer's ``trtllm_fp4_block_scale_moe`` on the tensors as stored (SM100/SM103 only).
-- ``triton``: nvfp4ckpt's own fused NVFP4 MoE reading the kernel layout directly (CUDA, SM80 and newer).
-- ``torch``: the float32 reference on the un-shuffled weights (CPU or GPU; slow, simple).
+Backends (``trtllm``, ``triton``, ``torch``) and how ``auto`` picks one: ``runtime.backends``.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,22 +18,9 @@ from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from ..layouts.trtllm_gen.descriptor import LayerInfo
 from ..layouts.trtllm_gen.ranks import RankSpec, from_kernel
 from ..errors import InputError
-
-BACKENDS = ("auto", "trtllm", "triton", "torch")
-ACT_MODES = ("nvfp4", "bf16")
-
-
-def default_backend(device: torch.device | str) -> str:
-    """trtllm on SM100/SM103, triton on other CUDA GPUs from SM80, torch otherwise."""
-    dev = torch.device(device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        return "torch"
-    major, _ = torch.cuda.get_device_capability(dev)
-    if major == 10:
-        return "trtllm"
-    if major >= 8:
-        return "triton"
-    return "torch"
+from ..source.checkpoint import SourceCheckpoint, SourceMoELayer
+from ..source.stacked import read_layer_source
+from .routing import read_router_bias
 
 
 @dataclass
@@ -182,23 +165,10 @@ class MoELayer:
         backend: str = "auto",
         act: str = "nvfp4",
     ) -> torch.Tensor:
-        """MoE output ``[T, H]`` (fp32 for torch, bf16 for the GPU backends)."""
-        if backend not in BACKENDS:
-            raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if act not in ACT_MODES:
-            raise InputError(f"--act {act!r}: choose one of {', '.join(ACT_MODES)}")
-        if backend == "auto":
-            backend = default_backend(self.device)
-        if backend == "trtllm":
-            if act != "nvfp4":
-                raise InputError("--backend trtllm runs W4A4 only; use --act nvfp4 (or --backend triton for --act bf16)")
-            return run_trtllm(self, hidden_states, router_logits)
-        topk_ids, topk_weights = self.route(router_logits)
-        topk_ids = self.local_ids(topk_ids)
-        hidden_states, topk_weights = self.weights_on_input(hidden_states, topk_weights)
-        if backend == "triton":
-            return self.forward_triton(hidden_states, topk_ids, topk_weights, act)
-        return self.forward_torch(hidden_states, topk_ids, topk_weights, act)
+        """MoE output ``[T, H]`` (fp32 for torch, bf16 for the GPU backends); see ``runtime.backends``."""
+        from .backends import run_backend
+
+        return run_backend(self, hidden_states, router_logits, backend, act)
 
     def forward_torch(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
         from .reference import moe_forward_torch
@@ -255,12 +225,7 @@ def load_moe_layer(
         a2 = max(float(ckpt.files_for(r).read(f"{info.prefix}.w2_input_scale").max()) for r in info.ranks)
         global_scales = (a1, a2)
     routing = dict(ckpt.descriptor.get("routing") or {})
-    bias = None
-    if routing.get("bias_suffix"):
-        block = info.prefix.rsplit(".", 1)[0]
-        name = f"{block}.{routing['bias_suffix']}"
-        if name in ckpt.files.tensors:
-            bias = ckpt.files.read(name).to(device)
+    bias = read_router_bias(ckpt.files, info.prefix.rsplit(".", 1)[0], routing, device)
     return MoELayer(
         prefix=info.prefix,
         num_experts=info.num_experts,
@@ -278,97 +243,18 @@ def load_moe_layer(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# FlashInfer TRT-LLM-gen kernel (SM100/SM103). Unexercised on the hardware available to this project:
-# the argument construction below is unit-tested on CPU against the installed FlashInfer's signature.
-
-
-def trtllm_kwargs(
-    layer: MoELayer,
-    hidden_fp4: torch.Tensor,
-    hidden_scale: torch.Tensor,
-    router_logits: torch.Tensor,
-    signature: inspect.Signature,
-) -> dict:
-    """Keyword arguments for ``trtllm_fp4_block_scale_moe``, adapted to the installed version's signature.
-
-    Follows SGLang's call (layout reference, section 5): linear hidden-state scales ``[T, H/16]`` e4m3, fp32
-    logits for DeepSeekV3 routing, bf16 routing bias, ``output1_scale_scalar = g1_scale_c``,
-    ``output1_scale_gate_scalar = g1_alphas``, ``output2_scale_scalar = g2_alphas``, SwiGLU activation.
-    """
-    from flashinfer.tllm_enums import RoutingMethodType
-
-    t = layer.tensors
-    r = layer.routing
-    num_tokens = hidden_fp4.shape[0]
-    method = RoutingMethodType[r["method"]]
-    logits = router_logits.float() if r["method"] == "DeepSeekV3" else router_logits.to(torch.bfloat16)
-    bias = layer.routing_bias.to(torch.bfloat16) if layer.routing_bias is not None else None
-    kwargs = {
-        "routing_logits": logits,
-        "routing_bias": bias,
-        "hidden_states": hidden_fp4,
-        "hidden_states_scale": hidden_scale.view(torch.float8_e4m3fn).reshape(num_tokens, layer.stored_hidden // 16),
-        "gemm1_weights": t["w13_weight"],
-        "gemm1_weights_scale": t["w13_weight_scale"].view(torch.float8_e4m3fn),
-        "gemm1_bias": None,
-        "gemm1_alpha": None,
-        "gemm1_beta": None,
-        "gemm1_clamp_limit": None,
-        "gemm2_weights": t["w2_weight"],
-        "gemm2_weights_scale": t["w2_weight_scale"].view(torch.float8_e4m3fn),
-        "gemm2_bias": None,
-        "output1_scale_scalar": t["g1_scale_c"],
-        "output1_scale_gate_scalar": t["g1_alphas"],
-        "output2_scale_scalar": t["g2_alphas"],
-        "num_experts": layer.num_experts,
-        "top_k": int(r["top_k"]),
-        "n_group": r.get("n_group"),
-        "topk_group": r.get("topk_group"),
-        "intermediate_size": layer.stored_intermediate,  # the (padded) I the weights were built with
-        "local_expert_offset": layer.expert_offset,
-        "local_num_experts": layer.num_local_experts,
-        "routed_scaling_factor": r.get("routed_scaling_factor"),
-        "routing_method_type": int(method),
-        "do_finalize": True,
-    }
-    params = signature.parameters
-    if "activation_type" in params:  # FlashInfer >= 0.6.3
-        from flashinfer.tllm_enums import ActivationType
-
-        kwargs["activation_type"] = int(ActivationType.Swiglu if layer.gated else ActivationType.Relu2)
-    elif "gated_act_type" in params and layer.gated:  # 0.3 .. 0.6.2: GatedActType.SwiGlu == 0
-        kwargs["gated_act_type"] = 0
-    elif not layer.gated:
-        raise InputError("installed FlashInfer's trtllm_fp4_block_scale_moe has no activation_type (needs >= 0.6.3 for relu2)")
-    if "tile_tokens_dim" in params:  # removed in 0.6.0; None means automatic from 0.4.1
-        kwargs["tile_tokens_dim"] = None
-    if "tune_max_num_tokens" in params:
-        kwargs["tune_max_num_tokens"] = max(1, 1 << (num_tokens - 1).bit_length())
-    unknown = [k for k in kwargs if k not in params]
-    if unknown:
-        raise InputError(f"installed FlashInfer's trtllm_fp4_block_scale_moe has no argument(s) {unknown}; unsupported version")
-    missing = [
-        name for name, p in params.items()
-        if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD and name not in kwargs
-    ]  # fmt: skip
-    if missing:
-        raise InputError(f"installed FlashInfer's trtllm_fp4_block_scale_moe requires {missing}; unsupported version")
-    return kwargs
-
-
-def run_trtllm(layer: MoELayer, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-    if layer.device.type != "cuda" or torch.cuda.get_device_capability(layer.device)[0] != 10:
-        raise InputError("--backend trtllm needs an SM100/SM103 GPU (B200, GB200, B300); use --backend triton here")
-    from flashinfer import fp4_quantize
-    from flashinfer.fused_moe import trtllm_fp4_block_scale_moe
-
-    hs_fp4, hs_sf = fp4_quantize(
-        layer.pad_hidden(hidden_states.to(torch.bfloat16)),
-        global_scale=layer.tensors["w13_input_scale_quant"],
-        sf_vec_size=16,
-        sf_use_ue8m0=False,
-        is_sf_swizzled_layout=False,
+def source_moe_layer(
+    src: SourceCheckpoint, layer: SourceMoELayer, device: torch.device, routing: dict | None = None
+) -> MoELayer:
+    """A MoELayer whose torch reference runs the source checkpoint's expert tensors (no kernel layout): the
+    reference of ``verify`` and the source side of the GSM8K runner. ``routing`` defaults to the source's."""
+    s = read_layer_source(src, layer)
+    to_mult = src.format.to_dequant_multiplier
+    weights = stacked_source_weights(s, to_mult(s["raw_scalars"][:, :, 0]), to_mult(s["raw_scalars"][:, :, 1]), device)
+    routing = src.routing.to_dict() if routing is None else routing
+    bias = read_router_bias(src.files, layer.block, routing, device)
+    moe = MoELayer(
+        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, routing, {}, bias, gated=layer.gated
     )
-    kwargs = trtllm_kwargs(layer, hs_fp4, hs_sf, router_logits, inspect.signature(trtllm_fp4_block_scale_moe))
-    return trtllm_fp4_block_scale_moe(**kwargs)[0][:, : layer.hidden_size]
+    moe._source = weights
+    return moe

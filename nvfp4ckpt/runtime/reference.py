@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from .._lazy import torch
 
+from .backends import ACT_MODES
 from ..quant import dequantize, quantize_activations
 
 __all__ = ["ACT_MODES", "moe_forward_torch"]
 
-ACT_MODES = ("nvfp4", "bf16")
 
 
 def _scalar(v: torch.Tensor | float) -> float:

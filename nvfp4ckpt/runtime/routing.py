@@ -36,10 +36,11 @@ from __future__ import annotations
 
 from .._lazy import torch
 
-__all__ = ["FLASHINFER_ROUTING_METHOD_TYPE", "ROUTING_METHODS", "canonical_method", "route"]
+__all__ = ["FLASHINFER_ROUTING_METHOD_TYPE", "ROUTING_METHODS", "canonical_method", "needs_fp32_logits", "read_router_bias", "route"]
 
 ROUTING_METHODS = ("default", "renormalize", "renormalize_naive", "deepseek_v3", "llama4", "minimax2")
 WEIGHTS_ON_INPUT = ("llama4",)  # methods whose weight scales the expert input, not its output
+FP32_LOGITS = ("deepseek_v3",)  # methods the kernel (and SGLang) route on float32 logits; the others on bf16
 
 # flashinfer.tllm_enums.RoutingMethodType values (recorded for reference; compare by name, not number).
 FLASHINFER_ROUTING_METHOD_TYPE = {
@@ -69,6 +70,24 @@ def canonical_method(method: str) -> str:
     if key not in _ALIASES:
         raise ValueError(f"unknown routing method {method!r}; expected one of {ROUTING_METHODS}")
     return _ALIASES[key]
+
+
+def needs_fp32_logits(method: str | None) -> bool:
+    """True for routing methods whose router logits stay float32 (DeepSeek-V3: sigmoid + grouped top-k)."""
+    try:
+        return canonical_method(method) in FP32_LOGITS
+    except ValueError:
+        return False
+
+
+def read_router_bias(files, block: str, routing: dict, device) -> torch.Tensor | None:
+    """The router's correction bias (``<block>.<routing["bias_suffix"]>``) from ``files`` onto ``device``, or None
+    when the family has none or the checkpoint does not store it."""
+    suffix = routing.get("bias_suffix")
+    if not suffix:
+        return None
+    name = f"{block}.{suffix}"
+    return files.read(name).to(device) if name in files.tensors else None
 
 
 def _topk_desc(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,10 @@ class Architecture:
     fused_prefix_pattern: str | None = None
     # decoder layer index -> "moe" | "dense" | "mamba" | "attention" | "mlp" (for examples; default: all MoE)
     layer_kinds: Callable[[dict], list[str]] = field(default=lambda cfg: ["moe"] * int(cfg["num_hidden_layers"]), repr=False)
+    # Hints for loaders built on transformers (eval.model_runner, engine plugins):
+    hf_model_type: str | None = None  # the model_type transformers knows this family under, when it differs
+    # transformers-in-memory name fragment -> on-disk fragment (used only when the first spelling is absent)
+    hf_renames: tuple[tuple[str, str], ...] = ()
 
     @property
     def gated(self) -> bool:
@@ -133,7 +137,7 @@ def for_config(config: dict, where: str = "config.json") -> Architecture:
     known = ", ".join(sorted(t for a in _REGISTRY.values() for t in a.model_types))
     raise UnsupportedArchitectureError(
         f"{where}: model_type {model_type!r} is not supported (supported: {known}); "
-        "add an Architecture entry in nvfp4ckpt/architectures.py for it"
+        "add an Architecture entry in nvfp4ckpt/source/architectures.py for it"
     )
 
 
@@ -364,6 +368,7 @@ MIXTRAL = register(
     Architecture(
         name="mixtral",
         model_types=("mixtral",),
+        hf_renames=((".mlp.", ".block_sparse_moe."),),
         expert_pattern=_experts_of("block_sparse_moe"),
         # w1 = gate, w3 = up, w2 = down; llm-compressor renames them to gate/up/down_proj.
         projections={"w1": "gate", "w3": "up", "w2": "down", **_GATE_UP_DOWN},
@@ -478,6 +483,7 @@ KIMI_K2 = register(
     Architecture(
         name="kimi_k2",
         model_types=("kimi_k2",),
+        hf_model_type="deepseek_v3",  # transformers knows Kimi-K2 as DeepSeek-V3
         expert_pattern=_MLP_EXPERTS,
         projections=_GATE_UP_DOWN,
         router_suffix="gate.weight",
@@ -501,6 +507,7 @@ MINIMAX_M2 = register(
     Architecture(
         name="minimax_m2",
         model_types=("minimax_m2",),
+        hf_renames=((".mlp.", ".block_sparse_moe."),),
         expert_pattern=_experts_of("block_sparse_moe"),
         projections={"w1": "gate", "w3": "up", "w2": "down", **_GATE_UP_DOWN},
         router_suffix="gate.weight",

@@ -57,7 +57,7 @@ class ExpertTensors:
 
 
 @dataclass
-class MoELayer:
+class SourceMoELayer:
     """One MoE layer's routed experts, as found in the source."""
 
     prefix: str  # e.g. model.layers.3.mlp.experts
@@ -92,7 +92,7 @@ class SourceCheckpoint:
     format: QuantFormat
     arch: Architecture
     files: CheckpointFiles
-    layers: list[MoELayer]
+    layers: list[SourceMoELayer]
     routing: Routing
     excluded_expert_modules: list[str] = field(default_factory=list)
 
@@ -144,17 +144,17 @@ def _natural_key(name: str) -> list:
 
 def find_moe_layers(
     files: CheckpointFiles, fmt: QuantFormat, arch: Architecture
-) -> tuple[list[MoELayer], list[str]]:
+) -> tuple[list[SourceMoELayer], list[str]]:
     """Group expert tensors by layer and validate names, dtypes and shapes from the headers."""
     suffix_roles = {v: k for k, v in fmt.suffixes.items()}
     found: dict[str, dict[int, dict[str, dict[str, str]]]] = defaultdict(lambda: defaultdict(dict))
     proj_names: dict[str, dict[str, str]] = defaultdict(dict)
     excluded: set[str] = set()
     fused: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)  # prefix -> "gate_up"/"down" -> kind -> name
-    fused_re = re.compile(arch.fused_prefix_pattern) if arch.fused_prefix_pattern and fmt.name == "modelopt" else None
+    fused_re = re.compile(arch.fused_prefix_pattern) if arch.fused_prefix_pattern and fmt.fused_suffixes else None
     for name in files.tensors:
         module, _, suffix = name.rpartition(".")
-        fused_hit = _match_fused(fused_re, module, suffix)
+        fused_hit = _match_fused(fmt, fused_re, module, suffix)
         if fused_hit is not None:
             proj, kind = fused_hit
             fused[module].setdefault(proj, {})[kind] = name
@@ -188,26 +188,21 @@ def find_moe_layers(
     return layers, sorted(excluded, key=_natural_key)
 
 
-# ModelOpt's fused ("BMM") expert tensors: <prefix>.<proj><suffix>; the suffix names the kind.
-FUSED_PROJECTIONS = {"gate_up_proj": "gate_up", "down_proj": "down"}
-FUSED_SUFFIXES = {"": "weight", "_weight_scale": "weight_scale", "_weight_scale_2": "weight_global", "_input_scale": "input_global"}
-
-
-def _match_fused(pattern: re.Pattern[str] | None, module: str, suffix: str) -> tuple[str, str] | None:
+def _match_fused(fmt: QuantFormat, pattern: re.Pattern[str] | None, module: str, suffix: str) -> tuple[str, str] | None:
     if pattern is None or pattern.fullmatch(module) is None:
         return None
-    for proj, role in FUSED_PROJECTIONS.items():
-        if suffix.startswith(proj) and suffix[len(proj) :] in FUSED_SUFFIXES:
-            return role, FUSED_SUFFIXES[suffix[len(proj) :]]
+    for proj, role in fmt.fused_projections.items():
+        if suffix.startswith(proj) and suffix[len(proj) :] in fmt.fused_suffixes:
+            return role, fmt.fused_suffixes[suffix[len(proj) :]]
     return None
 
 
-def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by_proj: dict[str, dict[str, str]]) -> MoELayer:
+def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by_proj: dict[str, dict[str, str]]) -> SourceMoELayer:
     """A layer stored as fused tensors: gate_up ``[E, H/2, 2I]`` and down ``[E, I/2, H]`` (input-major)."""
     entry: dict[str, ExpertTensors] = {}
     for role, proj in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
         kinds = by_proj.get(role, {})
-        missing = [f"{prefix}.{proj}{sfx}" for sfx, k in FUSED_SUFFIXES.items() if k not in kinds]
+        missing = [f"{prefix}.{proj}{sfx}" for sfx, k in fmt.fused_suffixes.items() if k not in kinds]
         if missing:
             raise MissingTensorError(f"{files.root}: missing tensor {', '.join(missing)}; the checkpoint is incomplete")
         entry[role] = ExpertTensors(**kinds)
@@ -220,7 +215,7 @@ def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by
     _expect(files.info(entry["gate_up"].weight_scale), "F8_E4M3", 3, (num_experts, hidden // g, two_i))
     _expect(files.info(entry["down"].weight_scale), "F8_E4M3", 3, (num_experts, inter // g, hidden))
     scalar_dtype, scalar_shape = _scalar_kind(files, prefix, [n for t in entry.values() for n in (t.weight_global, t.input_global)])
-    return MoELayer(
+    return SourceMoELayer(
         prefix=prefix,
         num_experts=num_experts,
         hidden_size=hidden,
@@ -240,7 +235,7 @@ def _build_layer(
     by_expert: dict[int, dict[str, dict[str, str]]],
     proj_names: dict[str, str],
     gated: bool = True,
-) -> MoELayer:
+) -> SourceMoELayer:
     num_experts = max(by_expert) + 1
     roles_wanted = architectures.expert_roles(gated)
     experts: list[dict[str, ExpertTensors]] = []
@@ -286,7 +281,7 @@ def _build_layer(
     scalar_dtype, scalar_shape = _scalar_kind(
         files, prefix, [n for entry in experts for t in entry.values() for n in (t.weight_global, t.input_global)]
     )
-    return MoELayer(
+    return SourceMoELayer(
         prefix=prefix,
         num_experts=num_experts,
         hidden_size=hidden,

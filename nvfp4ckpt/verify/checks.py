@@ -8,7 +8,7 @@ Checks (each can be selected or skipped):
   tensor is byte-identical; reports the first mismatching tensor, expert and row.
 - ``numerics``: each MoE layer run with the chosen backend on seeded random activations and router logits,
   against the float32 torch reference computed from the source weights (or, without a source, from the
-  un-shuffled converted weights). Thresholds per backend are in ``THRESHOLDS`` and docs/verify.md.
+  un-shuffled converted weights). Thresholds per backend are in ``runtime.backends`` and docs/verify.md.
 """
 
 from __future__ import annotations
@@ -21,37 +21,18 @@ from pathlib import Path
 from .._lazy import torch
 
 from ..source.checkpoint import SourceCheckpoint, open_checkpoint
-from ..convert import kernel_scalars, read_layer_source
+from ..source.formats import FORMATS
+from ..layouts.trtllm_gen.scalars import kernel_scalars
+from ..source.stacked import read_layer_source
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
 from ..progress import TickFn
 from ..errors import CorruptFileError, InputError
 from ..io import sha256_file
-from ..runtime.layer import ACT_MODES, BACKENDS, MoELayer, default_backend, load_moe_layer, stacked_source_weights
+from ..runtime.backends import BACKENDS, check_choice, for_layer, resolve_backend, sync
+from ..runtime.layer import MoELayer, load_moe_layer, source_moe_layer, stacked_source_weights
 
 CHECKS = ("structure", "layout", "numerics")
-
-
-@dataclass(frozen=True)
-class Threshold:
-    max_rel_l2: float
-    min_cosine: float
-    min_frac_close: float  # FlashInfer's own criterion: isclose(atol=0.1, rtol=0.85)
-
-
-# Measured margins are in docs/verify.md. torch re-computes the reference from the converted layout, so
-# any difference is a layout error; triton emulates the kernel's numerics exactly except for fp32
-# summation order and the rare activation-quantization rounding flip that order causes; the TRT-LLM-gen
-# kernel is held to FlashInfer's own test criterion.
-THRESHOLDS: dict[tuple[str, str], Threshold] = {
-    ("torch", "nvfp4"): Threshold(1e-6, 0.999999, 1.0),
-    ("torch", "bf16"): Threshold(1e-6, 0.999999, 1.0),
-    ("triton", "bf16"): Threshold(1e-2, 0.9999, 0.999),
-    # measured on the H200 (docs/benchmarks.md): 1.7e-3 typically, 5.6e-2 when a block of the re-quantized
-    # intermediate rounds the other way (fast-exp SiLU vs the reference's); a layout error gives > 0.3
-    ("triton", "nvfp4"): Threshold(0.1, 0.995, 0.99),
-    ("trtllm", "nvfp4"): Threshold(0.2, 0.98, 0.92),
-}
 
 
 @dataclass
@@ -116,10 +97,7 @@ def verify_checkpoint(
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise InputError(f"unknown check(s) {unknown}; choose from {', '.join(CHECKS)}")
-    if backend not in BACKENDS:
-        raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if act not in ACT_MODES:
-        raise InputError(f"--act {act!r}: choose one of {', '.join(ACT_MODES)}")
+    check_choice(backend, act)
     report = VerifyReport(path=str(path), source=str(source) if source else None)
     try:
         ckpt = open_converted(path)  # not a converted checkpoint at all: an input error (exit 2)
@@ -142,17 +120,12 @@ def verify_checkpoint(
             report.checks[-1].seconds = time.perf_counter() - t0
     if "numerics" in checks:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        chosen = default_backend(dev) if backend == "auto" else backend
-        if chosen == "trtllm" and act != "nvfp4":
-            raise InputError("--backend trtllm runs W4A4 only; use --act nvfp4")
-        if chosen in ("triton", "trtllm") and dev.type != "cuda":
-            raise InputError(f"--backend {chosen} needs a CUDA GPU; use --backend torch on this machine")
+        chosen = resolve_backend(backend, act, dev)
         results = []
         t0 = time.perf_counter()
         for n, layer in enumerate(selected):
             tick("numerics", n, len(selected))
-            # auto: the Triton kernel is SwiGLU-only, so non-gated (relu2) layers run on the torch backend
-            layer_backend = "torch" if backend == "auto" and chosen == "triton" and not layer.gated else chosen
+            layer_backend = for_layer(backend, chosen, layer.gated)
             results.append(check_layer_numerics(ckpt, src, layer, layer_backend, act, tokens, seed, dev))
         tick("numerics", len(selected), len(selected))
         report.numerics = results
@@ -246,16 +219,11 @@ def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
     for name in ("g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"):
         if not torch.equal(t[name], expect[name]):
             problems.append(f"{layer.prefix}.{name}: does not match the formula applied to the stored input/weight scales")
-    if ckpt.source_format == "compressed-tensors":
-        pairs = (
-            ("w13_weight_global_scale", "w13_weight_scale_2"),
-            ("w2_weight_global_scale", "w2_weight_scale_2"),
-            ("w13_input_global_scale", "w13_input_scale"),
-            ("w2_input_global_scale", "w2_input_scale"),
-        )
-        for raw, mult in pairs:
-            if not torch.equal(1.0 / t[raw].float(), t[mult]):
-                problems.append(f"{layer.prefix}.{mult}: is not the reciprocal of {raw}")
+    fmt = FORMATS[ckpt.source_format]
+    modelopt_names = ("w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale")
+    for raw, mult in zip(fmt.raw_scalar_names, modelopt_names):  # formats that keep their stored scales raw
+        if not torch.equal(fmt.to_dequant_multiplier(t[raw]), t[mult]):
+            problems.append(f"{layer.prefix}.{mult}: is not {raw} in the ModelOpt convention (1/x for compressed-tensors)")
     return problems
 
 
@@ -389,28 +357,28 @@ def check_layer_numerics(
     for rank in ranks:  # rank-sharded: the layer's output is the sum of every rank's partial output
         t0 = time.perf_counter()
         moe = load_moe_layer(ckpt, layer.prefix, device, rank=rank)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         part = moe(hidden, logits, backend=backend, act=act).float()
-        _sync(device)
+        sync(device)
         read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
         out = part if out is None else out + part
         del moe
     t0 = time.perf_counter()
     moe = load_moe_layer(ckpt, layer.prefix, device, rank=ranks[0])
     ref_layer = _reference_layer(ckpt, moe, src, layer, device) if src is not None or layer.ranks else moe
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     ids, weights = ref_layer.route(logits)
     ref_in, weights = ref_layer.weights_on_input(hidden, weights)
     ref = ref_layer.forward_torch(ref_in, ids, weights, act).float()
-    _sync(device)
+    sync(device)
     read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
     diff = out - ref
     rel_l2 = float(diff.norm() / ref.norm().clamp(min=1e-30))
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
     close = float(torch.isclose(out, ref, atol=0.1, rtol=0.85).float().mean())
-    th = THRESHOLDS[(backend, act)]
+    th = BACKENDS[backend].thresholds[act]
     passed = bool(torch.isfinite(out).all()) and rel_l2 <= th.max_rel_l2 and cos >= th.min_cosine and close >= th.min_frac_close
     return LayerNumerics(
         prefix=layer.prefix,
@@ -429,11 +397,6 @@ def check_layer_numerics(
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reference_layer(
     ckpt: ConvertedCheckpoint, moe: MoELayer, src: SourceCheckpoint | None, layer: LayerInfo, device: torch.device
 ) -> MoELayer:
@@ -441,20 +404,15 @@ def _reference_layer(
     (or, without one, reassembled from the converted checkpoint's ranks)."""
     if src is not None:
         src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
-        s = read_layer_source(src, src_layer)
-        to_mult = src.format.to_dequant_multiplier
-        weights = stacked_source_weights(s, to_mult(s["raw_scalars"][:, :, 0]), to_mult(s["raw_scalars"][:, :, 1]), device)
-    else:
-        s = ckpt.reassemble_layer(layer)
-        ws2 = torch.cat([s["w13_weight_scale_2"], s["w2_weight_scale_2"].unsqueeze(1)], 1)
-        inp = torch.cat([s["w13_input_scale"], s["w2_input_scale"].unsqueeze(1)], 1)
-        weights = stacked_source_weights(s, ws2, inp, device)
-    bias = moe.routing_bias
-    if src is not None and moe.routing.get("bias_suffix"):
-        name = f"{layer.prefix.rsplit('.', 1)[0]}.{moe.routing['bias_suffix']}"
-        bias = src.files.read(name).to(device) if name in src.files.tensors else None
-    ref = MoELayer(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias, gated=layer.gated)
-    ref._source = weights
+        return source_moe_layer(src, src_layer, device, routing=moe.routing)
+    s = ckpt.reassemble_layer(layer)
+    ws2 = torch.cat([s["w13_weight_scale_2"], s["w2_weight_scale_2"].unsqueeze(1)], 1)
+    inp = torch.cat([s["w13_input_scale"], s["w2_input_scale"].unsqueeze(1)], 1)
+    ref = MoELayer(
+        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, moe.routing_bias,
+        gated=layer.gated,
+    )  # fmt: skip
+    ref._source = stacked_source_weights(s, ws2, inp, device)
     return ref
 
 
@@ -465,4 +423,4 @@ def structure_error_report(path: str | Path, exc: CorruptFileError) -> VerifyRep
     return report
 
 
-__all__ = ["CHECKS", "THRESHOLDS", "VerifyReport", "verify_checkpoint"]
+__all__ = ["CHECKS", "VerifyReport", "verify_checkpoint"]

@@ -13,8 +13,9 @@ from importlib import metadata
 
 from ... import __version__
 from ...source.architectures import expert_roles
-from ...source.formats import DESCRIPTOR_KEY
-from .transform import EPILOGUE_TILE_M, GROUP_SIZE, LAYOUT_NAME, LAYOUT_VERSION
+from ...source.formats import DESCRIPTOR_KEY, FORMATS
+from ...quant import GROUP_SIZE
+from .transform import EPILOGUE_TILE_M, LAYOUT_NAME, LAYOUT_VERSION
 from .ranks import RankSpec
 
 METADATA_KEY = "nvfp4ckpt"
@@ -32,8 +33,12 @@ SCALAR_TENSORS = (
     "g2_alphas",  # [E] a2 * ws2_down      -> output2_scale_scalar
     "w13_input_scale_quant",  # [1] 1/a1 -> fp4_quantize global scale for hidden states
 )
-# compressed-tensors only: the stored global scales, unchanged (SGLang's parameter names).
-RAW_CT_TENSORS = ("w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale")
+
+
+def canonical_names(source_format: str) -> list[str]:
+    """One layer's canonical tensor names (relative to the expert prefix) in write order: kernel tensors, scalars,
+    then the raw stored global scales the source format keeps (``QuantFormat.raw_scalar_names``)."""
+    return list(KERNEL_TENSORS + SCALAR_TENSORS + FORMATS[source_format].raw_scalar_names)
 
 
 def canonical_specs(
@@ -60,10 +65,7 @@ def canonical_specs(
         "w13_input_global_scale": (scalar_dtype, (e, n)),
         "w2_input_global_scale": (scalar_dtype, (e,)),
     }
-    names = list(KERNEL_TENSORS + SCALAR_TENSORS)
-    if source_format == "compressed-tensors":
-        names += list(RAW_CT_TENSORS)
-    return [(f"{prefix}.{n}", *shapes[n]) for n in names]
+    return [(f"{prefix}.{n}", *shapes[n]) for n in canonical_names(source_format)]
 
 
 def flashinfer_version() -> str | None:
@@ -99,10 +101,7 @@ class LayerInfo:
         return (self.hidden_padded, self.intermediate_padded) != (self.hidden_size, self.intermediate_size)
 
     def tensor_names(self, source_format: str) -> list[str]:
-        names = list(KERNEL_TENSORS + SCALAR_TENSORS)
-        if source_format == "compressed-tensors":
-            names += list(RAW_CT_TENSORS)
-        return [f"{self.prefix}.{n}" for n in names]
+        return [f"{self.prefix}.{n}" for n in canonical_names(source_format)]
 
     def to_dict(self) -> dict:
         """The descriptor's ``layers[prefix]`` entry (ranks are added by the writer of rank-sharded output)."""

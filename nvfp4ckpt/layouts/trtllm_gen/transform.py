@@ -28,7 +28,6 @@ EPILOGUE_TILE_M = 128
 SHUFFLE_BLOCK_ROWS = 32  # get_shuffle_block_size(128)
 SF_TILE_ROWS = 128
 SF_TILE_COLS = 4
-GROUP_SIZE = 16  # NVFP4: one e4m3 block scale per 16 weights
 
 LAYOUT_NAME = "trtllm_fp4_moe"
 LAYOUT_VERSION = 1

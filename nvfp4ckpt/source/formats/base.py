@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from ...errors import NotNvfp4Error
 from ...io import Array, as_float32
+from ...quant import GROUP_SIZE
 
 # Key under config.json["quantization_config"] that marks a converted checkpoint.
 DESCRIPTOR_KEY = "moe_kernel_layout"
@@ -30,6 +31,13 @@ class QuantFormat:
     weight_global_suffix: ClassVar[str]
     input_global_suffix: ClassVar[str]
     global_scales_reciprocal: ClassVar[bool]
+    # Canonical names of the stored global scales a converted checkpoint keeps unchanged next to the ModelOpt-
+    # convention ones (w13 weight, w2 weight, w13 input, w2 input), for engines that read them; () keeps none.
+    raw_scalar_names: ClassVar[tuple[str, ...]] = ()
+    # Fused ("BMM") experts, all experts of a layer in one tensor per projection: projection -> role and
+    # tensor-name suffix -> kind. Empty: the format never stores experts fused.
+    fused_projections: ClassVar[dict[str, str]] = {}
+    fused_suffixes: ClassVar[dict[str, str]] = {}
 
     config_path: Path
     group_size: int
@@ -49,10 +57,22 @@ class QuantFormat:
             "input_global": self.input_global_suffix,
         }
 
-    def to_dequant_multiplier(self, value: Array) -> Array:
+    @classmethod
+    def stored_scalar_names(cls) -> tuple[str, ...]:
+        """The canonical tensors that hold the global scales in this format's stored convention (what revert
+        writes back): the raw ones where kept, else the ModelOpt-convention ones."""
+        return cls.raw_scalar_names or ("w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale")
+
+    def flat_quantization_config(self) -> dict:
+        """The flat ``config.json["quantization_config"]`` engines read, for a checkpoint whose config.json has
+        none (its quantization config lives elsewhere)."""
+        raise NotImplementedError(f"{self.name} checkpoints always carry quantization_config in config.json")
+
+    @classmethod
+    def to_dequant_multiplier(cls, value: Array) -> Array:
         """Stored global scale -> ModelOpt convention (dequant multiplier), float32 (torch or numpy, as given)."""
         v = as_float32(value)
-        return 1.0 / v if self.global_scales_reciprocal else v
+        return 1.0 / v if cls.global_scales_reciprocal else v
 
     def is_excluded(self, module: str) -> bool:
         """True when the module is listed as not quantized (globs, plain names or ``re:`` regexes)."""
@@ -69,7 +89,7 @@ class QuantFormat:
         return False
 
     def check_group_size(self) -> None:
-        if self.group_size != 16:
+        if self.group_size != GROUP_SIZE:
             raise NotNvfp4Error(
                 f"{self.config_path}: group size {self.group_size} is not NVFP4's 16; only NVFP4 (E2M1, 16-element "
                 "e4m3 block scales) checkpoints can be converted"

@@ -21,6 +21,10 @@ class CompressedTensorsFormat(QuantFormat):
     weight_global_suffix: ClassVar[str] = "weight_global_scale"
     input_global_suffix: ClassVar[str] = "input_global_scale"
     global_scales_reciprocal: ClassVar[bool] = True
+    # SGLang's parameter names for the stored (quantization-multiplier) global scales, kept unchanged.
+    raw_scalar_names: ClassVar[tuple[str, ...]] = (
+        "w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale",
+    )  # fmt: skip
 
     @classmethod
     def detect(cls, root: Path, config: dict) -> "CompressedTensorsFormat | None":

@@ -19,6 +19,11 @@ class ModelOptFormat(QuantFormat):
     weight_global_suffix: ClassVar[str] = "weight_scale_2"
     input_global_suffix: ClassVar[str] = "input_scale"
     global_scales_reciprocal: ClassVar[bool] = False
+    # ModelOpt's fused ("BMM") expert tensors (Llama-4): <prefix>.<proj><suffix>; the suffix names the kind.
+    fused_projections: ClassVar[dict[str, str]] = {"gate_up_proj": "gate_up", "down_proj": "down"}
+    fused_suffixes: ClassVar[dict[str, str]] = {
+        "": "weight", "_weight_scale": "weight_scale", "_weight_scale_2": "weight_global", "_input_scale": "input_global",
+    }  # fmt: skip
 
     @classmethod
     def detect(cls, root: Path, config: dict) -> "ModelOptFormat | None":
@@ -43,6 +48,13 @@ class ModelOptFormat(QuantFormat):
         fmt = cls(config_path=path, group_size=_group_size(section, path), exclude=_exclusions(section))
         fmt.check_group_size()
         return fmt
+
+    def flat_quantization_config(self) -> dict:
+        """ModelOpt with only hf_quant_config.json: the flat form engines read from config.json."""
+        section = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": self.group_size}
+        if self.exclude:
+            section["ignore"] = list(self.exclude)
+        return section
 
 
 def _group_size(section: dict, path: Path) -> int:
