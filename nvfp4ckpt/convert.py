@@ -19,7 +19,7 @@ from .io import Array, PlannedTensor, parse_size
 from .output import CheckpointJob, check_destination, write_checkpoint
 from .progress import ProgressFn
 from .source.checkpoint import SourceCheckpoint, SourceMoELayer, _natural_key, open_checkpoint
-from .source.formats import DESCRIPTOR_KEY
+from .source.formats import DESCRIPTOR_KEY, KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
@@ -174,10 +174,16 @@ def _plan_tensors(
 
 
 def _output_config(ckpt: SourceCheckpoint, descriptor: dict) -> dict:
+    """config.json of the output: the source config with its quantization_config wrapped (see
+    ``formats.base.KERNEL_QUANT_METHOD``): engines without the nvfp4ckpt plugin refuse it instead of shuffling twice."""
     config = json.loads(json.dumps(ckpt.config))
     qcfg = config.get("quantization_config")
     if not isinstance(qcfg, dict):
-        # e.g. ModelOpt with only hf_quant_config.json: give engines the flat form as well.
-        qcfg = config["quantization_config"] = ckpt.format.flat_quantization_config()
-    qcfg[DESCRIPTOR_KEY] = descriptor
+        # e.g. ModelOpt with only hf_quant_config.json: the plugins' dense layers need the flat form.
+        qcfg = ckpt.format.flat_quantization_config()
+    config["quantization_config"] = {
+        "quant_method": KERNEL_QUANT_METHOD,
+        SOURCE_QUANT_KEY: qcfg,
+        DESCRIPTOR_KEY: descriptor,
+    }
     return config

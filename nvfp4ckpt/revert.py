@@ -13,7 +13,7 @@ from .source.checkpoint import _natural_key
 from .layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from .layouts.trtllm_gen.descriptor import LayerInfo
 from .errors import InputError
-from .source.formats import DESCRIPTOR_KEY, FORMATS
+from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
 from .io import PlannedTensor, parse_size, torch_dtype
 from .output import CheckpointJob, check_destination, write_checkpoint
 from .progress import ProgressFn
@@ -172,7 +172,10 @@ def _fused_tensors(layer: LayerInfo, mats: dict, w_glob: torch.Tensor, i_glob: t
 def _source_config(ckpt: ConvertedCheckpoint) -> dict:
     config = json.loads(json.dumps(ckpt.config))
     qcfg = config.get("quantization_config", {})
-    qcfg.pop(DESCRIPTOR_KEY, None)
+    if SOURCE_QUANT_KEY in qcfg:  # the wrapped form (quant_method nvfp4_trtllm)
+        config["quantization_config"] = qcfg[SOURCE_QUANT_KEY]
+    else:  # written before the wrapped form: the source's own section with the descriptor added
+        qcfg.pop(DESCRIPTOR_KEY, None)
     if not ckpt.descriptor.get("config_had_quantization_config", True):
         config.pop("quantization_config", None)
     return config

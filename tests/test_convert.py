@@ -96,6 +96,9 @@ def test_convert_meets_output_contract(example_factory, tmp_path, arch, fmt):
     for key, value in src_cfg.items():
         if key != "quantization_config":
             assert out_cfg[key] == value
+    # Declared as nvfp4_trtllm (stock engines refuse it), the source's own section kept as it was.
+    assert out_cfg["quantization_config"]["quant_method"] == "nvfp4_trtllm"
+    assert out_cfg["quantization_config"]["source_quantization_config"] == src_cfg["quantization_config"]
     desc = out_cfg["quantization_config"]["moe_kernel_layout"]
     assert desc["layout"] == "trtllm_fp4_moe" and desc["epilogue_tile_m"] == 128 and desc["w13_order"] == "up_gate"
     assert desc["source_format"] == fmt and desc["architecture"] == arch
@@ -176,7 +179,8 @@ def test_flat_and_nested_modelopt_configs_agree(example_factory, tmp_path):
     a, b = load_dir(tmp_path / "o1"), load_dir(tmp_path / "o2")
     assert a.keys() == b.keys() and all(torch.equal(u8(a[k]), u8(b[k])) for k in a)
     qcfg = json.loads((tmp_path / "o1" / "config.json").read_text())["quantization_config"]
-    assert qcfg["quant_algo"] == "NVFP4" and qcfg["moe_kernel_layout"]["config_had_quantization_config"] is False
+    assert qcfg["quant_method"] == "nvfp4_trtllm" and qcfg["source_quantization_config"]["quant_algo"] == "NVFP4"
+    assert qcfg["moe_kernel_layout"]["config_had_quantization_config"] is False
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import AlreadyConvertedError, NotNvfp4Error
-from .base import DESCRIPTOR_KEY, QuantFormat
+from .base import DESCRIPTOR_KEY, KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY, QuantFormat
 from .compressed_tensors import CompressedTensorsFormat
 from .modelopt import ModelOptFormat
 
@@ -18,7 +18,7 @@ FORMATS: dict[str, type[QuantFormat]] = {
     CompressedTensorsFormat.name: CompressedTensorsFormat,
 }
 
-__all__ = ["DESCRIPTOR_KEY", "FORMATS", "QuantFormat", "detect_format", "CompressedTensorsFormat", "ModelOptFormat"]
+__all__ = ["DESCRIPTOR_KEY", "KERNEL_QUANT_METHOD", "SOURCE_QUANT_KEY", "FORMATS", "QuantFormat", "detect_format", "CompressedTensorsFormat", "ModelOptFormat"]
 
 
 def detect_format(root: Path, config: dict) -> QuantFormat:

@@ -12,8 +12,13 @@ from ...errors import NotNvfp4Error
 from ...io import Array, as_float32
 from ...quant import GROUP_SIZE
 
-# Key under config.json["quantization_config"] that marks a converted checkpoint.
+# A converted checkpoint's config.json["quantization_config"] is
+#   {"quant_method": KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY: <the source's own quantization_config>, DESCRIPTOR_KEY: ...}
+# The quant_method is one no stock engine knows, so SGLang and vLLM refuse the files ("Unknown quantization
+# method") unless the nvfp4ckpt plugin is installed; a stock ModelOpt loader would shuffle the weights twice.
 DESCRIPTOR_KEY = "moe_kernel_layout"
+KERNEL_QUANT_METHOD = "nvfp4_trtllm"
+SOURCE_QUANT_KEY = "source_quantization_config"
 
 
 @dataclass
