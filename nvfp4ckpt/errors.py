@@ -71,9 +71,3 @@ class ResumeMismatchError(OutputWriteError):
 
 class HubError(InputError):
     """A Hugging Face Hub repo id could not be downloaded."""
-
-
-class CheckFailedError(Nvfp4CkptError):
-    """A verification check ran and failed."""
-
-    exit_code = EXIT_CHECK_FAILED

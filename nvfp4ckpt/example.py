@@ -22,11 +22,12 @@ from ._lazy import torch
 
 from .source import architectures
 from .errors import InputError, OutputExistsError
+from .source.formats import FORMATS
 from .source.formats.compressed_tensors import PACK_FORMAT
 from .io import PlannedTensor, ShardPlan, ShardWriter, dtype_name, parse_size, plan_shards
 from .quant import quantize_linear
 
-FORMAT_CHOICES = ("modelopt", "compressed-tensors")
+FORMAT_CHOICES = tuple(FORMATS)
 
 # Real models' layer shapes for synthetic checkpoints (config facts of the public NVFP4 releases).
 SHAPES: dict[str, tuple[str, dict]] = {

@@ -42,7 +42,6 @@ from ..errors import InputError
 STOP_STRINGS = ("Question", "</s>", "<|im_end|>")
 HUB_REPO = "openai/gsm8k"
 HUB_FILES = {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00000-of-00001.parquet"}
-NUM_TEST = 1319
 DEFAULT_MIN_AGREEMENT = 0.80
 EXACT_MIN_AGREEMENT = 1.0
 CACHE_ENV = "NVFP4CKPT_CACHE"

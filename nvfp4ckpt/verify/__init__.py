@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .checks import CHECKS, CheckResult, VerifyReport, verify_checkpoint
+from .checks import CHECKS, Check, CheckResult, VerifyReport, verify_checkpoint
 
-__all__ = ["CHECKS", "CheckResult", "VerifyReport", "verify_checkpoint"]
+__all__ = ["CHECKS", "Check", "CheckResult", "VerifyReport", "verify_checkpoint"]

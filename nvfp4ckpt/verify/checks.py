@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from .._lazy import torch
@@ -32,7 +33,18 @@ from ..io import sha256_file
 from ..runtime.backends import BACKENDS, check_choice, for_layer, resolve_backend, sync
 from ..runtime.layer import MoELayer, load_moe_layer, source_moe_layer, stacked_source_weights
 
-CHECKS = ("structure", "layout", "numerics")
+
+
+class Check(str, Enum):
+    """What ``verify`` can check; the first three are this module's, ``gsm8k`` is ``eval.gsm8k``'s."""
+
+    STRUCTURE = "structure"
+    LAYOUT = "layout"
+    NUMERICS = "numerics"
+    GSM8K = "gsm8k"
+
+
+CHECKS = (Check.STRUCTURE.value, Check.LAYOUT.value, Check.NUMERICS.value)
 
 
 @dataclass

@@ -64,7 +64,7 @@ kernel row ``r``, column ``c`` is the byte at
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -822,7 +822,3 @@ def _check_config(cfg: MoETritonConfig, hidden: int, inter: int) -> None:
     if problems:
         raise ValueError("bad MoETritonConfig: " + "; ".join(problems))
 
-
-def with_overrides(cfg: MoETritonConfig, **kw) -> MoETritonConfig:
-    """``dataclasses.replace`` for configs (used by the benchmark's sweep)."""
-    return replace(cfg, **kw)

@@ -6,6 +6,7 @@ Each format is a ``QuantFormat``; ``detect_format`` picks the one a checkpoint u
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 from ...errors import AlreadyConvertedError, NotNvfp4Error
@@ -13,12 +14,15 @@ from .base import DESCRIPTOR_KEY, KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY, QuantFo
 from .compressed_tensors import CompressedTensorsFormat
 from .modelopt import ModelOptFormat
 
+# The registry of source formats, in detection order: a new format is one module plus one line here.
 FORMATS: dict[str, type[QuantFormat]] = {
     ModelOptFormat.name: ModelOptFormat,
     CompressedTensorsFormat.name: CompressedTensorsFormat,
 }
+# The CLI's --format choices, from the registry.
+SourceFormat = Enum("SourceFormat", {name.upper().replace("-", "_"): name for name in FORMATS}, type=str)
 
-__all__ = ["DESCRIPTOR_KEY", "KERNEL_QUANT_METHOD", "SOURCE_QUANT_KEY", "FORMATS", "QuantFormat", "detect_format", "CompressedTensorsFormat", "ModelOptFormat"]
+__all__ = ["DESCRIPTOR_KEY", "KERNEL_QUANT_METHOD", "SOURCE_QUANT_KEY", "FORMATS", "QuantFormat", "SourceFormat", "detect_format", "CompressedTensorsFormat", "ModelOptFormat"]
 
 
 def detect_format(root: Path, config: dict) -> QuantFormat:
@@ -29,7 +33,7 @@ def detect_format(root: Path, config: dict) -> QuantFormat:
             f"{root / 'config.json'}: this checkpoint is already in the TRT-LLM-gen kernel layout "
             f"(quantization_config.{DESCRIPTOR_KEY} is present); use it as is, or convert its source instead"
         )
-    for fmt in (ModelOptFormat, CompressedTensorsFormat):
+    for fmt in FORMATS.values():
         found = fmt.detect(root, config)
         if found is not None:
             return found
