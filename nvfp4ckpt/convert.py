@@ -15,13 +15,11 @@ from pathlib import Path
 from . import layouts
 from ._lazy import torch
 from .errors import InputError
-from .io import Array, PlannedTensor, parse_size
-from .output import CheckpointJob, check_destination, write_checkpoint
+from .io import Array, PlannedTensor
+from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
 from .progress import ProgressFn
-from .source.checkpoint import SourceCheckpoint, SourceMoELayer, _natural_key, open_checkpoint
+from .source.checkpoint import SourceCheckpoint, SourceMoELayer, natural_key, open_checkpoint
 from .source.formats import DESCRIPTOR_KEY, KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY
-
-DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
 
 @dataclass
@@ -72,10 +70,7 @@ def convert_checkpoint(
     (see ``nvfp4ckpt.layouts.trtllm_gen.ranks``); non-expert tensors stay whole at the top level. ``resume`` continues an
     interrupted run into the same DST, reusing its finished shards (see ``output.write_checkpoint``)."""
     start = time.perf_counter()
-    try:
-        max_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise InputError(f"--max-shard-size: {exc}") from None
+    max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
     check_destination(ckpt.root, dst_path, overwrite)
@@ -150,7 +145,7 @@ def _plan_tensors(
     planned: list[PlannedTensor] = []
     layer_of: dict[str, SourceMoELayer] = {}
     emitted: set[str] = set()
-    for name in sorted(ckpt.files.tensors, key=_natural_key):
+    for name in sorted(ckpt.files.tensors, key=natural_key):
         layer = expert_names.get(name)
         if layer is None:
             info = ckpt.files.tensors[name]

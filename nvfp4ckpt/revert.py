@@ -9,16 +9,15 @@ from pathlib import Path
 
 from ._lazy import torch
 
-from .source.checkpoint import _natural_key
+from .source.checkpoint import natural_key
 from .layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from .layouts.trtllm_gen.descriptor import LayerInfo
 from .errors import InputError
 from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
-from .io import PlannedTensor, parse_size, torch_dtype
-from .output import CheckpointJob, check_destination, write_checkpoint
+from .io import PlannedTensor, torch_dtype
+from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
 from .progress import ProgressFn
 
-DEFAULT_MAX_SHARD_SIZE = "50GB"
 
 
 @dataclass
@@ -54,10 +53,7 @@ def revert_checkpoint(
 ) -> RevertResult:
     """Write the source-format checkpoint of a converted one (per-expert names, original scalars)."""
     start = time.perf_counter()
-    try:
-        max_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise InputError(f"--max-shard-size: {exc}") from None
+    max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_converted(src)
     fmt = FORMATS.get(ckpt.source_format)
     if fmt is None:
@@ -79,7 +75,7 @@ def revert_checkpoint(
         for spec in _expert_specs(layer, fmt):
             planned.append(spec)
             computed[spec.name] = layer.prefix
-    planned.sort(key=lambda t: _natural_key(t.name))
+    planned.sort(key=lambda t: natural_key(t.name))
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
     job = CheckpointJob(
         source=ckpt.files,

@@ -91,8 +91,7 @@ def verify(
                     baseline_accuracy=baseline_accuracy, min_accuracy=min_accuracy, min_agreement=min_agreement,
                     progress=on_progress,
                 )  # fmt: skip
-                for c in gsm8k_report.checks:
-                    report.checks.append(CheckResult(c.name, c.status, c.summary, gsm8k_report.problems(c.name)))
+                report.checks.extend(gsm8k_report.checks)
     data = report.to_dict()
     if gsm8k_report is not None:
         data["gsm8k"] = gsm8k_report.to_dict()

@@ -36,6 +36,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ..progress import TickFn
+from ..verify.report import CheckResult, all_passed
 from ..runtime.backends import resolve_backend
 from ..errors import InputError
 
@@ -350,13 +351,6 @@ class SideSummary:
 
 
 @dataclass
-class Gsm8kCheck:
-    name: str  # "gsm8k-accuracy" | "gsm8k-agreement"
-    status: str  # pass | fail | skip
-    summary: str
-
-
-@dataclass
 class Gsm8kReport:
     path: str
     source: str | None
@@ -364,13 +358,13 @@ class Gsm8kReport:
     converted: SideSummary
     source_side: SideSummary | None = None
     baseline_accuracy: float | None = None
-    checks: list[Gsm8kCheck] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)  # gsm8k-accuracy, gsm8k-agreement
     questions: list[QuestionResult] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return all(c.status != "fail" for c in self.checks)
+        return all_passed(self.checks)
 
     @property
     def reference_accuracy(self) -> float | None:
@@ -445,7 +439,7 @@ def decide(
     tolerance: float,
     min_accuracy: float | None,
     min_agreement: float | None,
-) -> list[Gsm8kCheck]:
+) -> list[CheckResult]:
     """The pass/fail checks for a finished run (see the module docstring)."""
     checks = []
     acc = report.converted.accuracy
@@ -458,17 +452,18 @@ def decide(
     if min_accuracy is not None:
         parts.append(f"minimum {min_accuracy:.2f}%")
         ok.append(acc >= min_accuracy - 1e-9)
-    checks.append(Gsm8kCheck("gsm8k-accuracy", "pass" if any(ok) else "fail", "; ".join(parts) or f"{acc:.2f}%"))
+    checks.append(CheckResult("gsm8k-accuracy", "pass" if any(ok) else "fail", "; ".join(parts) or f"{acc:.2f}%"))
     agreement = report.agreement
     if agreement is None:
-        checks.append(Gsm8kCheck("gsm8k-agreement", "skip", "no source run (--baseline-accuracy given)"))
+        checks.append(CheckResult("gsm8k-agreement", "skip", "no source run (--baseline-accuracy given)"))
     else:
         need = min_agreement if min_agreement is not None else DEFAULT_MIN_AGREEMENT
         summary = (
             f"{100 * agreement:.1f}% of answers agree (minimum {100 * need:g}%), "
             f"{100 * (report.identical or 0):.1f}% of completions identical"
         )
-        checks.append(Gsm8kCheck("gsm8k-agreement", "pass" if agreement >= need - 1e-12 else "fail", summary))
+        status = "pass" if agreement >= need - 1e-12 else "fail"
+        checks.append(CheckResult("gsm8k-agreement", status, summary, report.problems("gsm8k-agreement")))
     return checks
 
 

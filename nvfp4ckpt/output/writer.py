@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import CorruptFileError, DiskFullError, Nvfp4CkptError, OutputExistsError
+from ..errors import CorruptFileError, DiskFullError, InputError, Nvfp4CkptError, OutputExistsError
 from ..io import (
     INDEX_NAME,
     Array,
@@ -28,6 +28,7 @@ from ..io import (
     ShardWriter,
     buffers_from,
     format_size,
+    parse_size,
     plan_shards,
 )
 from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME
@@ -35,6 +36,17 @@ from ..progress import Progress, ProgressFn
 from .destination import destination_lock
 from .install import copy_other_files, fsync_dir, install, write_json
 from .journal import JOURNAL_NAME, _Journal, check_sources_unchanged, job_fingerprint, open_partial, partial_folder, source_stats
+
+
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
+
+
+def max_shard_bytes(max_shard_size: str | int) -> int:
+    """``--max-shard-size`` (e.g. "5GB", or bytes) as bytes, or an InputError naming the option."""
+    try:
+        return parse_size(max_shard_size)
+    except ValueError as exc:
+        raise InputError(f"--max-shard-size: {exc}") from None
 
 
 @dataclass

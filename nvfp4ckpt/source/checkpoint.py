@@ -138,7 +138,7 @@ def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheck
     return SourceCheckpoint(root, config, fmt, arch, files, layers, routing, excluded)
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -182,10 +182,10 @@ def find_moe_layers(
         raise BadTensorError(f"{files.root}: {both[0]} has both fused and per-expert tensors; the checkpoint is inconsistent")
     layers = [
         _build_layer(files, fmt, prefix, found[prefix], proj_names[prefix], arch.gated)
-        for prefix in sorted(found, key=_natural_key)
+        for prefix in sorted(found, key=natural_key)
     ] + [_build_fused_layer(files, fmt, prefix, fused[prefix]) for prefix in fused]
-    layers.sort(key=lambda l: _natural_key(l.prefix))
-    return layers, sorted(excluded, key=_natural_key)
+    layers.sort(key=lambda l: natural_key(l.prefix))
+    return layers, sorted(excluded, key=natural_key)
 
 
 def _match_fused(fmt: QuantFormat, pattern: re.Pattern[str] | None, module: str, suffix: str) -> tuple[str, str] | None:

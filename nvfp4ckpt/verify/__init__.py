@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .checks import CHECKS, Check, CheckResult, VerifyReport, verify_checkpoint
+from .checks import CHECKS, Check, VerifyReport, verify_checkpoint
+from .report import CheckResult
 
 __all__ = ["CHECKS", "Check", "CheckResult", "VerifyReport", "verify_checkpoint"]

@@ -28,6 +28,7 @@ from ..source.stacked import read_layer_source
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
 from ..progress import TickFn
+from .report import CheckResult, all_passed
 from ..errors import CorruptFileError, InputError
 from ..io import sha256_file
 from ..runtime.backends import BACKENDS, check_choice, for_layer, resolve_backend, sync
@@ -45,15 +46,6 @@ class Check(str, Enum):
 
 
 CHECKS = (Check.STRUCTURE.value, Check.LAYOUT.value, Check.NUMERICS.value)
-
-
-@dataclass
-class CheckResult:
-    name: str
-    status: str  # "pass" | "fail" | "skip"
-    summary: str
-    problems: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 @dataclass
@@ -83,7 +75,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(c.status != "fail" for c in self.checks)
+        return all_passed(self.checks)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
