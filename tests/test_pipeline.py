@@ -17,7 +17,7 @@ from nvfp4ckpt.layouts.trtllm_gen.scalars import layer_scalars
 from nvfp4ckpt.layouts.trtllm_gen.shapes import padded_dims
 from nvfp4ckpt.source.stacked import read_layer_source
 from nvfp4ckpt.source.checkpoint import open_checkpoint
-from nvfp4ckpt.layouts.trtllm_gen.descriptor import MANIFEST_NAME
+from nvfp4ckpt.output import MANIFEST_NAME
 from nvfp4ckpt.io import BufferPool, buffers_from
 from nvfp4ckpt.layouts.trtllm_gen.ranks import to_kernel
 

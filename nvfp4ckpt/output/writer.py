@@ -31,13 +31,13 @@ from ..io import (
     parse_size,
     plan_shards,
 )
-from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME
 from ..progress import Progress, ProgressFn
 from .destination import destination_lock
 from .install import copy_other_files, fsync_dir, install, write_json
 from .journal import JOURNAL_NAME, _Journal, check_sources_unchanged, job_fingerprint, open_partial, partial_folder, source_stats
 
 
+MANIFEST_NAME = "nvfp4ckpt_manifest.json"  # every written file's name, size and sha256 (verify checks it)
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 
 

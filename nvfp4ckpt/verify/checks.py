@@ -26,7 +26,8 @@ from ..source.formats import FORMATS
 from ..layouts.trtllm_gen.scalars import kernel_scalars
 from ..source.stacked import read_layer_source
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
-from ..layouts.trtllm_gen.descriptor import MANIFEST_NAME, METADATA_KEY, LayerInfo, canonical_specs
+from ..layouts.trtllm_gen.descriptor import METADATA_KEY, LayerInfo, canonical_specs
+from ..output import MANIFEST_NAME
 from ..progress import TickFn
 from .report import CheckResult, all_passed
 from ..errors import CorruptFileError, InputError

@@ -19,7 +19,6 @@ from .transform import EPILOGUE_TILE_M, LAYOUT_NAME, LAYOUT_VERSION
 from .ranks import RankSpec
 
 METADATA_KEY = "nvfp4ckpt"
-MANIFEST_NAME = "nvfp4ckpt_manifest.json"
 
 # Canonical per-layer tensor names (relative to the expert prefix P), in write order.
 KERNEL_TENSORS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")

@@ -43,6 +43,10 @@ class QuantFormat:
     # tensor-name suffix -> kind. Empty: the format never stores experts fused.
     fused_projections: ClassVar[dict[str, str]] = {}
     fused_suffixes: ClassVar[dict[str, str]] = {}
+    # How the format's producer writes checkpoints (``write_example`` imitates it): the shape of a stored global
+    # scale, and whether gate/up share one weight global scale and a layer one input scale (else one per module).
+    example_scalar_shape: ClassVar[tuple[int, ...]] = ()
+    example_shared_scales: ClassVar[bool] = False
 
     config_path: Path
     group_size: int
@@ -52,15 +56,20 @@ class QuantFormat:
     def detect(cls, root: Path, config: dict) -> "QuantFormat | None":  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @classmethod
+    def role_suffixes(cls) -> dict[str, str]:
+        """Role -> tensor suffix (class-level; ``suffixes`` on an instance)."""
+        return {
+            "weight": cls.weight_suffix,
+            "weight_scale": cls.weight_scale_suffix,
+            "weight_global": cls.weight_global_suffix,
+            "input_global": cls.input_global_suffix,
+        }
+
     @property
     def suffixes(self) -> dict[str, str]:
         """Role -> tensor suffix."""
-        return {
-            "weight": self.weight_suffix,
-            "weight_scale": self.weight_scale_suffix,
-            "weight_global": self.weight_global_suffix,
-            "input_global": self.input_global_suffix,
-        }
+        return self.role_suffixes()
 
     @classmethod
     def stored_scalar_names(cls) -> tuple[str, ...]:
@@ -78,6 +87,18 @@ class QuantFormat:
         """Stored global scale -> ModelOpt convention (dequant multiplier), float32 (torch or numpy, as given)."""
         v = as_float32(value)
         return 1.0 / v if cls.global_scales_reciprocal else v
+
+    @classmethod
+    def from_dequant_multiplier(cls, value: Array) -> Array:
+        """ModelOpt convention (dequant multiplier) -> this format's stored convention (the inverse of the above)."""
+        v = as_float32(value)
+        return 1.0 / v if cls.global_scales_reciprocal else v
+
+    @classmethod
+    def example_quantization(cls, lm_head: str, embed: str, unquantized: list[str]) -> tuple[dict, dict[str, dict]]:
+        """(config.json's quantization_config, other JSON files by name) as this format's producer writes them,
+        for ``write_example``; ``unquantized`` are module names (relative to a layer) left in bf16."""
+        raise NotImplementedError
 
     def is_excluded(self, module: str) -> bool:
         """True when the module is listed as not quantized (globs, plain names or ``re:`` regexes)."""

@@ -3,6 +3,7 @@ quantization multipliers: ``weight_global_scale = 1 / weight_scale_2``."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -21,6 +22,8 @@ class CompressedTensorsFormat(QuantFormat):
     weight_global_suffix: ClassVar[str] = "weight_global_scale"
     input_global_suffix: ClassVar[str] = "input_global_scale"
     global_scales_reciprocal: ClassVar[bool] = True
+    example_scalar_shape: ClassVar[tuple[int, ...]] = (1,)
+    example_shared_scales: ClassVar[bool] = False  # llm-compressor calibrates every module's scales
     # SGLang's parameter names for the stored (quantization-multiplier) global scales, kept unchanged.
     raw_scalar_names: ClassVar[tuple[str, ...]] = (
         "w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale",
@@ -53,3 +56,22 @@ class CompressedTensorsFormat(QuantFormat):
         fmt = cls(config_path=path, group_size=int(sizes.pop()) if sizes else 16, exclude=[str(x) for x in qcfg.get("ignore") or []])
         fmt.check_group_size()
         return fmt
+
+    @classmethod
+    def example_quantization(cls, lm_head: str, embed: str, unquantized: list[str]) -> tuple[dict, dict[str, dict]]:
+        scheme = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True, "dynamic": False}
+        qcfg = {
+            "quant_method": "compressed-tensors",
+            "format": PACK_FORMAT,
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "format": PACK_FORMAT,
+                    "weights": scheme,
+                    "input_activations": {**scheme, "dynamic": "local"},
+                }
+            },
+            "ignore": [lm_head] + [f"re:.*{re.escape(m)}$" for m in unquantized],
+        }
+        return qcfg, {}

@@ -19,6 +19,8 @@ class ModelOptFormat(QuantFormat):
     weight_global_suffix: ClassVar[str] = "weight_scale_2"
     input_global_suffix: ClassVar[str] = "input_scale"
     global_scales_reciprocal: ClassVar[bool] = False
+    example_scalar_shape: ClassVar[tuple[int, ...]] = ()
+    example_shared_scales: ClassVar[bool] = True  # gate/up share weight_scale_2, one input_scale per layer
     # ModelOpt's fused ("BMM") expert tensors (Llama-4): <prefix>.<proj><suffix>; the suffix names the kind.
     fused_projections: ClassVar[dict[str, str]] = {"gate_up_proj": "gate_up", "down_proj": "down"}
     fused_suffixes: ClassVar[dict[str, str]] = {
@@ -48,6 +50,13 @@ class ModelOptFormat(QuantFormat):
         fmt = cls(config_path=path, group_size=_group_size(section, path), exclude=_exclusions(section))
         fmt.check_group_size()
         return fmt
+
+    @classmethod
+    def example_quantization(cls, lm_head: str, embed: str, unquantized: list[str]) -> tuple[dict, dict[str, dict]]:
+        exclude = [lm_head, embed] + [f"*.{m}" for m in unquantized]
+        section = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude}
+        hf_quant_config = {"producer": {"name": "nvfp4ckpt-example", "version": "0"}, "quantization": section}
+        return {"quant_method": "modelopt", **section}, {"hf_quant_config.json": hf_quant_config}
 
     def flat_quantization_config(self) -> dict:
         """ModelOpt with only hf_quant_config.json: the flat form engines read from config.json."""
