@@ -1,4 +1,5 @@
-"""Checking a converted checkpoint: structure, layout (bytes against the source) and numerics."""
+"""Checking a converted checkpoint: ``structure``, ``layout`` (bytes against the source) and ``numerics`` (one module
+each), run by ``checks.verify_checkpoint``; ``report.CheckResult`` is the result type of every check, GSM8K's too."""
 
 from __future__ import annotations
 
