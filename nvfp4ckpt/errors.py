@@ -75,9 +75,3 @@ class HubError(InputError):
 
 class MissingExtraError(Nvfp4CkptError):
     """The command needs a package that the installed extras leave out (the small install has no torch)."""
-
-
-class CheckFailedError(Nvfp4CkptError):
-    """A verification check ran and failed."""
-
-    exit_code = EXIT_CHECK_FAILED

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ from typing import Callable
 
 from ._lazy import torch
 
-from . import architectures
+from .source import architectures
 from .errors import InputError, OutputExistsError
-from .formats.compressed_tensors import PACK_FORMAT
+from .source.formats import FORMATS
 from .io import PlannedTensor, ShardPlan, ShardWriter, dtype_name, parse_size, plan_shards
 from .quant import quantize_linear
 
-FORMAT_CHOICES = ("modelopt", "compressed-tensors")
+FORMAT_CHOICES = tuple(FORMATS)
 
 # Real models' layer shapes for synthetic checkpoints (config facts of the public NVFP4 releases).
 SHAPES: dict[str, tuple[str, dict]] = {
@@ -146,29 +145,10 @@ def _write_example_files(
     names = spec.names
     # routers (and Qwen's shared-expert gate) stay bf16, as the producers leave them
     unquantized = [f"{names.block}.{names.router}"] + ([f"{names.block}.{names.shared_expert_gate}"] if names.shared_expert_gate else [])
-    exclude = [names.lm_head, names.embed] + [f"*.{m}" for m in unquantized]
-    if format == "modelopt":
-        section = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude}
-        (out_path / "hf_quant_config.json").write_text(
-            json.dumps({"producer": {"name": "nvfp4ckpt-example", "version": "0"}, "quantization": section}, indent=2) + "\n"
-        )
-        config["quantization_config"] = {"quant_method": "modelopt", **section}
-    else:
-        scheme = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True, "dynamic": False}
-        config["quantization_config"] = {
-            "quant_method": "compressed-tensors",
-            "format": PACK_FORMAT,
-            "quantization_status": "compressed",
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "format": PACK_FORMAT,
-                    "weights": scheme,
-                    "input_activations": {**scheme, "dynamic": "local"},
-                }
-            },
-            "ignore": [names.lm_head] + [f"re:.*{re.escape(m)}$" for m in unquantized],
-        }
+    qcfg, extra_files = FORMATS[format].example_quantization(names.lm_head, names.embed, unquantized)
+    config["quantization_config"] = qcfg
+    for name, data in extra_files.items():
+        (out_path / name).write_text(json.dumps(data, indent=2) + "\n")
     (out_path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_path / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2) + "\n"
@@ -258,6 +238,7 @@ class _Builder:
 
     def __init__(self, fmt: str, seed: int, random_weights: bool = False) -> None:
         self.fmt = fmt
+        self.qf = FORMATS[fmt]  # the format's tensor names, scalar convention and producer habits
         self.seed = seed
         self.random_weights = random_weights
         self.specs: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]] = {}
@@ -299,8 +280,8 @@ class _Builder:
             dtypes_shapes = [
                 (torch.uint8, (o, i // 2)),
                 (torch.float8_e4m3fn, (o, i // 16)),
-                (torch.float32, () if self.fmt == "modelopt" else (1,)),
-                (torch.float32, () if self.fmt == "modelopt" else (1,)),
+                (torch.float32, self.qf.example_scalar_shape),
+                (torch.float32, self.qf.example_scalar_shape),
             ]
             for name, (dtype, shape) in zip(module_names, dtypes_shapes):
                 self.specs[name] = (dtype, shape, self._from_group(name, compute))
@@ -347,9 +328,7 @@ class _Builder:
         return make
 
     def _names(self, module: str) -> list[str]:
-        if self.fmt == "modelopt":
-            return [f"{module}.weight", f"{module}.weight_scale", f"{module}.weight_scale_2", f"{module}.input_scale"]
-        return [f"{module}.weight_packed", f"{module}.weight_scale", f"{module}.weight_global_scale", f"{module}.input_global_scale"]
+        return [f"{module}.{suffix}" for suffix in self.qf.role_suffixes().values()]
 
     def _quantize_group(self, modules, shapes, input_amax: float, shared_global: bool) -> list[list[torch.Tensor]]:
         input_scale = torch.tensor(input_amax / (6.0 * 448.0), dtype=torch.float32)
@@ -372,9 +351,9 @@ class _Builder:
         return out
 
     def _emit(self, weight, weight_scale, ws2, input_scale) -> list[torch.Tensor]:
-        if self.fmt == "modelopt":
-            return [weight, weight_scale, ws2.reshape(()).float(), input_scale.reshape(()).float()]
-        return [weight, weight_scale, (1.0 / ws2.float()).reshape(1), (1.0 / input_scale.float()).reshape(1)]
+        stored = self.qf.from_dequant_multiplier
+        shape = self.qf.example_scalar_shape
+        return [weight, weight_scale, stored(ws2.float()).reshape(shape), stored(input_scale.float()).reshape(shape)]
 
 
 def _requantize(w: torch.Tensor, ws2: torch.Tensor, input_amax: float):
@@ -423,14 +402,14 @@ def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> 
         if bias_suffix:
             b.dense(f"{block}.{bias_suffix}", (num_experts,), std=0.1, dtype=torch.float32)
         a13, a2_base = amax("experts_in"), amax("experts_inter")
-        if spec.fused_prefix_pattern and b.fmt == "modelopt":
+        if spec.fused_prefix_pattern and b.qf.fused_suffixes:
             b.fused_experts(f"{block}.experts", num_experts, inter, h, a13, a2_base)  # as ModelOpt exports Llama-4
             num_experts = 0
         for e in range(num_experts):
             ex = f"{block}.experts.{e}"
             if not spec.gated:
                 b.linear(f"{ex}.{up_name}", inter, h, input_amax=a13)
-            elif b.fmt == "modelopt":
+            elif b.qf.example_shared_scales:
                 # One input_scale per layer, gate and up share weight_scale_2 (as ModelOpt exports).
                 b.linear_group([f"{ex}.{gate_name}", f"{ex}.{up_name}"], [(inter, h), (inter, h)], input_amax=a13)
             else:
@@ -438,7 +417,7 @@ def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> 
                 b.linear(f"{ex}.{gate_name}", inter, h, input_amax=a13)
                 b.linear(f"{ex}.{up_name}", inter, h, input_amax=a13)
             # compressed-tensors: down input scales differ per expert
-            down_amax = a2_base if b.fmt == "modelopt" else a2_base * b.scalar(f"{ex}.down", 0.5, 1.5)
+            down_amax = a2_base if b.qf.example_shared_scales else a2_base * b.scalar(f"{ex}.down", 0.5, 1.5)
             b.linear(f"{ex}.{down_name}", h, inter, input_amax=down_amax)
         if names.shared_expert:
             shared = (
@@ -472,7 +451,7 @@ def _mamba_mixer(b: _Builder, cfg: dict, p: str) -> None:
 def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float, gated: bool = True) -> None:
     if not gated:  # relu2 MLP: up and down only
         b.linear(f"{p}.up_proj", inter, h, input_amax=amax)
-    elif b.fmt == "modelopt":
+    elif b.qf.example_shared_scales:
         b.linear_group([f"{p}.gate_proj", f"{p}.up_proj"], [(inter, h), (inter, h)], input_amax=amax)
     else:
         b.linear(f"{p}.gate_proj", inter, h, input_amax=amax)

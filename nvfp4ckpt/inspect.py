@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
-from .checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
-from .descriptor import descriptor_from_config
+from .layouts.trtllm_gen import transform as layout
+from .source.checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
+from .layouts.trtllm_gen.descriptor import descriptor_from_config
 from .errors import AlreadyConvertedError
 from .io import CheckpointFiles, read_json
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from ._lazy import torch
 
-from .checkpoint import _natural_key
-from .converted import ConvertedCheckpoint, open_converted
-from .descriptor import LayerInfo
+from .source.checkpoint import natural_key
+from .layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
+from .layouts.trtllm_gen.descriptor import LayerInfo
 from .errors import InputError
-from .formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
-from .io import PlannedTensor, parse_size, torch_dtype
-from .writer import CheckpointJob, ProgressFn, check_destination, write_checkpoint
+from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
+from .io import PlannedTensor, torch_dtype
+from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
+from .progress import ProgressFn
 
-DEFAULT_MAX_SHARD_SIZE = "50GB"
 
 
 @dataclass
@@ -53,10 +53,7 @@ def revert_checkpoint(
 ) -> RevertResult:
     """Write the source-format checkpoint of a converted one (per-expert names, original scalars)."""
     start = time.perf_counter()
-    try:
-        max_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise InputError(f"--max-shard-size: {exc}") from None
+    max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_converted(src)
     fmt = FORMATS.get(ckpt.source_format)
     if fmt is None:
@@ -78,7 +75,7 @@ def revert_checkpoint(
         for spec in _expert_specs(layer, fmt):
             planned.append(spec)
             computed[spec.name] = layer.prefix
-    planned.sort(key=lambda t: _natural_key(t.name))
+    planned.sort(key=lambda t: natural_key(t.name))
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
     job = CheckpointJob(
         source=ckpt.files,
@@ -134,10 +131,7 @@ def revert_layer(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> dict[str, torch
     if layer.gated:
         mats["gate"] = (t["w31"][:, i:], t["s31"][:, i:].view(e4m3))
     dtype = torch_dtype(layer.scalar_dtype)
-    if ckpt.source_format == "compressed-tensors":
-        w13_w, w2_w, w13_i, w2_i = "w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale"
-    else:
-        w13_w, w2_w, w13_i, w2_i = "w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale"
+    w13_w, w2_w, w13_i, w2_i = fmt.stored_scalar_names()  # the global scales in the source's own convention
     w_glob = torch.cat([t[w13_w], t[w2_w].unsqueeze(1)], 1).to(dtype)
     i_glob = torch.cat([t[w13_i], t[w2_i].unsqueeze(1)], 1).to(dtype)
     if layer.source_fused:

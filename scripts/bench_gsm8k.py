@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nvfp4ckpt import convert_checkpoint, write_example  # noqa: E402
-from nvfp4ckpt.gsm8k import STOP_STRINGS, answers_agree, build_prompts, load_gsm8k, score_completion  # noqa: E402
-from nvfp4ckpt.model_runner import eos_ids, generate, load_converted_model, load_source_model  # noqa: E402
+from nvfp4ckpt.eval.gsm8k import STOP_STRINGS, answers_agree, build_prompts, load_gsm8k, score_completion  # noqa: E402
+from nvfp4ckpt.eval.model_runner import eos_ids, generate, load_converted_model, load_source_model  # noqa: E402
 
 QWEN3_30B_A3B = {
     "hidden_size": 2048,

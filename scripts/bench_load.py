@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4ckpt import convert_checkpoint, write_example  # noqa: E402
-from nvfp4ckpt.checkpoint import open_checkpoint  # noqa: E402
-from nvfp4ckpt.converted import open_converted  # noqa: E402
+from nvfp4ckpt.source.checkpoint import open_checkpoint  # noqa: E402
+from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted  # noqa: E402
 
 
 def sync() -> None:

@@ -47,10 +47,10 @@ def _import_project():
         pkg = types.ModuleType("nvfp4ckpt")
         pkg.__path__ = [str(REPO / "nvfp4ckpt")]
         sys.modules["nvfp4ckpt"] = pkg
-    layout = importlib.import_module("nvfp4ckpt.layout")
-    moe_torch = importlib.import_module("nvfp4ckpt.moe_torch")
-    routing = importlib.import_module("nvfp4ckpt.routing")
-    triton_moe = importlib.import_module("nvfp4ckpt.kernels.triton_moe")
+    layout = importlib.import_module("nvfp4ckpt.layouts.trtllm_gen.transform")
+    moe_torch = importlib.import_module("nvfp4ckpt.runtime.reference")
+    routing = importlib.import_module("nvfp4ckpt.runtime.routing")
+    triton_moe = importlib.import_module("nvfp4ckpt.runtime.kernels.triton_moe")
     return layout, moe_torch, routing, triton_moe
 
 

@@ -15,7 +15,7 @@ fi
 if [[ $stage == all || $stage == families ]]; then
   # every registered family, both formats: convert, then verify on the GPU with the default backend
   # (Triton for SwiGLU experts, torch on CUDA for Nemotron-H's relu2) and the Triton backend in W4A16 too
-  for arch in $(python3 -c "from nvfp4ckpt import architectures as a; print(' '.join(x.name for x in a.registered()))"); do
+  for arch in $(python3 -c "from nvfp4ckpt.source import architectures as a; print(' '.join(x.name for x in a.registered()))"); do
     for fmt in modelopt compressed-tensors; do
       python3 -m nvfp4ckpt example /tmp/f/$arch-$fmt --arch $arch --format $fmt -q --overwrite \
         && python3 -m nvfp4ckpt convert /tmp/f/$arch-$fmt /tmp/f/$arch-$fmt-c -q --overwrite \

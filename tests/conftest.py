@@ -56,7 +56,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def reference_swizzle_128x4(s: torch.Tensor) -> torch.Tensor:
     """The 128x4 interleave written from its documented byte-offset formula (independent of
-    nvfp4ckpt.layout): byte (r, c) goes to ((r//128)*(K/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4."""
+    nvfp4ckpt.layouts.trtllm_gen.transform): byte (r, c) goes to ((r//128)*(K/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4."""
     m, k = s.shape
     r = torch.arange(m).unsqueeze(1).expand(m, k)
     c = torch.arange(k).unsqueeze(0).expand(m, k)
@@ -84,7 +84,7 @@ def u8(t: torch.Tensor) -> torch.Tensor:
 def swap_gate_up(tensors: dict[str, torch.Tensor]) -> bool:
     """Corrupt converted tensors the way a buggy tool would: gate and up halves of w13 exchanged (then re-laid out,
     so dtypes, shapes and scalars stay consistent). Returns whether anything changed."""
-    from nvfp4ckpt import layout
+    from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 
     changed = False
     for name in [n for n in tensors if n.endswith(".w13_weight")]:

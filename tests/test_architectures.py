@@ -8,10 +8,11 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from nvfp4ckpt import architectures, convert_checkpoint, inspect_checkpoint
-from nvfp4ckpt.architectures import Architecture, Routing
+from nvfp4ckpt import convert_checkpoint, inspect_checkpoint
+from nvfp4ckpt.source import architectures
+from nvfp4ckpt.source.architectures import Architecture, Routing
 from nvfp4ckpt.errors import UnsupportedArchitectureError
-from nvfp4ckpt.verify import verify_checkpoint
+from nvfp4ckpt import verify_checkpoint
 
 
 @pytest.fixture

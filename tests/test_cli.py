@@ -50,7 +50,7 @@ def test_human_output_and_quiet(tmp_path, capsys):
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["convert", str(tmp_path)]) == 2  # missing DST
     assert main(["example", str(tmp_path / "x"), "--format", "gguf"]) == 2
-    assert "choose one of modelopt, compressed-tensors" in " ".join(capsys.readouterr().err.split())
+    assert "'gguf' is not one of 'modelopt', 'compressed-tensors'" in " ".join(capsys.readouterr().err.split())
     assert main(["example", str(tmp_path / "y"), "--arch", "llama"]) == 2
     assert "unknown architecture 'llama'" in capsys.readouterr().err
 

@@ -12,8 +12,9 @@ from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, g
 from safetensors import safe_open
 
 from nvfp4ckpt import convert_checkpoint, write_example
-from nvfp4ckpt.checkpoint import open_checkpoint
-from nvfp4ckpt.descriptor import MANIFEST_NAME, METADATA_KEY
+from nvfp4ckpt.source.checkpoint import open_checkpoint
+from nvfp4ckpt.layouts.trtllm_gen.descriptor import METADATA_KEY
+from nvfp4ckpt.output import MANIFEST_NAME
 from tests.conftest import ARCHS, FORMATS, reference_swizzle_128x4, tree_digest, load_dir, u8
 
 

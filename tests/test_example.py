@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nvfp4ckpt import write_example
-from nvfp4ckpt.checkpoint import open_checkpoint
+from nvfp4ckpt.source.checkpoint import open_checkpoint
 from nvfp4ckpt.io import CheckpointFiles
 from tests.conftest import ARCHS, tree_digest
 

@@ -13,12 +13,13 @@ import torch
 from flashinfer import shuffle_matrix_a
 from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices
 
-from nvfp4ckpt import architectures, convert_checkpoint, inspect_checkpoint
+from nvfp4ckpt import convert_checkpoint, inspect_checkpoint
+from nvfp4ckpt.source import architectures
 from nvfp4ckpt.cli import main
-from nvfp4ckpt.revert import revert_checkpoint
-from nvfp4ckpt.routing import route
-from nvfp4ckpt.runtime import load_moe_layer
-from nvfp4ckpt.verify import verify_checkpoint
+from nvfp4ckpt import revert_checkpoint
+from nvfp4ckpt.runtime.routing import route
+from nvfp4ckpt import load_moe_layer
+from nvfp4ckpt import verify_checkpoint
 from tests.conftest import FORMATS, load_dir, reference_swizzle_128x4, u8
 
 NEW_FAMILIES = ("qwen2_moe", "qwen3_next", "glm4_moe", "kimi_k2", "minimax_m2", "llama4", "nemotron_h")
@@ -99,7 +100,7 @@ def test_nemotron_h_gated_layout_is_caught(example_factory, tmp_path):
     padded rows land among the real ones, so the padding check is the first to see it)."""
     from safetensors.torch import load_file, save_file
 
-    from nvfp4ckpt import layout
+    from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 
     src = example_factory("nemotron_h", "modelopt")
     convert_checkpoint(src, tmp_path / "conv")
@@ -167,7 +168,7 @@ def test_llama4_routing_and_input_weights_match_transformers(example_factory):
     torch.testing.assert_close(w[:, 0], scores.max(-1).values.float(), rtol=0, atol=0)
 
     # The converted layer scales each token's *input* by its weight (as Llama4TextMoe does), not the output.
-    from nvfp4ckpt.moe_torch import moe_forward_torch
+    from nvfp4ckpt.runtime.reference import moe_forward_torch
 
     layer = load_moe_layer(_converted(example_factory), 0)
     hidden = torch.randn(17, 256, generator=gen).to(torch.bfloat16)
@@ -202,7 +203,7 @@ def _converted(example_factory):
 
 def test_relu2_reference_matches_a_float64_loop():
     from nvfp4ckpt import quant
-    from nvfp4ckpt.moe_torch import moe_forward_torch
+    from nvfp4ckpt.runtime.reference import moe_forward_torch
 
     gen = torch.Generator().manual_seed(3)
     e, h, i = 3, 128, 128
@@ -255,7 +256,7 @@ GSM8K_FAMILIES = ("qwen2_moe", "glm4_moe", "kimi_k2", "minimax_m2")
 
 @pytest.mark.parametrize("arch", GSM8K_FAMILIES)
 def test_gsm8k_runs_for_family(example_factory, tmp_path, arch):
-    from nvfp4ckpt.gsm8k import run_gsm8k
+    from nvfp4ckpt.eval.gsm8k import run_gsm8k
     from tests.test_gsm8k import DATA
 
     src = example_factory(arch, "modelopt")
@@ -274,7 +275,7 @@ def test_gsm8k_runs_for_family(example_factory, tmp_path, arch):
 )
 def test_gsm8k_says_clearly_when_the_runner_cannot_build_a_family(example_factory, tmp_path, arch, message):
     from nvfp4ckpt.errors import Nvfp4CkptError
-    from nvfp4ckpt.gsm8k import run_gsm8k
+    from nvfp4ckpt.eval.gsm8k import run_gsm8k
     from tests.test_gsm8k import DATA
 
     src = example_factory(arch, "modelopt")

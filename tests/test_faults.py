@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from nvfp4ckpt import convert_checkpoint
-from nvfp4ckpt import io as nvio
+from nvfp4ckpt.io import sink as nvio
 from nvfp4ckpt.errors import ResumeMismatchError, SourceChangedError
 from nvfp4ckpt.io import ShardWriter
-from nvfp4ckpt.writer import JOURNAL_NAME, partial_folder
+from nvfp4ckpt.output import JOURNAL_NAME, partial_folder
 from tests.conftest import tree_digest
 from tests.test_errors import copy_ckpt, run_cli
 
@@ -118,7 +118,7 @@ def test_disk_full_patched_then_resume(src, tmp_path, monkeypatch, capsys, refer
     before = tree_digest(src)
     dst = tmp_path / "dst"
     written = {"n": 0}
-    real_write_all = nvio._write_all
+    real_write_all = nvio.write_all
 
     def write_all(fd, data):
         written["n"] += memoryview(data).nbytes
@@ -126,7 +126,7 @@ def test_disk_full_patched_then_resume(src, tmp_path, monkeypatch, capsys, refer
             raise OSError(28, "No space left on device")
         real_write_all(fd, data)
 
-    monkeypatch.setattr(nvio, "_write_all", write_all)
+    monkeypatch.setattr(nvio, "write_all", write_all)
     code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD)
     assert code == 2, err
     assert err.startswith("Error:") and len(err.splitlines()) == 1
@@ -137,7 +137,7 @@ def test_disk_full_patched_then_resume(src, tmp_path, monkeypatch, capsys, refer
     assert tree_digest(src) == before
     assert len(journal_entries(dst)) == 1
 
-    monkeypatch.setattr(nvio, "_write_all", real_write_all)  # the disk frees
+    monkeypatch.setattr(nvio, "write_all", real_write_all)  # the disk frees
     result = resume_cli(capsys, src, dst)
     assert result["shards_reused"] == 1
     assert tree_digest(dst) == reference()
@@ -280,7 +280,7 @@ def test_interrupted_then_resume(src, tmp_path, monkeypatch, capsys, reference, 
 
 def test_revert_resume(example_factory, tmp_path, monkeypatch, capsys):
     """revert shares the writer: an interrupted revert resumes into the same bytes as an uninterrupted one."""
-    from nvfp4ckpt.revert import revert_checkpoint
+    from nvfp4ckpt import revert_checkpoint
 
     converted = tmp_path / "converted"
     convert_checkpoint(example_factory(), converted)

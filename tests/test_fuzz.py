@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nvfp4ckpt import write_example
-from nvfp4ckpt.checkpoint import open_checkpoint
+from nvfp4ckpt.source.checkpoint import open_checkpoint
 from nvfp4ckpt.errors import Nvfp4CkptError
 
 SMALL = {"hidden_size": 128, "moe_intermediate_size": 64, "num_experts": 4, "vocab_size": 64, "num_hidden_layers": 1}

@@ -7,7 +7,7 @@ import torch
 from flashinfer import reorder_rows_for_gated_act_gemm, shuffle_matrix_a
 from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, get_w2_permute_indices_with_cache
 
-from nvfp4ckpt import layout
+from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 from tests.conftest import reference_swizzle_128x4
 
 # (E, H, I): tiny, Qwen3-30B-A3B at TP1/TP4, DeepSeek-V3-like rows with few columns.

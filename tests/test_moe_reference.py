@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nvfp4ckpt import quant
-from nvfp4ckpt.moe_torch import moe_forward_torch
-from nvfp4ckpt.routing import FLASHINFER_ROUTING_METHOD_TYPE, canonical_method, route
+from nvfp4ckpt.runtime.reference import moe_forward_torch
+from nvfp4ckpt.runtime.routing import FLASHINFER_ROUTING_METHOD_TYPE, canonical_method, route
 
 # ------------------------------------------------------------------------------------------------------------
 # Routing against transformers

@@ -10,8 +10,8 @@ from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, g
 from safetensors.torch import load_file
 
 from nvfp4ckpt import convert_checkpoint, inspect_checkpoint, write_example
-from nvfp4ckpt.revert import revert_checkpoint
-from nvfp4ckpt.verify import verify_checkpoint
+from nvfp4ckpt import revert_checkpoint
+from nvfp4ckpt import verify_checkpoint
 from tests.conftest import reference_swizzle_128x4, load_dir, u8
 
 
@@ -74,7 +74,7 @@ def test_nonzero_padding_is_caught(tmp_path):
     with safe_open(f, "pt") as sf:
         meta = sf.metadata()
     t = load_file(f)
-    from nvfp4ckpt import layout
+    from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 
     name = "model.layers.0.mlp.experts.w2_weight"
     down, ds = layout.w2_from_kernel(t[name], t[name + "_scale"])

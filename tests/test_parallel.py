@@ -11,9 +11,9 @@ from safetensors import safe_open
 
 from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.cli import main
-from nvfp4ckpt.revert import revert_checkpoint
-from nvfp4ckpt.runtime import load_moe_layer
-from nvfp4ckpt.verify import verify_checkpoint
+from nvfp4ckpt import revert_checkpoint
+from nvfp4ckpt import load_moe_layer
+from nvfp4ckpt import verify_checkpoint
 from tests.conftest import reference_swizzle_128x4, load_dir, u8
 
 

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from nvfp4ckpt import convert_checkpoint, write_example
-from nvfp4ckpt import convert as conv
-from nvfp4ckpt.checkpoint import open_checkpoint
-from nvfp4ckpt.descriptor import MANIFEST_NAME
+from nvfp4ckpt.layouts.trtllm_gen.fast_path import convert_layer_fast, has_fast_path
+from nvfp4ckpt.layouts.trtllm_gen.scalars import layer_scalars
+from nvfp4ckpt.layouts.trtllm_gen.shapes import padded_dims
+from nvfp4ckpt.source.stacked import read_layer_source
+from nvfp4ckpt.source.checkpoint import open_checkpoint
+from nvfp4ckpt.output import MANIFEST_NAME
 from nvfp4ckpt.io import BufferPool, buffers_from
-from nvfp4ckpt.parallel import to_kernel
+from nvfp4ckpt.layouts.trtllm_gen.ranks import to_kernel
 
 SMALL = {"hidden_size": 256, "moe_intermediate_size": 128, "num_experts": 8, "vocab_size": 512,
          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
@@ -31,18 +34,18 @@ def test_mapped_layer_matches_stacked_transform(tmp_path, fmt):
     pool = BufferPool()
     seen: set[int] = set()
     for layer in ckpt.layers:
-        assert conv._has_fast_path(layer)
-        src = conv.read_layer_source(ckpt, layer)
-        expected = to_kernel(src["w31"], src["s31"], src["down"], src["down_scale"], *conv.padded_dims(layer))
+        assert has_fast_path(layer)
+        src = read_layer_source(ckpt, layer)
+        expected = to_kernel(src["w31"], src["s31"], src["down"], src["down_scale"], *padded_dims(layer))
         with buffers_from(pool):
-            got = conv._convert_layer_fast(ckpt, layer)
+            got = convert_layer_fast(ckpt, layer)
         for key, ref in zip(("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"), expected):
             # numpy uint8 on the fast path (the writer only takes bytes; the header has the dtype)
             assert isinstance(got[key], np.ndarray) and got[key].dtype == np.uint8, key
             assert got[key].shape == tuple(ref.shape), key
             assert np.array_equal(got[key], ref.view(torch.uint8).numpy()), key
         # Scalars: computed in numpy here, in torch on the plain path; the same float32 bits either way.
-        ref_scalars = conv._layer_scalars(ckpt, layer, src["raw_scalars"])
+        ref_scalars = layer_scalars(ckpt, layer, src["raw_scalars"])
         assert set(ref_scalars) <= set(got)
         for key, ref in ref_scalars.items():
             assert isinstance(got[key], np.ndarray), key

@@ -10,8 +10,8 @@ import torch
 
 from tests.conftest import load_dir
 from nvfp4ckpt import convert_checkpoint, inspect_checkpoint
-from nvfp4ckpt.revert import revert_checkpoint
-from nvfp4ckpt.verify import verify_checkpoint
+from nvfp4ckpt import revert_checkpoint
+from nvfp4ckpt import verify_checkpoint
 from tests.producers import ARCHES, UNSUPPORTED, make_compressed_tensors_checkpoint, make_modelopt_checkpoint
 
 PRODUCERS = {

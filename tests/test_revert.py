@@ -9,7 +9,7 @@ import torch
 
 from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.cli import main
-from nvfp4ckpt.revert import revert_checkpoint
+from nvfp4ckpt import revert_checkpoint
 from tests.conftest import ARCHS, FORMATS, tree_digest, load_dir
 
 

@@ -9,7 +9,9 @@ import torch
 
 from nvfp4ckpt import convert_checkpoint
 from nvfp4ckpt.errors import InputError
-from nvfp4ckpt.runtime import default_backend, load_moe_layer, trtllm_kwargs
+from nvfp4ckpt.runtime import load_moe_layer
+from nvfp4ckpt.runtime.backends import default_backend
+from nvfp4ckpt.runtime.trtllm import trtllm_kwargs
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import os
 import pytest
 import torch
 
-from nvfp4ckpt import layout, quant
-from nvfp4ckpt.moe_torch import moe_forward_torch
-from nvfp4ckpt.routing import route
+from nvfp4ckpt import quant
+from nvfp4ckpt.layouts.trtllm_gen import transform as layout
+from nvfp4ckpt.runtime.reference import moe_forward_torch
+from nvfp4ckpt.runtime.routing import route
 from tests.test_moe_reference import make_inputs, make_moe, rel_l2
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -25,7 +26,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 _SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-tm = importlib.import_module("nvfp4ckpt.kernels.triton_moe")
+tm = importlib.import_module("nvfp4ckpt.runtime.kernels.triton_moe")
 if not torch.cuda.is_available() and not tm._interpreting():
     tm = importlib.reload(tm)  # imported earlier without the interpreter: redefine its kernels
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -61,15 +61,3 @@ class Output:
         )
         with bar:
             yield bar
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def bytes_progress_columns() -> list:
-    return [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()]

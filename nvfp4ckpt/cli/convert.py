@@ -7,9 +7,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..convert import DEFAULT_MAX_SHARD_SIZE, Progress, convert_checkpoint
+from ..convert import DEFAULT_MAX_SHARD_SIZE, convert_checkpoint
+from ..progress import Progress
 from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt, RevisionOpt, SrcArg
-from ._output import Output, human_bytes
+from ..io import format_size
+from ._output import Output
 
 CONVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt convert ./Qwen3-30B-A3B-NVFP4 ./Qwen3-30B-A3B-NVFP4-trtllm\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --quiet\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --resume   # after a crash or a full disk"""
 
@@ -56,11 +58,11 @@ def convert(
     columns = ("file", "size", "sha256", "resumed") if resume else ("file", "size", "sha256")
     table = Table(*columns, title=f"{result.destination}", title_justify="left")
     for f in result.files:
-        row = [f["name"], human_bytes(f["size"]), f["sha256"][:16] + "..."]
+        row = [f["name"], format_size(f["size"]), f["sha256"][:16] + "..."]
         table.add_row(*row, *(["reused" if f["name"] in reused else ""] if resume else []))
     out.table(table)
     out.text(
         f"converted {result.num_moe_layers} MoE layers ({result.architecture}, {result.source_format}) "
-        f"in {result.seconds:.2f} s, {human_bytes(result.bytes_written)} written"
+        f"in {result.seconds:.2f} s, {format_size(result.bytes_written)} written"
         + (f" ({len(reused)} shards reused from the interrupted run, not rewritten)" if resume else "")
     )

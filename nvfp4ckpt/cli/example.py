@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-from ..example import FORMAT_CHOICES, SHAPES, write_example
+from ..example import SHAPES, write_example
+from ..source import architectures
+from ..source.formats import SourceFormat
 from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt
 from ._output import Output
 
@@ -15,8 +17,8 @@ EXAMPLE_EXAMPLES = """Examples:\n\n  nvfp4ckpt example ./tiny\n\n  nvfp4ckpt exa
 
 def example(
     out: OutArg,
-    format: Annotated[str, typer.Option("--format", help=f"Source format: {' | '.join(FORMAT_CHOICES)}.")] = "modelopt",
-    arch: Annotated[str, typer.Option("--arch", help="Family, by transformers model_type (see `nvfp4ckpt inspect --families`): qwen3_moe, deepseek_v3, mixtral, qwen2_moe, qwen3_next, glm4_moe, kimi_k2, minimax_m2, llama4, nemotron_h.")] = "qwen3_moe",
+    format: Annotated[SourceFormat, typer.Option("--format", help="Source format.")] = SourceFormat.MODELOPT,
+    arch: Annotated[str, typer.Option("--arch", help=f"Family, by transformers model_type (see `nvfp4ckpt inspect --families`): {', '.join(a.name for a in architectures.registered())}.")] = "qwen3_moe",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     shards: Annotated[int, typer.Option("--shards", min=1, help="Number of safetensors shards (tiny example).")] = 2,
     shape: Annotated[str | None, typer.Option("--shape", help=f"Synthetic checkpoint at real layer shapes: {' | '.join(SHAPES)}.")] = None,
@@ -29,7 +31,7 @@ def example(
     """Write a tiny, seeded NVFP4 MoE checkpoint (config, tokenizer, sharded weights)."""
     output = Output(json_mode=json, quiet=quiet)
     result = write_example(
-        out, format=format, arch=arch, seed=seed, shards=shards, overwrite=overwrite, shape=shape, layers=layers,
+        out, format=format.value, arch=arch, seed=seed, shards=shards, overwrite=overwrite, shape=shape, layers=layers,
         max_shard_size=max_shard_size,
     )
     output.result({"path": str(result.path), "architecture": result.architecture, "format": result.format, "files": result.files, "num_tensors": result.num_tensors})

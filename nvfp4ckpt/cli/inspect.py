@@ -7,11 +7,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import architectures
+from ..source import architectures
 from ..errors import InputError
 from ..inspect import inspect_checkpoint
 from ._options import JsonOpt, RevisionOpt
-from ._output import Output, human_bytes
+from ..io import format_size
+from ._output import Output
 
 INSPECT_EXAMPLES = (
     """Examples:\n\n  nvfp4ckpt inspect ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt inspect nvidia/DeepSeek-R1-NVFP4 --json"""
@@ -50,12 +51,12 @@ def inspect(src: OptionalSrcArg = None, json: JsonOpt = False, revision: Revisio
     if r.get("n_group"):
         routing += f", {r.get('n_group')} groups keep {r.get('topk_group')}, scale {r.get('routed_scaling_factor')}"
     summary.add_row("routing", routing)
-    summary.add_row("tensors", f"{report.num_tensors} in {report.num_files} files, {human_bytes(report.total_bytes)}")
-    summary.add_row("MoE layers", f"{len(report.moe_layers)} ({human_bytes(report.expert_bytes)} of experts)")
+    summary.add_row("tensors", f"{report.num_tensors} in {report.num_files} files, {format_size(report.total_bytes)}")
+    summary.add_row("MoE layers", f"{len(report.moe_layers)} ({format_size(report.expert_bytes)} of experts)")
     out.table(summary)
     layers = Table("MoE layer", "experts", "H", "I", "bytes", title_justify="left")
     for layer in report.moe_layers:
-        layers.add_row(layer.prefix, str(layer.num_experts), str(layer.hidden_size), str(layer.intermediate_size), human_bytes(layer.bytes))
+        layers.add_row(layer.prefix, str(layer.num_experts), str(layer.hidden_size), str(layer.intermediate_size), format_size(layer.bytes))
     out.table(layers)
     for issue in report.issues:
         out.text(f"[yellow]note:[/] {issue}")

@@ -8,7 +8,8 @@ import typer
 
 from ..revert import DEFAULT_MAX_SHARD_SIZE, revert_checkpoint
 from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt
-from ._output import Output, human_bytes
+from ..io import format_size
+from ._output import Output
 
 REVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt revert ./qwen3-trtllm ./qwen3-modelopt"""
 
@@ -32,5 +33,5 @@ def revert(
     total = sum(f["size"] for f in result.files)
     output.text(
         f"reverted {result.num_moe_layers} MoE layers to {result.source_format} in {result.seconds:.2f} s "
-        f"({human_bytes(total)}) at {result.destination}"
+        f"({format_size(total)}) at {result.destination}"
     )

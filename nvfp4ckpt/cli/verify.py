@@ -10,11 +10,12 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_CHECK_FAILED
-from ..verify import CHECKS, CheckResult, VerifyReport, verify_checkpoint
+from ..runtime.backends import Act, Backend
+from ..verify import CHECKS, Check, CheckResult, VerifyReport, verify_checkpoint
 from ._options import QuietOpt
 from ._output import Output
 
-GSM8K = "gsm8k"
+GSM8K = Check.GSM8K.value
 
 VERIFY_EXAMPLES = """Examples:\n\n  nvfp4ckpt verify ./qwen3-trtllm --source ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt verify ./r1-trtllm --no-hash --skip numerics --json report.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --check gsm8k --source ./Qwen3-30B-A3B-NVFP4 --gsm8k-data ./gsm8k --json gsm8k.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --gsm8k --baseline-accuracy 89.5 --num-questions 200"""
 
@@ -22,10 +23,10 @@ VERIFY_EXAMPLES = """Examples:\n\n  nvfp4ckpt verify ./qwen3-trtllm --source ./Q
 def verify(
     path: Annotated[str, typer.Argument(help="Converted checkpoint folder (or Hub repo id).", show_default=False)],
     source: Annotated[str | None, typer.Option("--source", help="The source checkpoint it was converted from (enables the exact layout check; with --gsm8k it is run too).")] = None,
-    check: Annotated[list[str] | None, typer.Option("--check", help=f"Run only these checks ({', '.join(CHECKS)}, {GSM8K}); repeatable.")] = None,
-    skip: Annotated[list[str] | None, typer.Option("--skip", help="Skip these checks; repeatable.")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Fused MoE backend: auto | trtllm | triton | torch.")] = "auto",
-    act: Annotated[str, typer.Option("--act", help="Activations: nvfp4 (W4A4, as the kernel) or bf16 (W4A16).")] = "nvfp4",
+    check: Annotated[list[Check] | None, typer.Option("--check", help="Run only these checks; repeatable.")] = None,
+    skip: Annotated[list[Check] | None, typer.Option("--skip", help="Skip these checks; repeatable.")] = None,
+    backend: Annotated[Backend, typer.Option("--backend", help="Fused MoE backend (auto: trtllm on SM100/SM103, triton on other GPUs from SM80, else torch).")] = Backend.AUTO,
+    act: Annotated[Act, typer.Option("--act", help="Activations: nvfp4 (W4A4, as the kernel) or bf16 (W4A16).")] = Act.NVFP4,
     layers: Annotated[str | None, typer.Option("--layers", help="Comma-separated decoder layer numbers or expert prefixes (default: all).")] = None,
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Random tokens per layer.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random activations and router logits. With --gsm8k, a non-zero seed also draws the few-shot examples and the questions at random (0: the first ones, as vLLM's harness).")] = 0,
@@ -48,14 +49,15 @@ def verify(
 ) -> None:
     """Prove a converted checkpoint is kernel-ready. Exit 0 pass, 1 a check failed, 2 usage or input error."""
     out = Output(json_mode=str(json) == "-", quiet=quiet)
-    skipped = set(skip or [])
-    requested = list(check or [])
+    skipped = {c.value for c in skip or []}
+    requested = [c.value for c in check or []]
+    backend, act = backend.value, act.value  # plain strings from here on (reports, JSON)
     run_gsm8k_check = (gsm8k or GSM8K in requested) and GSM8K not in skipped
     base = [c for c in requested if c != GSM8K] if requested else list(CHECKS)
     selected = tuple(c for c in base if c not in skipped)
     layer_list = [x.strip() for x in layers.split(",") if x.strip()] if layers else None
     if run_gsm8k_check:
-        from ..gsm8k import validate_options
+        from ..eval.gsm8k import validate_options
 
         validate_options(source, tolerance, baseline_accuracy, min_accuracy, min_agreement)
     gsm8k_report = None
@@ -80,7 +82,7 @@ def verify(
             if not report.passed:
                 report.checks.append(CheckResult(GSM8K, "skip", "an earlier check failed"))
             else:
-                from ..gsm8k import run_gsm8k
+                from ..eval.gsm8k import run_gsm8k
 
                 gsm8k_report = run_gsm8k(
                     path, source=source, data=gsm8k_data, num_shots=num_shots, num_questions=num_questions,
@@ -89,8 +91,7 @@ def verify(
                     baseline_accuracy=baseline_accuracy, min_accuracy=min_accuracy, min_agreement=min_agreement,
                     progress=on_progress,
                 )  # fmt: skip
-                for c in gsm8k_report.checks:
-                    report.checks.append(CheckResult(c.name, c.status, c.summary, gsm8k_report.problems(c.name)))
+                report.checks.extend(gsm8k_report.checks)
     data = report.to_dict()
     if gsm8k_report is not None:
         data["gsm8k"] = gsm8k_report.to_dict()

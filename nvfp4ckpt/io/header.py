@@ -1,0 +1,131 @@
+"""Safetensors headers: dtypes, ``TensorInfo`` and ``read_header``, which parses and validates a file's header
+up front (so a corrupt or truncated file fails before any output is written)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+from .._lazy import torch
+
+from ..errors import CorruptFileError
+
+if TYPE_CHECKING:
+    import torch as _torch
+
+# A tensor's bytes in memory: a numpy array on the CPU fast path (torch is never imported there), a torch
+# tensor elsewhere. Readers and writers below take either; only the bytes count, dtypes come from headers.
+Array = Union[np.ndarray, "_torch.Tensor"]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+_TORCH_DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+_NUMPY_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
+    "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+}  # fmt: skip
+
+
+def as_float32(x: Array) -> Array:
+    """``x`` as float32, staying a numpy array or a torch tensor (no copy when it already is float32)."""
+    return x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else x.float()
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype string (imports torch)."""
+    return getattr(torch, _TORCH_DTYPE_NAMES[name])
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    """The safetensors dtype string of a torch dtype."""
+    return next(k for k, v in _TORCH_DTYPE_NAMES.items() if getattr(torch, v) == dtype)
+
+
+DTYPE_SIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live."""
+
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "U8", "F8_E4M3"
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset in file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: returns tensors by name and the metadata."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CorruptFileError(f"{path}: file is truncated (no safetensors header); re-download or re-export it")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise CorruptFileError(
+                    f"{path}: header length {header_len} does not fit the file ({size} bytes); the file is corrupt or truncated"
+                )
+            header_bytes = f.read(header_len)
+    except OSError as exc:
+        raise CorruptFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(f"{path}: tensor {name!r} has a malformed header entry; the file is corrupt") from exc
+        if dtype not in DTYPE_SIZE:
+            raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise CorruptFileError(f"{path}: tensor {name!r} has a negative dimension")
+            numel *= d
+        if end - begin != numel * DTYPE_SIZE[dtype] or begin < 0:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match {dtype}{list(shape)}; the file is corrupt"
+            )
+        if data_start + end > size:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}; the file is truncated, re-download it"
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+

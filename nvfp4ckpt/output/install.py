@@ -1,0 +1,61 @@
+"""Finishing a folder: JSON and copied files written durably, then the atomic rename into place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def install(tmp: Path, dst: Path) -> None:
+    """Move the finished temporary folder into place (replacing an old DST only now)."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.nvfp4ckpt-old-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: dict) -> dict:
+    raw = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    path.write_bytes(raw)
+    return {"name": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dict]:
+    """Tokenizer, generation config, code, ...: every file that is not a weight shard."""
+    out = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if rel.name.endswith(".safetensors") or rel.parts[0] in skip_top_level:
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with open(path, "rb") as fi, open(target, "wb") as fo:
+            while block := fi.read(16 * 1024 * 1024):
+                digest.update(block)
+                fo.write(block)
+        shutil.copystat(path, target)
+        out.append({"name": rel.as_posix(), "size": target.stat().st_size, "sha256": digest.hexdigest()})
+    return out

@@ -1,0 +1,324 @@
+"""Opening a source checkpoint: where it is, what format and architecture, which MoE layers.
+
+Nothing here reads tensor data; every check uses safetensors headers only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import architectures
+from .architectures import Architecture, Routing
+from ..errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
+from .formats import QuantFormat, detect_format
+from ..io import CheckpointFiles, TensorInfo, read_json
+
+SCALAR_DTYPES = ("F32", "BF16", "F16")
+
+
+def resolve_source(src: str | Path, revision: str | None = None) -> Path:
+    """A local folder, or a Hugging Face Hub repo id downloaded with huggingface-hub."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{path}: not a folder; pass the checkpoint folder (with config.json and *.safetensors)")
+        return path
+    text = str(src)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
+        raise InputError(f"{text}: no such folder, and not a Hugging Face Hub repo id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=text,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"],
+        )
+    except Exception as exc:  # huggingface-hub raises many types for offline/unknown repos
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HubError(
+            f"{text}: could not download from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
+            "check the network, HF_TOKEN and the repo id, or pass a local folder"
+        ) from exc
+    return Path(local)
+
+
+@dataclass
+class ExpertTensors:
+    """Names of one projection's tensors for one expert."""
+
+    weight: str
+    weight_scale: str
+    weight_global: str
+    input_global: str
+
+
+@dataclass
+class SourceMoELayer:
+    """One MoE layer's routed experts, as found in the source."""
+
+    prefix: str  # e.g. model.layers.3.mlp.experts
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    experts: list[dict[str, ExpertTensors]]  # expert -> role -> names
+    proj_names: dict[str, str]  # role -> on-disk projection name (gate_proj / w1 ...)
+    scalar_dtype: str
+    scalar_shape: tuple[int, ...]
+    gated: bool = True  # SwiGLU gate+up; False: non-gated (relu2), up only
+    fused: dict[str, ExpertTensors] | None = None  # fused experts: "gate_up" / "down" -> names; then experts == []
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return architectures.expert_roles(self.gated)
+
+    @property
+    def block(self) -> str:
+        """The MoE block's module name (prefix without ``.experts``)."""
+        return self.prefix.rsplit(".", 1)[0]
+
+    def source_names(self) -> list[str]:
+        experts = [self.fused] if self.fused else self.experts
+        return [n for e in experts for t in e.values() for n in vars(t).values()]
+
+
+@dataclass
+class SourceCheckpoint:
+    root: Path
+    config: dict
+    format: QuantFormat
+    arch: Architecture
+    files: CheckpointFiles
+    layers: list[SourceMoELayer]
+    routing: Routing
+    excluded_expert_modules: list[str] = field(default_factory=list)
+
+    @property
+    def expert_tensor_names(self) -> set[str]:
+        return {n for layer in self.layers for n in layer.source_names()}
+
+
+def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheckpoint:
+    root = resolve_source(src, revision)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{root}: no config.json; pass a Hugging Face model folder")
+    config = read_json(config_path)
+    fmt = detect_format(root, config)
+    files = CheckpointFiles(root)
+    try:
+        arch = architectures.for_config(config, str(config_path))
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedArchitectureError(f"{exc}; {architectures.diagnose(config.get('model_type'), list(files.tensors))}") from None
+    if not files.tensors:
+        raise InputError(f"{root}: no *.safetensors files; only safetensors checkpoints are supported")
+    layers, excluded = find_moe_layers(files, fmt, arch)
+    if not layers:
+        hint = f" ({len(excluded)} expert modules are excluded from quantization)" if excluded else ""
+        raise NoMoELayersError(
+            f"{root}: no NVFP4 MoE expert tensors matching {arch.name} naming{hint}; nothing to convert"
+        )
+    text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    try:
+        routing = arch.routing(text_cfg)
+        if not 1 <= routing.top_k <= routing.num_experts:
+            raise ValueError(f"top-k {routing.top_k} of {routing.num_experts} experts")
+        if routing.n_group is not None and not 1 <= (routing.topk_group or 0) <= routing.n_group:
+            raise ValueError(f"topk_group {routing.topk_group} of n_group {routing.n_group}")
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+        raise InputError(f"{config_path}: routing settings for {arch.name} are missing or invalid ({exc})") from exc
+    for layer in layers:
+        if layer.num_experts != routing.num_experts:
+            raise BadTensorError(
+                f"{root}: {layer.prefix} has {layer.num_experts} experts but config.json says {routing.num_experts}"
+            )
+    return SourceCheckpoint(root, config, fmt, arch, files, layers, routing, excluded)
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def find_moe_layers(
+    files: CheckpointFiles, fmt: QuantFormat, arch: Architecture
+) -> tuple[list[SourceMoELayer], list[str]]:
+    """Group expert tensors by layer and validate names, dtypes and shapes from the headers."""
+    suffix_roles = {v: k for k, v in fmt.suffixes.items()}
+    found: dict[str, dict[int, dict[str, dict[str, str]]]] = defaultdict(lambda: defaultdict(dict))
+    proj_names: dict[str, dict[str, str]] = defaultdict(dict)
+    excluded: set[str] = set()
+    fused: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)  # prefix -> "gate_up"/"down" -> kind -> name
+    fused_re = re.compile(arch.fused_prefix_pattern) if arch.fused_prefix_pattern and fmt.fused_suffixes else None
+    for name in files.tensors:
+        module, _, suffix = name.rpartition(".")
+        fused_hit = _match_fused(fmt, fused_re, module, suffix)
+        if fused_hit is not None:
+            proj, kind = fused_hit
+            fused[module].setdefault(proj, {})[kind] = name
+            continue
+        hit = arch.match_expert(module)
+        if hit is None:
+            continue
+        prefix, expert, role = hit
+        if fmt.is_excluded(module):
+            excluded.add(module)
+            continue
+        kind = suffix_roles.get(suffix)
+        if kind is None:
+            raise BadTensorError(
+                f"{files.info(name).file}: tensor {name!r} is not an NVFP4 {fmt.name} expert tensor "
+                f"(expected suffixes {', '.join(fmt.suffixes.values())}); is the expert excluded from quantization?"
+            )
+        found[prefix][expert].setdefault(role, {})[kind] = name
+        proj = module.rsplit(".", 1)[1]
+        prev = proj_names[prefix].setdefault(role, proj)
+        if prev != proj:
+            raise BadTensorError(f"{files.root}: {prefix} mixes projection names {prev!r} and {proj!r} for {role}")
+    both = sorted(set(found) & set(fused))
+    if both:
+        raise BadTensorError(f"{files.root}: {both[0]} has both fused and per-expert tensors; the checkpoint is inconsistent")
+    layers = [
+        _build_layer(files, fmt, prefix, found[prefix], proj_names[prefix], arch.gated)
+        for prefix in sorted(found, key=natural_key)
+    ] + [_build_fused_layer(files, fmt, prefix, fused[prefix]) for prefix in fused]
+    layers.sort(key=lambda l: natural_key(l.prefix))
+    return layers, sorted(excluded, key=natural_key)
+
+
+def _match_fused(fmt: QuantFormat, pattern: re.Pattern[str] | None, module: str, suffix: str) -> tuple[str, str] | None:
+    if pattern is None or pattern.fullmatch(module) is None:
+        return None
+    for proj, role in fmt.fused_projections.items():
+        if suffix.startswith(proj) and suffix[len(proj) :] in fmt.fused_suffixes:
+            return role, fmt.fused_suffixes[suffix[len(proj) :]]
+    return None
+
+
+def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by_proj: dict[str, dict[str, str]]) -> SourceMoELayer:
+    """A layer stored as fused tensors: gate_up ``[E, H/2, 2I]`` and down ``[E, I/2, H]`` (input-major)."""
+    entry: dict[str, ExpertTensors] = {}
+    for role, proj in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+        kinds = by_proj.get(role, {})
+        missing = [f"{prefix}.{proj}{sfx}" for sfx, k in fmt.fused_suffixes.items() if k not in kinds]
+        if missing:
+            raise MissingTensorError(f"{files.root}: missing tensor {', '.join(missing)}; the checkpoint is incomplete")
+        entry[role] = ExpertTensors(**kinds)
+    gu, down = files.info(entry["gate_up"].weight), files.info(entry["down"].weight)
+    _expect(gu, "U8", 3)
+    num_experts, hidden_half, two_i = gu.shape
+    hidden, inter = hidden_half * 2, two_i // 2
+    g = fmt.group_size
+    _expect(down, "U8", 3, (num_experts, inter // 2, hidden))
+    _expect(files.info(entry["gate_up"].weight_scale), "F8_E4M3", 3, (num_experts, hidden // g, two_i))
+    _expect(files.info(entry["down"].weight_scale), "F8_E4M3", 3, (num_experts, inter // g, hidden))
+    scalar_dtype, scalar_shape = _scalar_kind(files, prefix, [n for t in entry.values() for n in (t.weight_global, t.input_global)])
+    return SourceMoELayer(
+        prefix=prefix,
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        experts=[],
+        proj_names={"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"},
+        scalar_dtype=scalar_dtype,
+        scalar_shape=scalar_shape,
+        fused=entry,
+    )
+
+
+def _build_layer(
+    files: CheckpointFiles,
+    fmt: QuantFormat,
+    prefix: str,
+    by_expert: dict[int, dict[str, dict[str, str]]],
+    proj_names: dict[str, str],
+    gated: bool = True,
+) -> SourceMoELayer:
+    num_experts = max(by_expert) + 1
+    roles_wanted = architectures.expert_roles(gated)
+    experts: list[dict[str, ExpertTensors]] = []
+    for e in range(num_experts):
+        roles = by_expert.get(e)
+        if roles is None:
+            raise MissingTensorError(f"{files.root}: {prefix}.{e} is missing (the layer has experts up to {num_experts - 1})")
+        entry: dict[str, ExpertTensors] = {}
+        for role in roles_wanted:
+            kinds = roles.get(role, {})
+            missing = [k for k in ("weight", "weight_scale", "weight_global", "input_global") if k not in kinds]
+            if missing:
+                proj = proj_names.get(role, role)
+                want = ", ".join(f"{prefix}.{e}.{proj}.{fmt.suffixes[k]}" for k in missing)
+                raise MissingTensorError(f"{files.root}: missing tensor {want}; the checkpoint is incomplete")
+            entry[role] = ExpertTensors(**kinds)
+        experts.append(entry)
+
+    first = experts[0]
+    gate_w = files.info(first["gate" if gated else "up"].weight)
+    down_w = files.info(first["down"].weight)
+    _expect(gate_w, "U8", 2)
+    _expect(down_w, "U8", 2)
+    inter, hidden_half = gate_w.shape
+    hidden = hidden_half * 2
+    if down_w.shape[0] != hidden:
+        raise BadTensorError(
+            f"{down_w.file}: tensor {down_w.name!r} has shape {list(down_w.shape)}; expected [{hidden}, {inter // 2}] "
+            f"to match {gate_w.name} {list(gate_w.shape)}"
+        )
+    intermediate = down_w.shape[1] * 2
+    if intermediate != inter:
+        raise BadTensorError(
+            f"{down_w.file}: tensor {down_w.name!r} has shape {list(down_w.shape)}; expected [{hidden}, {inter // 2}]"
+        )
+    g = fmt.group_size
+    want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, intermediate)}
+    for entry in experts:
+        for role, t in entry.items():
+            n, k = want[role]
+            _expect(files.info(t.weight), "U8", 2, (n, k // 2))
+            _expect(files.info(t.weight_scale), "F8_E4M3", 2, (n, k // g))
+    scalar_dtype, scalar_shape = _scalar_kind(
+        files, prefix, [n for entry in experts for t in entry.values() for n in (t.weight_global, t.input_global)]
+    )
+    return SourceMoELayer(
+        prefix=prefix,
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        experts=experts,
+        proj_names=dict(proj_names),
+        scalar_dtype=scalar_dtype,
+        scalar_shape=scalar_shape,
+        gated=gated,
+    )
+
+
+def _scalar_kind(files: CheckpointFiles, prefix: str, names: list[str]) -> tuple[str, tuple[int, ...]]:
+    """The (dtype, shape) all of a layer's global scales share; each must hold one float value."""
+    dtypes: set[str] = set()
+    shapes: set[tuple[int, ...]] = set()
+    for name in names:
+        info = files.info(name)
+        if info.dtype not in SCALAR_DTYPES or _numel(info.shape) != 1:
+            raise BadTensorError(f"{info.file}: tensor {name!r} is {info.dtype}{list(info.shape)}; expected one float32 value")
+        dtypes.add(info.dtype)
+        shapes.add(info.shape)
+    if len(dtypes) > 1 or len(shapes) > 1:
+        raise BadTensorError(f"{files.root}: {prefix} mixes scalar dtypes/shapes {sorted(dtypes)} {sorted(shapes)}")
+    return dtypes.pop(), shapes.pop()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _expect(info: TensorInfo, dtype: str, ndim: int, shape: tuple[int, ...] | None = None) -> None:
+    if info.dtype != dtype or len(info.shape) != ndim or (shape is not None and info.shape != shape):
+        want = f"{dtype}{list(shape)}" if shape else f"{dtype} with {ndim} dims"
+        raise BadTensorError(
+            f"{info.file}: tensor {info.name!r} is {info.dtype}{list(info.shape)}; expected {want}"
+        )

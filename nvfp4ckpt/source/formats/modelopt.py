@@ -1,0 +1,93 @@
+"""NVIDIA ModelOpt NVFP4 (``quant_algo: NVFP4``): nested hf_quant_config.json or flat quantization_config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from ...errors import NotNvfp4Error
+from ...io import read_json
+from .base import QuantFormat
+
+
+@dataclass
+class ModelOptFormat(QuantFormat):
+    name: ClassVar[str] = "modelopt"
+    weight_suffix: ClassVar[str] = "weight"
+    weight_scale_suffix: ClassVar[str] = "weight_scale"
+    weight_global_suffix: ClassVar[str] = "weight_scale_2"
+    input_global_suffix: ClassVar[str] = "input_scale"
+    global_scales_reciprocal: ClassVar[bool] = False
+    example_scalar_shape: ClassVar[tuple[int, ...]] = ()
+    example_shared_scales: ClassVar[bool] = True  # gate/up share weight_scale_2, one input_scale per layer
+    # ModelOpt's fused ("BMM") expert tensors (Llama-4): <prefix>.<proj><suffix>; the suffix names the kind.
+    fused_projections: ClassVar[dict[str, str]] = {"gate_up_proj": "gate_up", "down_proj": "down"}
+    fused_suffixes: ClassVar[dict[str, str]] = {
+        "": "weight", "_weight_scale": "weight_scale", "_weight_scale_2": "weight_global", "_input_scale": "input_global",
+    }  # fmt: skip
+
+    @classmethod
+    def detect(cls, root: Path, config: dict) -> "ModelOptFormat | None":
+        qcfg = config.get("quantization_config")
+        path = root / "config.json"
+        section: dict | None = None
+        if isinstance(qcfg, dict) and ("quant_algo" in qcfg or qcfg.get("quant_method") == "modelopt"):
+            section = qcfg
+        else:
+            hf_path = root / "hf_quant_config.json"
+            if hf_path.exists():
+                hf = read_json(hf_path)
+                section = hf.get("quantization") if isinstance(hf.get("quantization"), dict) else hf
+                path = hf_path
+        if section is None:
+            return None
+        algo = section.get("quant_algo")
+        if algo != "NVFP4":
+            raise NotNvfp4Error(
+                f"{path}: ModelOpt quant_algo is {algo!r}, not 'NVFP4'; only NVFP4 checkpoints can be converted"
+            )
+        fmt = cls(config_path=path, group_size=_group_size(section, path), exclude=_exclusions(section))
+        fmt.check_group_size()
+        return fmt
+
+    @classmethod
+    def example_quantization(cls, lm_head: str, embed: str, unquantized: list[str]) -> tuple[dict, dict[str, dict]]:
+        exclude = [lm_head, embed] + [f"*.{m}" for m in unquantized]
+        section = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude}
+        hf_quant_config = {"producer": {"name": "nvfp4ckpt-example", "version": "0"}, "quantization": section}
+        return {"quant_method": "modelopt", **section}, {"hf_quant_config.json": hf_quant_config}
+
+    def flat_quantization_config(self) -> dict:
+        """ModelOpt with only hf_quant_config.json: the flat form engines read from config.json."""
+        section = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": self.group_size}
+        if self.exclude:
+            section["ignore"] = list(self.exclude)
+        return section
+
+
+def _group_size(section: dict, path: Path) -> int:
+    sizes = set()
+    if "group_size" in section:
+        sizes.add(section["group_size"])
+    for group in (section.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and "group_size" in weights:
+            sizes.add(weights["group_size"])
+    if not sizes:
+        return 16  # NVFP4 fixes it; older exports leave it out
+    if len(sizes) > 1:
+        raise NotNvfp4Error(f"{path}: several group sizes {sorted(sizes)}; NVFP4 needs 16 everywhere")
+    try:
+        return int(sizes.pop())
+    except (TypeError, ValueError):
+        raise NotNvfp4Error(f"{path}: group_size is not an integer") from None
+
+
+def _exclusions(section: dict) -> list[str]:
+    out: list[str] = []
+    for key in ("exclude_modules", "ignore"):
+        value = section.get(key) or []
+        if isinstance(value, list):
+            out.extend(str(v) for v in value)
+    return out

@@ -1,0 +1,120 @@
+"""The ``structure`` check (no GPU, no source): descriptor, canonical tensors, scalars, manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .._lazy import torch
+
+from ..source.formats import FORMATS
+from ..layouts.trtllm_gen.scalars import kernel_scalars
+from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
+from ..layouts.trtllm_gen.descriptor import METADATA_KEY, LayerInfo, canonical_specs
+from ..output import MANIFEST_NAME
+from .report import CheckResult
+from ..io import sha256_file
+
+
+
+def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> CheckResult:
+    problems: list[str] = []
+    desc = ckpt.descriptor
+    all_files = [(ckpt.files, f) for f in ckpt.files.files] + [(rf, f) for rf in ckpt.rank_files.values() for f in rf.files]
+    for files, fname in all_files:
+        meta = files.file_metadata[fname]
+        try:
+            header_desc = json.loads(meta.get(METADATA_KEY, "null"))
+        except ValueError:
+            header_desc = None
+        if header_desc != desc:
+            problems.append(f"{fname}: header metadata '{METADATA_KEY}' differs from config.json's descriptor")
+    for layer in ckpt.layers:
+        for rank in layer.ranks or (None,):
+            experts = rank.num_experts if rank else layer.num_experts
+            inter = rank.intermediate_padded if rank else layer.intermediate_padded
+            where = f"{rank.part}: " if rank else ""
+            files = ckpt.files_for(rank)
+            for name, dtype, shape in canonical_specs(
+                layer.prefix, experts, layer.hidden_padded, inter, ckpt.source_format, layer.scalar_dtype, layer.gated
+            ):
+                info = files.tensors.get(name)
+                if info is None:
+                    problems.append(f"{where}{name}: missing")
+                elif info.dtype != dtype or info.shape != shape:
+                    problems.append(f"{where}{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
+        if not problems:
+            problems.extend(_scalar_problems(ckpt, layer))
+    problems.extend(_manifest_problems(ckpt.root, hash_files))
+    n_layers = len(ckpt.layers)
+    what = f"{n_layers} MoE layers, {len(ckpt.files.files)} shards" + ("" if hash_files else " (sha256 skipped)")
+    return CheckResult("structure", "fail" if problems else "pass", what, problems)
+
+
+def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
+    """Scalars are checked over all experts of the layer (a1/a2 are maxima over every rank's experts);
+    each rank must hold the same values for its experts."""
+    t: dict[str, torch.Tensor] = {}
+    problems = []
+    for rank in layer.ranks or (None,):
+        local = {k: v for k, v in ckpt.read_layer(layer, rank=rank).items() if v.dtype not in (torch.uint8, torch.float8_e4m3fn)}
+        e0, e1 = (rank.expert_start, rank.expert_end) if rank else (0, layer.num_experts)
+        for name, value in local.items():
+            if name == "w13_input_scale_quant":
+                if name in t and not torch.equal(t[name], value):
+                    problems.append(f"{rank.part}: {layer.prefix}.{name} differs between ranks")
+                t[name] = value
+                continue
+            full = t.setdefault(name, torch.full((layer.num_experts, *value.shape[1:]), float("nan"), dtype=value.dtype))
+            prev = full[e0:e1]
+            if torch.isfinite(prev).all() and not torch.equal(prev, value):
+                problems.append(f"{rank.part}: {layer.prefix}.{name} differs from another rank's copy")
+            full[e0:e1] = value
+    for name, value in t.items():
+        v = value.float()
+        if not torch.isfinite(v).all() or (v <= 0).any():
+            problems.append(f"{layer.prefix}.{name}: non-finite or non-positive values")
+    if problems:
+        return problems
+    # columns (gate, up, down), or (up, down) for non-gated layers
+    ws2 = torch.cat([t["w13_weight_scale_2"], t["w2_weight_scale_2"].unsqueeze(1)], 1)
+    inp = torch.cat([t["w13_input_scale"], t["w2_input_scale"].unsqueeze(1)], 1)
+    expect = kernel_scalars(ws2, inp)
+    for name in ("g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"):
+        if not torch.equal(t[name], expect[name]):
+            problems.append(f"{layer.prefix}.{name}: does not match the formula applied to the stored input/weight scales")
+    fmt = FORMATS[ckpt.source_format]
+    modelopt_names = ("w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale")
+    for raw, mult in zip(fmt.raw_scalar_names, modelopt_names):  # formats that keep their stored scales raw
+        if not torch.equal(fmt.to_dequant_multiplier(t[raw]), t[mult]):
+            problems.append(f"{layer.prefix}.{mult}: is not {raw} in the ModelOpt convention (1/x for compressed-tensors)")
+    return problems
+
+
+def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return [f"{MANIFEST_NAME}: missing"]
+    try:
+        manifest = json.loads(path.read_text())
+        entries = {f["name"]: f for f in manifest["files"]}
+    except (ValueError, KeyError, TypeError):
+        return [f"{MANIFEST_NAME}: not valid JSON with a 'files' list"]
+    problems = []
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    on_disk.discard(MANIFEST_NAME)
+    for extra in sorted(on_disk - set(entries)):
+        problems.append(f"{extra}: not listed in the manifest")
+    for name, entry in sorted(entries.items()):
+        f = root / name
+        if not f.is_file():
+            problems.append(f"{name}: listed in the manifest but missing")
+            continue
+        if f.stat().st_size != entry.get("size"):
+            problems.append(f"{name}: size {f.stat().st_size} != manifest {entry.get('size')}")
+            continue
+        if hash_files and sha256_file(f) != entry.get("sha256"):
+            problems.append(f"{name}: sha256 does not match the manifest")
+    return problems
+
+
