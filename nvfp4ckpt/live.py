@@ -264,7 +264,12 @@ class _Plan:
     report: LayerUpdate
     names: dict = field(default_factory=dict)  # (expert, role, kind) -> source name, as given
     unchecked: list[str] = field(default_factory=list)
-    maps: "_Maps | None" = None
+
+    @property
+    def maps(self) -> "_Maps":
+        """Index maps for this shape (built on first use, then cached per shape)."""
+        t, info = self.target, self.target.info
+        return _maps(t.i1 - t.i0, t.i_pad, info.hidden_size, info.hidden_padded, info.gated)
 
 
 class _Context:
@@ -456,7 +461,6 @@ class _Context:
         plan = _Plan(target, self.fmt, live_t, experts, fused, updated_rows, raw_rows, scalar_rows, scalars, report,
                      dict(entries["names"]), unchecked)  # fmt: skip
         report.stored = {k: v.contiguous() for k, v in _stored_rows(plan).items()}
-        plan.maps = _maps(target.i1 - target.i0, target.i_pad, info.hidden_size, info.hidden_padded, info.gated)
         return plan
 
     def _live_tensors(self, target: _Target, live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -481,7 +485,7 @@ class _Context:
                 )
             if not t.is_contiguous():
                 raise BadTensorError(f"live {full}: is not contiguous; in-place updates need the parameter's own storage")
-            out[short] = t
+            out[short] = t.detach()  # same storage; writes must not be recorded by autograd
         if not out:
             raise MissingTensorError(f"{info.prefix}: the update has tensors for this layer but live has none of its canonical tensors")
         return out
@@ -722,43 +726,90 @@ def _dst_flat(live_expert: torch.Tensor, words: bool) -> torch.Tensor:
 # Writing
 
 
+# Three ways to move one expert's bytes, the same bytes each way (tests/test_live_update.py checks all three):
+# - "numpy": CPU, no padding: the converter's per-expert numpy copies (layout.w13_rows_into, ...), strided views on
+#   both sides; single-threaded and without the GIL (torch's OpenMP split of copies this small stalls on busy cores).
+# - "strided": other devices, no padding: the same views in torch, one copy kernel per source tensor.
+# - "index": padded layers or sizes the views do not tile: the cached index maps, with index_copy_.
+CPU_NUMPY = True  # tests switch it off to run the "strided" path on the CPU
+
+
+def _path(plan: _Plan, device: torch.device) -> str:
+    t, info = plan.target, plan.target.info
+    if not info.gated or (info.hidden_padded, t.i_pad) != (info.hidden_size, t.i1 - t.i0):
+        return "index"
+    return "numpy" if device.type == "cpu" and CPU_NUMPY else "strided"
+
+
 def _write(plan: _Plan) -> int:
     live, t, info = plan.live, plan.target, plan.target.info
     copied = 0
-    halves = _w13_halves(plan)
+    parts = [(name, live[name]) for name in KERNEL_NAMES if name in live]
+    paths = {name: _path(plan, tensor.device) for name, tensor in parts}
+    maps = {name: plan.maps.to(tensor.device) for name, tensor in parts if paths[name] == "index"}
     for x in _local_experts(plan):
         src = _expert_views(plan, x + t.e0)
-        if "w13_weight" in live:
-            dst = live["w13_weight"][x]
-            maps = plan.maps.to(dst.device)
-            for k, half in enumerate(halves):
-                copied += _put_rows(dst, maps.w13_rows[k], src[half])
-        if "w13_weight_scale" in live:
-            dst = live["w13_weight_scale"][x]
-            maps = plan.maps.to(dst.device)
-            for k, half in enumerate(halves):
-                s = _src_words(src[half + "_s"], dst.device, maps.w13_words)
-                _dst_flat(dst, maps.w13_words).index_copy_(0, maps.w13_scale[k], s)
-                copied += s.numel() * s.element_size()
-        if "w2_weight" in live:
-            dst = live["w2_weight"][x]
-            copied += _put_rows(dst, plan.maps.to(dst.device).w2_rows, src["down"])
-        if "w2_weight_scale" in live:
-            dst = live["w2_weight_scale"][x]
-            maps = plan.maps.to(dst.device)
-            s = _src_words(src["down_s"], dst.device, maps.w2_words)
-            _dst_flat(dst, maps.w2_words).index_copy_(0, maps.w2_scale, s)
-            copied += s.numel() * s.element_size()
+        for name, tensor in parts:
+            dst = tensor[x].view(torch.uint8)
+            for half, key in _sources_of(plan, name):
+                copied += _put(paths[name], maps.get(name), name, dst, half, src[key])
     _write_scalars(plan)
     plan.report.written = sorted(f"{info.prefix}.{n}" for n in live if n in _written_names(plan))
     return copied
 
 
-def _put_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> int:
-    cols = src.shape[1]
-    view = dst if cols == dst.shape[1] else dst[:, :cols]
-    view.index_copy_(0, rows, src.to(dst.device))
+KERNEL_NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+
+
+def _sources_of(plan: _Plan, name: str) -> list[tuple[int, str]]:
+    """(w13 half, key of _expert_views) of the source matrices that make up one expert of a kernel tensor."""
+    sfx = "_s" if name.endswith("scale") else ""
+    if name.startswith("w13"):
+        return [(k, half + sfx) for k, half in enumerate(_w13_halves(plan))]
+    return [(0, "down" + sfx)]
+
+
+def _put(path: str, maps: "_Maps | None", name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> int:
+    """Write one source matrix (a w13 half, or down) of one expert into its live slice ``dst`` (uint8)."""
+    if path == "numpy":
+        d, s = _views(name, dst, half, src.cpu())
+        d.numpy()[...] = s.numpy()
+    elif path == "strided":
+        d, s = _views(name, dst, half, src.to(dst.device))
+        d.copy_(s)
+    elif name.endswith("scale"):
+        words = maps.w13_words if name.startswith("w13") else maps.w2_words
+        index = maps.w13_scale[half] if name.startswith("w13") else maps.w2_scale
+        _dst_flat(dst, words).index_copy_(0, index, _src_words(src, dst.device, words))
+    else:
+        rows = maps.w13_rows[half] if name.startswith("w13") else maps.w2_rows
+        cols = src.shape[1]
+        (dst if cols == dst.shape[1] else dst[:, :cols]).index_copy_(0, rows, src.to(dst.device))
     return src.numel()
+
+
+def _views(name: str, out: torch.Tensor, half: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view of one expert's live slice ``out``, view of source ``rows``) of the same shape, element for element
+    the kernel layout (unpadded, gated): the views of layout.w13_rows_into / w13_scales_into / w2_rows_into /
+    w2_scales_into, in torch. Scales move as int32 words (the 4 bytes of a column group stay together)."""
+    n, c = rows.shape
+    if name == "w13_weight":  # kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a
+        return out.view(n // 16, 2, 2, 8, c)[:, :, half], rows.reshape(n // 16, 8, 2, c).permute(0, 2, 1, 3)
+    if name == "w13_weight_scale":  # words (B1, w, a, h, r, B0) <- rows (B1, B0, r, a, w), b = 4*B1 + B0
+        o = out.reshape(-1).view(torch.int32).view(n // 64, c // 4, 2, 2, 8, 4)
+        return o[:, :, :, half], _int32_rows(rows).view(n // 64, 4, 8, 2, c // 4).permute(0, 4, 3, 2, 1)
+    if name == "w2_weight":  # row 32b + 8p + q holds row 32b + 4q + p
+        return out.view(n // 32, 4, 8, c), rows.reshape(n // 32, 8, 4, c).permute(0, 2, 1, 3)
+    o = out.reshape(-1).view(torch.int32).view(n // 128, c // 4, 4, 8, 4)  # (B1, w, p, q, B0) <- rows (B1, B0, q, p, w)
+    return o, _int32_rows(rows).view(n // 128, 4, 8, 4, c // 4).permute(0, 4, 3, 2, 1)
+
+
+def _int32_rows(rows: torch.Tensor) -> torch.Tensor:
+    flat = rows.contiguous().reshape(-1)
+    try:
+        return flat.view(torch.int32)
+    except RuntimeError:  # misaligned storage offset
+        return flat.clone().view(torch.int32)
 
 
 def _written_names(plan: _Plan) -> set[str]:
@@ -819,47 +870,28 @@ def _write_scalars(plan: _Plan) -> None:
 
 def _compare(plan: _Plan) -> LiveCheck:
     live, t, info = plan.live, plan.target, plan.target.info
-    halves = _w13_halves(plan)
-    names = {"up": "up", "gate": "gate", "down": "down"}
     padded = (info.hidden_padded, t.i_pad) != (info.hidden_size, t.i1 - t.i0)
+    parts = [(name, live[name]) for name in KERNEL_NAMES if name in live]
+    paths = {name: _path(plan, tensor.device) for name, tensor in parts}
     for x in _local_experts(plan):
         e = x + t.e0
         src = _expert_views(plan, e)
-        if "w13_weight" in live:
-            dst = live["w13_weight"][x]
-            maps = plan.maps.to(dst.device)
-            for k, half in enumerate(halves):
-                row = _first_row_diff(dst, maps.w13_rows[k], src[half])
-                if row is not None:
-                    return _diff(plan, "w13_weight", e, int(maps.w13_rows[k][row]), names[half], "weight", row)
-        if "w13_weight_scale" in live:
-            dst = live["w13_weight_scale"][x]
-            maps = plan.maps.to(dst.device)
-            for k, half in enumerate(halves):
-                row = _first_scale_diff(dst, maps.w13_scale[k], src[half + "_s"], maps.w13_words)
-                if row is not None:
-                    return _diff(plan, "w13_weight_scale", e, int(maps.w13_rows[k][row]), names[half], "weight_scale", row)
-        if "w2_weight" in live:
-            dst = live["w2_weight"][x]
-            maps = plan.maps.to(dst.device)
-            row = _first_row_diff(dst, maps.w2_rows, src["down"])
-            if row is not None:
-                return _diff(plan, "w2_weight", e, int(maps.w2_rows[row]), "down", "weight", row)
-        if "w2_weight_scale" in live:
-            dst = live["w2_weight_scale"][x]
-            maps = plan.maps.to(dst.device)
-            row = _first_scale_diff(dst, maps.w2_scale, src["down_s"], maps.w2_words)
-            if row is not None:
-                return _diff(plan, "w2_weight_scale", e, int(maps.w2_rows[row]), "down", "weight_scale", row)
+        for name, tensor in parts:
+            dst = tensor[x].view(torch.uint8)
+            for half, key in _sources_of(plan, name):
+                if paths[name] != "index" and _views_equal(paths[name], name, dst, half, src[key]):
+                    continue  # fast: compare views, no gather; on a difference, the index maps locate it
+                diff = _locate(plan.maps.to(dst.device), name, dst, half, src[key])
+                if diff is not None:
+                    kernel_row, source_row = diff
+                    role = key.removesuffix("_s")
+                    return _diff(plan, name, e, kernel_row, role, "weight_scale" if key.endswith("_s") else "weight", source_row)
         if padded:  # the source bytes matched; padding is zero iff the nonzero counts agree
-            for name, parts in (("w13_weight", halves), ("w13_weight_scale", [h + "_s" for h in halves]),
-                                ("w2_weight", ["down"]), ("w2_weight_scale", ["down_s"])):  # fmt: skip
-                if name in live:
-                    dst = live[name][x].view(torch.uint8)
-                    want = sum(int(torch.count_nonzero(src[p].view(torch.uint8))) for p in parts)
-                    if int(torch.count_nonzero(dst)) != want:
-                        return LiveCheck(False, f"live {info.prefix}.{name}: expert {e} has nonzero padding (the kernel would read it)",
-                                         tensor=f"{info.prefix}.{name}", expert=e)  # fmt: skip
+            for name, tensor in parts:
+                want = sum(int(torch.count_nonzero(src[key].view(torch.uint8))) for _, key in _sources_of(plan, name))
+                if int(torch.count_nonzero(tensor[x].view(torch.uint8))) != want:
+                    return LiveCheck(False, f"live {info.prefix}.{name}: expert {e} has nonzero padding (the kernel would read it)",
+                                     tensor=f"{info.prefix}.{name}", expert=e)  # fmt: skip
     for name, values in _expected_scalars(plan):
         t_live = live[name]
         for row, expert, value in values:
@@ -896,21 +928,36 @@ def _expected_scalars(plan: _Plan):
             yield name, [(x, x + t.e0, values[k]) for k, x in enumerate(plan.scalar_rows)]
 
 
-def _first_row_diff(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> int | None:
-    got = dst.index_select(0, rows)[:, : src.shape[1]]
-    want = src.to(dst.device)
-    if torch.equal(got, want):
-        return None
-    return int((got != want).any(1).nonzero()[0])
+def _views_equal(path: str, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> bool:
+    if path == "numpy":
+        import numpy as np
+
+        d, s = _views(name, dst, half, src.cpu())
+        return bool(np.array_equal(d.numpy(), s.numpy()))
+    d, s = _views(name, dst, half, src.to(dst.device))
+    return torch.equal(d, s)
 
 
-def _first_scale_diff(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, words: bool) -> int | None:
-    got = _dst_flat(dst, words).index_select(0, index)
-    want = _src_words(src, dst.device, words)
-    if torch.equal(got, want):
-        return None
-    per_row = src.shape[1] // 4 if words else src.shape[1]
-    return int((got != want).nonzero()[0]) // per_row
+def _locate(maps: _Maps, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> tuple[int, int] | None:
+    """(kernel row, source row) of the first source row whose bytes differ in live, or None; gathers one expert's
+    matrix with the index maps."""
+    rows = maps.w13_rows[half] if name.startswith("w13") else maps.w2_rows
+    if name.endswith("scale"):
+        words = maps.w13_words if name.startswith("w13") else maps.w2_words
+        index = maps.w13_scale[half] if name.startswith("w13") else maps.w2_scale
+        got = _dst_flat(dst, words).index_select(0, index)
+        want = _src_words(src, dst.device, words)
+        per_row = src.shape[1] // 4 if words else src.shape[1]
+        if torch.equal(got, want):
+            return None
+        source_row = int((got != want).nonzero()[0]) // per_row
+    else:
+        got = dst.index_select(0, rows)[:, : src.shape[1]]
+        want = src.to(dst.device)
+        if torch.equal(got, want):
+            return None
+        source_row = int((got != want).any(1).nonzero()[0])
+    return int(rows[source_row]), source_row
 
 
 def _diff(plan: _Plan, name: str, expert: int, row: int, role: str, kind: str, source_row: int) -> LiveCheck:

@@ -134,6 +134,32 @@ def test_update_equals_the_converted_seed(converted, arch, fmt):
         assert not layer.check_live(source=src_a).ok
 
 
+@pytest.mark.parametrize("arch,fmt,tp", [("qwen3_moe", "modelopt", 1), ("llama4", "modelopt", 1), ("mixtral", "compressed-tensors", 2)])
+def test_torch_strided_path_gives_the_same_bytes(converted, monkeypatch, arch, fmt, tp):
+    """The "strided" writer (the one GPUs use) on the CPU: the same bytes as the numpy path the CPU uses."""
+    from nvfp4ckpt import live
+
+    monkeypatch.setattr(live, "CPU_NUMPY", False)
+    _, conv_a = converted(arch, fmt, 0, tp=tp)
+    src_b, conv_b = converted(arch, fmt, 1, tp=tp)
+    for rank in range(tp):
+        for info in open_converted(conv_a).layers:
+            r = rank if tp > 1 else None
+            layer = load_moe_layer(conv_a, info.prefix, rank=r)
+            named = layer_source(src_b, info.prefix)
+            ctx = live._Context(layer.descriptor, r)
+            plan = ctx.plan(info.prefix, ctx.group(named, False)[0][info.prefix], live._layer_live(layer), None)
+            assert live._path(plan, torch.device("cpu")) == "strided"  # really the path under test
+            layer.update_(named)
+            assert_layer_equals(layer, conv_b, rank if tp > 1 else None)
+            assert layer.check_live(tensors=named).ok
+            w2s = layer.tensors["w2_weight_scale"]
+            u8(w2s)[-1] ^= 0x40
+            result = layer.check_live(tensors=named)
+            u8(w2s)[-1] ^= 0x40
+            assert not result.ok and result.tensor.endswith(".w2_weight_scale") and result.expert == layer.rank.expert_end - 1 if r is not None else True
+
+
 def test_update_from_gpu_style_mapping_and_whole_state_dict(converted):
     """Model level: an engine's subset of canonical tensors, named tensors for the whole model (non-expert names
     ignored on request), every layer routed to its own tensors."""
