@@ -108,11 +108,15 @@ def update_live_(
     ``input_scale_maxima`` (prefix -> current (a1, a2)) lets a rank that does not see every expert's input scales
     accept partial updates (``MoELayer.update_`` passes its own). Everything is validated first; a refusal raises an
     ``InputError`` subclass and writes nothing. ``ignore_unknown`` skips names that are not expert tensors of a
-    descriptor layer (a trainer's whole state dict) instead of refusing them.
+    descriptor layer (a trainer's whole state dict) and layers with no tensor in ``live`` (pipeline stages held
+    elsewhere) instead of refusing them; the report lists them.
     """
     start = time.perf_counter()
     ctx = _Context(layout, rank)
     grouped, ignored = ctx.group(named_tensors, ignore_unknown)
+    if ignore_unknown:  # e.g. pipeline parallelism: layers this process does not hold
+        for prefix in [p for p in grouped if not any(k.startswith(p + ".") for k in live)]:
+            ignored += sorted(grouped.pop(prefix)["names"].values())
     plans = [ctx.plan(prefix, entries, live, (input_scale_maxima or {}).get(prefix)) for prefix, entries in grouped.items()]
     copied = 0
     for plan in plans:  # nothing is written before every layer has been validated
@@ -420,14 +424,13 @@ class _Context:
         updated_rows = [e - target.e0 for e in supplied if target.e0 <= e < target.e1]
         known = [x for x in range(target.n_local) if (x + target.e0) in sup_idx or old_ws2 is not None]
         if a_new and a_changed and len(known) < target.n_local and not for_check:
-            dependent = [n for n in ("g1_alphas", "g1_scale_c", "g2_alphas") if n in live_t]
-            if dependent:
-                missing = [self.source_name(prefix, e, r, "weight_global") for e in local if e not in sup_idx for r in roles]
-                raise StaleScalarError(
-                    f"{prefix}: the update changes a1/a2 to {a_new[0]!r}/{a_new[1]!r}, so {', '.join(dependent)} of every "
-                    f"expert change, but the weight_scale_2 of experts outside the update is neither live nor supplied "
-                    f"(missing {_few(missing)}); include live {prefix}.w13_weight_scale_2 and .w2_weight_scale_2, or supply those tensors"
-                )  # fmt: skip
+            # refused even when live holds none of them: an engine plugin writes its own forms from the report
+            missing = [self.source_name(prefix, e, r, "weight_global") for e in local if e not in sup_idx for r in roles]
+            raise StaleScalarError(
+                f"{prefix}: the update changes a1/a2 to {a_new[0]!r}/{a_new[1]!r}, so g1_alphas, g1_scale_c and g2_alphas of "
+                f"every expert change, but the weight_scale_2 of experts outside the update is neither live nor supplied "
+                f"(missing {_few(missing)}); include live {prefix}.w13_weight_scale_2 and .w2_weight_scale_2, or supply those tensors"
+            )  # fmt: skip
         scalars: dict[str, torch.Tensor] = {}
         scalar_rows: list[int] = []
         if a_new:
