@@ -745,20 +745,66 @@ def _path(plan: _Plan, device: torch.device) -> str:
 
 
 def _write(plan: _Plan) -> int:
-    live, t, info = plan.live, plan.target, plan.target.info
+    live, info = plan.live, plan.target.info
     copied = 0
-    parts = [(name, live[name]) for name in KERNEL_NAMES if name in live]
-    paths = {name: _path(plan, tensor.device) for name, tensor in parts}
-    maps = {name: plan.maps.to(tensor.device) for name, tensor in parts if paths[name] == "index"}
-    for x in _local_experts(plan):
-        src = _expert_views(plan, x + t.e0)
-        for name, tensor in parts:
-            dst = tensor[x].view(torch.uint8)
+    for name in (n for n in KERNEL_NAMES if n in live):
+        tensor = live[name]
+        path = _path(plan, tensor.device)
+        maps = plan.maps.to(tensor.device) if path == "index" else None
+        for rows, src in _chunks(plan, name, path, tensor.device):
+            dst = tensor[rows].view(torch.uint8)
             for half, key in _sources_of(plan, name):
-                copied += _put(paths[name], maps.get(name), name, dst, half, src[key])
+                copied += _put(path, maps, name, dst, half, src[key])
     _write_scalars(plan)
     plan.report.written = sorted(f"{info.prefix}.{n}" for n in live if n in _written_names(plan))
     return copied
+
+
+def _chunks(plan: _Plan, name: str, path: str, device: torch.device):
+    """(live rows, source views) to write for one kernel tensor: a run of consecutive experts at once (a slice, views
+    ``[n, rows, cols]``) when every source of the run is an equally strided view of one buffer on the live device
+    (a trainer's stacked experts, fused Llama-4 tensors) and the kernel views need no copy; else one expert at a
+    time (an int, views ``[rows, cols]``)."""
+    for run in _runs(_local_experts(plan)):
+        stacked = _stacked_views(plan, name, run, device) if path != "index" and len(run) > 1 else None
+        if stacked is not None:
+            yield slice(run[0], run[-1] + 1), stacked
+            continue
+        for x in run:
+            yield x, _expert_views(plan, x + plan.target.e0)
+
+
+def _runs(xs: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for x in xs:
+        if runs and runs[-1][-1] + 1 == x:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return runs
+
+
+def _stacked_views(plan: _Plan, name: str, run: list[int], device: torch.device) -> dict[str, torch.Tensor] | None:
+    per_expert = [_expert_views(plan, x + plan.target.e0) for x in run]
+    out: dict[str, torch.Tensor] = {}
+    for _, key in _sources_of(plan, name):
+        ts = [v[key] for v in per_expert]
+        first = ts[0]
+        same = all(
+            t.device == device and t.dtype == first.dtype and t.shape == first.shape and t.stride() == first.stride()
+            and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            for t in ts
+        )  # fmt: skip
+        step = ts[1].data_ptr() - first.data_ptr()
+        if not same or step % first.element_size() or any(t.data_ptr() - first.data_ptr() != k * step for k, t in enumerate(ts)):
+            return None
+        view = first.as_strided((len(ts), *first.shape), (step // first.element_size(), *first.stride()), first.storage_offset())
+        try:
+            _src_view(name, view, copy=False)
+        except RuntimeError:  # the kernel view of these strides would need a copy of the run: go expert by expert
+            return None
+        out[key] = view
+    return out
 
 
 KERNEL_NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
@@ -792,27 +838,49 @@ def _put(path: str, maps: "_Maps | None", name: str, dst: torch.Tensor, half: in
 
 
 def _views(name: str, out: torch.Tensor, half: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view of one expert's live slice ``out``, view of source ``rows``) of the same shape, element for element
-    the kernel layout (unpadded, gated): the views of layout.w13_rows_into / w13_scales_into / w2_rows_into /
-    w2_scales_into, in torch. Scales move as int32 words (the 4 bytes of a column group stay together)."""
-    n, c = rows.shape
-    if name == "w13_weight":  # kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a
-        return out.view(n // 16, 2, 2, 8, c)[:, :, half], rows.reshape(n // 16, 8, 2, c).permute(0, 2, 1, 3)
-    if name == "w13_weight_scale":  # words (B1, w, a, h, r, B0) <- rows (B1, B0, r, a, w), b = 4*B1 + B0
-        o = out.reshape(-1).view(torch.int32).view(n // 64, c // 4, 2, 2, 8, 4)
-        return o[:, :, :, half], _int32_rows(rows).view(n // 64, 4, 8, 2, c // 4).permute(0, 4, 3, 2, 1)
-    if name == "w2_weight":  # row 32b + 8p + q holds row 32b + 4q + p
-        return out.view(n // 32, 4, 8, c), rows.reshape(n // 32, 8, 4, c).permute(0, 2, 1, 3)
-    o = out.reshape(-1).view(torch.int32).view(n // 128, c // 4, 4, 8, 4)  # (B1, w, p, q, B0) <- rows (B1, B0, q, p, w)
-    return o, _int32_rows(rows).view(n // 128, 4, 8, 4, c // 4).permute(0, 4, 3, 2, 1)
+    """(view of the live slice ``out``, view of source ``rows``) of the same shape, element for element the kernel
+    layout (unpadded, gated): the views of layout.w13_rows_into / w13_scales_into / w2_rows_into / w2_scales_into, in
+    torch, with any leading (expert) dims. Scales move as int32 words (the 4 bytes of a column group stay together)."""
+    *lead, n, c = rows.shape
+    m = len(lead)
+    if name == "w13_weight":  # kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a: (b, a, h, r, c)
+        dst = out.view(*lead, n // 16, 2, 2, 8, c).select(m + 2, half)
+    elif name == "w13_weight_scale":  # words (B1, w, a, h, r, B0), b = 4*B1 + B0
+        dst = out.view(torch.int32).view(*lead, n // 64, c // 4, 2, 2, 8, 4).select(m + 3, half)
+    elif name == "w2_weight":  # row 32b + 8p + q holds row 32b + 4q + p: (b, p, q, c)
+        dst = out.view(*lead, n // 32, 4, 8, c)
+    else:  # words (B1, w, p, q, B0)
+        dst = out.view(torch.int32).view(*lead, n // 128, c // 4, 4, 8, 4)
+    return dst, _src_view(name, rows)
+
+
+def _src_view(name: str, rows: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """Source rows ``[..., n, c]`` arranged as :func:`_views`' destination; ``copy=False`` raises rather than copy."""
+    *lead, n, c = rows.shape
+    m = len(lead)
+    keep = tuple(range(m))
+    shape = (lambda t, *s: t.reshape(*s)) if copy else (lambda t, *s: t.view(*s))
+    if name == "w13_weight":  # (b, r, a, c) -> (b, a, r, c)
+        return shape(rows, *lead, n // 16, 8, 2, c).permute(*keep, m, m + 2, m + 1, m + 3)
+    if name == "w2_weight":  # (b, q, p, c) -> (b, p, q, c)
+        return shape(rows, *lead, n // 32, 8, 4, c).permute(*keep, m, m + 2, m + 1, m + 3)
+    words = _int32_rows(rows) if copy else rows.view(torch.int32)
+    if name == "w13_weight_scale":  # (B1, B0, r, a, w) -> (B1, w, a, r, B0)
+        return shape(words, *lead, n // 64, 4, 8, 2, c // 4).permute(*keep, m, m + 4, m + 3, m + 2, m + 1)
+    return shape(words, *lead, n // 128, 4, 8, 4, c // 4).permute(*keep, m, m + 4, m + 3, m + 2, m + 1)  # (B1, B0, q, p, w)
 
 
 def _int32_rows(rows: torch.Tensor) -> torch.Tensor:
-    flat = rows.contiguous().reshape(-1)
+    """``[..., n, c]`` bytes as ``[..., n, c/4]`` int32 words (a copy only when the bytes cannot be reinterpreted)."""
     try:
-        return flat.view(torch.int32)
-    except RuntimeError:  # misaligned storage offset
-        return flat.clone().view(torch.int32)
+        return rows.view(torch.int32)
+    except RuntimeError:  # not contiguous along c, or a misaligned offset
+        pass
+    dense = rows.contiguous()
+    try:
+        return dense.view(torch.int32)
+    except RuntimeError:
+        return dense.clone().view(torch.int32)  # fresh storage is aligned
 
 
 def _written_names(plan: _Plan) -> set[str]:

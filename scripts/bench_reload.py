@@ -102,6 +102,17 @@ def engine_loop(src: dict[str, torch.Tensor], live: dict[str, torch.Tensor], e: 
         live[f"{PREFIX}.{name}"].view(torch.uint8).copy_(torch.stack(parts))
 
 
+def stack_like_a_trainer(src: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+    """The same tensors as per-expert views of one [E, ...] buffer per projection and kind (grouped-GEMM weights)."""
+    out: dict[str, torch.Tensor] = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for kind in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+            names = [f"{PREFIX}.{x}.{proj}.{kind}" for x in range(e)]
+            buf = torch.stack([src[n] for n in names])
+            out.update({n: buf[x] for x, n in enumerate(names)})
+    return out
+
+
 def copy_per_tensor(src: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
     off = 0
     for t in src.values():
@@ -186,6 +197,15 @@ def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int
     rows["engine-style per-expert loop, warm"] = {"s": t, "extra_bytes": m}
     identical = all(torch.equal(ours[k], u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
     del ours
+    engine_out = {k: live[f"{PREFIX}.{k}"].clone() for k in KERNEL}
+    for k in KERNEL:
+        live[f"{PREFIX}.{k}"].zero_()
+
+    stacked = stack_like_a_trainer(src, e)
+    t, m = meter.median(lambda: live_mod.update_live_(live, stacked, layout), repeats)
+    rows["nvfp4ckpt update_live_, warm, sources = views of stacked [E, ...] trainer buffers"] = {"s": t, "extra_bytes": m}
+    identical &= all(torch.equal(u8(engine_out[k]), u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
+    del stacked, engine_out
 
     t, m = meter.median(lambda: live_mod.check_live(live, src, layout), repeats)
     rows["nvfp4ckpt check_live"] = {"s": t, "extra_bytes": m}

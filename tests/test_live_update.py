@@ -160,6 +160,43 @@ def test_torch_strided_path_gives_the_same_bytes(converted, monkeypatch, arch, f
             assert not result.ok and result.tensor.endswith(".w2_weight_scale") and result.expert == layer.rank.expert_end - 1 if r is not None else True
 
 
+def stacked_like_a_trainer(named: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The same tensors as per-expert views of one stacked buffer per projection and kind (as a trainer holding
+    grouped-GEMM weights emits them)."""
+    out = dict(named)
+    groups: dict[str, list[str]] = {}
+    for n in named:
+        e, rest = n[len(prefix) + 1 :].split(".", 1)
+        groups.setdefault(rest, []).append(n)
+    for rest, names in groups.items():
+        names.sort(key=lambda n: int(n[len(prefix) + 1 :].split(".", 1)[0]))
+        buf = torch.stack([named[n] for n in names])
+        out.update({n: buf[k] for k, n in enumerate(names)})
+    return out
+
+
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)])
+def test_stacked_trainer_buffers_are_written_a_run_at_a_time(converted, monkeypatch, numpy_on_cpu, tp, ep):
+    from nvfp4ckpt import live
+
+    monkeypatch.setattr(live, "CPU_NUMPY", numpy_on_cpu)
+    runs = []
+    real = live._stacked_views
+    monkeypatch.setattr(live, "_stacked_views", lambda *a: runs.append(r := real(*a)) or r)
+    _, conv_a = converted("qwen3_moe", "modelopt", 0, tp=tp, ep=ep)
+    src_b, conv_b = converted("qwen3_moe", "modelopt", 1, tp=tp, ep=ep)
+    prefix = "model.layers.1.mlp.experts"
+    named = stacked_like_a_trainer(layer_source(src_b, prefix), prefix)
+    for rank in range(tp * ep) if tp * ep > 1 else [None]:
+        layer = load_moe_layer(conv_a, prefix, rank=rank)
+        ptrs = {k: v.data_ptr() for k, v in layer.tensors.items()}
+        layer.update_(named)
+        assert {k: v.data_ptr() for k, v in layer.tensors.items()} == ptrs
+        assert_layer_equals(layer, conv_b, rank)
+    assert runs and all(r is not None for r in runs)  # every kernel tensor went a run of experts at a time
+
+
 def test_update_from_gpu_style_mapping_and_whole_state_dict(converted):
     """Model level: an engine's subset of canonical tensors, named tensors for the whole model (non-expert names
     ignored on request), every layer routed to its own tensors."""
