@@ -452,3 +452,58 @@ def test_update_on_cuda_keeps_pointers_and_graphs(converted):
     assert torch.equal(out.cpu(), open_converted(conv_b).read_layer(open_converted(conv_b).layer(prefix))["w13_weight"])
     assert_layer_equals(type("L", (), {"prefix": prefix, "tensors": {k: v.cpu() for k, v in layer.tensors.items()}})(), conv_b)
     assert layer.check_live(source=src_b).ok
+
+
+def test_engine_style_global_input_scales_on_a_rank(converted, tmp_path):
+    """SGLang keeps every expert's input scales on each rank ([E_global, 2]): then a rank can follow a partial update
+    that lowers the maximum, and writes the global rows."""
+    src_a, conv_a = converted("qwen3_moe", "modelopt", 0, tp=2, ep=2)
+    prefix = "model.layers.0.mlp.experts"
+    a_named = layer_source(src_a, prefix)
+    lowered = {n: (t / 2 if n.endswith(".input_scale") else t) for n, t in expert_names(a_named, prefix, range(4)).items()}
+    merged = tmp_path / "merged"
+    shutil.copytree(src_a, merged)
+    for f in merged.glob("*.safetensors"):
+        with safe_open(f, "pt") as sf:
+            meta = sf.metadata()
+        t = load_file(f)
+        t.update({n: v for n, v in lowered.items() if n in t})
+        save_file(t, f, metadata=meta)
+    convert_checkpoint(merged, tmp_path / "ranks", tp=2, ep=2)
+    convert_checkpoint(merged, tmp_path / "whole")
+    whole = open_converted(tmp_path / "whole").read_layer(open_converted(tmp_path / "whole").layer(prefix))
+    full_a = open_converted(conv_a).reassemble_layer(open_converted(conv_a).layer(prefix))
+
+    layer = load_moe_layer(conv_a, prefix, rank=0)
+    live = {f"{prefix}.{k}": v for k, v in layer.tensors.items()}
+    live[f"{prefix}.w13_input_scale"] = full_a["w13_input_scale"].clone()  # every expert's, as the engine holds them
+    live[f"{prefix}.w2_input_scale"] = full_a["w2_input_scale"].clone()
+    report = update_live_(live, lowered, layer.descriptor, rank=0)
+    assert report.layers[prefix].experts == [0, 1, 2, 3]
+    ranks = open_converted(tmp_path / "ranks")
+    want = ranks.read_layer(ranks.layer(prefix), rank=ranks.layer(prefix).ranks[0])
+    for k, v in want.items():
+        if k not in ("w13_input_scale", "w2_input_scale"):  # live holds the global ones instead of these
+            assert torch.equal(u8(live[f"{prefix}.{k}"]), u8(v)), k
+    for k in ("w13_input_scale", "w2_input_scale"):
+        assert torch.equal(u8(live[f"{prefix}.{k}"]), u8(whole[k])), k
+
+
+def test_layers_without_live_tensors(converted):
+    src_a, conv_a = converted("qwen3_moe", "modelopt", 0)
+    src_b, conv_b = converted("qwen3_moe", "modelopt", 1)
+    ckpt = open_converted(conv_a)
+    layer = load_moe_layer(conv_a, 1)
+    live = {f"{layer.prefix}.{k}": v for k, v in layer.tensors.items()}
+    named = {**layer_source(src_b, "model.layers.0.mlp.experts"), **layer_source(src_b, layer.prefix)}
+    before, ptrs = snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+    with pytest.raises(MissingTensorError, match="model.layers.0.mlp.experts: the update has tensors for this layer but live has none"):
+        update_live_(live, named, ckpt.descriptor)
+    assert_untouched(layer, before, ptrs)
+    report = update_live_(live, named, ckpt.descriptor, ignore_unknown=True)  # another pipeline stage holds layer 0
+    assert list(report.layers) == [layer.prefix] and all(n.startswith("model.layers.0.") for n in report.ignored)
+    assert_layer_equals(layer, conv_b)
+    stored = report.layers[layer.prefix].stored  # per-expert scalars as written, for engine plugins
+    want = open_converted(conv_b).read_layer(open_converted(conv_b).layer(1))
+    for k in ("w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale"):
+        assert torch.equal(u8(stored[k]), u8(want[k])), k
