@@ -6,11 +6,12 @@ straight into the tensors an engine or ``load_moe_layer`` already holds: ``data_
 graph captured before the update replays with the new weights. See docs/reload.md.
 
 How the bytes move: the kernel layout is a fixed permutation of each expert's rows (gated interleave + 32-row
-shuffle) and, for block scales, of 4-byte words (the 128x4 swizzle). Both are index maps computed once per shape
-and cached; each source tensor is scattered with ``index_copy_`` into a view of its expert's slice of the live
-tensor. No copy of the layer is made: the only temporaries are one expert-projection of source bytes when it has
-to change device or be made contiguous. Zero padding (sizes the kernel cannot take) is never written, so it stays
-zero.
+shuffle) and, for block scales, of 4-byte words (the 128x4 swizzle). Without padding both are pure reshapes and
+permutes, so each source tensor is copied straight into a strided view of its expert's slice of the live tensor
+(numpy on the CPU, one torch copy elsewhere; a run of experts at once when the sources are views of one stacked
+buffer). Padded layers use index maps computed once per shape and cached, with ``index_copy_``. No copy of the layer
+is made: the only temporaries are one expert-projection of source bytes when it has to change device or be made
+contiguous. Zero padding (sizes the kernel cannot take) is never written, so it stays zero.
 
 Scalars: ``g1_alphas``, ``g1_scale_c``, ``g2_alphas`` and ``w13_input_scale_quant`` depend on a1/a2, the maxima
 of the input scales over ALL experts of the layer (all ranks' too). They are recomputed with the converter's own
