@@ -278,12 +278,21 @@ def test_subset_that_changes_a1_needs_the_other_experts_weight_scale_2(converted
 # --tp/--ep ranks
 
 
-def test_rank_layers_take_only_their_slice(converted, tmp_path):
-    src_a, conv_a = converted("qwen3_moe", "compressed-tensors", 0, tp=2, ep=2)
-    src_b, conv_b = converted("qwen3_moe", "compressed-tensors", 1, tp=2, ep=2)
-    prefix = "model.layers.1.mlp.experts"
-    named = layer_source(src_b, prefix)
-    for rank in range(4):
+@pytest.mark.parametrize(
+    "arch,fmt,tp,ep",
+    [
+        ("qwen3_moe", "compressed-tensors", 2, 2),
+        ("llama4", "modelopt", 2, 2),  # fused experts, sliced per rank
+        ("mixtral", "modelopt", 4, 1),  # I 128 / 4 = 32 per rank, padded to 64 per half: the index-map path
+    ],
+)
+def test_rank_layers_take_only_their_slice(converted, arch, fmt, tp, ep):
+    src_a, conv_a = converted(arch, fmt, 0, tp=tp, ep=ep)
+    src_b, conv_b = converted(arch, fmt, 1, tp=tp, ep=ep)
+    prefix = open_converted(conv_a).layers[-1].prefix
+    named = {n: t.requires_grad_() if t.is_floating_point() and t.dtype == torch.float32 else t
+             for n, t in layer_source(src_b, prefix).items()}  # a trainer's parameters  # fmt: skip
+    for rank in range(tp * ep):
         layer = load_moe_layer(conv_a, prefix, rank=rank)
         ptrs = {k: v.data_ptr() for k, v in layer.tensors.items()}
         report = layer.update_(named)  # every rank gets the whole layer and keeps its share
