@@ -616,7 +616,7 @@ def _new_maximum(sup: dict[int, float], old: dict[int, float], a_old: float | No
 # Index maps (per shape, cached): where each source row / scale word lands in one expert's live slice
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: cached per shape, hashed by id
 class _Maps:
     w13_rows: tuple[torch.Tensor, ...]  # per w13 half (up, gate): kernel row of each source row
     w13_scale: tuple[torch.Tensor, ...]  # per half: flat destination of each source scale word (or byte)
@@ -946,69 +946,88 @@ def _compare(plan: _Plan) -> LiveCheck:
     padded = (info.hidden_padded, t.i_pad) != (info.hidden_size, t.i1 - t.i0)
     parts = [(name, live[name]) for name in KERNEL_NAMES if name in live]
     paths = {name: _path(plan, tensor.device) for name, tensor in parts}
+    # Pass 1: a difference flag per (expert, source matrix) and, for padded layers, per (expert, tensor) for the
+    # padding. On a GPU the flags stay on the device until one read-back (no synchronization per expert).
+    checks: list[tuple] = []
     for x in _local_experts(plan):
-        e = x + t.e0
-        src = _expert_views(plan, e)
+        src = _expert_views(plan, x + t.e0)
         for name, tensor in parts:
             dst = tensor[x].view(torch.uint8)
             for half, key in _sources_of(plan, name):
-                if paths[name] != "index" and _views_equal(paths[name], name, dst, half, src[key]):
-                    continue  # fast: compare views, no gather; on a difference, the index maps locate it
-                diff = _locate(plan.maps.to(dst.device), name, dst, half, src[key])
-                if diff is not None:
-                    kernel_row, source_row = diff
-                    role = key.removesuffix("_s")
-                    return _diff(plan, name, e, kernel_row, role, "weight_scale" if key.endswith("_s") else "weight", source_row)
-        if padded:  # the source bytes matched; padding is zero iff the nonzero counts agree
+                checks.append((x, name, half, key, _differs(paths[name], name, dst, half, src[key])))
+        if padded:  # padding is zero iff the nonzero counts agree (the source bytes are compared above)
             for name, tensor in parts:
-                want = sum(int(torch.count_nonzero(src[key].view(torch.uint8))) for _, key in _sources_of(plan, name))
-                if int(torch.count_nonzero(tensor[x].view(torch.uint8))) != want:
-                    return LiveCheck(False, f"live {info.prefix}.{name}: expert {e} has nonzero padding (the kernel would read it)",
-                                     tensor=f"{info.prefix}.{name}", expert=e)  # fmt: skip
-    for name, values in _expected_scalars(plan):
+                want = sum(torch.count_nonzero(src[key].view(torch.uint8)).to(tensor.device) for _, key in _sources_of(plan, name))
+                checks.append((x, name, None, None, torch.count_nonzero(tensor[x].view(torch.uint8)) != want))
+    flags = _read_flags([c[-1] for c in checks])
+    # Pass 2: the first flagged one, located with the index maps (one expert's gather).
+    for (x, name, half, key, _), flagged in zip(checks, flags):
+        if not flagged:
+            continue
+        e = x + t.e0
+        if key is None:
+            return LiveCheck(False, f"live {info.prefix}.{name}: expert {e} has nonzero padding (the kernel would read it)",
+                             tensor=f"{info.prefix}.{name}", expert=e)  # fmt: skip
+        dst = live[name][x].view(torch.uint8)
+        diff = _locate(plan.maps.to(dst.device), name, dst, half, _expert_views(plan, e)[key])
+        if diff is not None:
+            kernel_row, source_row = diff
+            return _diff(plan, name, e, kernel_row, key.removesuffix("_s"), "weight_scale" if key.endswith("_s") else "weight", source_row)
+    for name, rows, experts, want in _expected_scalars(plan):
         t_live = live[name]
-        for row, expert, value in values:
-            got = _bytes(t_live[row].detach().cpu())
-            want = _bytes(value.to(t_live.dtype))
-            if not torch.equal(got, want):
-                return LiveCheck(
-                    False, f"live {info.prefix}.{name}: expert {expert} (row {row}) is {t_live[row].tolist()}, the source gives "
-                    f"{value.to(t_live.dtype).tolist()} (stale scalar)",
-                    tensor=f"{info.prefix}.{name}", expert=expert, row=row,
-                )  # fmt: skip
+        got = t_live.detach().index_select(0, rows.to(t_live.device))
+        want = want.to(t_live.dtype).to(t_live.device).reshape(got.shape)
+        bad = (got.contiguous().view(torch.uint8).reshape(len(rows), -1) != want.contiguous().view(torch.uint8).reshape(len(rows), -1)).any(1)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            row, expert = int(rows[k]), experts[k]
+            return LiveCheck(
+                False, f"live {info.prefix}.{name}: expert {expert} (row {row}) is {got[k].tolist()}, the source gives "
+                f"{want[k].tolist()} (stale scalar)",
+                tensor=f"{info.prefix}.{name}", expert=expert, row=row,
+            )  # fmt: skip
     return LiveCheck(True, "equal", checked_experts=len(_local_experts(plan)), unchecked=plan.unchecked)
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A (small, CPU) tensor's bytes, whatever its strides."""
-    return torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1)).view(torch.uint8)
-
-
-def _expected_scalars(plan: _Plan):
-    """(live name, [(row, global expert or None, expected value)]) for every present scalar the source determines."""
-    live, t = plan.live, plan.target
-    stored = _stored_rows(plan)
-    for name, values in stored.items():
-        if name in live:
-            idx = _row_index(plan, name, live[name]).tolist()
-            yield name, [(r, x + t.e0, values[k]) for k, (r, x) in enumerate(zip(idx, plan.updated_rows))]
-    for name, values in plan.scalars.items():
-        if name not in live:
-            continue
-        if name == "w13_input_scale_quant":
-            yield name, [(0, None, values[0])]
-        else:
-            yield name, [(x, x + t.e0, values[k]) for k, x in enumerate(plan.scalar_rows)]
-
-
-def _views_equal(path: str, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> bool:
+def _differs(path: str, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> "bool | torch.Tensor":
+    """Whether a source matrix differs from its place in live: a bool (CPU), a device flag (other devices), or True
+    (padded layers: the index maps do the comparison in pass 2)."""
+    if path == "index":
+        return True
     if path == "numpy":
         import numpy as np
 
         d, s = _views(name, dst, half, src.cpu())
-        return bool(np.array_equal(d.numpy(), s.numpy()))
+        return not np.array_equal(d.numpy(), s.numpy())
     d, s = _views(name, dst, half, src.to(dst.device))
-    return torch.equal(d, s)
+    return (d != s).any()
+
+
+def _read_flags(flags: list) -> list[bool]:
+    tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+    if not tensors:
+        return [bool(f) for f in flags]
+    by_device: dict = {}
+    for f in tensors:
+        by_device.setdefault(f.device, []).append(f)
+    values = {dev: iter(torch.stack(fs).cpu().tolist()) for dev, fs in by_device.items()}  # one read-back per device
+    return [bool(next(values[f.device])) if isinstance(f, torch.Tensor) else bool(f) for f in flags]
+
+
+def _expected_scalars(plan: _Plan):
+    """(live name, live rows, their global experts, expected values) for every present scalar the source determines."""
+    live, t = plan.live, plan.target
+    stored = _stored_rows(plan)
+    for name, values in stored.items():
+        if name in live and plan.updated_rows:
+            yield name, _row_index(plan, name, live[name]).cpu(), [x + t.e0 for x in plan.updated_rows], values
+    for name, values in plan.scalars.items():
+        if name not in live or not plan.scalar_rows:
+            continue
+        if name == "w13_input_scale_quant":
+            yield name, torch.zeros(1, dtype=torch.int64), [None], values
+        else:
+            yield name, torch.tensor(plan.scalar_rows, dtype=torch.int64), [x + t.e0 for x in plan.scalar_rows], values
 
 
 def _locate(maps: _Maps, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> tuple[int, int] | None:
