@@ -516,3 +516,40 @@ def test_layers_without_live_tensors(converted):
     want = open_converted(conv_b).read_layer(open_converted(conv_b).layer(1))
     for k in ("w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale"):
         assert torch.equal(u8(stored[k]), u8(want[k])), k
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_forward_after_update_equals_a_fresh_load(converted, rank):
+    """The layer's own forward (torch backend) after update_ equals a fresh load of the updated checkpoint: the cached
+    un-shuffled weights and the rank's global a1/a2 follow the update."""
+    tp, ep = (2, 2) if rank is not None else (1, 1)
+    _, conv_a = converted("deepseek_v3", "modelopt", 0, tp=tp, ep=ep)
+    src_b, conv_b = converted("deepseek_v3", "modelopt", 1, tp=tp, ep=ep)
+    prefix = "model.layers.2.mlp.experts"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 256, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(6, 8, generator=gen).to(torch.bfloat16)
+    layer = load_moe_layer(conv_a, prefix, rank=rank)
+    ids, weights = layer.route(logits)  # the router (and its bias) is not an expert tensor: the same for both
+    ids = layer.local_ids(ids)
+    before = layer.forward_torch(x, ids, weights)  # fills the cache of un-shuffled weights
+    layer.update_(layer_source(src_b, prefix))
+    after = layer.forward_torch(x, ids, weights)
+    fresh = load_moe_layer(conv_b, prefix, rank=rank).forward_torch(x, ids, weights)
+    assert torch.equal(after, fresh) and not torch.equal(before, after)
+
+
+@pytest.mark.gpu
+def test_triton_forward_after_update_on_cuda(converted):
+    _, conv_a = converted("qwen3_moe", "modelopt", 0)
+    src_b, conv_b = converted("qwen3_moe", "modelopt", 1)
+    prefix = "model.layers.1.mlp.experts"
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 256, generator=gen).to(torch.bfloat16).cuda()
+    logits = torch.randn(9, 8, generator=gen).to(torch.bfloat16).cuda()
+    layer = load_moe_layer(conv_a, prefix, "cuda")
+    ids, weights = layer.route(logits)
+    layer.forward_triton(x, ids, weights)
+    layer.update_({n: t.cuda() for n, t in layer_source(src_b, prefix).items()})
+    fresh = load_moe_layer(conv_b, prefix, "cuda")
+    assert torch.equal(layer.forward_triton(x, ids, weights), fresh.forward_triton(x, ids, weights))
