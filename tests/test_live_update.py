@@ -553,3 +553,57 @@ def test_triton_forward_after_update_on_cuda(converted):
     layer.update_({n: t.cuda() for n, t in layer_source(src_b, prefix).items()})
     fresh = load_moe_layer(conv_b, prefix, "cuda")
     assert torch.equal(layer.forward_triton(x, ids, weights), fresh.forward_triton(x, ids, weights))
+
+
+@pytest.mark.parametrize(
+    "arch,fmt,tp,ep,budget",
+    [
+        ("qwen3_moe", "modelopt", 1, 1, None),  # one tensor at a time, applied per whole layer
+        ("qwen3_moe", "compressed-tensors", 1, 1, 200_000),  # a memory budget forces partial applications
+        ("deepseek_v3", "modelopt", 2, 2, 200_000),  # ranks: partial applications follow the a1/a2 rules
+        ("llama4", "modelopt", 1, 1, None),  # fused tensors
+    ],
+)
+def test_update_stream_one_tensor_at_a_time(converted, arch, fmt, tp, ep, budget):
+    from nvfp4ckpt.live import UpdateStream
+
+    _, conv_a = converted(arch, fmt, 0, tp=tp, ep=ep)
+    src_b, conv_b = converted(arch, fmt, 1, tp=tp, ep=ep)
+    ckpt = open_converted(conv_a)
+    named = {}
+    for info in ckpt.layers:
+        named |= layer_source(src_b, info.prefix)
+    order = sorted(named, key=lambda n: hash(n) % 1000)  # an arbitrary interleaving of layers and experts
+    for rank in range(tp * ep) if tp * ep > 1 else [None]:
+        layers = [load_moe_layer(conv_a, info.prefix, rank=rank) for info in ckpt.layers]
+        live = {f"{l.prefix}.{k}": v for l in layers for k, v in l.tensors.items()}
+        maxima = {l.prefix: l.global_input_scales for l in layers if l.global_input_scales}
+        stream = UpdateStream(live, ckpt.descriptor, rank=rank, input_scale_maxima=maxima, max_pending_bytes=budget)
+        applied = []
+        for n in order:
+            applied += stream.add({n: named[n]})
+        applied += stream.finish()
+        assert not stream.pending_names and applied
+        if budget is not None:
+            assert len(applied) > len(ckpt.layers)  # really applied in parts
+        for l in layers:
+            assert_layer_equals(l, conv_b, rank)
+
+
+def test_update_stream_refuses_an_incomplete_expert_at_finish(converted):
+    from nvfp4ckpt.live import UpdateStream
+
+    _, conv_a = converted("qwen3_moe", "modelopt", 0)
+    src_b, _ = converted("qwen3_moe", "modelopt", 1)
+    prefix = "model.layers.1.mlp.experts"
+    layer = load_moe_layer(conv_a, prefix)
+    named = layer_source(src_b, prefix)
+    del named[f"{prefix}.5.down_proj.weight_scale"]
+    stream = UpdateStream({f"{prefix}.{k}": v for k, v in layer.tensors.items()}, layer.descriptor)
+    assert stream.add(named) == []  # expert 5 incomplete: the layer waits
+    before, ptrs = snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+    with pytest.raises(MissingTensorError, match=r"expert 5 is updated without .*5\.down_proj\.weight_scale"):
+        stream.finish()
+    assert_untouched(layer, before, ptrs)
+    with pytest.raises(UnknownTensorError):
+        stream.add({"model.layers.1.mlp.experts.5.down_proj.bias": named[f"{prefix}.5.down_proj.weight"]})
