@@ -391,7 +391,8 @@ class _Plan:
     experts: dict[int, dict[str, dict[str, torch.Tensor]]]  # global expert -> role -> kind -> tensor (this rank's)
     fused: dict[str, dict[str, torch.Tensor]] | None  # "gate_up"/"down" -> kind -> tensor
     updated_rows: list[int]  # local rows whose weights and stored per-expert scalars are written
-    raw: torch.Tensor  # [len(updated_rows), roles, 2] raw global scales (source dtype) of updated_rows
+    raw: torch.Tensor  # [len(supplied), roles, 2] raw global scales (source dtype) of every supplied expert
+    supplied: list[int]  # global ids of every expert in the update (other ranks' too)
     scalar_rows: list[int]  # local rows whose dependent scalars are written
     scalars: dict[str, torch.Tensor]  # kernel_scalars over scalar_rows (float32, CPU)
     report: LayerUpdate
@@ -582,7 +583,6 @@ class _Context:
             inp_m = torch.stack([extra if r is None else r.float() for r in inp_rows] + [extra])
             full = kernel_scalars(ws2_m, inp_m)
             scalars = {k: (v if k == "w13_input_scale_quant" else v[:-1].contiguous()) for k, v in full.items() if k in DEPENDENT}
-        raw_rows = raw_all[[sup_idx[x + target.e0] for x in updated_rows]] if updated_rows else raw_all[:0]
         report = LayerUpdate(
             prefix=prefix,
             experts=[x + target.e0 for x in updated_rows],
@@ -592,9 +592,10 @@ class _Context:
             scalar_rows=scalar_rows,
         )
         experts = {e: entries["experts"][e] for e in supplied if target.e0 <= e < target.e1} if fused is None else {}
-        plan = _Plan(target, self.fmt, live_t, experts, fused, updated_rows, raw_rows, scalar_rows, scalars, report,
-                     dict(entries["names"]), unchecked)  # fmt: skip
-        report.stored = {k: v.contiguous() for k, v in _stored_rows(plan).items()}
+        plan = _Plan(target, self.fmt, live_t, experts, fused, updated_rows, raw_all, supplied, scalar_rows, scalars,
+                     report, dict(entries["names"]), unchecked)  # fmt: skip
+        local = [sup_idx[x + target.e0] for x in updated_rows]
+        report.stored = {k: v[local].contiguous() for k, v in _stored_rows(plan).items()}
         report.input_scales = {e: (float(inp_sup[k, :n13].max()), float(inp_sup[k, n13])) for e, k in sup_idx.items()}
         return plan
 
@@ -887,8 +888,8 @@ def _write(plan: _Plan) -> int:
             dst = tensor[rows].view(torch.uint8)
             for half, key in _sources_of(plan, name):
                 copied += _put(path, maps, name, dst, half, src[key])
-    _write_scalars(plan)
-    plan.report.written = sorted(f"{info.prefix}.{n}" for n in live if n in _written_names(plan))
+    written = _write_scalars(plan) | ({n for n in KERNEL_NAMES if n in live} if _local_experts(plan) else set())
+    plan.report.written = sorted(f"{info.prefix}.{n}" for n in written)
     return copied
 
 
@@ -1015,17 +1016,8 @@ def _int32_rows(rows: torch.Tensor) -> torch.Tensor:
         return dense.clone().view(torch.int32)  # fresh storage is aligned
 
 
-def _written_names(plan: _Plan) -> set[str]:
-    names = {"w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"} if _local_experts(plan) else set()
-    if plan.updated_rows:
-        names |= {"w13_weight_scale_2", "w2_weight_scale_2", *_INPUT_SCALE_NAMES, "w13_weight_global_scale", "w2_weight_global_scale"}
-    if plan.scalar_rows:
-        names |= {"g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"}
-    return names
-
-
-def _stored_rows(plan: _Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-expert stored scalars of the updated experts: live name -> (values [U, ...], global expert ids)."""
+def _stored_rows(plan: _Plan) -> dict[str, torch.Tensor]:
+    """Per-expert stored scalars of every supplied expert (rows in ``plan.supplied`` order), by canonical name."""
     n13 = len(plan.target.info.roles) - 1
     raw = plan.raw
     ws2 = plan.fmt.to_dequant_multiplier(raw[..., 0]) if raw.numel() else raw[..., 0].float()
@@ -1042,19 +1034,27 @@ def _stored_rows(plan: _Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _row_index(plan: _Plan, name: str, t: torch.Tensor) -> torch.Tensor:
-    """Rows of a live per-expert scalar tensor that the updated experts occupy (global rows for every-expert tensors)."""
-    base = 0 if (name in _INPUT_SCALE_NAMES and t.shape[0] == plan.target.info.num_experts) else plan.target.e0
-    return torch.tensor([x + plan.target.e0 - base for x in plan.updated_rows], dtype=torch.int64, device=t.device)
+def _stored_targets(plan: _Plan, name: str, t: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """(live rows, rows of ``_stored_rows`` values, global experts) a stored scalar tensor takes from the update: this
+    rank's experts, or every supplied expert when the live tensor holds every expert's rows (input scales)."""
+    t0, info = plan.target, plan.target.info
+    every = name in _INPUT_SCALE_NAMES and t.shape[0] == info.num_experts and info.num_experts != t0.n_local
+    picked = [(k, e) for k, e in enumerate(plan.supplied) if every or t0.e0 <= e < t0.e1]
+    return [e if every else e - t0.e0 for _, e in picked], [k for k, _ in picked], [e for _, e in picked]
 
 
-def _write_scalars(plan: _Plan) -> None:
+def _write_scalars(plan: _Plan) -> set[str]:
+    """Write the stored and dependent scalars; returns the names written."""
     live = plan.live
-    if plan.updated_rows:
-        for name, values in _stored_rows(plan).items():
-            if name in live:
-                t = live[name]
-                t.index_copy_(0, _row_index(plan, name, t), values.to(t.dtype).reshape(-1, *t.shape[1:]).to(t.device))
+    written: set[str] = set()
+    for name, values in _stored_rows(plan).items():
+        if name in live:
+            t = live[name]
+            rows, picked, _ = _stored_targets(plan, name, t)
+            if rows:
+                src = values[picked].to(t.dtype).reshape(-1, *t.shape[1:]).to(t.device)
+                t.index_copy_(0, torch.tensor(rows, dtype=torch.int64, device=t.device), src)
+                written.add(name)
     if plan.scalar_rows:
         rows = torch.tensor(plan.scalar_rows, dtype=torch.int64)
         for name, values in plan.scalars.items():
@@ -1065,6 +1065,8 @@ def _write_scalars(plan: _Plan) -> None:
                 t.copy_(values.to(t.device))
             else:
                 t.index_copy_(0, rows.to(t.device), values.to(t.device))
+            written.add(name)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1147,10 +1149,11 @@ def _read_flags(flags: list) -> list[bool]:
 def _expected_scalars(plan: _Plan):
     """(live name, live rows, their global experts, expected values) for every present scalar the source determines."""
     live, t = plan.live, plan.target
-    stored = _stored_rows(plan)
-    for name, values in stored.items():
-        if name in live and plan.updated_rows:
-            yield name, _row_index(plan, name, live[name]).cpu(), [x + t.e0 for x in plan.updated_rows], values
+    for name, values in _stored_rows(plan).items():
+        if name in live:
+            rows, picked, experts = _stored_targets(plan, name, live[name])
+            if rows:
+                yield name, torch.tensor(rows, dtype=torch.int64), experts, values[picked]
     for name, values in plan.scalars.items():
         if name not in live or not plan.scalar_rows:
             continue

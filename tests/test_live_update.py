@@ -496,6 +496,15 @@ def test_engine_style_global_input_scales_on_a_rank(converted, tmp_path):
             assert torch.equal(u8(live[f"{prefix}.{k}"]), u8(v)), k
     for k in ("w13_input_scale", "w2_input_scale"):
         assert torch.equal(u8(live[f"{prefix}.{k}"]), u8(whole[k])), k
+    # experts of other ranks: this rank writes nothing of theirs but their rows of the every-expert input scales
+    other = {n: (t * 3 if n.endswith(".input_scale") else t) for n, t in expert_names(a_named, prefix, (5,)).items()}
+    before = {k: u8(v).clone() for k, v in layer.tensors.items()}
+    report = update_live_(live, other, layer.descriptor, rank=0)
+    assert report.layers[prefix].experts == [] and report.layers[prefix].other_rank_experts == [5]
+    assert float(live[f"{prefix}.w2_input_scale"][5]) == float(other[f"{prefix}.5.down_proj.input_scale"])
+    assert float(live[f"{prefix}.w13_input_scale"][5].max()) == report.layers[prefix].input_scale_maxima[0]  # the new a1
+    assert torch.equal(u8(layer.tensors["w13_weight"]), before["w13_weight"])  # not this rank's expert
+    assert not torch.equal(u8(layer.tensors["g1_alphas"]), before["g1_alphas"])  # a1 moved: every local g1 follows
 
 
 def test_layers_without_live_tensors(converted):
