@@ -398,6 +398,7 @@ class _Plan:
     report: LayerUpdate
     names: dict = field(default_factory=dict)  # (expert, role, kind) -> source name, as given
     unchecked: list[str] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # per-plan memo (source views of each expert)
 
     @property
     def maps(self) -> "_Maps":
@@ -417,9 +418,6 @@ class _Context:
             raise InputError(f"layout: unknown source_format {layout['source_format']!r}")
         self.fmt = fmt_cls(config_path=Path("config.json"), group_size=kernel_layout.GROUP_SIZE)
         self.arch = architectures.get(layout["architecture"])
-        self.kind_of = {suffix: kind for kind, suffix in self.fmt.suffixes.items()}
-        pattern = self.arch.fused_prefix_pattern
-        self.fused_re = re.compile(pattern) if pattern and self.fmt.name == "modelopt" else None
         parallel = layout.get("parallel") or {}
         gated = layout.get("activation", "swiglu") != "relu2"
         tp = int(parallel.get("tp", 1))
@@ -442,17 +440,12 @@ class _Context:
 
     def parse(self, name: str) -> tuple[str, int | None, str, str] | None:
         """(layer prefix, expert or None for fused, role, kind), or None when ``name`` is no expert tensor."""
-        module, _, suffix = name.rpartition(".")
-        fused = _match_fused(self.fused_re, module, suffix)
-        if fused is not None and module in self.targets:
-            return module, None, fused[0], fused[1]
-        hit = self.arch.match_expert(module)
-        if hit is None or suffix not in self.kind_of or hit[0] not in self.targets:
+        hit = _parse_name(self.arch.name, self.fmt.name, name)
+        if hit is None or hit[0] not in self.targets:
             return None
-        prefix, expert, role = hit
-        if role not in self.targets[prefix].info.roles:
+        if hit[1] is not None and hit[2] not in self.targets[hit[0]].info.roles:
             return None
-        return prefix, expert, role, self.kind_of[suffix]
+        return hit
 
     def group(self, named: Mapping[str, torch.Tensor], ignore_unknown: bool) -> tuple[dict[str, dict], list[str]]:
         """Source tensors by layer: ``{"experts": {e: {role: {kind: t}}}, "fused": {role: {kind: t}}}``."""
@@ -675,6 +668,24 @@ class _Context:
             raise BadTensorError(f"{name}: global scale {float(raw[u, r, k])!r} is not finite and positive; the trainer's export is broken")
 
 
+@lru_cache(maxsize=1 << 16)
+def _parse_name(arch_name: str, fmt_name: str, name: str) -> tuple[str, int | None, str, str] | None:
+    """A source name as (module prefix, expert or None for fused, role, kind) under an architecture's naming and a
+    format's suffixes (cached: an RL run sends the same names every step)."""
+    arch, fmt = architectures.get(arch_name), FORMATS[fmt_name]
+    module, _, suffix = name.rpartition(".")
+    if arch.fused_prefix_pattern and fmt_name == "modelopt":
+        fused = _match_fused(re.compile(arch.fused_prefix_pattern), module, suffix)
+        if fused is not None:
+            return module, None, fused[0], fused[1]
+    kind = {fmt.weight_suffix: "weight", fmt.weight_scale_suffix: "weight_scale", fmt.weight_global_suffix: "weight_global",
+            fmt.input_global_suffix: "input_global"}.get(suffix)  # fmt: skip
+    hit = arch.match_expert(module)
+    if hit is None or kind is None:
+        return None
+    return hit[0], hit[1], hit[2], kind
+
+
 _INPUT_SCALE_NAMES = ("w13_input_scale", "w2_input_scale", "w13_input_global_scale", "w2_input_global_scale")
 _FUSED_SUFFIX = {"": "weight", "_weight_scale": "weight_scale", "_weight_scale_2": "weight_global", "_input_scale": "input_global"}
 
@@ -703,7 +714,7 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 
 def _gather_scalars(nested: list) -> torch.Tensor:
     """[U][roles][2] scalar tensors -> one CPU tensor [U, roles, 2] (one device->host transfer per device)."""
-    flat = [t.detach().reshape(()) for per_e in nested for per_r in per_e for t in per_r]
+    flat = [t.reshape(()) for per_e in nested for per_r in per_e for t in per_r]  # detached by group()
     if not flat:
         return torch.empty((0, 0, 2))
     devices = {t.device for t in flat}
@@ -904,7 +915,15 @@ def _chunks(plan: _Plan, name: str, path: str, device: torch.device):
             yield slice(run[0], run[-1] + 1), stacked
             continue
         for x in run:
-            yield x, _expert_views(plan, x + plan.target.e0)
+            yield x, _views_of(plan, x)
+
+
+def _views_of(plan: _Plan, x: int) -> dict[str, torch.Tensor]:
+    """``_expert_views`` of local row ``x``, computed once per plan."""
+    cache = plan.cache.setdefault("views", {})
+    if x not in cache:
+        cache[x] = _expert_views(plan, x + plan.target.e0)
+    return cache[x]
 
 
 def _runs(xs: list[int]) -> list[list[int]]:
@@ -918,17 +937,18 @@ def _runs(xs: list[int]) -> list[list[int]]:
 
 
 def _stacked_views(plan: _Plan, name: str, run: list[int], device: torch.device) -> dict[str, torch.Tensor] | None:
-    per_expert = [_expert_views(plan, x + plan.target.e0) for x in run]
     out: dict[str, torch.Tensor] = {}
     for _, key in _sources_of(plan, name):
-        ts = [v[key] for v in per_expert]
-        first = ts[0]
+        first, second = _views_of(plan, run[0])[key], _views_of(plan, run[1])[key]
+        if first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr():
+            return None  # separate tensors (the common per-expert case): no need to look further
+        ts = [_views_of(plan, x)[key] for x in run]
         same = all(
             t.device == device and t.dtype == first.dtype and t.shape == first.shape and t.stride() == first.stride()
             and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
             for t in ts
         )  # fmt: skip
-        step = ts[1].data_ptr() - first.data_ptr()
+        step = second.data_ptr() - first.data_ptr()
         if not same or step % first.element_size() or any(t.data_ptr() - first.data_ptr() != k * step for k, t in enumerate(ts)):
             return None
         view = first.as_strided((len(ts), *first.shape), (step // first.element_size(), *first.stride()), first.storage_offset())
@@ -1082,7 +1102,7 @@ def _compare(plan: _Plan) -> LiveCheck:
     # padding. On a GPU the flags stay on the device until one read-back (no synchronization per expert).
     checks: list[tuple] = []
     for x in _local_experts(plan):
-        src = _expert_views(plan, x + t.e0)
+        src = _views_of(plan, x)
         for name, tensor in parts:
             dst = tensor[x].view(torch.uint8)
             for half, key in _sources_of(plan, name):
