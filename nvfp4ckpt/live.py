@@ -520,12 +520,12 @@ class _Context:
         a_new: list[float] = []
         a_changed = False
         for which, cols in (("a1", slice(0, n13)), ("a2", slice(n13, n13 + 1))):
-            sup_vals = {e: float(inp_sup[sup_idx[e], cols].max()) for e in supplied}
+            sup_vals = dict(zip(supplied, inp_sup[:, cols].amax(1).tolist())) if supplied else {}
             old_vals = {}
             if old_inp is not None:
                 rows, kind = old_inp
                 base = 0 if kind == "global" else target.e0
-                old_vals = {base + x: float(rows[x, cols].max()) for x in range(rows.shape[0])}
+                old_vals = {base + x: v for x, v in enumerate(rows[:, cols].amax(1).tolist())}
             old_vals |= {e: v[0 if which == "a1" else 1] for e, v in (known or {}).items()}  # applied earlier in a stream
             a_old = maxima[0 if which == "a1" else 1] if maxima else None
             if a_old is None and len(old_vals) == e_glob:
@@ -589,7 +589,7 @@ class _Context:
                      report, dict(entries["names"]), unchecked)  # fmt: skip
         local = [sup_idx[x + target.e0] for x in updated_rows]
         report.stored = {k: v[local].contiguous() for k, v in _stored_rows(plan).items()}
-        report.input_scales = {e: (float(inp_sup[k, :n13].max()), float(inp_sup[k, n13])) for e, k in sup_idx.items()}
+        report.input_scales = dict(zip(supplied, zip(inp_sup[:, :n13].amax(1).tolist(), inp_sup[:, n13].tolist()))) if supplied else {}
         return plan
 
     def _live_tensors(self, target: _Target, live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -895,7 +895,20 @@ def _write(plan: _Plan) -> int:
         tensor = live[name]
         path = _path(plan, tensor.device)
         maps = plan.maps.to(tensor.device) if path == "index" else None
+        live_np = tensor.view(torch.uint8).numpy() if path == "numpy" else None
+        dst_all: dict[int, torch.Tensor] = {}  # "strided": per w13 half, the destination view over every local expert
         for rows, src in _chunks(plan, name, path, tensor.device):
+            if live_np is not None and isinstance(rows, int):  # one expert on the CPU: the converter's numpy copies
+                for half, key in _sources_of(plan, name):
+                    copied += _put_numpy(name, live_np[rows], half, src[key])
+                continue
+            if path == "strided" and isinstance(rows, int):  # one expert: index the prebuilt view (fewer host ops)
+                for half, key in _sources_of(plan, name):
+                    if half not in dst_all:
+                        dst_all[half] = _dst_view(name, tensor.view(torch.uint8), half, *src[key].shape)
+                    dst_all[half][rows].copy_(_src_view(name, src[key].to(tensor.device)))
+                    copied += src[key].numel()
+                continue
             dst = tensor[rows].view(torch.uint8)
             for half, key in _sources_of(plan, name):
                 copied += _put(path, maps, name, dst, half, src[key])
@@ -971,6 +984,21 @@ def _sources_of(plan: _Plan, name: str) -> list[tuple[int, str]]:
     return [(0, "down" + sfx)]
 
 
+def _put_numpy(name: str, out, half: int, src: torch.Tensor) -> int:
+    """One source matrix of one expert into its live slice ``out`` (a numpy view of a CPU tensor), with the per-expert
+    copies of ``convert``'s CPU fast path (layout.w13_rows_into, ...): the same views as :func:`_views`."""
+    rows = src.cpu().numpy()
+    if name == "w13_weight":
+        kernel_layout.w13_rows_into(out, half, rows)
+    elif name == "w13_weight_scale":
+        kernel_layout.w13_scales_into(out, half, rows)
+    elif name == "w2_weight":
+        kernel_layout.w2_rows_into(out, rows)
+    else:
+        kernel_layout.w2_scales_into(out, rows)
+    return rows.size
+
+
 def _put(path: str, maps: "_Maps | None", name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> int:
     """Write one source matrix (a w13 half, or down) of one expert into its live slice ``dst`` (uint8)."""
     if path == "numpy":
@@ -995,16 +1023,20 @@ def _views(name: str, out: torch.Tensor, half: int, rows: torch.Tensor) -> tuple
     layout (unpadded, gated): the views of layout.w13_rows_into / w13_scales_into / w2_rows_into / w2_scales_into, in
     torch, with any leading (expert) dims. Scales move as int32 words (the 4 bytes of a column group stay together)."""
     *lead, n, c = rows.shape
+    return _dst_view(name, out, half, n, c), _src_view(name, rows)
+
+
+def _dst_view(name: str, out: torch.Tensor, half: int, n: int, c: int) -> torch.Tensor:
+    """:func:`_views`' destination: ``out`` ``[..., rows, cols]`` (uint8) for source matrices of ``n`` x ``c``."""
+    lead = out.shape[:-2]
     m = len(lead)
     if name == "w13_weight":  # kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a: (b, a, h, r, c)
-        dst = out.view(*lead, n // 16, 2, 2, 8, c).select(m + 2, half)
-    elif name == "w13_weight_scale":  # words (B1, w, a, h, r, B0), b = 4*B1 + B0
-        dst = out.view(torch.int32).view(*lead, n // 64, c // 4, 2, 2, 8, 4).select(m + 3, half)
-    elif name == "w2_weight":  # row 32b + 8p + q holds row 32b + 4q + p: (b, p, q, c)
-        dst = out.view(*lead, n // 32, 4, 8, c)
-    else:  # words (B1, w, p, q, B0)
-        dst = out.view(torch.int32).view(*lead, n // 128, c // 4, 4, 8, 4)
-    return dst, _src_view(name, rows)
+        return out.view(*lead, n // 16, 2, 2, 8, c).select(m + 2, half)
+    if name == "w13_weight_scale":  # words (B1, w, a, h, r, B0), b = 4*B1 + B0
+        return out.view(torch.int32).view(*lead, n // 64, c // 4, 2, 2, 8, 4).select(m + 3, half)
+    if name == "w2_weight":  # row 32b + 8p + q holds row 32b + 4q + p: (b, p, q, c)
+        return out.view(*lead, n // 32, 4, 8, c)
+    return out.view(torch.int32).view(*lead, n // 128, c // 4, 4, 8, 4)  # words (B1, w, p, q, B0)
 
 
 def _src_view(name: str, rows: torch.Tensor, copy: bool = True) -> torch.Tensor:
