@@ -464,7 +464,8 @@ class _Context:
                 )
             if not isinstance(tensor, torch.Tensor):
                 raise BadTensorError(f"{name}: is a {type(tensor).__name__}, not a torch.Tensor")
-            tensor = tensor.detach()  # a trainer's parameters may require grad; only their bytes are read
+            if tensor.requires_grad:
+                tensor = tensor.detach()  # a trainer's parameters: only their bytes are read
             prefix, expert, role, kind = hit
             layer = grouped.setdefault(prefix, {"experts": {}, "fused": {}, "names": {}})
             if expert is None:
