@@ -75,3 +75,21 @@ class HubError(InputError):
 
 class MissingExtraError(Nvfp4CkptError):
     """The command needs a package that the installed extras leave out (the small install has no torch)."""
+
+
+class CheckFailedError(Nvfp4CkptError):
+    """A verification check ran and failed."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
+class UnknownTensorError(InputError):
+    """A tensor name is not an expert tensor of any MoE layer the layout descriptor lists."""
+
+
+class StaleScalarError(InputError):
+    """An in-place update would leave a dependent scalar (g1_alphas, a1/a2, ...) inconsistent with the weights."""
+
+
+class LiveMismatchError(CheckFailedError):
+    """Live kernel-layout tensors differ from the kernel layout of the given source tensors."""

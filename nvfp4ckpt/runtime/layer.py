@@ -84,7 +84,20 @@ class MoELayer:
     rank: RankSpec | None = None
     global_input_scales: tuple[float, float] | None = None  # (a1, a2) over all ranks' experts
     gated: bool = True  # SwiGLU; False: non-gated relu2 (w13 holds up only)
+    descriptor: dict | None = field(default=None, repr=False)  # the checkpoint's moe_kernel_layout (for update_)
     _source: SourceWeights | None = field(default=None, repr=False)
+
+    def update_(self, named_tensors):
+        """Write new source-format expert tensors into this layer's tensors in place (see nvfp4ckpt.runtime.update)."""
+        from .update import update_layer_
+
+        return update_layer_(self, named_tensors)
+
+    def check_live(self, source=None, tensors=None):
+        """Whether the live tensors equal the kernel layout of a source checkpoint folder or named source tensors."""
+        from .update import check_layer
+
+        return check_layer(self, source=source, tensors=tensors)
 
     @property
     def num_local_experts(self) -> int:
@@ -240,6 +253,7 @@ def load_moe_layer(
         rank=spec,
         global_input_scales=global_scales,
         gated=info.gated,
+        descriptor=ckpt.descriptor,
     )
 
 

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Reload one MoE layer's weights in place (RL weight sync): nvfp4ckpt.runtime.update.update_live_ against the engine-style
+per-expert loop and a plain copy of the same bytes.
+
+    python scripts/bench_reload.py [--device cpu|cuda] [--shape qwen3-30b-a3b --shape deepseek-v3] [--experts N]
+                                   [--repeats 5] [--threads N] [--source-device cpu] [--json out.json]
+
+Per shape, with ModelOpt per-expert source tensors (random valid NVFP4 bytes, on --device, as a trainer holds them)
+and live kernel-layout tensors already allocated on --device:
+- ``nvfp4ckpt``: ``update_live_`` (index maps cached per shape; cold = first call with empty caches).
+- ``engine loop``: what SGLang/vLLM's ``prepare_static_weights_for_trtllm_fp4_moe`` + ``copy_or_rebind_param`` do: per
+  expert ``[up; gate]`` cat, FlashInfer's cached permutation indices (``_maybe_get_cached_w3_w1_permute_indices``,
+  ``get_w2_permute_indices_with_cache``), gather, ``block_scale_interleave`` of the scales, then ``torch.stack`` of the
+  layer and ``param.copy_``. On CPU FlashInfer's ``block_scale_interleave`` refuses CPU tensors, so the loop uses
+  nvfp4ckpt's ``layout.swizzle_scales_128x4`` (same bytes) in its place; everything else is FlashInfer's.
+- ``copy floor``: ``Tensor.copy_`` of the same bytes, one copy per source tensor into contiguous slices (the floor for
+  per-expert sources), and one copy of a layer-sized buffer (the device-to-device floor of the issue).
+- ``check_live``: proving the live tensors equal the kernel layout of the source tensors.
+Times: median of --repeats (CUDA: events, synchronized). Memory: extra peak over the state before the call
+(CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak RSS, /proc/self/status VmHWM after resetting it).
+Every method's bytes are checked against the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nvfp4ckpt.layouts.trtllm_gen import transform as kl  # noqa: E402
+from nvfp4ckpt.runtime import update as live_mod  # noqa: E402
+from nvfp4ckpt.layouts.trtllm_gen.descriptor import LayerInfo, build_descriptor, canonical_specs  # noqa: E402
+from nvfp4ckpt.io import torch_dtype  # noqa: E402
+
+# (architecture, experts, hidden, moe intermediate): the public configs
+SHAPES = {"qwen3-30b-a3b": ("qwen3_moe", 128, 2048, 768), "deepseek-v3": ("deepseek_v3", 256, 7168, 2048)}
+PREFIX = "model.layers.3.mlp.experts"
+KERNEL = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def make_source(e: int, h: int, i: int, dev: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for x in range(e):
+        for proj, (n, k) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+            p = f"{PREFIX}.{x}.{proj}"
+            out[f"{p}.weight"] = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g).to(dev)
+            scale = torch.randint(0x28, 0x60, (n, k // 16), dtype=torch.uint8, generator=g)
+            out[f"{p}.weight_scale"] = scale.view(torch.float8_e4m3fn).to(dev)
+            out[f"{p}.weight_scale_2"] = torch.tensor(1e-4 * (1 + x % 7), dtype=torch.float32).to(dev)
+            out[f"{p}.input_scale"] = torch.tensor(2e-3, dtype=torch.float32).to(dev)
+    return out
+
+
+def descriptor(arch: str, e: int, h: int, i: int) -> dict:
+    info = LayerInfo(PREFIX, e, h, i, {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, "F32", (), h, i)
+    return build_descriptor(source_format="modelopt", architecture=arch, routing={}, layers=[info], config_had_quantization_config=True)
+
+
+def make_live(e: int, h: int, i: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.zeros(shape, dtype=torch_dtype(dtype), device=dev)
+        for name, dtype, shape in canonical_specs(PREFIX, e, h, i, "modelopt", "F32")
+    }
+
+
+def engine_loop(src: dict[str, torch.Tensor], live: dict[str, torch.Tensor], e: int, dev: torch.device, cache: dict) -> None:
+    """prepare_static_weights_for_trtllm_fp4_moe (per expert, cached indices) + copy_or_rebind_param (param.copy_)."""
+    from flashinfer.fused_moe.core import _maybe_get_cached_w3_w1_permute_indices, get_w2_permute_indices_with_cache
+
+    if dev.type == "cuda":
+        from flashinfer import block_scale_interleave as interleave
+    else:  # FlashInfer's wrapper refuses CPU tensors: the same 128x4 bytes from nvfp4ckpt
+        interleave = kl.swizzle_scales_128x4
+    w13, s13, w2, s2 = [], [], [], []
+    for x in range(e):
+        p = f"{PREFIX}.{x}"
+        # the loader first: [w3; w1] on the device (a no-op copy when the trainer's tensors are already there)
+        w31 = torch.cat([src[f"{p}.up_proj.weight"], src[f"{p}.gate_proj.weight"]]).to(dev)
+        sc31 = torch.cat([src[f"{p}.up_proj.weight_scale"].view(torch.uint8), src[f"{p}.gate_proj.weight_scale"].view(torch.uint8)]).to(dev)
+        perm = _maybe_get_cached_w3_w1_permute_indices(cache, w31, 128).to(dev)
+        w13.append(w31[perm])
+        perm_s = _maybe_get_cached_w3_w1_permute_indices(cache, sc31, 128, num_elts_per_sf=16).to(dev)
+        s13.append(interleave(sc31[perm_s].contiguous()).reshape(sc31.shape))
+        down, down_s = src[f"{p}.down_proj.weight"].to(dev), src[f"{p}.down_proj.weight_scale"].view(torch.uint8).to(dev)
+        perm2 = get_w2_permute_indices_with_cache(cache, down, 128).to(dev)
+        w2.append(down[perm2])
+        perm2_s = get_w2_permute_indices_with_cache(cache, down_s, 128, num_elts_per_sf=16).to(dev)
+        s2.append(interleave(down_s[perm2_s].contiguous()).reshape(down_s.shape))
+    for name, parts in zip(KERNEL, (w13, s13, w2, s2)):
+        live[f"{PREFIX}.{name}"].view(torch.uint8).copy_(torch.stack(parts))
+
+
+def stack_like_a_trainer(src: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+    """The same tensors as per-expert views of one [E, ...] buffer per projection and kind (grouped-GEMM weights)."""
+    out: dict[str, torch.Tensor] = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for kind in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+            names = [f"{PREFIX}.{x}.{proj}.{kind}" for x in range(e)]
+            buf = torch.stack([src[n] for n in names])
+            out.update({n: buf[x] for x, n in enumerate(names)})
+    return out
+
+
+def copy_per_tensor(src: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
+    off = 0
+    for t in src.values():
+        if t.dim() == 2:
+            n = t.numel()
+            flat[off : off + n].view(t.shape).copy_(t.view(torch.uint8))
+            off += n
+
+
+class Meter:
+    """Median wall time and extra peak memory of a callable on one device."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+
+    def peak_reset(self) -> int:
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            return torch.cuda.memory_allocated(self.dev)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return _status("VmRSS")
+
+    def peak_extra(self, base: int) -> int:
+        if self.dev.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.dev) - base
+        return max(0, _status("VmHWM") - base)
+
+    def once(self, fn) -> tuple[float, int]:
+        sync(self.dev)
+        base = self.peak_reset()
+        if self.dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t
+        return seconds, self.peak_extra(base)
+
+    def median(self, fn, repeats: int) -> tuple[float, int]:
+        runs = [self.once(fn) for _ in range(repeats)]
+        return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def u8(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int, src_dev: torch.device | None = None) -> dict:
+    arch, e_full, h, i = SHAPES[shape]
+    e = experts or e_full
+    src = make_source(e, h, i, src_dev or dev, seed=1)
+    layout = descriptor(arch, e, h, i)
+    live = make_live(e, h, i, dev)
+    layer_bytes = sum(live[f"{PREFIX}.{k}"].numel() for k in KERNEL)
+    meter = Meter(dev)
+    rows: dict[str, dict] = {}
+
+    live_mod._maps.cache_clear()
+    live_mod._maps_on.cache_clear()
+    t, m = meter.once(lambda: live_mod.update_live_(live, src, layout))
+    rows["nvfp4ckpt update_live_, cold"] = {"s": t, "extra_bytes": m}
+    t, m = meter.median(lambda: live_mod.update_live_(live, src, layout), repeats)
+    rows["nvfp4ckpt update_live_, warm"] = {"s": t, "extra_bytes": m}
+    ours = {k: u8(live[f"{PREFIX}.{k}"]).clone() for k in KERNEL}
+
+    cache: dict = {}
+    t, m = meter.once(lambda: engine_loop(src, live, e, dev, cache))
+    rows["engine-style per-expert loop, cold"] = {"s": t, "extra_bytes": m}
+    t, m = meter.median(lambda: engine_loop(src, live, e, dev, cache), repeats)
+    rows["engine-style per-expert loop, warm"] = {"s": t, "extra_bytes": m}
+    identical = all(torch.equal(ours[k], u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
+    del ours
+    engine_out = {k: live[f"{PREFIX}.{k}"].clone() for k in KERNEL}
+    for k in KERNEL:
+        live[f"{PREFIX}.{k}"].zero_()
+
+    stacked = stack_like_a_trainer(src, e)
+    t, m = meter.median(lambda: live_mod.update_live_(live, stacked, layout), repeats)
+    rows["nvfp4ckpt update_live_, warm, sources = views of stacked [E, ...] trainer buffers"] = {"s": t, "extra_bytes": m}
+    identical &= all(torch.equal(u8(engine_out[k]), u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
+    del stacked, engine_out
+
+    t, m = meter.median(lambda: live_mod.check_live(live, src, layout), repeats)
+    rows["nvfp4ckpt check_live"] = {"s": t, "extra_bytes": m}
+
+    flat = torch.zeros(layer_bytes, dtype=torch.uint8, device=dev)  # touched: page faults are not the copy's cost
+    t, m = meter.median(lambda: copy_per_tensor(src, flat), repeats)
+    rows["copy floor: Tensor.copy_ per source tensor"] = {"s": t, "extra_bytes": m}
+    whole = torch.ones(layer_bytes, dtype=torch.uint8, device=dev)
+    t, m = meter.median(lambda: flat.copy_(whole), repeats)
+    rows["copy floor: one layer-sized Tensor.copy_"] = {"s": t, "extra_bytes": m}
+    return {
+        "shape": shape, "experts": e, "experts_full": e_full, "hidden": h, "intermediate": i, "layer_bytes": layer_bytes,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(),
+        "source_device": str(src_dev or dev),
+        "identical_bytes": identical, "rows": rows,
+    }  # fmt: skip
+
+
+def table(r: dict) -> str:
+    floor = r["rows"]["copy floor: one layer-sized Tensor.copy_"]["s"]
+    scaled = "" if r["experts"] == r["experts_full"] else f", {r['experts']} of its {r['experts_full']} experts"
+    out = [
+        f"### {r['shape']} layer shape ({r['layer_bytes'] / 1e9:.3f} GB of kernel tensors{scaled}), {r['device']} "
+        f"(sources on {r['source_device']}), "
+        f"{r['torch_threads']} torch threads; bytes identical across methods: {r['identical_bytes']}",
+        "",
+        "| method | time ms | x layer copy floor | extra peak memory MB | extra memory % of layer |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in r["rows"].items():
+        out.append(
+            f"| {name} | {row['s'] * 1e3:.1f} | {row['s'] / floor:.2f}x | {row['extra_bytes'] / 1e6:.1f} | "
+            f"{100 * row['extra_bytes'] / r['layer_bytes']:.1f}% |"
+        )
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", action="append", choices=sorted(SHAPES))
+    ap.add_argument("--experts", type=int, help="use this many experts (memory-bound hosts); the shape's sizes otherwise")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--source-device", help="where the trainer's tensors are (default: --device); e.g. cpu with --device cuda")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); torch's default otherwise")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    results = []
+    for shape in args.shape or sorted(SHAPES, reverse=True):
+        r = bench_shape(shape, args.experts, dev, args.repeats, torch.device(args.source_device) if args.source_device else None)
+        results.append(r)
+        print(table(r) + "\n", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0 if all(r["identical_bytes"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
