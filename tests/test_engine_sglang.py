@@ -1,0 +1,459 @@
+"""The SGLang plugin against the REAL sglang 0.5.23 (CPU): golden equality with SGLang's own processing.
+
+For each family and source format, SGLang's STOCK NVFP4 MoE method is built on a real FusedMoE from the SOURCE
+example, loaded through FusedMoE.weight_loader and post-processed by its own process_weights_after_loading. Only
+two things are pointed elsewhere: the platform facts (``override_platform(is_blackwell=True)``, SGLang's own
+override) and FlashInfer's CUDA-only ``nvfp4_block_scale_interleave``, replaced by SGLang's torch
+``swizzle_blockscale`` (the same 128x4 permutation). Then the CONVERTED checkpoint is loaded through the plugin and
+both layers' ``apply`` payloads (SGLang's FlashInferTrtllmFp4MoeQuantInfo, captured at MoeRunner.run) are compared
+byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvfp4ckpt.cli import app  # noqa: F401  (the CLI must import beside sglang)
+from nvfp4ckpt.convert import convert_checkpoint
+
+import sglang.srt.layers.quantization.utils as sgl_qutils
+from sglang.srt.layers.moe import MoeRunner
+from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+from sglang.srt.runtime_context import get_parallel, override_platform
+
+from nvfp4ckpt.engines import sglang as plugin
+
+from .conftest import load_dir, u8
+
+SERVED = ("qwen3_moe", "deepseek_v3", "mixtral", "glm4_moe", "kimi_k2", "qwen2_moe")
+FORMATS = ("modelopt", "compressed-tensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SGLang process state: a one-process gloo group, the published server args, the MoE runner config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sglang_runtime():
+    from sglang.srt.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+    from sglang.srt.layers.moe.utils import initialize_moe_config
+    from sglang.test.test_utils import publish_build_topology
+
+    if not torch.distributed.is_initialized():
+        init = "file://" + tempfile.mktemp(prefix="nvfp4ckpt-sglang-")
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo", distributed_init_method=init)
+    if not model_parallel_is_initialized():
+        publish_build_topology(tp_size=1, ep_size=1, pp_size=1, moe_runner_backend="flashinfer_trtllm", device="cpu")
+        initialize_model_parallel(backend="gloo")
+    initialize_moe_config()
+    plugin.register()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def torch_interleave(monkeypatch):
+    """FlashInfer's nvfp4_block_scale_interleave is CUDA-only; SGLang ships the same permutation in torch."""
+    import flashinfer
+
+    def interleave(x: torch.Tensor) -> torch.Tensor:
+        return sgl_qutils.swizzle_blockscale(x.view(torch.float8_e4m3fn)).view(torch.uint8).reshape(-1)
+
+    monkeypatch.setattr(flashinfer, "nvfp4_block_scale_interleave", interleave)
+
+
+@pytest.fixture(autouse=True)
+def capture_runner(monkeypatch):
+    """MoeRunner.run returns the payload it was given (the TRT-LLM-gen kernel runs only on Blackwell)."""
+    monkeypatch.setattr(MoeRunner, "run", lambda self, dispatch_output, quant_info: quant_info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _cfg(root: Path) -> dict:
+    import json
+
+    return json.loads((root / "config.json").read_text())
+
+
+def _moe_sizes(cfg: dict) -> tuple[int, int, int, int]:
+    e = cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg.get("num_local_experts")
+    i = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    k = cfg.get("num_experts_per_tok")
+    return int(e), int(cfg["hidden_size"]), int(i), int(k)
+
+
+def _routing(cfg: dict):
+    """The routing type the SGLang model passes to FusedMoE (nvfp4ckpt records FlashInfer's name for the family)."""
+    from sglang.srt.layers.moe.utils import RoutingMethodType
+
+    from nvfp4ckpt.architectures import for_config
+
+    return RoutingMethodType[for_config(cfg).routing(cfg).method]
+
+
+def _build(quant_config, cfg: dict, prefix: str, tp: int = 1, ep: int = 1, tp_rank: int = 0, ep_rank: int = 0) -> FusedMoE:
+    e, h, i, k = _moe_sizes(cfg)
+    par = dict(tp_size=tp * ep, moe_tp_size=tp, moe_ep_size=ep, moe_tp_rank=tp_rank, moe_ep_rank=ep_rank)
+    # Environment probes only: SGLang's platform facts, and the raw torch capability query the compressed-tensors
+    # config makes when it picks its MoE scheme.
+    with override_platform(is_blackwell=True), get_parallel().override(**par), _blackwell_capability():
+        return FusedMoE(
+            num_experts=e, hidden_size=h, intermediate_size=i, layer_id=0, top_k=k, quant_config=quant_config,
+            prefix=prefix, params_dtype=torch.bfloat16, activation="silu", routing_method_type=_routing(cfg),
+        )  # fmt: skip
+
+
+def _blackwell_capability():
+    from unittest import mock
+
+    return mock.patch.object(torch.cuda, "get_device_capability", lambda *a, **k: (10, 0))
+
+
+def _stock_config(cfg: dict):
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+
+    q = cfg["quantization_config"]
+    method = "modelopt_fp4" if q["quant_method"] == "modelopt" else q["quant_method"]
+    return QUANTIZATION_METHODS[method].from_config(q)
+
+
+def _load_source(layer: FusedMoE, tensors: dict[str, torch.Tensor], prefix: str, proj: dict[str, str], fmt: str) -> None:
+    """What the models' load_weights do: experts.{e}.{proj}.{suffix} -> FusedMoE.weight_loader(w13_/w2_ param)."""
+    shard = {proj["gate"]: "w1", proj["up"]: "w3", proj["down"]: "w2"}
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)\.(\w+)\.(\w+)$")
+    params = dict(layer.named_parameters())
+    n = 0
+    for name, t in tensors.items():
+        m = pat.match(name)
+        if not m or m[2] not in shard:
+            continue
+        sid = shard[m[2]]
+        param = params[("w13_" if sid in ("w1", "w3") else "w2_") + m[3]]
+        layer.weight_loader(param, t, name, shard_id=sid, expert_id=int(m[1]))
+        n += 1
+    assert n, f"no expert tensors of {prefix} in the source"
+
+
+def _stock_layer(src: Path, prefix: str, **par) -> FusedMoE:
+    cfg = _cfg(src)
+    layer = _build(_stock_config(cfg), cfg, prefix, **par)
+    proj = _proj_names(src, prefix)
+    _load_source(layer, load_dir(src), prefix, proj, cfg["quantization_config"]["quant_method"])
+    with override_platform(is_blackwell=True), get_parallel().override(**_par(**par)):
+        layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def _par(tp: int = 1, ep: int = 1, tp_rank: int = 0, ep_rank: int = 0) -> dict:
+    return dict(tp_size=tp * ep, moe_tp_size=tp, moe_ep_size=ep, moe_tp_rank=tp_rank, moe_ep_rank=ep_rank)
+
+
+def _proj_names(src: Path, prefix: str) -> dict[str, str]:
+    from nvfp4ckpt.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(src)
+    layer = next(l for l in ckpt.layers if l.prefix == prefix)
+    return dict(layer.proj_names)
+
+
+def _plugin_layer(conv: Path, prefix: str, **par) -> FusedMoE:
+    cfg = _cfg(conv)
+    qc = plugin.Nvfp4TrtllmConfig.from_config(cfg["quantization_config"])
+    qc.checkpoint_root = str(conv)
+    layer = _build(qc, cfg, prefix, **par)
+    assert isinstance(layer.quant_method, plugin.Nvfp4TrtllmMoEMethod)
+    params = dict(layer.named_parameters())
+    for name, t in load_dir(conv).items():  # the fall-through path of the models' load_weights
+        if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in params:
+            p = params[name[len(prefix) + 1 :]]
+            p.weight_loader(p, t)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def _payload(layer: FusedMoE, h: int):
+    d = types.SimpleNamespace(hidden_states=torch.zeros(1, h, dtype=torch.bfloat16), topk_output=None)
+    with override_platform(is_blackwell=True):
+        return layer.quant_method.apply(layer, d)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (a fresh dense copy: SGLang's compressed-tensors input scale is a stride-0 expand)."""
+    dense = torch.empty(tuple(t.shape) or (1,), dtype=t.dtype)
+    dense.copy_(t.detach().reshape(dense.shape))
+    return u8(dense)
+
+
+def payload_differences(a, b) -> list[str]:
+    """Fields of two FlashInferTrtllmFp4MoeQuantInfo that differ (tensors: dtype, shape, bytes)."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+                out.append(f"{f.name}: {type(x).__name__} vs {type(y).__name__}")
+            elif (x.dtype, tuple(x.shape)) != (y.dtype, tuple(y.shape)):
+                out.append(f"{f.name}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}")
+            elif not torch.equal(_bytes(x), _bytes(y)):
+                out.append(f"{f.name}: bytes differ ({x.reshape(-1)[:4].tolist()} vs {y.reshape(-1)[:4].tolist()})")
+        elif x != y:
+            out.append(f"{f.name}: {x!r} vs {y!r}")
+    return out
+
+
+def assert_same_payload(a, b) -> None:
+    diff = payload_differences(a, b)
+    assert not diff, "; ".join(diff)
+
+
+def _convert(src: Path, out: Path, tp: int = 1, ep: int = 1) -> Path:
+    convert_checkpoint(src, out, tp=tp, ep=ep)
+    return out
+
+
+def _prefixes(conv: Path) -> list[str]:
+    return list(_cfg(conv)["quantization_config"]["moe_kernel_layout"]["layers"])
+
+
+def _tie_w13_global_scales(src: Path, dst: Path, take: str) -> Path:
+    """A copy of a compressed-tensors example whose gate and up weight_global_scale both hold ``take``'s
+    (weights untouched): SGLang's compressed-tensors path keeps only the gate scale, exact only when they are equal."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nvfp4ckpt.checkpoint import open_checkpoint
+
+    proj = dict(open_checkpoint(src).layers[0].proj_names)  # e.g. gate_proj/up_proj, Mixtral w1/w3
+    shutil.copytree(src, dst)
+    other, mine = proj["up" if take == "gate" else "gate"], proj[take]
+    everything = load_dir(src)
+    for f in sorted(dst.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            meta, names = h.metadata(), list(h.keys())
+        out = {}
+        for n in names:
+            t = everything[n]
+            if n.endswith(f".{other}.weight_global_scale"):
+                t = everything[n.replace(f".{other}.", f".{mine}.")].clone()
+            out[n] = t
+        save_file(out, f, metadata=meta)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tests
+
+
+def _source(example_factory, tmp_path: Path, arch: str, fmt: str, **kw) -> Path:
+    src = example_factory(arch, fmt, **kw)
+    if fmt == "compressed-tensors":  # see test_compressed_tensors_untied_gate_up_is_served_exactly
+        src = _tie_w13_global_scales(src, tmp_path / "tied-src", "gate")
+    return src
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", SERVED)
+def test_golden_matches_sglang_processing(example_factory, tmp_path, arch, fmt):
+    src = _source(example_factory, tmp_path, arch, fmt)
+    conv = _convert(src, tmp_path / "conv")
+    h = _moe_sizes(_cfg(src))[1]
+    for prefix in _prefixes(conv):
+        stock = _stock_layer(src, prefix)
+        mine = _plugin_layer(conv, prefix)
+        assert_same_payload(_payload(stock, h), _payload(mine, h))
+        assert mine.intermediate_size_per_partition == stock.intermediate_size_per_partition
+        assert mine.trtllm_padded_hidden_size == getattr(stock, "trtllm_padded_hidden_size", None)
+
+
+def test_compressed_tensors_untied_gate_up_is_served_exactly(example_factory, tmp_path):
+    """SGLang's compressed-tensors MoE keeps only the gate weight_global_scale and warns; the kernel takes the up
+    half's dequant scale separately (g1_scale_c), so the plugin serves the checkpoint exactly: its g1_scale_c is
+    what SGLang's own formula gives with the up scale, everything else is SGLang's bytes."""
+    src = example_factory("qwen3_moe", "compressed-tensors")
+    w = load_dir(src)
+    gate = [t for n, t in w.items() if n.endswith(".gate_proj.weight_global_scale")]
+    up = [t for n, t in w.items() if n.endswith(".up_proj.weight_global_scale")]
+    assert any(not torch.equal(g, u) for g, u in zip(gate, up)), "the example must have untied gate/up scales"
+    conv = _convert(src, tmp_path / "conv")
+    prefix = _prefixes(conv)[0]
+    mine = _payload(_plugin_layer(conv, prefix), 256)
+    stock = _payload(_stock_layer(src, prefix), 256)
+    assert [d.split(":")[0] for d in payload_differences(stock, mine)] == ["g1_scale_c"]
+    up_side = _payload(_stock_layer(_tie_w13_global_scales(src, tmp_path / "up", "up"), prefix), 256)
+    assert torch.equal(_bytes(mine.g1_scale_c), _bytes(up_side.g1_scale_c))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2), (2, 2)])
+def test_rank_output_matches_sglang_sharded_processing(example_factory, tmp_path, fmt, tp, ep):
+    src = example_factory("qwen3_moe", fmt)
+    conv = _convert(src, tmp_path / "conv", tp=tp, ep=ep)
+    h = _moe_sizes(_cfg(src))[1]
+    prefix = _prefixes(conv)[0]
+    for ep_rank in range(ep):
+        for tp_rank in range(tp):
+            par = dict(tp=tp, ep=ep, tp_rank=tp_rank, ep_rank=ep_rank)
+            stock, mine = _stock_layer(src, prefix, **par), _plugin_layer(conv, prefix, **par)
+            with get_parallel().override(**_par(**par)):
+                assert_same_payload(_payload(stock, h), _payload(mine, h))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_engine_ep_on_unsharded_output_slices_experts(example_factory, tmp_path, fmt):
+    src = example_factory("qwen3_moe", fmt)
+    conv = _convert(src, tmp_path / "conv")
+    h = _moe_sizes(_cfg(src))[1]
+    prefix = _prefixes(conv)[0]
+    for ep_rank in range(2):
+        par = dict(ep=2, ep_rank=ep_rank)
+        stock, mine = _stock_layer(src, prefix, **par), _plugin_layer(conv, prefix, **par)
+        with get_parallel().override(**_par(**par)):
+            assert_same_payload(_payload(stock, h), _payload(mine, h))
+
+
+def test_tp_mismatch_is_refused(example_factory, tmp_path):
+    src = example_factory("qwen3_moe", "modelopt")
+    conv = _convert(src, tmp_path / "conv", tp=2)
+    prefix = _prefixes(conv)[0]
+    with pytest.raises(plugin.InputError, match=r"converted with --tp 2 --ep 1.*convert again with --tp 4 --ep 1"):
+        _plugin_layer(conv, prefix, tp=4)
+    unsharded = _convert(src, tmp_path / "flat")
+    with pytest.raises(plugin.InputError, match=r"converted without --tp.*--tp 2"):
+        _plugin_layer(unsharded, prefix, tp=2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_never_shuffles_and_post_processing_is_idempotent(example_factory, tmp_path, monkeypatch, fmt):
+    import flashinfer
+    import sglang.srt.layers.moe.moe_runner.flashinfer_trtllm as fi_trtllm
+
+    def boom(*a, **k):
+        raise AssertionError("the plugin called SGLang's shuffle")
+
+    monkeypatch.setattr(sgl_qutils, "prepare_static_weights_for_trtllm_fp4_moe", boom)
+    monkeypatch.setattr(fi_trtllm, "align_fp4_moe_weights_for_flashinfer_trtllm", boom)
+    monkeypatch.setattr(flashinfer, "nvfp4_block_scale_interleave", boom)
+    monkeypatch.setattr(sgl_qutils, "swizzle_blockscale", boom)
+    src = example_factory("deepseek_v3", fmt)
+    conv = _convert(src, tmp_path / "conv", tp=2)
+    prefix = _prefixes(conv)[0]
+    layer = _plugin_layer(conv, prefix, tp=2, tp_rank=1)
+    before = {n: (p, p.data_ptr(), _bytes(p.data).clone()) for n, p in layer.named_parameters()}
+    for _ in range(2):  # SGLang's end_weight_update runs it again after every update
+        layer.quant_method.process_weights_after_loading(layer)
+    after = dict(layer.named_parameters())
+    assert after.keys() == before.keys()
+    for n, (p, ptr, data) in before.items():
+        assert after[n] is p and p.data_ptr() == ptr, n
+        assert torch.equal(_bytes(p.data), data), n
+
+
+def test_direct_load_format_with_kernel_tensors(example_factory, tmp_path):
+    """update_weights_from_tensor(load_format="direct") copies kernel-layout tensors by parameter name; the
+    post-processing end_weight_update runs afterwards must leave them as given."""
+    from sglang.srt.model_executor.model_runner_components.weight_updater import _model_load_weights_direct
+
+    src_a, src_b = example_factory("qwen3_moe", "modelopt", seed=0), example_factory("qwen3_moe", "modelopt", seed=1)
+    conv_a, conv_b = _convert(src_a, tmp_path / "a"), _convert(src_b, tmp_path / "b")
+    prefix = _prefixes(conv_a)[0]
+    layer = _plugin_layer(conv_a, prefix)
+    model = torch.nn.Module()
+    model.add_module("experts", layer)
+    new = load_dir(conv_b)
+    names = [n for n, _ in layer.named_parameters()]
+    ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
+    tensors = [(f"experts.{n}", new[f"{prefix}.{n}"]) for n in names]
+    tensors = [(n, t.reshape(()) if n.endswith("w13_input_scale_quant") else t) for n, t in tensors]
+    _model_load_weights_direct(model, tensors)
+    layer.quant_method.process_weights_after_loading(layer)
+    expected = _payload(_plugin_layer(conv_b, prefix), 256)
+    assert_same_payload(_payload(layer, 256), expected)
+    assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_custom_weight_loader_routes_source_tensors_in_place(example_factory, tmp_path, fmt):
+    """--custom-weight-loader nvfp4ckpt.engines.sglang.load_weights with SOURCE-named tensors of another
+    checkpoint leaves exactly what loading that checkpoint's conversion gives, in the same storage."""
+    src_a, src_b = example_factory("qwen3_moe", fmt, seed=0), example_factory("qwen3_moe", fmt, seed=1)
+    conv_a, conv_b = _convert(src_a, tmp_path / "a"), _convert(src_b, tmp_path / "b")
+    prefix = _prefixes(conv_a)[0]
+    layer = _plugin_layer(conv_a, prefix)
+    model = torch.nn.Module()
+    model.add_module("experts", layer)
+    ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
+    source = {n: t for n, t in load_dir(src_b).items() if n.startswith(prefix + ".")}
+    forwarded: list[str] = []
+    model.load_weights = lambda named: forwarded.extend(n for n, _ in named)
+    plugin.load_weights(model, list(source.items()) + [("lm_head.weight", torch.zeros(2, 2))])
+    assert forwarded == ["lm_head.weight"]
+    layer.quant_method.process_weights_after_loading(layer)  # end_weight_update
+    assert_same_payload(_payload(layer, 256), _payload(_plugin_layer(conv_b, prefix), 256))
+    assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the converted config, stock SGLang and the entry point
+
+
+def _model_config(path: Path):
+    from sglang.srt.configs.model_config import ModelConfig
+
+    return ModelConfig(model_path=str(path))
+
+
+def test_stock_sglang_refuses_converted_files(example_factory, tmp_path, monkeypatch):
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS
+
+    monkeypatch.delitem(QUANTIZATION_METHODS, plugin.QUANT_METHOD)  # SGLang as installed, no plugin
+    conv = _convert(example_factory("qwen3_moe", "modelopt"), tmp_path / "conv")
+    with pytest.raises(ValueError, match="Unknown quantization method: nvfp4_trtllm"):
+        _model_config(conv)
+    from sglang.srt.configs.model_config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"\(nvfp4_trtllm\) does not match"):
+        ModelConfig(model_path=str(conv), quantization="modelopt_fp4")
+    _model_config(example_factory("qwen3_moe", "modelopt"))  # the source itself still loads
+
+
+def test_entry_point_registers_method_and_model_config_accepts_it(example_factory, tmp_path):
+    from importlib.metadata import entry_points
+
+    from sglang.srt.arg_groups.choices import QUANTIZATION_CHOICES
+    from sglang.srt.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    from sglang.srt.plugins import load_plugins
+
+    assert any(ep.value == "nvfp4ckpt.engines.sglang:register" for ep in entry_points(group="sglang.srt.plugins"))
+    load_plugins()  # what SGLang's engine, scheduler and detokenizer run at start
+    assert QUANTIZATION_METHODS[plugin.QUANT_METHOD] is plugin.Nvfp4TrtllmConfig
+    assert plugin.QUANT_METHOD in QUANTIZATION_CHOICES
+    for fmt in FORMATS:
+        conv = _convert(example_factory("deepseek_v3", fmt), tmp_path / fmt)
+        mc = _model_config(conv)
+        assert mc.quantization == plugin.QUANT_METHOD
+        qc = get_quantization_config(mc.quantization).from_config(_cfg(conv)["quantization_config"])
+        assert type(qc.inner).__name__ == ("ModelOptFp4Config" if fmt == "modelopt" else "CompressedTensorsConfig")
+
+
+@pytest.mark.parametrize("family", sorted(plugin.REFUSED_FAMILIES))
+def test_refused_families_by_name(example_factory, tmp_path, family):
+    conv = _convert(example_factory(family, "modelopt"), tmp_path / "conv")
+    with pytest.raises(plugin.InputError, match=f"family '{family}' is not served by the SGLang plugin"):
+        plugin.Nvfp4TrtllmConfig.from_config(_cfg(conv)["quantization_config"])
