@@ -106,7 +106,7 @@ def _routing(cfg: dict):
 
 def _build(quant_config, cfg: dict, prefix: str, tp: int = 1, ep: int = 1, tp_rank: int = 0, ep_rank: int = 0) -> FusedMoE:
     e, h, i, k = _moe_sizes(cfg)
-    par = dict(tp_size=tp * ep, moe_tp_size=tp, moe_ep_size=ep, moe_tp_rank=tp_rank, moe_ep_rank=ep_rank)
+    par = _par(tp, ep, tp_rank, ep_rank)
     # Environment probes only: SGLang's platform facts, and the raw torch capability query the compressed-tensors
     # config makes when it picks its MoE scheme.
     with override_platform(is_blackwell=True), get_parallel().override(**par), _blackwell_capability():
@@ -158,7 +158,18 @@ def _stock_layer(src: Path, prefix: str, **par) -> FusedMoE:
 
 
 def _par(tp: int = 1, ep: int = 1, tp_rank: int = 0, ep_rank: int = 0) -> dict:
-    return dict(tp_size=tp * ep, moe_tp_size=tp, moe_ep_size=ep, moe_tp_rank=tp_rank, moe_ep_rank=ep_rank)
+    """SGLang's parallel state of one rank of a tp*ep job (attention TP over the same ranks, no DP), as FusedMoE
+    reads it. This process's groups have one member, so the group handles are width stand-ins: nothing here
+    communicates (the overrides' validation reads only ``world_size``)."""
+    n, rank = tp * ep, ep_rank * tp + tp_rank
+    width = types.SimpleNamespace(world_size=n)
+    if n == 1:
+        return {}
+    return dict(
+        tp_size=n, tp_rank=rank, attn_tp_size=n, attn_tp_rank=rank, tp_group=width, attn_tp_group=width,
+        moe_tp_size=tp, moe_tp_rank=tp_rank, moe_ep_size=ep, moe_ep_rank=ep_rank,
+        moe_ep_group=types.SimpleNamespace(world_size=ep),
+    )  # fmt: skip
 
 
 def _proj_names(src: Path, prefix: str) -> dict[str, str]:
@@ -300,10 +311,10 @@ def test_compressed_tensors_untied_gate_up_is_served_exactly(example_factory, tm
     assert torch.equal(_bytes(mine.g1_scale_c), _bytes(up_side.g1_scale_c))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2), (2, 2)])
-def test_rank_output_matches_sglang_sharded_processing(example_factory, tmp_path, fmt, tp, ep):
-    src = example_factory("qwen3_moe", fmt)
+def test_rank_output_matches_sglang_sharded_processing(example_factory, tmp_path, tp, ep):
+    """ModelOpt: every rank's payload equals SGLang's own processing on that rank, byte for byte."""
+    src = example_factory("qwen3_moe", "modelopt")
     conv = _convert(src, tmp_path / "conv", tp=tp, ep=ep)
     h = _moe_sizes(_cfg(src))[1]
     prefix = _prefixes(conv)[0]
@@ -315,13 +326,57 @@ def test_rank_output_matches_sglang_sharded_processing(example_factory, tmp_path
                 assert_same_payload(_payload(stock, h), _payload(mine, h))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_engine_ep_on_unsharded_output_slices_experts(example_factory, tmp_path, fmt):
-    src = example_factory("qwen3_moe", fmt)
+KERNEL_FIELDS = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
+SCALAR_FIELDS = ("g1_alphas", "g1_scale_c", "g2_alphas")
+
+
+@pytest.mark.parametrize(("tp", "ep", "rank_output"), [(2, 1, True), (1, 2, True), (2, 2, True), (1, 2, False)])
+def test_compressed_tensors_rank_output_against_sglang(example_factory, tmp_path, tp, ep, rank_output):
+    """compressed-tensors: SGLang's own sharded processing differs from ModelOpt's in two ways it is self-consistent
+    about, so each rank is compared with SGLang's unsharded processing, sliced to the rank:
+    - under EP it takes a1/a2 from the rank's local experts (ModelOpt's path, and nvfp4ckpt, from all experts);
+    - under TP, FusedMoE pads I per rank to 128 before loading and slices the checkpoint in padded chunks (rank r
+      holds rows [128r, 128r+128)), where nvfp4ckpt splits I evenly and pads each half to 64, as ModelOpt's path.
+    Weights are compared with nvfp4ckpt's inverse of the layout (padding out), scalars byte for byte."""
+    from nvfp4ckpt.parallel import from_kernel
+
+    src = _source(example_factory, tmp_path, "qwen3_moe", "compressed-tensors")
+    conv = _convert(src, tmp_path / "conv", tp=tp, ep=ep) if rank_output else _convert(src, tmp_path / "conv")
+    e, h, i, _ = _moe_sizes(_cfg(src))
+    prefix = _prefixes(conv)[0]
+    whole = _payload(_stock_layer(src, prefix), h)
+    w31, s31, down, down_s, zero = from_kernel({f: getattr(whole, f) for f in KERNEL_FIELDS}, h, i)
+    assert zero
+    e_loc, i_loc = e // ep, i // tp
+    for ep_rank in range(ep):
+        for tp_rank in range(tp):
+            par = dict(tp=tp, ep=ep, tp_rank=tp_rank, ep_rank=ep_rank)
+            with get_parallel().override(**_par(**par)):
+                stock = _payload(_stock_layer(src, prefix, **par), h)
+                mine = _payload(_plugin_layer(conv, prefix, **par), h)
+            e0, i0 = ep_rank * e_loc, tp_rank * i_loc
+            ex = slice(e0, e0 + e_loc)
+            m = from_kernel({f: getattr(mine, f) for f in KERNEL_FIELDS}, h, i_loc)
+            assert m[4], "padding must be zero"
+            rows = torch.cat([torch.arange(i0, i0 + i_loc), torch.arange(i + i0, i + i0 + i_loc)])  # [up; gate]
+            assert torch.equal(u8(m[0]), u8(w31[ex][:, rows]))
+            assert torch.equal(u8(m[1]), u8(s31[ex][:, rows]))
+            assert torch.equal(u8(m[2]), u8(down[ex][:, :, i0 // 2 : (i0 + i_loc) // 2]))
+            assert torch.equal(u8(m[3]), u8(down_s[ex][:, :, i0 // 16 : (i0 + i_loc) // 16]))
+            for f in SCALAR_FIELDS:
+                assert torch.equal(_bytes(getattr(mine, f)), _bytes(getattr(whole, f)[ex])), f
+            assert torch.equal(_bytes(mine.w13_input_scale_quant), _bytes(whole.w13_input_scale_quant))
+            assert (mine.local_expert_offset, mine.local_num_experts) == (stock.local_expert_offset, stock.local_num_experts)
+            assert mine.global_num_experts == stock.global_num_experts == e
+            assert mine.intermediate_size_per_partition == max(64, -(-i_loc // 64) * 64)
+
+
+def test_engine_ep_on_unsharded_output_slices_experts(example_factory, tmp_path):
+    src = example_factory("qwen3_moe", "modelopt")
     conv = _convert(src, tmp_path / "conv")
     h = _moe_sizes(_cfg(src))[1]
     prefix = _prefixes(conv)[0]
-    for ep_rank in range(2):
+    for ep_rank in range(2):  # (compressed-tensors under engine EP: see the test above)
         par = dict(ep=2, ep_rank=ep_rank)
         stock, mine = _stock_layer(src, prefix, **par), _plugin_layer(conv, prefix, **par)
         with get_parallel().override(**_par(**par)):
