@@ -512,3 +512,32 @@ def test_refused_families_by_name(example_factory, tmp_path, family):
     conv = _convert(example_factory(family, "modelopt"), tmp_path / "conv")
     with pytest.raises(plugin.InputError, match=f"family '{family}' is not served by the SGLang plugin"):
         plugin.Nvfp4TrtllmConfig.from_config(_cfg(conv)["quantization_config"])
+
+
+def test_model_load_weights_routes_converted_names(example_factory, tmp_path):
+    """SGLang's own Qwen3MoeForCausalLM.load_weights, fed the converted files as its loader iterates them (top-level
+    *.safetensors), reaches the plugin's parameters by name; the result equals SGLang's processing of the source."""
+    from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM
+    from sglang.srt.model_loader.weight_utils import safetensors_weights_iterator
+
+    src = example_factory("qwen3_moe", "modelopt")
+    conv = _convert(src, tmp_path / "conv")
+    cfg = _cfg(conv)
+    qc = plugin.Nvfp4TrtllmConfig.from_config(cfg["quantization_config"])
+    qc.checkpoint_root = str(conv)
+    holder = torch.nn.Module()  # the model's module tree down to its MoE layers (attention needs a GPU build)
+    holder.model = torch.nn.Module()
+    holder.model.layers = torch.nn.ModuleList()
+    for prefix in _prefixes(conv):
+        block = torch.nn.Module()
+        block.mlp = torch.nn.Module()
+        block.mlp.experts = _build(qc, cfg, prefix)
+        holder.model.layers.append(block)
+    holder.config = types.SimpleNamespace(num_experts=cfg["num_experts"])
+    files = sorted(str(p) for p in conv.glob("*.safetensors"))
+    Qwen3MoeForCausalLM.load_weights(holder, safetensors_weights_iterator(files))
+    for n, prefix in enumerate(_prefixes(conv)):
+        layer = holder.model.layers[n].mlp.experts
+        assert layer._nvfp4ckpt_loaded == set(layer.quant_method._specs(1, 1))
+        layer.quant_method.process_weights_after_loading(layer)
+        assert_same_payload(_payload(_stock_layer(src, prefix), 256), _payload(layer, 256))

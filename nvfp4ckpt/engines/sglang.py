@@ -112,6 +112,8 @@ class Nvfp4TrtllmConfig(QuantizationConfig):
         self.inner = inner
         self.source_format = source_format
         self.layout = layout
+        if inner.packed_modules_mapping is None:
+            inner.packed_modules_mapping = {}
         self.packed_modules_mapping = inner.packed_modules_mapping  # one dict: models update it in place
         self.checkpoint_root: str | None = None  # default: the served model path (get_server_args().model_path)
 
@@ -134,7 +136,10 @@ class Nvfp4TrtllmConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Nvfp4TrtllmConfig":
         layout = check_layout(config.get("moe_kernel_layout"))
-        inner, fmt = _stock_config(config.get("source_quantization_config"))
+        source = config.get("source_quantization_config")
+        if isinstance(source, dict):  # SGLang's loader adds runtime fields to the top level; the stock config reads them
+            source = {**source, **{k: config[k] for k in ("packed_modules_mapping", "hf_config") if k in config}}
+        inner, fmt = _stock_config(source)
         if fmt != layout.get("source_format"):
             raise InputError(f"quantization_config: source format {fmt!r} differs from the descriptor's {layout.get('source_format')!r}")
         return cls(inner, fmt, layout)
