@@ -420,6 +420,20 @@ def test_never_shuffles_and_post_processing_is_idempotent(example_factory, tmp_p
         assert torch.equal(_bytes(p.data), data), n
 
 
+def _begin_weight_update(model: torch.nn.Module) -> None:
+    """What SGLang's WeightUpdater.begin_weight_update runs on each model."""
+    from sglang.srt.model_loader.loader import DefaultModelLoader
+
+    DefaultModelLoader.restore_weights_before_loading(model, torch.device("cpu"))
+
+
+def _end_weight_update(model: torch.nn.Module) -> None:
+    """What SGLang's WeightUpdater.end_weight_update runs: post-processing of every quantized module, again."""
+    from sglang.srt.model_loader.loader import DefaultModelLoader
+
+    DefaultModelLoader.postprocess_weights(model, torch.device("cpu"))
+
+
 def test_direct_load_format_with_kernel_tensors(example_factory, tmp_path):
     """update_weights_from_tensor(load_format="direct") copies kernel-layout tensors by parameter name; the
     post-processing end_weight_update runs afterwards must leave them as given."""
@@ -436,8 +450,9 @@ def test_direct_load_format_with_kernel_tensors(example_factory, tmp_path):
     ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
     tensors = [(f"experts.{n}", new[f"{prefix}.{n}"]) for n in names]
     tensors = [(n, t.reshape(()) if n.endswith("w13_input_scale_quant") else t) for n, t in tensors]
+    _begin_weight_update(model)
     _model_load_weights_direct(model, tensors)
-    layer.quant_method.process_weights_after_loading(layer)
+    _end_weight_update(model)
     expected = _payload(_plugin_layer(conv_b, prefix), 256)
     assert_same_payload(_payload(layer, 256), expected)
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs
@@ -457,9 +472,10 @@ def test_custom_weight_loader_routes_source_tensors_in_place(example_factory, tm
     source = {n: t for n, t in load_dir(src_b).items() if n.startswith(prefix + ".")}
     forwarded: list[str] = []
     model.load_weights = lambda named: forwarded.extend(n for n, _ in named)
+    _begin_weight_update(model)
     plugin.load_weights(model, list(source.items()) + [("lm_head.weight", torch.zeros(2, 2))])
+    _end_weight_update(model)
     assert forwarded == ["lm_head.weight"]
-    layer.quant_method.process_weights_after_loading(layer)  # end_weight_update
     assert_same_payload(_payload(layer, 256), _payload(_plugin_layer(conv_b, prefix), 256))
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs
 
