@@ -458,14 +458,15 @@ def test_direct_load_format_with_kernel_tensors(example_factory, tmp_path):
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_custom_weight_loader_routes_source_tensors_in_place(example_factory, tmp_path, fmt):
+@pytest.mark.parametrize(("fmt", "tp", "tp_rank"), [(f, 1, 0) for f in FORMATS] + [(f, 2, 1) for f in FORMATS])
+def test_custom_weight_loader_routes_source_tensors_in_place(example_factory, tmp_path, fmt, tp, tp_rank):
     """--custom-weight-loader nvfp4ckpt.engines.sglang.load_weights with SOURCE-named tensors of another
     checkpoint leaves exactly what loading that checkpoint's conversion gives, in the same storage."""
     src_a, src_b = example_factory("qwen3_moe", fmt, seed=0), example_factory("qwen3_moe", fmt, seed=1)
-    conv_a, conv_b = _convert(src_a, tmp_path / "a"), _convert(src_b, tmp_path / "b")
+    conv_a, conv_b = _convert(src_a, tmp_path / "a", tp=tp), _convert(src_b, tmp_path / "b", tp=tp)
     prefix = _prefixes(conv_a)[0]
-    layer = _plugin_layer(conv_a, prefix)
+    par = dict(tp=tp, tp_rank=tp_rank)
+    layer = _plugin_layer(conv_a, prefix, **par)
     model = torch.nn.Module()
     model.add_module("experts", layer)
     ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
@@ -476,7 +477,8 @@ def test_custom_weight_loader_routes_source_tensors_in_place(example_factory, tm
     plugin.load_weights(model, list(source.items()) + [("lm_head.weight", torch.zeros(2, 2))])
     _end_weight_update(model)
     assert forwarded == ["lm_head.weight"]
-    assert_same_payload(_payload(layer, 256), _payload(_plugin_layer(conv_b, prefix), 256))
+    with get_parallel().override(**_par(**par)):
+        assert_same_payload(_payload(layer, 256), _payload(_plugin_layer(conv_b, prefix, **par), 256))
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs
 
 
@@ -557,3 +559,22 @@ def test_model_load_weights_routes_converted_names(example_factory, tmp_path):
         assert layer._nvfp4ckpt_loaded == set(layer.quant_method._specs(1, 1))
         layer.quant_method.process_weights_after_loading(layer)
         assert_same_payload(_payload(_stock_layer(src, prefix), 256), _payload(layer, 256))
+
+
+def test_missing_or_misshapen_tensor_is_refused(example_factory, tmp_path):
+    src = example_factory("qwen3_moe", "modelopt")
+    conv = _convert(src, tmp_path / "conv")
+    prefix = _prefixes(conv)[0]
+    cfg = _cfg(conv)
+    qc = plugin.Nvfp4TrtllmConfig.from_config(cfg["quantization_config"])
+    layer = _build(qc, cfg, prefix)
+    params = dict(layer.named_parameters())
+    tensors = load_dir(conv)
+    for name, p in params.items():
+        if name != "g1_scale_c":
+            p.weight_loader(p, tensors[f"{prefix}.{name}"])
+    with pytest.raises(plugin.MissingTensorError, match=rf"{re.escape(prefix)}\.g1_scale_c was not loaded"):
+        layer.quant_method.process_weights_after_loading(layer)
+    p = params["w2_weight"]
+    with pytest.raises(plugin.BadTensorError, match=rf"{re.escape(prefix)}\.w2_weight: checkpoint has torch.uint8 \(8, 256, 32\)"):
+        p.weight_loader(p, tensors[f"{prefix}.w2_weight"][:, :, :32].contiguous())
