@@ -45,7 +45,8 @@ REFUSED_FAMILIES = {
     "its flashinfer_trtllm NVFP4 path is not verified against this layout",
     "qwen3_next": "SGLang's Qwen3-Next/Qwen3.5 MoE wraps experts in its own fused shared-expert path; not verified",
     "minimax_m2": "SGLang's MiniMax-M2 NVFP4 experts go through its own MiniMax quantization path; not verified",
-    "nemotron_h": "SGLang's Nemotron-H relu2 experts pad the hidden size for the per-token variant; not verified",
+    "nemotron_h": "SGLang's Nemotron-H has non-gated relu2 experts inside hybrid Mamba blocks; its flashinfer_trtllm "
+    "path is not verified against this layout",
 }
 
 KERNEL_NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
