@@ -29,6 +29,7 @@ from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 from sglang.srt.runtime_context import get_parallel, override_platform
 
 from nvfp4ckpt.engines import sglang as plugin
+from nvfp4ckpt.live import check_live, check_live_
 
 from .conftest import load_dir, u8
 
@@ -471,12 +472,18 @@ def test_custom_weight_loader_routes_source_tensors_in_place(example_factory, tm
     model.add_module("experts", layer)
     ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
     source = {n: t for n, t in load_dir(src_b).items() if n.startswith(prefix + ".")}
+    layout = _cfg(conv_a)["quantization_config"]["moe_kernel_layout"]
+    rank = tp_rank if tp > 1 else None
+    maxima = plugin.input_scale_maxima(model)
+    stale = check_live(plugin.live_tensors(model), source, layout, rank=rank, input_scale_maxima=maxima)
+    assert not stale.ok
     forwarded: list[str] = []
     model.load_weights = lambda named: forwarded.extend(n for n, _ in named)
     _begin_weight_update(model)
     plugin.load_weights(model, list(source.items()) + [("lm_head.weight", torch.zeros(2, 2))])
     _end_weight_update(model)
     assert forwarded == ["lm_head.weight"]
+    check_live_(plugin.live_tensors(model), source, layout, rank=rank, input_scale_maxima=plugin.input_scale_maxima(model))
     with get_parallel().override(**_par(**par)):
         assert_same_payload(_payload(layer, 256), _payload(_plugin_layer(conv_b, prefix, **par), 256))
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs

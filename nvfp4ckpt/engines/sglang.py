@@ -426,7 +426,6 @@ def load_weights(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torc
         if method.rank is None and method.e_loc != method.info.num_experts:
             raise InputError(f"{prefix}: RL updates under SGLang expert parallelism need `nvfp4ckpt convert --ep` output")
     live: dict[str, torch.Tensor] = {}
-    maxima: dict[str, tuple[float, float]] = {}
     ct = any_method.config.source_format == "compressed-tensors"
     for prefix, (layer, method) in layers.items():
         params = dict(layer.named_parameters(recurse=False))
@@ -434,9 +433,10 @@ def load_weights(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torc
         live.update({f"{prefix}.{n}": params[n].data for n in names})
         if not ct:
             live[f"{prefix}.w13_input_scale_quant"] = params["w13_input_scale_quant"].data.view(1)  # same storage
-        if layer._nvfp4ckpt_maxima is not None:
-            maxima[prefix] = layer._nvfp4ckpt_maxima
-    report = update_live_(live, named, any_method.config.layout, rank=ranks.pop(), input_scale_maxima=maxima, ignore_unknown=True)
+    report = update_live_(
+        live, named, any_method.config.layout, rank=ranks.pop(), input_scale_maxima=input_scale_maxima(model),
+        ignore_unknown=True,
+    )  # fmt: skip
     for prefix, upd in report.layers.items():
         layer, method = layers[prefix]
         layer._nvfp4ckpt_maxima = tuple(upd.input_scale_maxima)
@@ -456,10 +456,19 @@ def _write_ct_scalars(layer: torch.nn.Module, upd: Any) -> None:
     layer.w13_input_scale_quant.data.fill_(float(upd.scalars["w13_input_scale_quant"].reshape(-1)[0]))
 
 
-def live_tensors(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
-    """Canonical full name -> live tensor of every kernel-layout MoE parameter (for ``nvfp4ckpt.live.check_live_``)."""
+def live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical full name -> live tensor (same storage) of every kernel-layout MoE parameter, in the canonical shapes
+    (``w13_input_scale_quant`` as ``[1]``), for ``nvfp4ckpt.live.check_live_``."""
     out: dict[str, torch.Tensor] = {}
     for prefix, (layer, _) in _moe_layers(model).items():
         for name, p in layer.named_parameters(recurse=False):
-            out[f"{prefix}.{name}"] = p.data
+            t = p.data
+            if name == "w13_input_scale_quant":
+                t = t.view(1) if t.dim() == 0 else t[:1]  # SGLang's forms: 0-dim, or one copy per local expert
+            out[f"{prefix}.{name}"] = t
     return out
+
+
+def input_scale_maxima(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """prefix -> (a1, a2) the live scalars were computed with (for ``check_live_``/``update_live_`` on one rank)."""
+    return {p: l._nvfp4ckpt_maxima for p, (l, _) in _moe_layers(model).items() if l._nvfp4ckpt_maxima is not None}
