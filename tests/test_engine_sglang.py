@@ -585,3 +585,11 @@ def test_missing_or_misshapen_tensor_is_refused(example_factory, tmp_path):
     p = params["w2_weight"]
     with pytest.raises(plugin.BadTensorError, match=rf"{re.escape(prefix)}\.w2_weight: checkpoint has torch.uint8 \(8, 256, 32\)"):
         p.weight_loader(p, tensors[f"{prefix}.w2_weight"][:, :, :32].contiguous())
+
+
+def test_moe_layer_under_another_name_is_refused(example_factory, tmp_path):
+    conv = _convert(example_factory("qwen3_moe", "modelopt"), tmp_path / "conv")
+    cfg = _cfg(conv)
+    qc = plugin.Nvfp4TrtllmConfig.from_config(cfg["quantization_config"])
+    with pytest.raises(plugin.InputError, match=r"SGLang names MoE layer 'model.layers.0.block_sparse_moe.experts', the checkpoint 'model.layers.0.mlp.experts'"):
+        _build(qc, cfg, "model.layers.0.block_sparse_moe.experts")

@@ -17,6 +17,7 @@ Tested against sglang 0.5.23 (see docs/serving.md).
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -148,8 +149,14 @@ class Nvfp4TrtllmConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
-        if isinstance(layer, FusedMoE) and prefix in (self.layout.get("layers") or {}):
-            return Nvfp4TrtllmMoEMethod(self, prefix)
+        layers = self.layout.get("layers") or {}
+        if isinstance(layer, FusedMoE):
+            if prefix in layers:
+                return Nvfp4TrtllmMoEMethod(self, prefix)
+            idx = re.search(r"\.layers\.(\d+)\.", f"{prefix}.")
+            twin = next((p for p in layers if idx and f".layers.{idx[1]}." in f"{p}."), None)
+            if twin is not None:  # the same decoder layer under another name: its tensors would never arrive
+                raise InputError(f"SGLang names MoE layer {prefix!r}, the checkpoint {twin!r}; this model class is not served")
         return self.inner.get_quant_method(layer, prefix)  # dense layers, and MoE layers nvfp4ckpt did not convert
 
     def can_fuse_shared_expert(self) -> bool:
