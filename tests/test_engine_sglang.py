@@ -539,33 +539,64 @@ def test_refused_families_by_name(example_factory, tmp_path, family):
         plugin.Nvfp4TrtllmConfig.from_config(_cfg(conv)["quantization_config"])
 
 
-def test_model_load_weights_routes_converted_names(example_factory, tmp_path):
-    """SGLang's own Qwen3MoeForCausalLM.load_weights, fed the converted files as its loader iterates them (top-level
-    *.safetensors), reaches the plugin's parameters by name; the result equals SGLang's processing of the source."""
+def _moe_only_model(arch: str, qc, cfg: dict, prefixes: list[str]):
+    """The model's module tree down to its MoE layers (attention needs a GPU build), with the family's REAL
+    SGLang weight-loading code: Qwen3MoeForCausalLM.load_weights, or DeepSeek's DeepseekV2WeightLoaderMixin."""
+    from sglang.srt.models.deepseek_common.deepseek_weight_loader import DeepseekV2WeightLoaderMixin
     from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    class DeepseekMoEOnly(torch.nn.Module, DeepseekV2WeightLoaderMixin):
+        def load_weights(self, weights):
+            self.do_load_weights(weights)
+
+        def post_load_weights(self, is_nextn=False, weight_names=None):
+            pass  # MLA kv_b_proj splitting: attention only, not built here
+
+    class Qwen3MoEOnly(torch.nn.Module):
+        load_weights = Qwen3MoeForCausalLM.load_weights
+
+    holder = (Qwen3MoEOnly if arch == "qwen3_moe" else DeepseekMoEOnly)()
+    holder.model = torch.nn.Module()
+    holder.model.layers = torch.nn.ModuleList()
+    n_layers = int(cfg["num_hidden_layers"])
+    for n in range(n_layers):
+        block = torch.nn.Module()
+        prefix = next((p for p in prefixes if f".layers.{n}." in p + "."), None)
+        if prefix is not None:
+            block.mlp = torch.nn.Module()
+            block.mlp.experts = _build(qc, cfg, prefix)
+        holder.model.layers.append(block)
+    holder.config = types.SimpleNamespace(**{k: v for k, v in cfg.items() if k != "quantization_config"})
+    holder.quant_config = qc
+    holder.num_fused_shared_experts = 0
+    holder.pp_group = types.SimpleNamespace(is_last_rank=True)
+    return holder
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "kimi_k2"])
+def test_model_load_weights_routes_converted_names(example_factory, tmp_path, arch, fmt):
+    """SGLang's own model weight loading, fed the converted files' MoE tensors as its loader iterates them
+    (top-level *.safetensors), reaches the plugin's parameters by name; the result equals SGLang's processing of the
+    source."""
     from sglang.srt.model_loader.weight_utils import safetensors_weights_iterator
 
-    src = example_factory("qwen3_moe", "modelopt")
+    src = _source(example_factory, tmp_path, arch, fmt)
     conv = _convert(src, tmp_path / "conv")
     cfg = _cfg(conv)
     qc = plugin.Nvfp4TrtllmConfig.from_config(cfg["quantization_config"])
     qc.checkpoint_root = str(conv)
-    holder = torch.nn.Module()  # the model's module tree down to its MoE layers (attention needs a GPU build)
-    holder.model = torch.nn.Module()
-    holder.model.layers = torch.nn.ModuleList()
-    for prefix in _prefixes(conv):
-        block = torch.nn.Module()
-        block.mlp = torch.nn.Module()
-        block.mlp.experts = _build(qc, cfg, prefix)
-        holder.model.layers.append(block)
-    holder.config = types.SimpleNamespace(num_experts=cfg["num_experts"])
+    prefixes = _prefixes(conv)
+    model = _moe_only_model(arch, qc, cfg, prefixes)
     files = sorted(str(p) for p in conv.glob("*.safetensors"))
-    Qwen3MoeForCausalLM.load_weights(holder, safetensors_weights_iterator(files))
-    for n, prefix in enumerate(_prefixes(conv)):
-        layer = holder.model.layers[n].mlp.experts
+    # the tensors of the modules built here (the loaders index params_dict for dense names of unbuilt modules)
+    model.load_weights((n, t) for n, t in safetensors_weights_iterator(files) if any(n.startswith(p + ".") for p in prefixes))
+    _end_weight_update(model)  # DefaultModelLoader's post-processing of every quantized module
+    h = _moe_sizes(cfg)[1]
+    for prefix in prefixes:
+        layer = model.get_submodule(prefix)
         assert layer._nvfp4ckpt_loaded == set(layer.quant_method._specs(1, 1))
-        layer.quant_method.process_weights_after_loading(layer)
-        assert_same_payload(_payload(_stock_layer(src, prefix), 256), _payload(layer, 256))
+        assert_same_payload(_payload(_stock_layer(src, prefix), h), _payload(layer, h))
 
 
 def test_missing_or_misshapen_tensor_is_refused(example_factory, tmp_path):
