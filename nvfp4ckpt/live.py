@@ -6,11 +6,12 @@ straight into the tensors an engine or ``load_moe_layer`` already holds: ``data_
 graph captured before the update replays with the new weights. See docs/reload.md.
 
 How the bytes move: the kernel layout is a fixed permutation of each expert's rows (gated interleave + 32-row
-shuffle) and, for block scales, of 4-byte words (the 128x4 swizzle). Both are index maps computed once per shape
-and cached; each source tensor is scattered with ``index_copy_`` into a view of its expert's slice of the live
-tensor. No copy of the layer is made: the only temporaries are one expert-projection of source bytes when it has
-to change device or be made contiguous. Zero padding (sizes the kernel cannot take) is never written, so it stays
-zero.
+shuffle) and, for block scales, of 4-byte words (the 128x4 swizzle). Without padding both are pure reshapes and
+permutes, so each source tensor is copied straight into a strided view of its expert's slice of the live tensor
+(numpy on the CPU, one torch copy elsewhere; a run of experts at once when the sources are views of one stacked
+buffer). Padded layers use index maps computed once per shape and cached, with ``index_copy_``. No copy of the layer
+is made: the only temporaries are one expert-projection of source bytes when it has to change device or be made
+contiguous. Zero padding (sizes the kernel cannot take) is never written, so it stays zero.
 
 Scalars: ``g1_alphas``, ``g1_scale_c``, ``g2_alphas`` and ``w13_input_scale_quant`` depend on a1/a2, the maxima
 of the input scales over ALL experts of the layer (all ranks' too). They are recomputed with the converter's own
@@ -60,6 +61,7 @@ class LayerUpdate:
     scalars: dict[str, torch.Tensor]  # DEPENDENT scalars (float32, CPU) of the rows in ``scalar_rows`` (quant: [1])
     scalar_rows: list[int]  # local expert rows the scalars cover (all local experts whenever a1/a2 changed)
     stored: dict[str, torch.Tensor] = field(default_factory=dict)  # per-expert stored scalars of ``experts``, canonical names
+    input_scales: dict[int, tuple[float, float]] = field(default_factory=dict)  # every supplied expert: (max w13, w2)
     written: list[str] = field(default_factory=list)  # live tensor names written
 
 
@@ -111,13 +113,25 @@ def update_live_(
     descriptor layer (a trainer's whole state dict) and layers with no tensor in ``live`` (pipeline stages held
     elsewhere) instead of refusing them; the report lists them.
     """
+    return _update_live(_Context(layout, rank), live, named_tensors, input_scale_maxima, ignore_unknown)
+
+
+def _update_live(
+    ctx: "_Context", live: Mapping[str, torch.Tensor], named_tensors: Mapping[str, torch.Tensor],
+    input_scale_maxima: Mapping[str, tuple[float, float]] | None, ignore_unknown: bool,
+    known_inputs: Mapping[str, dict[int, tuple[float, float]]] | None = None,
+) -> UpdateReport:  # fmt: skip
+    """update_live_; ``known_inputs`` (prefix -> expert -> current (max w13, w2) input scale) adds what an
+    UpdateStream has already applied to what live shows."""
     start = time.perf_counter()
-    ctx = _Context(layout, rank)
     grouped, ignored = ctx.group(named_tensors, ignore_unknown)
     if ignore_unknown:  # e.g. pipeline parallelism: layers this process does not hold
         for prefix in [p for p in grouped if not any(k.startswith(p + ".") for k in live)]:
             ignored += sorted(grouped.pop(prefix)["names"].values())
-    plans = [ctx.plan(prefix, entries, live, (input_scale_maxima or {}).get(prefix)) for prefix, entries in grouped.items()]
+    plans = [
+        ctx.plan(prefix, entries, live, (input_scale_maxima or {}).get(prefix), known=(known_inputs or {}).get(prefix))
+        for prefix, entries in grouped.items()
+    ]
     copied = 0
     for plan in plans:  # nothing is written before every layer has been validated
         copied += _write(plan)
@@ -181,6 +195,121 @@ def check_live_(
     if not result.ok:
         raise LiveMismatchError(result.message)
     return result
+
+
+class UpdateStream:
+    """In-place updates fed in any grouping: one tensor at a time (OpenRLHF's per-parameter broadcasts), buckets
+    (slime, SGLang's custom loaders), several calls per layer. Tensors are held (referenced, not copied) until their
+    expert is complete; a layer is applied once all its experts are (or every complete expert once ``max_pending_bytes``
+    of source is held, or at :meth:`flush`). An application whose a1/a2 cannot be determined yet waits for more of
+    its layer. Each application is an ``update_live_`` (all or nothing); between them the layer holds some updated
+    and some old experts, as any streamed reload does: serve again after :meth:`finish`.
+
+    Producers that reuse their buffers must pass copies: a held tensor is read when its expert is applied."""
+
+    def __init__(
+        self, live: Mapping[str, torch.Tensor], layout: dict, *, rank: int | None = None,
+        input_scale_maxima: Mapping[str, tuple[float, float]] | None = None, ignore_unknown: bool = False,
+        max_pending_bytes: int | None = None,
+    ) -> None:  # fmt: skip
+        self.live, self.layout, self.rank = live, layout, rank
+        self.ctx = _Context(layout, rank)
+        self.maxima = dict(input_scale_maxima or {})
+        self.ignore_unknown = ignore_unknown
+        self.max_pending_bytes = max_pending_bytes
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}  # layer prefix -> source name -> tensor
+        self.applied: dict[str, set[int]] = {}  # layer prefix -> experts applied by this stream so far
+        self.known: dict[str, dict[int, tuple[float, float]]] = {}  # their input scales: later a1/a2 decisions see them
+        self.ignored: list[str] = []
+        self.reports: list[UpdateReport] = []
+
+    def add(self, named_tensors: Mapping[str, torch.Tensor]) -> list[UpdateReport]:
+        """Hold these tensors; apply what is ready. Returns the updates applied by this call."""
+        grouped, ignored = self.ctx.group(named_tensors, self.ignore_unknown)  # validates names now
+        self.ignored += ignored
+        for prefix, entries in grouped.items():
+            held = self.pending.setdefault(prefix, {})
+            held.update({name: named_tensors[name] for name in entries["names"].values()})
+        done = []
+        for prefix in list(grouped):
+            ready = self._complete(prefix)
+            if ready is not None and ready[0]:
+                done += self._apply(prefix, ready[1], defer=False)  # the (rest of the) whole layer
+        if self.max_pending_bytes is not None and self.pending_bytes > self.max_pending_bytes:
+            done += self.flush()
+        return done
+
+    def flush(self) -> list[UpdateReport]:
+        """Apply every complete expert now (those whose a1/a2 cannot be determined yet keep waiting)."""
+        done = []
+        for prefix in list(self.pending):
+            ready = self._complete(prefix)
+            if ready is not None and ready[1]:
+                done += self._apply(prefix, ready[1], defer=True)
+        return done
+
+    def finish(self) -> list[UpdateReport]:
+        """Apply everything held; anything left (an incomplete expert, undeterminable scalars) is refused."""
+        done = []
+        for prefix in list(self.pending):
+            held = self.pending[prefix]
+            done += self._apply(prefix, list(held), defer=False)  # raises with the missing names
+        return done
+
+    @property
+    def pending_names(self) -> list[str]:
+        return sorted(n for held in self.pending.values() for n in held)
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for held in self.pending.values() for t in held.values())
+
+    def _complete(self, prefix: str) -> tuple[bool, list[str]] | None:
+        """(whether every expert of the layer not yet applied is held and complete, names of the complete experts'
+        tensors)."""
+        held = self.pending.get(prefix)
+        if not held:
+            return None
+        entries = self.ctx.group(held, False)[0][prefix]
+        info = self.ctx.targets[prefix].info
+        if entries["fused"]:
+            complete = all(k in entries["fused"].get(r, {}) for r in _FUSED_ROLES for k in KINDS)
+            return (complete, list(held) if complete else [])
+        names = entries["names"]
+        full = [e for e, roles in entries["experts"].items() if all(k in roles.get(r, {}) for r in info.roles for k in KINDS)]
+        ready = [names[(e, r, k)] for e in full for r in info.roles for k in KINDS]
+        return len(set(full) | self.applied.get(prefix, set())) == info.num_experts, ready
+
+    def _apply(self, prefix: str, names: list[str], defer: bool) -> list[UpdateReport]:
+        held = self.pending[prefix]
+        try:
+            report = _update_live(self.ctx, self.live, {n: held[n] for n in names}, self.maxima, self.ignore_unknown,
+                                  self.known)  # fmt: skip
+        except StaleScalarError:
+            if defer:
+                return []
+            raise
+        for n in names:
+            del held[n]
+        if not held:
+            del self.pending[prefix]
+        done = report.layers.get(prefix)
+        self.applied.setdefault(prefix, set()).update(_experts_named(self.ctx, names))
+        if done is not None:
+            self.known.setdefault(prefix, {}).update(done.input_scales)
+        if done is not None and done.input_scale_maxima == done.input_scale_maxima:  # not NaN
+            self.maxima[prefix] = done.input_scale_maxima  # later partial applications start from these
+        self.reports.append(report)
+        return [report]
+
+
+def _experts_named(ctx: _Context, names: list[str]) -> set[int]:
+    """Global experts the given source names cover (every expert for fused tensors)."""
+    out: set[int] = set()
+    for n in names:
+        prefix, expert, _, _ = ctx.parse(n)
+        out |= set(range(ctx.targets[prefix].info.num_experts)) if expert is None else {expert}
+    return out
 
 
 def update_layer_(layer, named_tensors: Mapping[str, torch.Tensor]) -> UpdateReport:
@@ -262,12 +391,14 @@ class _Plan:
     experts: dict[int, dict[str, dict[str, torch.Tensor]]]  # global expert -> role -> kind -> tensor (this rank's)
     fused: dict[str, dict[str, torch.Tensor]] | None  # "gate_up"/"down" -> kind -> tensor
     updated_rows: list[int]  # local rows whose weights and stored per-expert scalars are written
-    raw: torch.Tensor  # [len(updated_rows), roles, 2] raw global scales (source dtype) of updated_rows
+    raw: torch.Tensor  # [len(supplied), roles, 2] raw global scales (source dtype) of every supplied expert
+    supplied: list[int]  # global ids of every expert in the update (other ranks' too)
     scalar_rows: list[int]  # local rows whose dependent scalars are written
     scalars: dict[str, torch.Tensor]  # kernel_scalars over scalar_rows (float32, CPU)
     report: LayerUpdate
     names: dict = field(default_factory=dict)  # (expert, role, kind) -> source name, as given
     unchecked: list[str] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # per-plan memo (source views of each expert)
 
     @property
     def maps(self) -> "_Maps":
@@ -287,9 +418,6 @@ class _Context:
             raise InputError(f"layout: unknown source_format {layout['source_format']!r}")
         self.fmt = fmt_cls(config_path=Path("config.json"), group_size=kernel_layout.GROUP_SIZE)
         self.arch = architectures.get(layout["architecture"])
-        self.kind_of = {suffix: kind for kind, suffix in self.fmt.suffixes.items()}
-        pattern = self.arch.fused_prefix_pattern
-        self.fused_re = re.compile(pattern) if pattern and self.fmt.name == "modelopt" else None
         parallel = layout.get("parallel") or {}
         gated = layout.get("activation", "swiglu") != "relu2"
         tp = int(parallel.get("tp", 1))
@@ -312,17 +440,12 @@ class _Context:
 
     def parse(self, name: str) -> tuple[str, int | None, str, str] | None:
         """(layer prefix, expert or None for fused, role, kind), or None when ``name`` is no expert tensor."""
-        module, _, suffix = name.rpartition(".")
-        fused = _match_fused(self.fused_re, module, suffix)
-        if fused is not None and module in self.targets:
-            return module, None, fused[0], fused[1]
-        hit = self.arch.match_expert(module)
-        if hit is None or suffix not in self.kind_of or hit[0] not in self.targets:
+        hit = _parse_name(self.arch.name, self.fmt.name, name)
+        if hit is None or hit[0] not in self.targets:
             return None
-        prefix, expert, role = hit
-        if role not in self.targets[prefix].info.roles:
+        if hit[1] is not None and hit[2] not in self.targets[hit[0]].info.roles:
             return None
-        return prefix, expert, role, self.kind_of[suffix]
+        return hit
 
     def group(self, named: Mapping[str, torch.Tensor], ignore_unknown: bool) -> tuple[dict[str, dict], list[str]]:
         """Source tensors by layer: ``{"experts": {e: {role: {kind: t}}}, "fused": {role: {kind: t}}}``."""
@@ -341,6 +464,8 @@ class _Context:
                 )
             if not isinstance(tensor, torch.Tensor):
                 raise BadTensorError(f"{name}: is a {type(tensor).__name__}, not a torch.Tensor")
+            if tensor.requires_grad:
+                tensor = tensor.detach()  # a trainer's parameters: only their bytes are read
             prefix, expert, role, kind = hit
             layer = grouped.setdefault(prefix, {"experts": {}, "fused": {}, "names": {}})
             if expert is None:
@@ -361,7 +486,7 @@ class _Context:
 
     def plan(
         self, prefix: str, entries: dict, live: Mapping[str, torch.Tensor], maxima: tuple[float, float] | None,
-        for_check: bool = False,
+        for_check: bool = False, known: Mapping[int, tuple[float, float]] | None = None,
     ) -> _Plan:  # fmt: skip
         target = self.targets[prefix]
         info = target.info
@@ -396,12 +521,13 @@ class _Context:
         a_new: list[float] = []
         a_changed = False
         for which, cols in (("a1", slice(0, n13)), ("a2", slice(n13, n13 + 1))):
-            sup_vals = {e: float(inp_sup[sup_idx[e], cols].max()) for e in supplied}
+            sup_vals = dict(zip(supplied, inp_sup[:, cols].amax(1).tolist())) if supplied else {}
             old_vals = {}
             if old_inp is not None:
                 rows, kind = old_inp
                 base = 0 if kind == "global" else target.e0
-                old_vals = {base + x: float(rows[x, cols].max()) for x in range(rows.shape[0])}
+                old_vals = {base + x: v for x, v in enumerate(rows[:, cols].amax(1).tolist())}
+            old_vals |= {e: v[0 if which == "a1" else 1] for e, v in (known or {}).items()}  # applied earlier in a stream
             a_old = maxima[0 if which == "a1" else 1] if maxima else None
             if a_old is None and len(old_vals) == e_glob:
                 a_old = max(old_vals.values())
@@ -451,7 +577,6 @@ class _Context:
             inp_m = torch.stack([extra if r is None else r.float() for r in inp_rows] + [extra])
             full = kernel_scalars(ws2_m, inp_m)
             scalars = {k: (v if k == "w13_input_scale_quant" else v[:-1].contiguous()) for k, v in full.items() if k in DEPENDENT}
-        raw_rows = raw_all[[sup_idx[x + target.e0] for x in updated_rows]] if updated_rows else raw_all[:0]
         report = LayerUpdate(
             prefix=prefix,
             experts=[x + target.e0 for x in updated_rows],
@@ -461,9 +586,11 @@ class _Context:
             scalar_rows=scalar_rows,
         )
         experts = {e: entries["experts"][e] for e in supplied if target.e0 <= e < target.e1} if fused is None else {}
-        plan = _Plan(target, self.fmt, live_t, experts, fused, updated_rows, raw_rows, scalar_rows, scalars, report,
-                     dict(entries["names"]), unchecked)  # fmt: skip
-        report.stored = {k: v.contiguous() for k, v in _stored_rows(plan).items()}
+        plan = _Plan(target, self.fmt, live_t, experts, fused, updated_rows, raw_all, supplied, scalar_rows, scalars,
+                     report, dict(entries["names"]), unchecked)  # fmt: skip
+        local = [sup_idx[x + target.e0] for x in updated_rows]
+        report.stored = {k: v[local].contiguous() for k, v in _stored_rows(plan).items()}
+        report.input_scales = dict(zip(supplied, zip(inp_sup[:, :n13].amax(1).tolist(), inp_sup[:, n13].tolist()))) if supplied else {}
         return plan
 
     def _live_tensors(self, target: _Target, live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -542,6 +669,24 @@ class _Context:
             raise BadTensorError(f"{name}: global scale {float(raw[u, r, k])!r} is not finite and positive; the trainer's export is broken")
 
 
+@lru_cache(maxsize=1 << 16)
+def _parse_name(arch_name: str, fmt_name: str, name: str) -> tuple[str, int | None, str, str] | None:
+    """A source name as (module prefix, expert or None for fused, role, kind) under an architecture's naming and a
+    format's suffixes (cached: an RL run sends the same names every step)."""
+    arch, fmt = architectures.get(arch_name), FORMATS[fmt_name]
+    module, _, suffix = name.rpartition(".")
+    if arch.fused_prefix_pattern and fmt_name == "modelopt":
+        fused = _match_fused(re.compile(arch.fused_prefix_pattern), module, suffix)
+        if fused is not None:
+            return module, None, fused[0], fused[1]
+    kind = {fmt.weight_suffix: "weight", fmt.weight_scale_suffix: "weight_scale", fmt.weight_global_suffix: "weight_global",
+            fmt.input_global_suffix: "input_global"}.get(suffix)  # fmt: skip
+    hit = arch.match_expert(module)
+    if hit is None or kind is None:
+        return None
+    return hit[0], hit[1], hit[2], kind
+
+
 _INPUT_SCALE_NAMES = ("w13_input_scale", "w2_input_scale", "w13_input_global_scale", "w2_input_global_scale")
 _FUSED_SUFFIX = {"": "weight", "_weight_scale": "weight_scale", "_weight_scale_2": "weight_global", "_input_scale": "input_global"}
 
@@ -570,7 +715,7 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 
 def _gather_scalars(nested: list) -> torch.Tensor:
     """[U][roles][2] scalar tensors -> one CPU tensor [U, roles, 2] (one device->host transfer per device)."""
-    flat = [t.detach().reshape(()) for per_e in nested for per_r in per_e for t in per_r]
+    flat = [t.reshape(()) for per_e in nested for per_r in per_e for t in per_r]  # detached by group()
     if not flat:
         return torch.empty((0, 0, 2))
     devices = {t.device for t in flat}
@@ -614,7 +759,7 @@ def _new_maximum(sup: dict[int, float], old: dict[int, float], a_old: float | No
 # Index maps (per shape, cached): where each source row / scale word lands in one expert's live slice
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: cached per shape, hashed by id
 class _Maps:
     w13_rows: tuple[torch.Tensor, ...]  # per w13 half (up, gate): kernel row of each source row
     w13_scale: tuple[torch.Tensor, ...]  # per half: flat destination of each source scale word (or byte)
@@ -745,20 +890,88 @@ def _path(plan: _Plan, device: torch.device) -> str:
 
 
 def _write(plan: _Plan) -> int:
-    live, t, info = plan.live, plan.target, plan.target.info
+    live, info = plan.live, plan.target.info
     copied = 0
-    parts = [(name, live[name]) for name in KERNEL_NAMES if name in live]
-    paths = {name: _path(plan, tensor.device) for name, tensor in parts}
-    maps = {name: plan.maps.to(tensor.device) for name, tensor in parts if paths[name] == "index"}
-    for x in _local_experts(plan):
-        src = _expert_views(plan, x + t.e0)
-        for name, tensor in parts:
-            dst = tensor[x].view(torch.uint8)
+    for name in (n for n in KERNEL_NAMES if n in live):
+        tensor = live[name]
+        path = _path(plan, tensor.device)
+        maps = plan.maps.to(tensor.device) if path == "index" else None
+        live_np = tensor.view(torch.uint8).numpy() if path == "numpy" else None
+        dst_all: dict[int, torch.Tensor] = {}  # "strided": per w13 half, the destination view over every local expert
+        for rows, src in _chunks(plan, name, path, tensor.device):
+            if live_np is not None and isinstance(rows, int):  # one expert on the CPU: the converter's numpy copies
+                for half, key in _sources_of(plan, name):
+                    copied += _put_numpy(name, live_np[rows], half, src[key])
+                continue
+            if path == "strided" and isinstance(rows, int):  # one expert: index the prebuilt view (fewer host ops)
+                for half, key in _sources_of(plan, name):
+                    if half not in dst_all:
+                        dst_all[half] = _dst_view(name, tensor.view(torch.uint8), half, *src[key].shape)
+                    dst_all[half][rows].copy_(_src_view(name, src[key].to(tensor.device)))
+                    copied += src[key].numel()
+                continue
+            dst = tensor[rows].view(torch.uint8)
             for half, key in _sources_of(plan, name):
-                copied += _put(paths[name], maps.get(name), name, dst, half, src[key])
-    _write_scalars(plan)
-    plan.report.written = sorted(f"{info.prefix}.{n}" for n in live if n in _written_names(plan))
+                copied += _put(path, maps, name, dst, half, src[key])
+    written = _write_scalars(plan) | ({n for n in KERNEL_NAMES if n in live} if _local_experts(plan) else set())
+    plan.report.written = sorted(f"{info.prefix}.{n}" for n in written)
     return copied
+
+
+def _chunks(plan: _Plan, name: str, path: str, device: torch.device):
+    """(live rows, source views) to write for one kernel tensor: a run of consecutive experts at once (a slice, views
+    ``[n, rows, cols]``) when every source of the run is an equally strided view of one buffer on the live device
+    (a trainer's stacked experts, fused Llama-4 tensors) and the kernel views need no copy; else one expert at a
+    time (an int, views ``[rows, cols]``)."""
+    for run in _runs(_local_experts(plan)):
+        stacked = _stacked_views(plan, name, run, device) if path != "index" and len(run) > 1 else None
+        if stacked is not None:
+            yield slice(run[0], run[-1] + 1), stacked
+            continue
+        for x in run:
+            yield x, _views_of(plan, x)
+
+
+def _views_of(plan: _Plan, x: int) -> dict[str, torch.Tensor]:
+    """``_expert_views`` of local row ``x``, computed once per plan."""
+    cache = plan.cache.setdefault("views", {})
+    if x not in cache:
+        cache[x] = _expert_views(plan, x + plan.target.e0)
+    return cache[x]
+
+
+def _runs(xs: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for x in xs:
+        if runs and runs[-1][-1] + 1 == x:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return runs
+
+
+def _stacked_views(plan: _Plan, name: str, run: list[int], device: torch.device) -> dict[str, torch.Tensor] | None:
+    out: dict[str, torch.Tensor] = {}
+    for _, key in _sources_of(plan, name):
+        first, second = _views_of(plan, run[0])[key], _views_of(plan, run[1])[key]
+        if first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr():
+            return None  # separate tensors (the common per-expert case): no need to look further
+        ts = [_views_of(plan, x)[key] for x in run]
+        same = all(
+            t.device == device and t.dtype == first.dtype and t.shape == first.shape and t.stride() == first.stride()
+            and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            for t in ts
+        )  # fmt: skip
+        step = second.data_ptr() - first.data_ptr()
+        if not same or step % first.element_size() or any(t.data_ptr() - first.data_ptr() != k * step for k, t in enumerate(ts)):
+            return None
+        view = first.as_strided((len(ts), *first.shape), (step // first.element_size(), *first.stride()), first.storage_offset())
+        try:
+            _src_view(name, view, copy=False)
+        except RuntimeError:  # the kernel view of these strides would need a copy of the run: go expert by expert
+            return None
+        out[key] = view
+    return out
 
 
 KERNEL_NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
@@ -770,6 +983,21 @@ def _sources_of(plan: _Plan, name: str) -> list[tuple[int, str]]:
     if name.startswith("w13"):
         return [(k, half + sfx) for k, half in enumerate(_w13_halves(plan))]
     return [(0, "down" + sfx)]
+
+
+def _put_numpy(name: str, out, half: int, src: torch.Tensor) -> int:
+    """One source matrix of one expert into its live slice ``out`` (a numpy view of a CPU tensor), with the per-expert
+    copies of ``convert``'s CPU fast path (layout.w13_rows_into, ...): the same views as :func:`_views`."""
+    rows = src.cpu().numpy()
+    if name == "w13_weight":
+        kernel_layout.w13_rows_into(out, half, rows)
+    elif name == "w13_weight_scale":
+        kernel_layout.w13_scales_into(out, half, rows)
+    elif name == "w2_weight":
+        kernel_layout.w2_rows_into(out, rows)
+    else:
+        kernel_layout.w2_scales_into(out, rows)
+    return rows.size
 
 
 def _put(path: str, maps: "_Maps | None", name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> int:
@@ -792,40 +1020,57 @@ def _put(path: str, maps: "_Maps | None", name: str, dst: torch.Tensor, half: in
 
 
 def _views(name: str, out: torch.Tensor, half: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view of one expert's live slice ``out``, view of source ``rows``) of the same shape, element for element
-    the kernel layout (unpadded, gated): the views of layout.w13_rows_into / w13_scales_into / w2_rows_into /
-    w2_scales_into, in torch. Scales move as int32 words (the 4 bytes of a column group stay together)."""
-    n, c = rows.shape
-    if name == "w13_weight":  # kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a
-        return out.view(n // 16, 2, 2, 8, c)[:, :, half], rows.reshape(n // 16, 8, 2, c).permute(0, 2, 1, 3)
-    if name == "w13_weight_scale":  # words (B1, w, a, h, r, B0) <- rows (B1, B0, r, a, w), b = 4*B1 + B0
-        o = out.reshape(-1).view(torch.int32).view(n // 64, c // 4, 2, 2, 8, 4)
-        return o[:, :, :, half], _int32_rows(rows).view(n // 64, 4, 8, 2, c // 4).permute(0, 4, 3, 2, 1)
-    if name == "w2_weight":  # row 32b + 8p + q holds row 32b + 4q + p
-        return out.view(n // 32, 4, 8, c), rows.reshape(n // 32, 8, 4, c).permute(0, 2, 1, 3)
-    o = out.reshape(-1).view(torch.int32).view(n // 128, c // 4, 4, 8, 4)  # (B1, w, p, q, B0) <- rows (B1, B0, q, p, w)
-    return o, _int32_rows(rows).view(n // 128, 4, 8, 4, c // 4).permute(0, 4, 3, 2, 1)
+    """(view of the live slice ``out``, view of source ``rows``) of the same shape, element for element the kernel
+    layout (unpadded, gated): the views of layout.w13_rows_into / w13_scales_into / w2_rows_into / w2_scales_into, in
+    torch, with any leading (expert) dims. Scales move as int32 words (the 4 bytes of a column group stay together)."""
+    *lead, n, c = rows.shape
+    return _dst_view(name, out, half, n, c), _src_view(name, rows)
+
+
+def _dst_view(name: str, out: torch.Tensor, half: int, n: int, c: int) -> torch.Tensor:
+    """:func:`_views`' destination: ``out`` ``[..., rows, cols]`` (uint8) for source matrices of ``n`` x ``c``."""
+    lead = out.shape[:-2]
+    m = len(lead)
+    if name == "w13_weight":  # kernel row 32b + 16a + 8h + r holds half h's row 16b + 2r + a: (b, a, h, r, c)
+        return out.view(*lead, n // 16, 2, 2, 8, c).select(m + 2, half)
+    if name == "w13_weight_scale":  # words (B1, w, a, h, r, B0), b = 4*B1 + B0
+        return out.view(torch.int32).view(*lead, n // 64, c // 4, 2, 2, 8, 4).select(m + 3, half)
+    if name == "w2_weight":  # row 32b + 8p + q holds row 32b + 4q + p: (b, p, q, c)
+        return out.view(*lead, n // 32, 4, 8, c)
+    return out.view(torch.int32).view(*lead, n // 128, c // 4, 4, 8, 4)  # words (B1, w, p, q, B0)
+
+
+def _src_view(name: str, rows: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """Source rows ``[..., n, c]`` arranged as :func:`_views`' destination; ``copy=False`` raises rather than copy."""
+    *lead, n, c = rows.shape
+    m = len(lead)
+    keep = tuple(range(m))
+    shape = (lambda t, *s: t.reshape(*s)) if copy else (lambda t, *s: t.view(*s))
+    if name == "w13_weight":  # (b, r, a, c) -> (b, a, r, c)
+        return shape(rows, *lead, n // 16, 8, 2, c).permute(*keep, m, m + 2, m + 1, m + 3)
+    if name == "w2_weight":  # (b, q, p, c) -> (b, p, q, c)
+        return shape(rows, *lead, n // 32, 8, 4, c).permute(*keep, m, m + 2, m + 1, m + 3)
+    words = _int32_rows(rows) if copy else rows.view(torch.int32)
+    if name == "w13_weight_scale":  # (B1, B0, r, a, w) -> (B1, w, a, r, B0)
+        return shape(words, *lead, n // 64, 4, 8, 2, c // 4).permute(*keep, m, m + 4, m + 3, m + 2, m + 1)
+    return shape(words, *lead, n // 128, 4, 8, 4, c // 4).permute(*keep, m, m + 4, m + 3, m + 2, m + 1)  # (B1, B0, q, p, w)
 
 
 def _int32_rows(rows: torch.Tensor) -> torch.Tensor:
-    flat = rows.contiguous().reshape(-1)
+    """``[..., n, c]`` bytes as ``[..., n, c/4]`` int32 words (a copy only when the bytes cannot be reinterpreted)."""
     try:
-        return flat.view(torch.int32)
-    except RuntimeError:  # misaligned storage offset
-        return flat.clone().view(torch.int32)
+        return rows.view(torch.int32)
+    except RuntimeError:  # not contiguous along c, or a misaligned offset
+        pass
+    dense = rows.contiguous()
+    try:
+        return dense.view(torch.int32)
+    except RuntimeError:
+        return dense.clone().view(torch.int32)  # fresh storage is aligned
 
 
-def _written_names(plan: _Plan) -> set[str]:
-    names = {"w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"} if _local_experts(plan) else set()
-    if plan.updated_rows:
-        names |= {"w13_weight_scale_2", "w2_weight_scale_2", *_INPUT_SCALE_NAMES, "w13_weight_global_scale", "w2_weight_global_scale"}
-    if plan.scalar_rows:
-        names |= {"g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"}
-    return names
-
-
-def _stored_rows(plan: _Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-expert stored scalars of the updated experts: live name -> (values [U, ...], global expert ids)."""
+def _stored_rows(plan: _Plan) -> dict[str, torch.Tensor]:
+    """Per-expert stored scalars of every supplied expert (rows in ``plan.supplied`` order), by canonical name."""
     n13 = len(plan.target.info.roles) - 1
     raw = plan.raw
     ws2 = plan.fmt.to_dequant_multiplier(raw[..., 0]) if raw.numel() else raw[..., 0].float()
@@ -842,19 +1087,27 @@ def _stored_rows(plan: _Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _row_index(plan: _Plan, name: str, t: torch.Tensor) -> torch.Tensor:
-    """Rows of a live per-expert scalar tensor that the updated experts occupy (global rows for every-expert tensors)."""
-    base = 0 if (name in _INPUT_SCALE_NAMES and t.shape[0] == plan.target.info.num_experts) else plan.target.e0
-    return torch.tensor([x + plan.target.e0 - base for x in plan.updated_rows], dtype=torch.int64, device=t.device)
+def _stored_targets(plan: _Plan, name: str, t: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
+    """(live rows, rows of ``_stored_rows`` values, global experts) a stored scalar tensor takes from the update: this
+    rank's experts, or every supplied expert when the live tensor holds every expert's rows (input scales)."""
+    t0, info = plan.target, plan.target.info
+    every = name in _INPUT_SCALE_NAMES and t.shape[0] == info.num_experts and info.num_experts != t0.n_local
+    picked = [(k, e) for k, e in enumerate(plan.supplied) if every or t0.e0 <= e < t0.e1]
+    return [e if every else e - t0.e0 for _, e in picked], [k for k, _ in picked], [e for _, e in picked]
 
 
-def _write_scalars(plan: _Plan) -> None:
+def _write_scalars(plan: _Plan) -> set[str]:
+    """Write the stored and dependent scalars; returns the names written."""
     live = plan.live
-    if plan.updated_rows:
-        for name, values in _stored_rows(plan).items():
-            if name in live:
-                t = live[name]
-                t.index_copy_(0, _row_index(plan, name, t), values.to(t.dtype).reshape(-1, *t.shape[1:]).to(t.device))
+    written: set[str] = set()
+    for name, values in _stored_rows(plan).items():
+        if name in live:
+            t = live[name]
+            rows, picked, _ = _stored_targets(plan, name, t)
+            if rows:
+                src = values[picked].to(t.dtype).reshape(-1, *t.shape[1:]).to(t.device)
+                t.index_copy_(0, torch.tensor(rows, dtype=torch.int64, device=t.device), src)
+                written.add(name)
     if plan.scalar_rows:
         rows = torch.tensor(plan.scalar_rows, dtype=torch.int64)
         for name, values in plan.scalars.items():
@@ -865,6 +1118,8 @@ def _write_scalars(plan: _Plan) -> None:
                 t.copy_(values.to(t.device))
             else:
                 t.index_copy_(0, rows.to(t.device), values.to(t.device))
+            written.add(name)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -876,69 +1131,89 @@ def _compare(plan: _Plan) -> LiveCheck:
     padded = (info.hidden_padded, t.i_pad) != (info.hidden_size, t.i1 - t.i0)
     parts = [(name, live[name]) for name in KERNEL_NAMES if name in live]
     paths = {name: _path(plan, tensor.device) for name, tensor in parts}
+    # Pass 1: a difference flag per (expert, source matrix) and, for padded layers, per (expert, tensor) for the
+    # padding. On a GPU the flags stay on the device until one read-back (no synchronization per expert).
+    checks: list[tuple] = []
     for x in _local_experts(plan):
-        e = x + t.e0
-        src = _expert_views(plan, e)
+        src = _views_of(plan, x)
         for name, tensor in parts:
             dst = tensor[x].view(torch.uint8)
             for half, key in _sources_of(plan, name):
-                if paths[name] != "index" and _views_equal(paths[name], name, dst, half, src[key]):
-                    continue  # fast: compare views, no gather; on a difference, the index maps locate it
-                diff = _locate(plan.maps.to(dst.device), name, dst, half, src[key])
-                if diff is not None:
-                    kernel_row, source_row = diff
-                    role = key.removesuffix("_s")
-                    return _diff(plan, name, e, kernel_row, role, "weight_scale" if key.endswith("_s") else "weight", source_row)
-        if padded:  # the source bytes matched; padding is zero iff the nonzero counts agree
+                checks.append((x, name, half, key, _differs(paths[name], name, dst, half, src[key])))
+        if padded:  # padding is zero iff the nonzero counts agree (the source bytes are compared above)
             for name, tensor in parts:
-                want = sum(int(torch.count_nonzero(src[key].view(torch.uint8))) for _, key in _sources_of(plan, name))
-                if int(torch.count_nonzero(tensor[x].view(torch.uint8))) != want:
-                    return LiveCheck(False, f"live {info.prefix}.{name}: expert {e} has nonzero padding (the kernel would read it)",
-                                     tensor=f"{info.prefix}.{name}", expert=e)  # fmt: skip
-    for name, values in _expected_scalars(plan):
+                want = sum(torch.count_nonzero(src[key].view(torch.uint8)).to(tensor.device) for _, key in _sources_of(plan, name))
+                checks.append((x, name, None, None, torch.count_nonzero(tensor[x].view(torch.uint8)) != want))
+    flags = _read_flags([c[-1] for c in checks])
+    # Pass 2: the first flagged one, located with the index maps (one expert's gather).
+    for (x, name, half, key, _), flagged in zip(checks, flags):
+        if not flagged:
+            continue
+        e = x + t.e0
+        if key is None:
+            return LiveCheck(False, f"live {info.prefix}.{name}: expert {e} has nonzero padding (the kernel would read it)",
+                             tensor=f"{info.prefix}.{name}", expert=e)  # fmt: skip
+        dst = live[name][x].view(torch.uint8)
+        diff = _locate(plan.maps.to(dst.device), name, dst, half, _expert_views(plan, e)[key])
+        if diff is not None:
+            kernel_row, source_row = diff
+            return _diff(plan, name, e, kernel_row, key.removesuffix("_s"), "weight_scale" if key.endswith("_s") else "weight", source_row)
+    for name, rows, experts, want in _expected_scalars(plan):
         t_live = live[name]
-        for row, expert, value in values:
-            got = _bytes(t_live[row].detach().cpu())
-            want = _bytes(value.to(t_live.dtype))
-            if not torch.equal(got, want):
-                return LiveCheck(
-                    False, f"live {info.prefix}.{name}: expert {expert} (row {row}) is {t_live[row].tolist()}, the source gives "
-                    f"{value.to(t_live.dtype).tolist()} (stale scalar)",
-                    tensor=f"{info.prefix}.{name}", expert=expert, row=row,
-                )  # fmt: skip
+        got = t_live.detach().index_select(0, rows.to(t_live.device))
+        want = want.to(t_live.dtype).to(t_live.device).reshape(got.shape)
+        bad = (got.contiguous().view(torch.uint8).reshape(len(rows), -1) != want.contiguous().view(torch.uint8).reshape(len(rows), -1)).any(1)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            row, expert = int(rows[k]), experts[k]
+            return LiveCheck(
+                False, f"live {info.prefix}.{name}: expert {expert} (row {row}) is {got[k].tolist()}, the source gives "
+                f"{want[k].tolist()} (stale scalar)",
+                tensor=f"{info.prefix}.{name}", expert=expert, row=row,
+            )  # fmt: skip
     return LiveCheck(True, "equal", checked_experts=len(_local_experts(plan)), unchecked=plan.unchecked)
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A (small, CPU) tensor's bytes, whatever its strides."""
-    return torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1)).view(torch.uint8)
-
-
-def _expected_scalars(plan: _Plan):
-    """(live name, [(row, global expert or None, expected value)]) for every present scalar the source determines."""
-    live, t = plan.live, plan.target
-    stored = _stored_rows(plan)
-    for name, values in stored.items():
-        if name in live:
-            idx = _row_index(plan, name, live[name]).tolist()
-            yield name, [(r, x + t.e0, values[k]) for k, (r, x) in enumerate(zip(idx, plan.updated_rows))]
-    for name, values in plan.scalars.items():
-        if name not in live:
-            continue
-        if name == "w13_input_scale_quant":
-            yield name, [(0, None, values[0])]
-        else:
-            yield name, [(x, x + t.e0, values[k]) for k, x in enumerate(plan.scalar_rows)]
-
-
-def _views_equal(path: str, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> bool:
+def _differs(path: str, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> "bool | torch.Tensor":
+    """Whether a source matrix differs from its place in live: a bool (CPU), a device flag (other devices), or True
+    (padded layers: the index maps do the comparison in pass 2)."""
+    if path == "index":
+        return True
     if path == "numpy":
         import numpy as np
 
         d, s = _views(name, dst, half, src.cpu())
-        return bool(np.array_equal(d.numpy(), s.numpy()))
+        return not np.array_equal(d.numpy(), s.numpy())
     d, s = _views(name, dst, half, src.to(dst.device))
-    return torch.equal(d, s)
+    return (d != s).any()
+
+
+def _read_flags(flags: list) -> list[bool]:
+    tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+    if not tensors:
+        return [bool(f) for f in flags]
+    by_device: dict = {}
+    for f in tensors:
+        by_device.setdefault(f.device, []).append(f)
+    values = {dev: iter(torch.stack(fs).cpu().tolist()) for dev, fs in by_device.items()}  # one read-back per device
+    return [bool(next(values[f.device])) if isinstance(f, torch.Tensor) else bool(f) for f in flags]
+
+
+def _expected_scalars(plan: _Plan):
+    """(live name, live rows, their global experts, expected values) for every present scalar the source determines."""
+    live, t = plan.live, plan.target
+    for name, values in _stored_rows(plan).items():
+        if name in live:
+            rows, picked, experts = _stored_targets(plan, name, live[name])
+            if rows:
+                yield name, torch.tensor(rows, dtype=torch.int64), experts, values[picked]
+    for name, values in plan.scalars.items():
+        if name not in live or not plan.scalar_rows:
+            continue
+        if name == "w13_input_scale_quant":
+            yield name, torch.zeros(1, dtype=torch.int64), [None], values
+        else:
+            yield name, torch.tensor(plan.scalar_rows, dtype=torch.int64), [x + t.e0 for x in plan.scalar_rows], values
 
 
 def _locate(maps: _Maps, name: str, dst: torch.Tensor, half: int, src: torch.Tensor) -> tuple[int, int] | None:

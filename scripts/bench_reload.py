@@ -3,7 +3,7 @@
 per-expert loop and a plain copy of the same bytes.
 
     python scripts/bench_reload.py [--device cpu|cuda] [--shape qwen3-30b-a3b --shape deepseek-v3] [--experts N]
-                                   [--repeats 5] [--threads N] [--json out.json]
+                                   [--repeats 5] [--threads N] [--source-device cpu] [--json out.json]
 
 Per shape, with ModelOpt per-expert source tensors (random valid NVFP4 bytes, on --device, as a trainer holds them)
 and live kernel-layout tensors already allocated on --device:
@@ -87,19 +87,31 @@ def engine_loop(src: dict[str, torch.Tensor], live: dict[str, torch.Tensor], e: 
     w13, s13, w2, s2 = [], [], [], []
     for x in range(e):
         p = f"{PREFIX}.{x}"
-        w31 = torch.cat([src[f"{p}.up_proj.weight"], src[f"{p}.gate_proj.weight"]])
-        sc31 = torch.cat([src[f"{p}.up_proj.weight_scale"].view(torch.uint8), src[f"{p}.gate_proj.weight_scale"].view(torch.uint8)])
+        # the loader first: [w3; w1] on the device (a no-op copy when the trainer's tensors are already there)
+        w31 = torch.cat([src[f"{p}.up_proj.weight"], src[f"{p}.gate_proj.weight"]]).to(dev)
+        sc31 = torch.cat([src[f"{p}.up_proj.weight_scale"].view(torch.uint8), src[f"{p}.gate_proj.weight_scale"].view(torch.uint8)]).to(dev)
         perm = _maybe_get_cached_w3_w1_permute_indices(cache, w31, 128).to(dev)
         w13.append(w31[perm])
         perm_s = _maybe_get_cached_w3_w1_permute_indices(cache, sc31, 128, num_elts_per_sf=16).to(dev)
         s13.append(interleave(sc31[perm_s].contiguous()).reshape(sc31.shape))
-        down, down_s = src[f"{p}.down_proj.weight"], src[f"{p}.down_proj.weight_scale"].view(torch.uint8)
+        down, down_s = src[f"{p}.down_proj.weight"].to(dev), src[f"{p}.down_proj.weight_scale"].view(torch.uint8).to(dev)
         perm2 = get_w2_permute_indices_with_cache(cache, down, 128).to(dev)
         w2.append(down[perm2])
         perm2_s = get_w2_permute_indices_with_cache(cache, down_s, 128, num_elts_per_sf=16).to(dev)
         s2.append(interleave(down_s[perm2_s].contiguous()).reshape(down_s.shape))
     for name, parts in zip(KERNEL, (w13, s13, w2, s2)):
         live[f"{PREFIX}.{name}"].view(torch.uint8).copy_(torch.stack(parts))
+
+
+def stack_like_a_trainer(src: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+    """The same tensors as per-expert views of one [E, ...] buffer per projection and kind (grouped-GEMM weights)."""
+    out: dict[str, torch.Tensor] = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for kind in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+            names = [f"{PREFIX}.{x}.{proj}.{kind}" for x in range(e)]
+            buf = torch.stack([src[n] for n in names])
+            out.update({n: buf[x] for x, n in enumerate(names)})
+    return out
 
 
 def copy_per_tensor(src: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
@@ -161,10 +173,10 @@ def u8(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int) -> dict:
+def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int, src_dev: torch.device | None = None) -> dict:
     arch, e_full, h, i = SHAPES[shape]
     e = experts or e_full
-    src = make_source(e, h, i, dev, seed=1)
+    src = make_source(e, h, i, src_dev or dev, seed=1)
     layout = descriptor(arch, e, h, i)
     live = make_live(e, h, i, dev)
     layer_bytes = sum(live[f"{PREFIX}.{k}"].numel() for k in KERNEL)
@@ -186,6 +198,15 @@ def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int
     rows["engine-style per-expert loop, warm"] = {"s": t, "extra_bytes": m}
     identical = all(torch.equal(ours[k], u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
     del ours
+    engine_out = {k: live[f"{PREFIX}.{k}"].clone() for k in KERNEL}
+    for k in KERNEL:
+        live[f"{PREFIX}.{k}"].zero_()
+
+    stacked = stack_like_a_trainer(src, e)
+    t, m = meter.median(lambda: live_mod.update_live_(live, stacked, layout), repeats)
+    rows["nvfp4ckpt update_live_, warm, sources = views of stacked [E, ...] trainer buffers"] = {"s": t, "extra_bytes": m}
+    identical &= all(torch.equal(u8(engine_out[k]), u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
+    del stacked, engine_out
 
     t, m = meter.median(lambda: live_mod.check_live(live, src, layout), repeats)
     rows["nvfp4ckpt check_live"] = {"s": t, "extra_bytes": m}
@@ -199,6 +220,7 @@ def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int
     return {
         "shape": shape, "experts": e, "experts_full": e_full, "hidden": h, "intermediate": i, "layer_bytes": layer_bytes,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(),
+        "source_device": str(src_dev or dev),
         "identical_bytes": identical, "rows": rows,
     }  # fmt: skip
 
@@ -207,7 +229,8 @@ def table(r: dict) -> str:
     floor = r["rows"]["copy floor: one layer-sized Tensor.copy_"]["s"]
     scaled = "" if r["experts"] == r["experts_full"] else f", {r['experts']} of its {r['experts_full']} experts"
     out = [
-        f"### {r['shape']} layer shape ({r['layer_bytes'] / 1e9:.3f} GB of kernel tensors{scaled}), {r['device']}, "
+        f"### {r['shape']} layer shape ({r['layer_bytes'] / 1e9:.3f} GB of kernel tensors{scaled}), {r['device']} "
+        f"(sources on {r['source_device']}), "
         f"{r['torch_threads']} torch threads; bytes identical across methods: {r['identical_bytes']}",
         "",
         "| method | time ms | x layer copy floor | extra peak memory MB | extra memory % of layer |",
@@ -227,6 +250,7 @@ def main() -> int:
     ap.add_argument("--shape", action="append", choices=sorted(SHAPES))
     ap.add_argument("--experts", type=int, help="use this many experts (memory-bound hosts); the shape's sizes otherwise")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--source-device", help="where the trainer's tensors are (default: --device); e.g. cpu with --device cuda")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); torch's default otherwise")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -235,7 +259,7 @@ def main() -> int:
     dev = torch.device(args.device)
     results = []
     for shape in args.shape or sorted(SHAPES, reverse=True):
-        r = bench_shape(shape, args.experts, dev, args.repeats)
+        r = bench_shape(shape, args.experts, dev, args.repeats, torch.device(args.source_device) if args.source_device else None)
         results.append(r)
         print(table(r) + "\n", flush=True)
     if args.json:

@@ -32,6 +32,12 @@ if [[ $stage == all || $stage == load ]]; then
   # verify of one DeepSeek-V3-sized layer with the Triton backend: total time and the share spent reading files
   python3 -m nvfp4ckpt verify /tmp/bl/dst --source /tmp/bl/src --backend triton --json "$out/verify_ds.json" 2>&1 | tail -25 | tee "$out/verify_ds.txt"
 fi
+if [[ $stage == all || $stage == reload ]]; then
+  # in-place RL weight updates (docs/reload.md): the CUDA test, then the issue-13 benchmark, device and host sources
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_live_update.py 2>&1 | tail -5 | tee "$out/gpu_live_tests.txt"
+  python3 scripts/bench_reload.py --device cuda --json "$out/bench_reload_h200.json" 2>&1 | tee "$out/bench_reload_h200.md"
+  python3 scripts/bench_reload.py --device cuda --source-device cpu --json "$out/bench_reload_h200_hostsrc.json" 2>&1 | tee "$out/bench_reload_h200_hostsrc.md"
+fi
 if [[ $stage == convert ]]; then
   # conversion throughput on the H200 host's 16 cores (CPU transform and --device cuda), against cp -r && sync
   python3 scripts/bench_convert.py --workdir /tmp/bc --layers 6 --repeats 2 --workers 1 4 --rss-layers --json "$out/bench_convert_h200.json" 2>&1 | tee "$out/bench_convert_h200.md"

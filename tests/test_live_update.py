@@ -157,7 +157,45 @@ def test_torch_strided_path_gives_the_same_bytes(converted, monkeypatch, arch, f
             u8(w2s)[-1] ^= 0x40
             result = layer.check_live(tensors=named)
             u8(w2s)[-1] ^= 0x40
-            assert not result.ok and result.tensor.endswith(".w2_weight_scale") and result.expert == layer.rank.expert_end - 1 if r is not None else True
+            last = layer.rank.expert_end - 1 if layer.rank else layer.num_experts - 1
+            assert not result.ok and result.tensor.endswith(".w2_weight_scale") and result.expert == last, result
+
+
+def stacked_like_a_trainer(named: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The same tensors as per-expert views of one stacked buffer per projection and kind (as a trainer holding
+    grouped-GEMM weights emits them)."""
+    out = dict(named)
+    groups: dict[str, list[str]] = {}
+    for n in named:
+        e, rest = n[len(prefix) + 1 :].split(".", 1)
+        groups.setdefault(rest, []).append(n)
+    for rest, names in groups.items():
+        names.sort(key=lambda n: int(n[len(prefix) + 1 :].split(".", 1)[0]))
+        buf = torch.stack([named[n] for n in names])
+        out.update({n: buf[k] for k, n in enumerate(names)})
+    return out
+
+
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)])
+def test_stacked_trainer_buffers_are_written_a_run_at_a_time(converted, monkeypatch, numpy_on_cpu, tp, ep):
+    from nvfp4ckpt import live
+
+    monkeypatch.setattr(live, "CPU_NUMPY", numpy_on_cpu)
+    runs = []
+    real = live._stacked_views
+    monkeypatch.setattr(live, "_stacked_views", lambda *a: runs.append(r := real(*a)) or r)
+    _, conv_a = converted("qwen3_moe", "modelopt", 0, tp=tp, ep=ep)
+    src_b, conv_b = converted("qwen3_moe", "modelopt", 1, tp=tp, ep=ep)
+    prefix = "model.layers.1.mlp.experts"
+    named = stacked_like_a_trainer(layer_source(src_b, prefix), prefix)
+    for rank in range(tp * ep) if tp * ep > 1 else [None]:
+        layer = load_moe_layer(conv_a, prefix, rank=rank)
+        ptrs = {k: v.data_ptr() for k, v in layer.tensors.items()}
+        layer.update_(named)
+        assert {k: v.data_ptr() for k, v in layer.tensors.items()} == ptrs
+        assert_layer_equals(layer, conv_b, rank)
+    assert runs and all(r is not None for r in runs)  # every kernel tensor went a run of experts at a time
 
 
 def test_update_from_gpu_style_mapping_and_whole_state_dict(converted):
@@ -241,12 +279,21 @@ def test_subset_that_changes_a1_needs_the_other_experts_weight_scale_2(converted
 # --tp/--ep ranks
 
 
-def test_rank_layers_take_only_their_slice(converted, tmp_path):
-    src_a, conv_a = converted("qwen3_moe", "compressed-tensors", 0, tp=2, ep=2)
-    src_b, conv_b = converted("qwen3_moe", "compressed-tensors", 1, tp=2, ep=2)
-    prefix = "model.layers.1.mlp.experts"
-    named = layer_source(src_b, prefix)
-    for rank in range(4):
+@pytest.mark.parametrize(
+    "arch,fmt,tp,ep",
+    [
+        ("qwen3_moe", "compressed-tensors", 2, 2),
+        ("llama4", "modelopt", 2, 2),  # fused experts, sliced per rank
+        ("mixtral", "modelopt", 4, 1),  # I 128 / 4 = 32 per rank, padded to 64 per half: the index-map path
+    ],
+)
+def test_rank_layers_take_only_their_slice(converted, arch, fmt, tp, ep):
+    src_a, conv_a = converted(arch, fmt, 0, tp=tp, ep=ep)
+    src_b, conv_b = converted(arch, fmt, 1, tp=tp, ep=ep)
+    prefix = open_converted(conv_a).layers[-1].prefix
+    named = {n: t.requires_grad_() if t.is_floating_point() and t.dtype == torch.float32 else t
+             for n, t in layer_source(src_b, prefix).items()}  # a trainer's parameters  # fmt: skip
+    for rank in range(tp * ep):
         layer = load_moe_layer(conv_a, prefix, rank=rank)
         ptrs = {k: v.data_ptr() for k, v in layer.tensors.items()}
         report = layer.update_(named)  # every rank gets the whole layer and keeps its share
@@ -415,3 +462,158 @@ def test_update_on_cuda_keeps_pointers_and_graphs(converted):
     assert torch.equal(out.cpu(), open_converted(conv_b).read_layer(open_converted(conv_b).layer(prefix))["w13_weight"])
     assert_layer_equals(type("L", (), {"prefix": prefix, "tensors": {k: v.cpu() for k, v in layer.tensors.items()}})(), conv_b)
     assert layer.check_live(source=src_b).ok
+
+
+def test_engine_style_global_input_scales_on_a_rank(converted, tmp_path):
+    """SGLang keeps every expert's input scales on each rank ([E_global, 2]): then a rank can follow a partial update
+    that lowers the maximum, and writes the global rows."""
+    src_a, conv_a = converted("qwen3_moe", "modelopt", 0, tp=2, ep=2)
+    prefix = "model.layers.0.mlp.experts"
+    a_named = layer_source(src_a, prefix)
+    lowered = {n: (t / 2 if n.endswith(".input_scale") else t) for n, t in expert_names(a_named, prefix, range(4)).items()}
+    merged = tmp_path / "merged"
+    shutil.copytree(src_a, merged)
+    for f in merged.glob("*.safetensors"):
+        with safe_open(f, "pt") as sf:
+            meta = sf.metadata()
+        t = load_file(f)
+        t.update({n: v for n, v in lowered.items() if n in t})
+        save_file(t, f, metadata=meta)
+    convert_checkpoint(merged, tmp_path / "ranks", tp=2, ep=2)
+    convert_checkpoint(merged, tmp_path / "whole")
+    whole = open_converted(tmp_path / "whole").read_layer(open_converted(tmp_path / "whole").layer(prefix))
+    full_a = open_converted(conv_a).reassemble_layer(open_converted(conv_a).layer(prefix))
+
+    layer = load_moe_layer(conv_a, prefix, rank=0)
+    live = {f"{prefix}.{k}": v for k, v in layer.tensors.items()}
+    live[f"{prefix}.w13_input_scale"] = full_a["w13_input_scale"].clone()  # every expert's, as the engine holds them
+    live[f"{prefix}.w2_input_scale"] = full_a["w2_input_scale"].clone()
+    report = update_live_(live, lowered, layer.descriptor, rank=0)
+    assert report.layers[prefix].experts == [0, 1, 2, 3]
+    ranks = open_converted(tmp_path / "ranks")
+    want = ranks.read_layer(ranks.layer(prefix), rank=ranks.layer(prefix).ranks[0])
+    for k, v in want.items():
+        if k not in ("w13_input_scale", "w2_input_scale"):  # live holds the global ones instead of these
+            assert torch.equal(u8(live[f"{prefix}.{k}"]), u8(v)), k
+    for k in ("w13_input_scale", "w2_input_scale"):
+        assert torch.equal(u8(live[f"{prefix}.{k}"]), u8(whole[k])), k
+    # experts of other ranks: this rank writes nothing of theirs but their rows of the every-expert input scales
+    other = {n: (t * 3 if n.endswith(".input_scale") else t) for n, t in expert_names(a_named, prefix, (5,)).items()}
+    before = {k: u8(v).clone() for k, v in layer.tensors.items()}
+    report = update_live_(live, other, layer.descriptor, rank=0)
+    assert report.layers[prefix].experts == [] and report.layers[prefix].other_rank_experts == [5]
+    assert float(live[f"{prefix}.w2_input_scale"][5]) == float(other[f"{prefix}.5.down_proj.input_scale"])
+    assert float(live[f"{prefix}.w13_input_scale"][5].max()) == report.layers[prefix].input_scale_maxima[0]  # the new a1
+    assert torch.equal(u8(layer.tensors["w13_weight"]), before["w13_weight"])  # not this rank's expert
+    assert not torch.equal(u8(layer.tensors["g1_alphas"]), before["g1_alphas"])  # a1 moved: every local g1 follows
+
+
+def test_layers_without_live_tensors(converted):
+    src_a, conv_a = converted("qwen3_moe", "modelopt", 0)
+    src_b, conv_b = converted("qwen3_moe", "modelopt", 1)
+    ckpt = open_converted(conv_a)
+    layer = load_moe_layer(conv_a, 1)
+    live = {f"{layer.prefix}.{k}": v for k, v in layer.tensors.items()}
+    named = {**layer_source(src_b, "model.layers.0.mlp.experts"), **layer_source(src_b, layer.prefix)}
+    before, ptrs = snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+    with pytest.raises(MissingTensorError, match="model.layers.0.mlp.experts: the update has tensors for this layer but live has none"):
+        update_live_(live, named, ckpt.descriptor)
+    assert_untouched(layer, before, ptrs)
+    report = update_live_(live, named, ckpt.descriptor, ignore_unknown=True)  # another pipeline stage holds layer 0
+    assert list(report.layers) == [layer.prefix] and all(n.startswith("model.layers.0.") for n in report.ignored)
+    assert_layer_equals(layer, conv_b)
+    stored = report.layers[layer.prefix].stored  # per-expert scalars as written, for engine plugins
+    want = open_converted(conv_b).read_layer(open_converted(conv_b).layer(1))
+    for k in ("w13_weight_scale_2", "w2_weight_scale_2", "w13_input_scale", "w2_input_scale"):
+        assert torch.equal(u8(stored[k]), u8(want[k])), k
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_forward_after_update_equals_a_fresh_load(converted, rank):
+    """The layer's own forward (torch backend) after update_ equals a fresh load of the updated checkpoint: the cached
+    un-shuffled weights and the rank's global a1/a2 follow the update."""
+    tp, ep = (2, 2) if rank is not None else (1, 1)
+    _, conv_a = converted("deepseek_v3", "modelopt", 0, tp=tp, ep=ep)
+    src_b, conv_b = converted("deepseek_v3", "modelopt", 1, tp=tp, ep=ep)
+    prefix = "model.layers.2.mlp.experts"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 256, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(6, 8, generator=gen).to(torch.bfloat16)
+    layer = load_moe_layer(conv_a, prefix, rank=rank)
+    ids, weights = layer.route(logits)  # the router (and its bias) is not an expert tensor: the same for both
+    ids = layer.local_ids(ids)
+    before = layer.forward_torch(x, ids, weights)  # fills the cache of un-shuffled weights
+    layer.update_(layer_source(src_b, prefix))
+    after = layer.forward_torch(x, ids, weights)
+    fresh = load_moe_layer(conv_b, prefix, rank=rank).forward_torch(x, ids, weights)
+    assert torch.equal(after, fresh) and not torch.equal(before, after)
+
+
+@pytest.mark.gpu
+def test_triton_forward_after_update_on_cuda(converted):
+    _, conv_a = converted("qwen3_moe", "modelopt", 0)
+    src_b, conv_b = converted("qwen3_moe", "modelopt", 1)
+    prefix = "model.layers.1.mlp.experts"
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 256, generator=gen).to(torch.bfloat16).cuda()
+    logits = torch.randn(9, 8, generator=gen).to(torch.bfloat16).cuda()
+    layer = load_moe_layer(conv_a, prefix, "cuda")
+    ids, weights = layer.route(logits)
+    layer.forward_triton(x, ids, weights)
+    layer.update_({n: t.cuda() for n, t in layer_source(src_b, prefix).items()})
+    fresh = load_moe_layer(conv_b, prefix, "cuda")
+    assert torch.equal(layer.forward_triton(x, ids, weights), fresh.forward_triton(x, ids, weights))
+
+
+@pytest.mark.parametrize(
+    "arch,fmt,tp,ep,budget",
+    [
+        ("qwen3_moe", "modelopt", 1, 1, None),  # one tensor at a time, applied per whole layer
+        ("qwen3_moe", "compressed-tensors", 1, 1, 200_000),  # a memory budget forces partial applications
+        ("deepseek_v3", "modelopt", 2, 2, 200_000),  # ranks: partial applications follow the a1/a2 rules
+        ("llama4", "modelopt", 1, 1, None),  # fused tensors
+    ],
+)
+def test_update_stream_one_tensor_at_a_time(converted, arch, fmt, tp, ep, budget):
+    from nvfp4ckpt.live import UpdateStream
+
+    _, conv_a = converted(arch, fmt, 0, tp=tp, ep=ep)
+    src_b, conv_b = converted(arch, fmt, 1, tp=tp, ep=ep)
+    ckpt = open_converted(conv_a)
+    named = {}
+    for info in ckpt.layers:
+        named |= layer_source(src_b, info.prefix)
+    order = sorted(named, key=lambda n: hash(n) % 1000)  # an arbitrary interleaving of layers and experts
+    for rank in range(tp * ep) if tp * ep > 1 else [None]:
+        layers = [load_moe_layer(conv_a, info.prefix, rank=rank) for info in ckpt.layers]
+        live = {f"{l.prefix}.{k}": v for l in layers for k, v in l.tensors.items()}
+        maxima = {l.prefix: l.global_input_scales for l in layers if l.global_input_scales}
+        stream = UpdateStream(live, ckpt.descriptor, rank=rank, input_scale_maxima=maxima, max_pending_bytes=budget)
+        applied = []
+        for n in order:
+            applied += stream.add({n: named[n]})
+        applied += stream.finish()
+        assert not stream.pending_names and applied
+        if budget is not None:
+            assert len(applied) > len(ckpt.layers)  # really applied in parts
+        for l in layers:
+            assert_layer_equals(l, conv_b, rank)
+
+
+def test_update_stream_refuses_an_incomplete_expert_at_finish(converted):
+    from nvfp4ckpt.live import UpdateStream
+
+    _, conv_a = converted("qwen3_moe", "modelopt", 0)
+    src_b, _ = converted("qwen3_moe", "modelopt", 1)
+    prefix = "model.layers.1.mlp.experts"
+    layer = load_moe_layer(conv_a, prefix)
+    named = layer_source(src_b, prefix)
+    del named[f"{prefix}.5.down_proj.weight_scale"]
+    stream = UpdateStream({f"{prefix}.{k}": v for k, v in layer.tensors.items()}, layer.descriptor)
+    assert stream.add(named) == []  # expert 5 incomplete: the layer waits
+    before, ptrs = snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+    with pytest.raises(MissingTensorError, match=r"expert 5 is updated without .*5\.down_proj\.weight_scale"):
+        stream.finish()
+    assert_untouched(layer, before, ptrs)
+    with pytest.raises(UnknownTensorError):
+        stream.add({"model.layers.1.mlp.experts.5.down_proj.bias": named[f"{prefix}.5.down_proj.weight"]})
