@@ -518,6 +518,8 @@ def test_entry_point_registers_method_and_model_config_accepts_it(example_factor
 
     from sglang.srt.arg_groups.choices import QUANTIZATION_CHOICES
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.weight_utils import get_quant_config
     from sglang.srt.plugins import load_plugins
 
     assert any(ep.value == "nvfp4ckpt.engines.sglang:register" for ep in entry_points(group="sglang.srt.plugins"))
@@ -528,8 +530,12 @@ def test_entry_point_registers_method_and_model_config_accepts_it(example_factor
         conv = _convert(example_factory("deepseek_v3", fmt), tmp_path / fmt)
         mc = _model_config(conv)
         assert mc.quantization == plugin.QUANT_METHOD
-        qc = get_quantization_config(mc.quantization).from_config(_cfg(conv)["quantization_config"])
+        assert get_quantization_config(mc.quantization) is plugin.Nvfp4TrtllmConfig
+        qc = get_quant_config(mc, LoadConfig(), {"gate_up_proj": ["gate_proj", "up_proj"]})  # what SGLang's loader calls
+        assert isinstance(qc, plugin.Nvfp4TrtllmConfig)
         assert type(qc.inner).__name__ == ("ModelOptFp4Config" if fmt == "modelopt" else "CompressedTensorsConfig")
+        assert qc.packed_modules_mapping is qc.inner.packed_modules_mapping
+        assert qc.packed_modules_mapping == {"gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 @pytest.mark.parametrize("family", sorted(plugin.REFUSED_FAMILIES))
