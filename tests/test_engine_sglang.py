@@ -60,6 +60,13 @@ def sglang_runtime():
     initialize_moe_config()
     plugin.register()
     yield
+    # Leave the process as we found it for the tests that follow in the same session (another engine's among them).
+    # (SGLang's destroy_model_parallel imports its HTTP bootstrap, i.e. uvicorn; torch's teardown frees every group.)
+    from sglang.srt.runtime_context import reset_context
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    reset_context()
 
 
 @pytest.fixture(autouse=True)
