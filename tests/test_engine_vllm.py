@@ -1,0 +1,437 @@
+"""The vLLM plugin against the real vllm==0.33.0 package, on CPU.
+
+Golden: vLLM's STOCK NVFP4 MoE method (ModelOpt or compressed-tensors) is built from the SOURCE example checkpoint
+and runs its own ``process_weights_after_loading`` (``prepare_nvfp4_moe_layer_for_fi_or_cutlass``: w1/w3 reorder,
+H/I padding, FlashInfer's permute indices, and the scale interleave). Only two things are replaced, both outside
+the processing itself:
+- FlashInfer's ``nvfp4_block_scale_interleave`` (CUDA only) by vLLM's own torch implementation of the same 128x4
+  interleave, ``nvfp4_utils.swizzle_blockscale``, with its trailing ``.cuda()`` device move made a no-op;
+- environment probes: the TRT-LLM experts' ``_supports_current_device`` (Blackwell + FlashInfer) answers True, and
+  ``torch.accelerator.current_device_index`` answers "cpu" (and ``current_platform.is_cuda_alike`` True for the
+  non-gated family, which vLLM's config refuses off CUDA).
+Then the CONVERTED checkpoint is loaded through the plugin (its config, MoE method and loader) and every forward-time
+tensor and attribute is compared: bytes as uint8, scalars as float bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import flashinfer
+import vllm  # noqa: F401  (a test that cannot import what it tests fails)
+from safetensors.torch import load_file
+from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.distributed import parallel_state
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEParallelConfig, RoutingMethodType
+from vllm.model_executor.layers.fused_moe.expert_map_manager import ExpertMapManager
+from vllm.model_executor.layers.fused_moe.experts import trtllm_nvfp4_moe
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4Config
+from vllm.model_executor.layers.quantization.utils import nvfp4_utils
+from vllm.platforms import current_platform
+
+from nvfp4ckpt import convert_checkpoint
+from nvfp4ckpt.engines.vllm import register
+from nvfp4ckpt.engines.vllm.config import Nvfp4TrtllmConfig
+from nvfp4ckpt.engines.vllm.loader import load_converted_experts
+from nvfp4ckpt.errors import EngineRefusalError
+
+FAMILIES = ["qwen3_moe", "deepseek_v3"]
+FORMATS = ["modelopt", "compressed-tensors"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment: vLLM config + a single-process gloo group (vLLM parameters ask for the TP rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_env():
+    register()
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    with set_current_vllm_config(cfg):
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.init_distributed_environment(
+                world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{_free_port()}", local_rank=0, backend="gloo"
+            )
+            parallel_state.initialize_model_parallel(1, 1)
+        yield cfg
+
+
+@contextlib.contextmanager
+def blackwell_probes(gated: bool = True):
+    """Only environment probes: the processing itself is vLLM's, untouched."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(trtllm_nvfp4_moe.TrtLlmNvFp4ExpertsBase, "_supports_current_device", staticmethod(lambda: True)))
+        stack.enter_context(mock.patch.object(torch.accelerator, "current_device_index", lambda: "cpu"))
+        if not gated:
+            stack.enter_context(mock.patch.object(type(current_platform), "is_cuda_alike", lambda self=None: True))
+        yield
+
+
+@contextlib.contextmanager
+def torch_interleave():
+    """FlashInfer's CUDA-only nvfp4_block_scale_interleave -> vLLM's torch swizzle_blockscale (same 128x4 layout)."""
+    calls: list[tuple[int, ...]] = []
+
+    def interleave(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self):  # its device move only
+            return nvfp4_utils.swizzle_blockscale(x.view(torch.float8_e4m3fn)).view(torch.uint8).reshape(-1)
+
+    with mock.patch.object(flashinfer, "nvfp4_block_scale_interleave", interleave):
+        yield calls
+
+
+@contextlib.contextmanager
+def shuffle_forbidden():
+    """Any FlashInfer shuffle / interleave / permute-index call fails the test."""
+    import flashinfer.fused_moe.core as core
+
+    def boom(*a, **k):
+        raise AssertionError("the plugin called a FlashInfer shuffle")
+
+    with contextlib.ExitStack() as stack:
+        for mod, name in [
+            (flashinfer, "nvfp4_block_scale_interleave"), (flashinfer, "shuffle_matrix_a"), (flashinfer, "shuffle_matrix_sf_a"),
+            (core, "_maybe_get_cached_w3_w1_permute_indices"), (core, "get_w2_permute_indices_with_cache"),
+        ]:  # fmt: skip
+            if hasattr(mod, name):
+                stack.enter_context(mock.patch.object(mod, name, boom))
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _fuse_gate_up_global_scales(src: Path, out: Path) -> Path:
+    """A compressed-tensors source whose experts' gate and up share one weight_global_scale, as llm-compressor
+    0.14 writes them (observers/helpers.py ``fuse_weight_observers`` links gate_proj/up_proj of every MLP,
+    experts included; vLLM needs it). The built-in example quantizes gate and up separately, so each up_proj
+    takes its gate_proj's value here (the weight bytes stay; only which global scale they are read with changes)."""
+    import re
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    tensors = {f: load_file(f) for f in sorted(out.glob("*.safetensors"))}
+    gate = {}
+    for t in tensors.values():
+        for k, v in t.items():
+            m = re.fullmatch(r"(.*\.experts\.\d+)\.gate_proj\.weight_global_scale", k)
+            if m:
+                gate[m.group(1)] = v
+    assert gate
+    for f, t in tensors.items():
+        for k in list(t):
+            m = re.fullmatch(r"(.*\.experts\.\d+)\.up_proj\.weight_global_scale", k)
+            if m:
+                t[k] = gate[m.group(1)].clone()
+        save_file(t, f, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(example_factory, tmp_path_factory):
+    cache: dict[tuple, tuple[Path, Path]] = {}
+
+    def make(arch: str, fmt: str, tp: int = 1, ep: int = 1) -> tuple[Path, Path]:
+        key = (arch, fmt, tp, ep)
+        if key not in cache:
+            src = example_factory(arch, fmt)
+            if fmt == "compressed-tensors":
+                src = _fuse_gate_up_global_scales(src, tmp_path_factory.mktemp(f"fused-{arch}") / "src")
+            dst = tmp_path_factory.mktemp(f"vllm-{arch}-{fmt}-{tp}-{ep}")
+            convert_checkpoint(src, dst, overwrite=True, tp=tp, ep=ep)
+            cache[key] = (src, dst)
+        return cache[key]
+
+    return make
+
+
+def _config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def _source_tensors(src: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+
+
+def _moe_config(desc: dict, prefix: str, tp: int, tp_rank: int, ep: int, ep_rank: int) -> FusedMoEConfig:
+    info = desc["layers"][prefix]
+    e = int(info["num_experts"])
+    pc = FusedMoEParallelConfig(
+        tp_size=tp, pcp_size=1, dp_size=1, ep_size=ep, tp_rank=tp_rank, pcp_rank=0, dp_rank=0, ep_rank=ep_rank,
+        sp_size=1, use_ep=ep > 1, all2all_backend="allgather_reducescatter", enable_eplb=False,
+    )  # fmt: skip
+    routing = getattr(RoutingMethodType, str(desc["routing"]["method"]), RoutingMethodType.Renormalize)
+    act = MoEActivation.SILU if desc["activation"] == "swiglu" else MoEActivation.RELU2_NO_MUL
+    return FusedMoEConfig(
+        num_experts=e, experts_per_token=int(desc["routing"]["top_k"]), hidden_dim=int(info["hidden_size"]),
+        intermediate_size=int(info["intermediate_size"]), num_local_experts=e // ep, num_logical_experts=e,
+        activation=act, device="cpu", routing_method=routing, moe_parallel_config=pc, in_dtype=torch.bfloat16,
+        moe_backend="flashinfer_trtllm",
+    )  # fmt: skip
+
+
+def _layer(quant_config, moe_config: FusedMoEConfig, prefix: str, gated: bool) -> RoutedExperts:
+    pc = moe_config.moe_parallel_config
+    emm = ExpertMapManager(
+        max_num_batched_tokens=256, top_k=moe_config.experts_per_token, global_num_experts=moe_config.num_experts,
+        num_redundant_experts=0, num_expert_group=None, moe_parallel_config=pc, placement_strategy="linear", enable_eplb=False,
+    )  # fmt: skip
+    with blackwell_probes(gated):
+        return RoutedExperts(
+            prefix, torch.bfloat16, moe_config, quant_config, expert_map_manager=emm,
+            ckpt_up_proj_name="up_proj" if gated else None,
+        )  # fmt: skip
+
+
+def stock_layer(src: Path, desc: dict, prefix: str, par: tuple[int, int, int, int]) -> tuple[RoutedExperts, list]:
+    """vLLM's own MoE method on the SOURCE checkpoint, with vLLM's own processing."""
+    qcfg = _config(src)["quantization_config"]
+    quant = ModelOptNvFp4Config.from_config(qcfg) if qcfg["quant_method"] == "modelopt" else CompressedTensorsConfig.from_config(qcfg)
+    gated = desc["activation"] == "swiglu"
+    layer = _layer(quant, _moe_config(desc, prefix, *par), prefix, gated)
+    weights = [(k[len(prefix) + 1 :], v) for k, v in _source_tensors(src).items() if k.startswith(prefix + ".")]
+    list(layer.load_weights(weights))
+    with blackwell_probes(gated), torch_interleave() as calls:
+        layer.quant_method.process_weights_after_loading(layer)
+    return layer, calls
+
+
+def plugin_layer(dst: Path, prefix: str, par: tuple[int, int, int, int]) -> RoutedExperts:
+    """The plugin's method on the CONVERTED checkpoint: its config, its loader, its post-processing."""
+    qcfg = _config(dst)["quantization_config"]
+    desc = qcfg["moe_kernel_layout"]
+    quant = Nvfp4TrtllmConfig.from_config(qcfg)
+    gated = desc["activation"] == "swiglu"
+    layer = _layer(quant, _moe_config(desc, prefix, *par), prefix, gated)
+    model = torch.nn.ModuleDict({"experts": layer})
+    with shuffle_forbidden():
+        load_converted_experts(model, dst)
+        with blackwell_probes(gated):
+            layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def forward_state(layer: RoutedExperts) -> dict[str, object]:
+    """Every tensor and attribute the TRT-LLM path reads at forward time (tensors as bytes + dtype + shape)."""
+    m = layer.quant_method
+    q = m.moe_quant_config
+    ex = m.moe_kernel.fused_experts
+    mc = layer.moe_config
+    out: dict[str, object] = {}
+
+    def put(name: str, v) -> None:
+        if isinstance(v, torch.Tensor):
+            out[name] = (str(v.dtype), tuple(v.shape), _bytes(v))
+        else:
+            out[name] = v
+
+    for n, p in layer.named_parameters():
+        put(f"param.{n}", p)
+        out[f"param_class.{n}"] = type(p).__name__
+    for n in ("w13_input_scale", "w2_input_scale"):
+        put(f"attr.{n}", getattr(layer, n))
+    for n in ("a1_gscale", "a2_gscale", "g1_alphas", "g2_alphas", "w1_scale", "w2_scale"):
+        put(f"quant.{n}", getattr(q, n))
+    for n in ("g1_scale_c", "gemm1_alpha", "gemm1_beta", "gemm1_clamp_limit", "intermediate_size_per_partition",
+              "hidden_dim", "hidden_dim_unpadded", "local_num_experts", "ep_rank", "topk", "routing_method_type"):  # fmt: skip
+        put(f"experts.{n}", getattr(ex, n))
+    for n in ("hidden_dim", "hidden_dim_unpadded", "intermediate_size_per_partition", "num_local_experts"):
+        put(f"moe_config.{n}", getattr(mc, n))
+    out["experts_class"] = type(ex).__name__
+    out["backend"] = m.nvfp4_backend
+    return out
+
+
+def assert_same_state(stock: dict, plugin: dict) -> None:
+    assert stock.keys() == plugin.keys(), set(stock) ^ set(plugin)
+    for k in stock:
+        a, b = stock[k], plugin[k]
+        if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.Tensor):
+            assert a[:2] == b[:2], f"{k}: {a[:2]} != {b[:2]}"
+            assert torch.equal(a[2], b[2]), f"{k}: bytes differ"
+        else:
+            assert a == b, f"{k}: {a!r} != {b!r}"
+
+
+def _moe_prefixes(dst: Path) -> list[str]:
+    return list(_config(dst)["quantization_config"]["moe_kernel_layout"]["layers"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Golden tests
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_golden_single_rank(converted, arch, fmt):
+    src, dst = converted(arch, fmt)
+    desc = _config(dst)["quantization_config"]["moe_kernel_layout"]
+    for prefix in _moe_prefixes(dst):
+        stock, calls = stock_layer(src, desc, prefix, (1, 0, 1, 0))
+        assert len(calls) == 2 * desc["layers"][prefix]["num_experts"]  # vLLM's processing did interleave every expert
+        plugin = plugin_layer(dst, prefix, (1, 0, 1, 0))
+        assert_same_state(forward_state(stock), forward_state(plugin))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
+def test_golden_rank_output(converted, fmt, tp, ep):
+    """--tp/--ep output: vLLM rank (ep_rank, tp_rank) reads ranks/rank-(ep_rank*T + tp_rank) and equals vLLM's own
+    sharded processing of the source."""
+    src, dst = converted("qwen3_moe", fmt, tp, ep)
+    desc = _config(dst)["quantization_config"]["moe_kernel_layout"]
+    prefix = _moe_prefixes(dst)[0]
+    for ep_rank in range(ep):
+        for tp_rank in range(tp):
+            par = (tp, tp_rank, ep, ep_rank)
+            stock, _ = stock_layer(src, desc, prefix, par)
+            plugin = plugin_layer(dst, prefix, par)
+            assert_same_state(forward_state(stock), forward_state(plugin))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_golden_ep_from_whole_layer_output(converted, fmt):
+    """Output written without --ep: vLLM's EP ranks take their experts along dim 0 (no transform)."""
+    src, dst = converted("qwen3_moe", fmt)
+    desc = _config(dst)["quantization_config"]["moe_kernel_layout"]
+    prefix = _moe_prefixes(dst)[0]
+    for ep_rank in range(2):
+        par = (1, 0, 2, ep_rank)
+        assert_same_state(forward_state(stock_layer(src, desc, prefix, par)[0]), forward_state(plugin_layer(dst, prefix, par)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Plugin behaviour
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_postprocessing_idempotent_and_identity_kept(converted, fmt):
+    _, dst = converted("qwen3_moe", fmt)
+    prefix = _moe_prefixes(dst)[0]
+    layer = plugin_layer(dst, prefix, (1, 0, 1, 0))
+    params = dict(layer.named_parameters())
+    ptrs = {n: p.data_ptr() for n, p in params.items()}
+    first = forward_state(layer)
+    with shuffle_forbidden(), blackwell_probes():
+        layer.quant_method.process_weights_after_loading(layer)
+    assert_same_state(first, forward_state(layer))
+    after = dict(layer.named_parameters())
+    assert after.keys() == params.keys()
+    for n, p in params.items():
+        assert after[n] is p, f"{n}: parameter object replaced"
+        assert p.data_ptr() == ptrs[n], f"{n}: storage moved"
+    assert layer.quant_method.moe_kernel.fused_experts.g1_scale_c is layer.g1_scale_c
+
+
+def test_stock_vllm_refuses_converted_checkpoint(converted):
+    """vLLM's real config verification, without the plugin registered, refuses the converted files."""
+    import subprocess
+    import sys
+
+    src, dst = converted("qwen3_moe", "modelopt")
+    code = (
+        "from vllm.config import ModelConfig\n"
+        f"ModelConfig(model={str(src)!r})\n"
+        "try:\n"
+        f"    ModelConfig(model={str(dst)!r})\n"
+        "except Exception as e:\n"
+        "    print('REFUSED', e)\n"
+        "else:\n"
+        "    print('ACCEPTED')\n"
+    )
+    env = {**__import__("os").environ, "VLLM_PLUGINS": ""}  # load no general plugin
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "REFUSED" in out.stdout, out.stdout + out.stderr
+    assert "Unknown quantization method: nvfp4_trtllm" in out.stdout
+
+
+def test_plugin_config_is_detected(converted):
+    """With the plugin registered, vLLM's own verification picks nvfp4_trtllm from config.json."""
+    _, dst = converted("qwen3_moe", "modelopt")
+    mc = ModelConfig(model=str(dst))
+    assert mc.quantization == "nvfp4_trtllm"
+    mc = ModelConfig(model=str(dst), quantization="nvfp4_trtllm")
+    assert mc.quantization == "nvfp4_trtllm"
+
+
+def test_refuses_mismatched_tp(converted):
+    _, dst = converted("qwen3_moe", "modelopt", 2, 1)
+    prefix = _moe_prefixes(dst)[0]
+    with pytest.raises(EngineRefusalError, match=r"converted with --tp 2 --ep 1 but vLLM runs this MoE with tp 1 ep 2"):
+        plugin_layer(dst, prefix, (1, 0, 2, 0))
+    _, whole = converted("qwen3_moe", "modelopt")
+    with pytest.raises(EngineRefusalError, match=r"cannot be re-sliced: convert with --tp 2"):
+        plugin_layer(whole, prefix, (2, 0, 1, 0))
+
+
+def test_refuses_example_ct_with_separate_gate_up_scales(example_factory, tmp_path):
+    """The built-in compressed-tensors example keeps separate gate/up global scales: refused, never rounded."""
+    src = example_factory("qwen3_moe", "compressed-tensors")
+    dst = tmp_path / "dst"
+    convert_checkpoint(src, dst)
+    prefix = _moe_prefixes(dst)[0]
+    with pytest.raises(EngineRefusalError, match=rf"^{prefix}\.w13_weight_global_scale: gate and up global scales differ"):
+        plugin_layer(dst, prefix, (1, 0, 1, 0))
+
+
+def test_refuses_different_gate_up_scale(converted, tmp_path):
+    """vLLM keeps one w13 global scale: a layer whose gate and up weight_scale_2 differ is refused by name."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    _, dst = converted("qwen3_moe", "modelopt")
+    bad = tmp_path / "bad"
+    shutil.copytree(dst, bad)
+    prefix = _moe_prefixes(dst)[0]
+    for f in bad.glob("*.safetensors"):
+        t = load_file(f)
+        key = f"{prefix}.w13_weight_scale_2"
+        if key in t:
+            t[key] = t[key].clone()
+            t[key][3, 1] = torch.nextafter(t[key][3, 1], torch.tensor(1.0))
+            save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(EngineRefusalError, match=rf"{prefix}\.w13_weight_scale_2: gate and up global scales differ.*\[3\]"):
+        plugin_layer(bad, prefix, (1, 0, 1, 0))
+
+
+def test_unloaded_layer_refused(converted):
+    _, dst = converted("qwen3_moe", "modelopt")
+    prefix = _moe_prefixes(dst)[0]
+    qcfg = _config(dst)["quantization_config"]
+    layer = _layer(Nvfp4TrtllmConfig.from_config(qcfg), _moe_config(qcfg["moe_kernel_layout"], prefix, 1, 0, 1, 0), prefix, True)
+    with pytest.raises(EngineRefusalError, match="never loaded: serve with --load-format nvfp4_trtllm"):
+        layer.quant_method.process_weights_after_loading(layer)
+    with pytest.raises(EngineRefusalError, match="load only through --load-format nvfp4_trtllm"):
+        layer.w13_weight.weight_loader(layer.w13_weight, torch.zeros(1))
