@@ -45,7 +45,7 @@ from nvfp4ckpt.engines.vllm.config import Nvfp4TrtllmConfig
 from nvfp4ckpt.engines.vllm.loader import load_converted_experts
 from nvfp4ckpt.errors import EngineRefusalError
 
-FAMILIES = ["qwen3_moe", "deepseek_v3"]
+FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_next", "glm4_moe", "kimi_k2", "minimax_m2", "llama4", "nemotron_h"]
 FORMATS = ["modelopt", "compressed-tensors"]
 
 
@@ -134,13 +134,14 @@ def _fuse_gate_up_global_scales(src: Path, out: Path) -> Path:
     gate = {}
     for t in tensors.values():
         for k, v in t.items():
-            m = re.fullmatch(r"(.*\.experts\.\d+)\.gate_proj\.weight_global_scale", k)
+            m = re.fullmatch(r"(.*\.experts\.\d+)\.(?:gate_proj|w1)\.weight_global_scale", k)
             if m:
                 gate[m.group(1)] = v
-    assert gate
+    if not gate:  # non-gated experts: nothing to fuse
+        return out
     for f, t in tensors.items():
         for k in list(t):
-            m = re.fullmatch(r"(.*\.experts\.\d+)\.up_proj\.weight_global_scale", k)
+            m = re.fullmatch(r"(.*\.experts\.\d+)\.(?:up_proj|w3)\.weight_global_scale", k)
             if m:
                 t[k] = gate[m.group(1)].clone()
         save_file(t, f, metadata={"format": "pt"})
@@ -189,15 +190,16 @@ def _moe_config(desc: dict, prefix: str, tp: int, tp_rank: int, ep: int, ep_rank
     )  # fmt: skip
     routing = getattr(RoutingMethodType, str(desc["routing"]["method"]), RoutingMethodType.Renormalize)
     act = MoEActivation.SILU if desc["activation"] == "swiglu" else MoEActivation.RELU2_NO_MUL
-    return FusedMoEConfig(
-        num_experts=e, experts_per_token=int(desc["routing"]["top_k"]), hidden_dim=int(info["hidden_size"]),
-        intermediate_size=int(info["intermediate_size"]), num_local_experts=e // ep, num_logical_experts=e,
-        activation=act, device="cpu", routing_method=routing, moe_parallel_config=pc, in_dtype=torch.bfloat16,
-        moe_backend="flashinfer_trtllm",
-    )  # fmt: skip
+    with blackwell_probes(act.is_gated):  # vLLM refuses non-gated MoE configs off CUDA
+        return FusedMoEConfig(
+            num_experts=e, experts_per_token=int(desc["routing"]["top_k"]), hidden_dim=int(info["hidden_size"]),
+            intermediate_size=int(info["intermediate_size"]), num_local_experts=e // ep, num_logical_experts=e,
+            activation=act, device="cpu", routing_method=routing, moe_parallel_config=pc, in_dtype=torch.bfloat16,
+            moe_backend="flashinfer_trtllm",
+        )  # fmt: skip
 
 
-def _layer(quant_config, moe_config: FusedMoEConfig, prefix: str, gated: bool) -> RoutedExperts:
+def _layer(quant_config, moe_config: FusedMoEConfig, prefix: str, gated: bool, ckpt_names=("gate_proj", "down_proj", "up_proj")) -> RoutedExperts:
     pc = moe_config.moe_parallel_config
     emm = ExpertMapManager(
         max_num_batched_tokens=256, top_k=moe_config.experts_per_token, global_num_experts=moe_config.num_experts,
@@ -206,7 +208,7 @@ def _layer(quant_config, moe_config: FusedMoEConfig, prefix: str, gated: bool) -
     with blackwell_probes(gated):
         return RoutedExperts(
             prefix, torch.bfloat16, moe_config, quant_config, expert_map_manager=emm,
-            ckpt_up_proj_name="up_proj" if gated else None,
+            ckpt_gate_proj_name=ckpt_names[0], ckpt_down_proj_name=ckpt_names[1], ckpt_up_proj_name=ckpt_names[2] if gated else None,
         )  # fmt: skip
 
 
@@ -215,7 +217,9 @@ def stock_layer(src: Path, desc: dict, prefix: str, par: tuple[int, int, int, in
     qcfg = _config(src)["quantization_config"]
     quant = ModelOptNvFp4Config.from_config(qcfg) if qcfg["quant_method"] == "modelopt" else CompressedTensorsConfig.from_config(qcfg)
     gated = desc["activation"] == "swiglu"
-    layer = _layer(quant, _moe_config(desc, prefix, *par), prefix, gated)
+    names = desc["layers"][prefix]["source_projection_names"]
+    ckpt = (names["gate"], names["down"], names["up"]) if gated else (names["up"], names["down"], None)  # as vLLM's models name them
+    layer = _layer(quant, _moe_config(desc, prefix, *par), prefix, gated, ckpt)
     weights = [(k[len(prefix) + 1 :], v) for k, v in _source_tensors(src).items() if k.startswith(prefix + ".")]
     list(layer.load_weights(weights))
     with blackwell_probes(gated), torch_interleave() as calls:
@@ -295,6 +299,12 @@ def _moe_prefixes(dst: Path) -> list[str]:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_golden_single_rank(converted, arch, fmt):
+    if (arch, fmt) == ("llama4", "modelopt"):
+        pytest.xfail(
+            "harness gap, not a plugin result: ModelOpt's fused Llama-4 experts are split by Llama4Model."
+            "load_moe_expert_weights (model code this layer-level harness does not run); llama4 is covered from "
+            "compressed-tensors (per-expert)"
+        )
     src, dst = converted(arch, fmt)
     desc = _config(dst)["quantization_config"]["moe_kernel_layout"]
     for prefix in _moe_prefixes(dst):
