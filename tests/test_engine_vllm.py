@@ -445,3 +445,107 @@ def test_unloaded_layer_refused(converted):
         layer.quant_method.process_weights_after_loading(layer)
     with pytest.raises(EngineRefusalError, match="load only through --load-format nvfp4_trtllm"):
         layer.w13_weight.weight_loader(layer.w13_weight, torch.zeros(1))
+
+
+# ------------------------------------------------------------------------------------------------
+# RL weight updates
+
+
+def _vllm_param_tensors(dst: Path, prefix: str, fmt: str) -> dict[str, torch.Tensor]:
+    """A trainer's kernel-format tensors under vLLM's parameter names (as it would send them), from a converted
+    checkpoint: ModelOpt scalars in vLLM's forms, compressed-tensors raw global scales."""
+    conv: dict[str, torch.Tensor] = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        conv.update(load_file(f))
+    t = {n: conv[f"{prefix}.{n}"] for n in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")}
+    e = t["w13_weight"].shape[0]
+    if fmt == "modelopt":
+        t["w13_weight_scale_2"] = conv[f"{prefix}.g1_alphas"]
+        t["w2_weight_scale_2"] = conv[f"{prefix}.g2_alphas"]
+        t["w13_input_scale"] = conv[f"{prefix}.w13_input_scale"].max().repeat(e)
+        t["w2_input_scale"] = conv[f"{prefix}.w2_input_scale"].max().repeat(e)
+    else:
+        for n in ("w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale"):
+            t[n] = conv[f"{prefix}.{n}"]
+    return t
+
+
+@pytest.fixture(scope="module")
+def converted_seed1(example_factory, tmp_path_factory):
+    def make(fmt: str) -> tuple[Path, Path]:
+        src = example_factory("qwen3_moe", fmt, seed=1)
+        if fmt == "compressed-tensors":
+            src = _fuse_gate_up_global_scales(src, tmp_path_factory.mktemp("fused-seed1") / "src")
+        dst = tmp_path_factory.mktemp(f"vllm-seed1-{fmt}")
+        convert_checkpoint(src, dst, overwrite=True)
+        return src, dst
+
+    return make
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reload_kernel_format(converted, converted_seed1, fmt):
+    """vLLM's reload_weights(is_checkpoint_format=False) copies kernel-layout tensors by name; a1_gscale and
+    g1_scale_c go stale (vLLM derived them at kernel build) until refresh_derived rewrites them in place."""
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    from nvfp4ckpt.engines.vllm.rl import refresh_derived
+
+    _, dst = converted("qwen3_moe", fmt)
+    _, dst1 = converted_seed1(fmt)
+    prefix = _moe_prefixes(dst)[0]
+    layer = plugin_layer(dst, prefix, (1, 0, 1, 0))
+    want = forward_state(plugin_layer(dst1, prefix, (1, 0, 1, 0)))
+    model = torch.nn.ModuleDict({"experts": layer})
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    q = layer.quant_method.moe_quant_config
+    a1_ptr, a1_old = q.a1_gscale.data_ptr(), q.a1_gscale.clone()
+    new = {f"experts.{n}": v for n, v in _vllm_param_tensors(dst1, prefix, fmt).items()}
+    vcfg = VllmConfig(model_config=ModelConfig(model=str(dst)), device_config=DeviceConfig(device="cpu"))
+    with shuffle_forbidden():
+        reload_weights(vcfg, model, iter(new.items()), None, is_checkpoint_format=False)
+    if fmt == "modelopt":
+        assert torch.equal(q.a1_gscale, a1_old), "a1_gscale should still hold the old input scale (the caveat)"
+        assert not torch.equal(1.0 / layer.w13_input_scale, q.a1_gscale), "seed 1 must change a1 for this test"
+    with shuffle_forbidden():
+        refresh_derived(model)
+    assert_same_state(want, forward_state(layer))
+    assert q.a1_gscale.data_ptr() == a1_ptr
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_update_from_source(converted, converted_seed1, fmt):
+    """Source-format trainer tensors -> nvfp4ckpt.live.update_live_ -> the live vLLM layer: equals loading the
+    converted new checkpoint (and so, by the golden tests, vLLM's own processing of the new source)."""
+    from nvfp4ckpt.engines.vllm.rl import update_from_source_
+
+    _, dst = converted("qwen3_moe", fmt)
+    src1, dst1 = converted_seed1(fmt)
+    prefix = _moe_prefixes(dst)[0]
+    layer = plugin_layer(dst, prefix, (1, 0, 1, 0))
+    model = torch.nn.ModuleDict({"experts": layer})
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    named = {k: v for k, v in _source_tensors(src1).items() if k.startswith(prefix + ".")}
+    layout = _config(dst)["quantization_config"]["moe_kernel_layout"]
+    with shuffle_forbidden():
+        report = update_from_source_(model, named, layout)
+    assert prefix in report.layers
+    assert_same_state(forward_state(plugin_layer(dst1, prefix, (1, 0, 1, 0))), forward_state(layer))
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+
+
+def test_update_from_source_refuses_different_gate_up(converted, converted_seed1):
+    from nvfp4ckpt.engines.vllm.rl import update_from_source_
+
+    _, dst = converted("qwen3_moe", "modelopt")
+    src1, _ = converted_seed1("modelopt")
+    prefix = _moe_prefixes(dst)[0]
+    layer = plugin_layer(dst, prefix, (1, 0, 1, 0))
+    model = torch.nn.ModuleDict({"experts": layer})
+    named = {k: v for k, v in _source_tensors(src1).items() if k.startswith(prefix + ".")}
+    named[f"{prefix}.2.up_proj.weight_scale_2"] = named[f"{prefix}.2.up_proj.weight_scale_2"] * 2
+    before = _bytes(layer.w13_weight).clone()
+    with pytest.raises(EngineRefusalError, match=rf"^{prefix}\.2: gate and up global scales differ"):
+        update_from_source_(model, named, _config(dst)["quantization_config"]["moe_kernel_layout"])
+    assert torch.equal(before, _bytes(layer.w13_weight)), "nothing may be written before the refusal"
