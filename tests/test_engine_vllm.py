@@ -549,3 +549,53 @@ def test_update_from_source_refuses_different_gate_up(converted, converted_seed1
     with pytest.raises(EngineRefusalError, match=rf"^{prefix}\.2: gate and up global scales differ"):
         update_from_source_(model, named, _config(dst)["quantization_config"]["moe_kernel_layout"])
     assert torch.equal(before, _bytes(layer.w13_weight)), "nothing may be written before the refusal"
+
+
+# ------------------------------------------------------------------------------------------------
+# The load format
+
+
+class _Model(torch.nn.Module):
+    """The two things the loader needs from a vLLM model: its modules and a ``load_weights`` (which records)."""
+
+    def __init__(self, layers: list[RoutedExperts]) -> None:
+        super().__init__()
+        self.moe = torch.nn.ModuleList(layers)
+        self.seen: list[str] = []
+
+    def load_weights(self, weights):
+        self.seen = [n for n, _ in weights]
+        return set(self.seen)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_load_format_routes_tensors(converted, tp):
+    """--load-format nvfp4_trtllm: vLLM's default loader streams the top-level files minus the converted MoE
+    layers into model.load_weights; the MoE layers get their tensors (this rank's part) by name."""
+    from vllm.model_executor.model_loader import get_model_loader
+
+    src, dst = converted("qwen3_moe", "modelopt", tp, 1)
+    qcfg = _config(dst)["quantization_config"]
+    quant = Nvfp4TrtllmConfig.from_config(qcfg)
+    prefixes = _moe_prefixes(dst)
+    tp_rank = tp - 1
+    layers = [_layer(quant, _moe_config(qcfg["moe_kernel_layout"], p, tp, tp_rank, 1, 0), p, True) for p in prefixes]
+    model = _Model(layers)
+    vcfg = VllmConfig(model_config=ModelConfig(model=str(dst)), device_config=DeviceConfig(device="cpu"))
+    from vllm.config import LoadConfig
+
+    loader = get_model_loader(LoadConfig(load_format="nvfp4_trtllm"))
+    with shuffle_forbidden():
+        loader.load_weights(model, vcfg.model_config)
+    top = set()
+    for f in dst.glob("*.safetensors"):
+        top |= set(load_file(f))
+    assert set(model.seen) == {n for n in top if not n.startswith(tuple(p + "." for p in prefixes))}
+    assert model.seen and not any(".mlp.experts." in n for n in model.seen)
+    for p, layer in zip(prefixes, layers):
+        with shuffle_forbidden(), blackwell_probes():
+            layer.quant_method.process_weights_after_loading(layer)
+        assert_same_state(forward_state(plugin_layer(dst, p, (tp, tp_rank, 1, 0))), forward_state(layer))
+        if tp > 1:
+            desc = qcfg["moe_kernel_layout"]
+            assert_same_state(forward_state(stock_layer(src, desc, p, (tp, tp_rank, 1, 0))[0]), forward_state(layer))
