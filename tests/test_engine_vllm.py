@@ -119,11 +119,14 @@ def shuffle_forbidden():
 # Checkpoints
 
 
-def _fuse_gate_up_global_scales(src: Path, out: Path) -> Path:
-    """A compressed-tensors source whose experts' gate and up share one weight_global_scale, as llm-compressor
-    0.14 writes them (observers/helpers.py ``fuse_weight_observers`` links gate_proj/up_proj of every MLP,
-    experts included; vLLM needs it). The built-in example quantizes gate and up separately, so each up_proj
-    takes its gate_proj's value here (the weight bytes stay; only which global scale they are read with changes)."""
+def _realistic_source(src: Path, out: Path, fmt: str) -> Path:
+    """The example, made like the producers' output in the two ways vLLM's processing depends on:
+    - per-expert activation scales: experts in the upper half get larger input scales (x1.25 gate/up, x1.5 down),
+      as calibration gives them (so a1/a2 differ between EP ranks' experts and the global maxima matter);
+    - compressed-tensors: each expert's gate and up share one weight_global_scale, as llm-compressor 0.14 writes
+      them (observers/helpers.py ``fuse_weight_observers`` links gate_proj/up_proj of every MLP, experts
+      included; vLLM keeps one). The built-in example quantizes them separately: up takes gate's value here.
+    Only scalars change; the weight bytes stay."""
     import re
     import shutil
 
@@ -131,19 +134,24 @@ def _fuse_gate_up_global_scales(src: Path, out: Path) -> Path:
 
     shutil.copytree(src, out, dirs_exist_ok=True)
     tensors = {f: load_file(f) for f in sorted(out.glob("*.safetensors"))}
+    name = re.compile(r"(?P<ex>.*\.experts\.(?P<e>\d+))\.(?P<proj>\w+)\.(?P<kind>input_scale|input_global_scale|weight_global_scale)")
+    experts = max((int(m["e"]) for t in tensors.values() for k in t if (m := name.fullmatch(k))), default=-1) + 1
     gate = {}
     for t in tensors.values():
         for k, v in t.items():
-            m = re.fullmatch(r"(.*\.experts\.\d+)\.(?:gate_proj|w1)\.weight_global_scale", k)
-            if m:
-                gate[m.group(1)] = v
-    if not gate:  # non-gated experts: nothing to fuse
-        return out
+            m = name.fullmatch(k)
+            if m and m["kind"] == "weight_global_scale" and m["proj"] in ("gate_proj", "w1"):
+                gate[m["ex"]] = v
     for f, t in tensors.items():
         for k in list(t):
-            m = re.fullmatch(r"(.*\.experts\.\d+)\.(?:up_proj|w3)\.weight_global_scale", k)
-            if m:
-                t[k] = gate[m.group(1)].clone()
+            m = name.fullmatch(k)
+            if not m:
+                continue
+            if m["kind"] == "weight_global_scale" and m["proj"] in ("up_proj", "w3") and m["ex"] in gate:
+                t[k] = gate[m["ex"]].clone()
+            elif m["kind"] != "weight_global_scale" and int(m["e"]) >= experts // 2:
+                f_ = 1.5 if m["proj"] in ("down_proj", "w2") else 1.25
+                t[k] = t[k] * f_ if m["kind"] == "input_scale" else t[k] / f_  # CT stores the reciprocal
         save_file(t, f, metadata={"format": "pt"})
     return out
 
@@ -155,9 +163,7 @@ def converted(example_factory, tmp_path_factory):
     def make(arch: str, fmt: str, tp: int = 1, ep: int = 1) -> tuple[Path, Path]:
         key = (arch, fmt, tp, ep)
         if key not in cache:
-            src = example_factory(arch, fmt)
-            if fmt == "compressed-tensors":
-                src = _fuse_gate_up_global_scales(src, tmp_path_factory.mktemp(f"fused-{arch}") / "src")
+            src = _realistic_source(example_factory(arch, fmt), tmp_path_factory.mktemp(f"src-{arch}-{fmt}") / "src", fmt)
             dst = tmp_path_factory.mktemp(f"vllm-{arch}-{fmt}-{tp}-{ep}")
             convert_checkpoint(src, dst, overwrite=True, tp=tp, ep=ep)
             cache[key] = (src, dst)
@@ -473,9 +479,7 @@ def _vllm_param_tensors(dst: Path, prefix: str, fmt: str) -> dict[str, torch.Ten
 @pytest.fixture(scope="module")
 def converted_seed1(example_factory, tmp_path_factory):
     def make(fmt: str) -> tuple[Path, Path]:
-        src = example_factory("qwen3_moe", fmt, seed=1)
-        if fmt == "compressed-tensors":
-            src = _fuse_gate_up_global_scales(src, tmp_path_factory.mktemp("fused-seed1") / "src")
+        src = _realistic_source(example_factory("qwen3_moe", fmt, seed=1), tmp_path_factory.mktemp(f"src-seed1-{fmt}") / "src", fmt)
         dst = tmp_path_factory.mktemp(f"vllm-seed1-{fmt}")
         convert_checkpoint(src, dst, overwrite=True)
         return src, dst
