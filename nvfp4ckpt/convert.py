@@ -59,6 +59,9 @@ class ConvertResult:
         }
 
 
+HIDDEN_ALIGN = 128  # the kernel's need (block-scale rows of w2); vLLM pads H to 256 (convert --pad-hidden 256)
+
+
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -72,18 +75,22 @@ def convert_checkpoint(
     tp: int = 1,
     ep: int = 1,
     resume: bool = False,
+    pad_hidden: int = HIDDEN_ALIGN,
 ) -> ConvertResult:
     """Write the kernel-ready version of ``src`` to ``dst``; see README "Output contract".
 
     ``workers`` threads read and transform MoE layers ahead of the writer (default: ``default_workers()``);
     the output bytes are the same for any value. ``tp``/``ep`` > 1 write one set of MoE files per rank
     (see ``nvfp4ckpt.parallel``); non-expert tensors stay whole at the top level. ``resume`` continues an
-    interrupted run into the same DST, reusing its finished shards (see ``writer.write_checkpoint``)."""
+    interrupted run into the same DST, reusing its finished shards (see ``writer.write_checkpoint``). ``pad_hidden``:
+    the hidden size is zero-padded to a multiple of it (128, the kernel's need; 256 for vLLM, which pads to 256)."""
     start = time.perf_counter()
     try:
         max_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise InputError(f"--max-shard-size: {exc}") from None
+    if pad_hidden < HIDDEN_ALIGN or pad_hidden % HIDDEN_ALIGN:
+        raise InputError(f"--pad-hidden {pad_hidden}: use a multiple of {HIDDEN_ALIGN} (128; 256 for vLLM)")
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
     check_destination(ckpt.root, dst_path, overwrite)
@@ -95,13 +102,15 @@ def convert_checkpoint(
         for l in ckpt.layers
     }
     sharded = tp * ep > 1
-    descriptor = _descriptor(ckpt, ranks if sharded else None, tp, ep)
-    planned, layer_of = _plan_tensors(ckpt, ranks if sharded else None)
+    descriptor = _descriptor(ckpt, ranks if sharded else None, tp, ep, pad_hidden)
+    planned, layer_of = _plan_tensors(ckpt, ranks if sharded else None, pad_hidden)
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
 
     def compute(prefix: str) -> dict[str, Array]:
         layer = by_prefix[prefix]
-        return convert_layer_ranks(ckpt, layer, ranks[prefix], device) if sharded else convert_layer(ckpt, layer, device)
+        if sharded:
+            return convert_layer_ranks(ckpt, layer, ranks[prefix], device, pad_hidden)
+        return convert_layer(ckpt, layer, device, pad_hidden)
 
     job = CheckpointJob(
         source=ckpt.files,
@@ -143,17 +152,19 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1) - 2))
 
 
-def padded_dims(layer: MoELayer) -> tuple[int, int]:
-    """(H, I) as stored: padded to H % 128 == 0 and I % 64 == 0 where the kernel needs it."""
+def padded_dims(layer: MoELayer, pad_hidden: int = HIDDEN_ALIGN) -> tuple[int, int]:
+    """(H, I) as stored: padded to H % pad_hidden == 0 and I % 64 == 0 (non-gated: 128) where needed."""
     dims = layout.MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.gated)
-    return dims.hidden_padded, dims.intermediate_padded
+    return -(-layer.hidden_size // pad_hidden) * pad_hidden, dims.intermediate_padded
 
 
-def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None, tp: int, ep: int) -> dict:
+def _descriptor(
+    ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None, tp: int, ep: int, pad_hidden: int = HIDDEN_ALIGN
+) -> dict:
     infos = [
         LayerInfo(
             l.prefix, l.num_experts, l.hidden_size, l.intermediate_size, l.proj_names, l.scalar_dtype,
-            tuple(l.scalar_shape), *padded_dims(l), "bmm" if l.fused else None,
+            tuple(l.scalar_shape), *padded_dims(l, pad_hidden), "bmm" if l.fused else None,
         )  # fmt: skip
         for l in ckpt.layers
     ]
@@ -165,6 +176,8 @@ def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None,
         config_had_quantization_config=isinstance(ckpt.config.get("quantization_config"), dict),
         activation=ckpt.arch.activation,
     )
+    if pad_hidden != HIDDEN_ALIGN:
+        descriptor["padding"] = descriptor["padding"].replace("(H, to 128)", f"(H, to {pad_hidden})")
     if ranks:
         first = next(iter(ranks.values()))
         descriptor["parallel"] = {
@@ -187,15 +200,15 @@ def _descriptor(ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None,
     return descriptor
 
 
-def layer_output_specs(layer: MoELayer, source_format: str) -> list[PlannedTensor]:
+def layer_output_specs(layer: MoELayer, source_format: str, pad_hidden: int = HIDDEN_ALIGN) -> list[PlannedTensor]:
     """Names, dtypes and shapes of one layer's output tensors, in write order."""
-    h_pad, i_pad = padded_dims(layer)
+    h_pad, i_pad = padded_dims(layer, pad_hidden)
     specs = canonical_specs(layer.prefix, layer.num_experts, h_pad, i_pad, source_format, layer.scalar_dtype, layer.gated)
     return [PlannedTensor(name, dtype, shape) for name, dtype, shape in specs]
 
 
 def _plan_tensors(
-    ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None = None
+    ckpt: SourceCheckpoint, ranks: dict[str, list[RankSpec]] | None = None, pad_hidden: int = HIDDEN_ALIGN
 ) -> tuple[list[PlannedTensor], dict[str, MoELayer]]:
     """Every output tensor in a deterministic order: source names in natural order, each MoE
     layer's canonical tensors placed where its first expert tensor would have been."""
@@ -214,9 +227,9 @@ def _plan_tensors(
         elif layer.prefix not in emitted:
             emitted.add(layer.prefix)
             if ranks is None:
-                specs = layer_output_specs(layer, ckpt.format.name)
+                specs = layer_output_specs(layer, ckpt.format.name, pad_hidden)
             else:
-                h_pad, _ = padded_dims(layer)
+                h_pad, _ = padded_dims(layer, pad_hidden)
                 specs = [
                     PlannedTensor(n, dtype, shape, part=r.part)
                     for r in ranks[layer.prefix]
@@ -320,13 +333,13 @@ def _on_cpu(device: str) -> bool:
 
 
 def convert_layer_ranks(
-    ckpt: SourceCheckpoint, layer: MoELayer, ranks: list[RankSpec], device: str = "cpu"
+    ckpt: SourceCheckpoint, layer: MoELayer, ranks: list[RankSpec], device: str = "cpu", pad_hidden: int = HIDDEN_ALIGN
 ) -> dict[str, torch.Tensor]:
     """Every rank's output tensors of one MoE layer (the source layer is read once), keyed by
     ``part/name``. Scalars use the global a1/a2 and are sliced to each rank's experts."""
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
-    h_pad, _ = padded_dims(layer)
+    h_pad, _ = padded_dims(layer, pad_hidden)
     scalars = _layer_scalars(ckpt, layer, src["raw_scalars"])
     out: dict[str, torch.Tensor] = {}
     for r in ranks:
@@ -360,16 +373,16 @@ def _layer_scalars(ckpt: SourceCheckpoint, layer: MoELayer, raw: Array) -> dict[
     return scalars
 
 
-def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") -> dict[str, Array]:
+def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu", pad_hidden: int = HIDDEN_ALIGN) -> dict[str, Array]:
     """All output tensors of one MoE layer, keyed by full name: their bytes, as the writer takes them.
     On the CPU fast path these are numpy arrays (block scales as raw uint8; torch is not imported),
     otherwise CPU torch tensors of the output dtypes."""
-    if _on_cpu(device) and _has_fast_path(layer):
+    if _on_cpu(device) and _has_fast_path(layer, pad_hidden):
         return {f"{layer.prefix}.{k}": v for k, v in _convert_layer_fast(ckpt, layer).items()}
     src = read_layer_source(ckpt, layer)
     dev = torch.device(device)
     pieces = (src[k].to(dev) for k in ("w31", "s31", "down", "down_scale"))
-    w13, s13, w2, s2 = to_kernel(*pieces, *padded_dims(layer), gated=layer.gated)
+    w13, s13, w2, s2 = to_kernel(*pieces, *padded_dims(layer, pad_hidden), gated=layer.gated)
     out = {
         "w13_weight": w13.cpu(),
         "w13_weight_scale": s13.cpu(),
@@ -387,11 +400,11 @@ def convert_layer(ckpt: SourceCheckpoint, layer: MoELayer, device: str = "cpu") 
 # parallel, whereas a torch copy this small is split over OpenMP threads, which stalls badly when the cores are busy.
 
 
-def _has_fast_path(layer: MoELayer) -> bool:
+def _has_fast_path(layer: MoELayer, pad_hidden: int = HIDDEN_ALIGN) -> bool:
     """Gated per-expert layers that need no padding (the kernel layout is then a pure per-expert permutation)
     and have float32 global scales (as ModelOpt and llm-compressor write them; numpy has no bfloat16)."""
     return (
-        padded_dims(layer) == (layer.hidden_size, layer.intermediate_size)
+        padded_dims(layer, pad_hidden) == (layer.hidden_size, layer.intermediate_size)
         and layer.scalar_dtype == "F32"
         and bool(layer.experts)
         and all(set(names) == {"gate", "up", "down"} for names in layer.experts)

@@ -603,3 +603,58 @@ def test_load_format_routes_tensors(converted, tp):
         if tp > 1:
             desc = qcfg["moe_kernel_layout"]
             assert_same_state(forward_state(stock_layer(src, desc, p, (tp, tp_rank, 1, 0))[0]), forward_state(layer))
+
+
+# ------------------------------------------------------------------------------------------------
+# Hidden sizes vLLM pads (H % 256 != 0): convert --pad-hidden 256
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_golden_hidden_padded_to_256(tmp_path, fmt):
+    """H = 384: vLLM's processing pads it to 512 (trtllm_nvfp4_hidden_alignment); convert --pad-hidden 256 writes
+    the same bytes, which the plugin loads as they are. Without the option the plugin refuses by layer."""
+    from nvfp4ckpt import write_example
+
+    raw = tmp_path / "raw"
+    write_example(raw, format=fmt, arch="qwen3_moe", config_overrides={"hidden_size": 384})
+    src = _realistic_source(raw, tmp_path / "src", fmt)
+    dst, dst128 = tmp_path / "dst", tmp_path / "dst128"
+    convert_checkpoint(src, dst, pad_hidden=256)
+    convert_checkpoint(src, dst128)
+    desc = _config(dst)["quantization_config"]["moe_kernel_layout"]
+    assert (desc["hidden_size"], desc["hidden_size_padded"]) == (384, 512)
+    for prefix in _moe_prefixes(dst):
+        stock, _ = stock_layer(src, desc, prefix, (1, 0, 1, 0))
+        assert stock.w2_weight.shape[1] == 512
+        assert_same_state(forward_state(stock), forward_state(plugin_layer(dst, prefix, (1, 0, 1, 0))))
+    with pytest.raises(EngineRefusalError, match=r"vLLM pads the hidden size 384 to 512 .* files hold 384: convert with --pad-hidden 256$"):
+        plugin_layer(dst128, _moe_prefixes(dst128)[0], (1, 0, 1, 0))
+
+
+def test_pad_hidden_must_be_a_multiple_of_128(example_factory, tmp_path):
+    from nvfp4ckpt.errors import InputError
+
+    with pytest.raises(InputError, match=r"--pad-hidden 192: use a multiple of 128"):
+        convert_checkpoint(example_factory("qwen3_moe", "modelopt"), tmp_path / "x", pad_hidden=192)
+
+
+def test_entry_point_registers_through_vllm(converted):
+    """vLLM's own plugin loading (entry point group vllm.general_plugins, as `vllm serve` runs it) registers the
+    quantization method and the load format; checked in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    _, dst = converted("qwen3_moe", "modelopt")
+    code = (
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "from vllm.config import LoadConfig, ModelConfig\n"
+        "from vllm.model_executor.model_loader import get_model_loader\n"
+        f"print('QUANT', ModelConfig(model={str(dst)!r}).quantization)\n"
+        "print('LOADER', type(get_model_loader(LoadConfig(load_format='nvfp4_trtllm'))).__name__)\n"
+    )
+    env = {**os.environ, "VLLM_PLUGINS": "nvfp4ckpt"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "QUANT nvfp4_trtllm" in out.stdout, out.stdout + out.stderr
+    assert "LOADER Nvfp4TrtllmModelLoader" in out.stdout, out.stdout + out.stderr

@@ -165,7 +165,7 @@ class _TrtllmMoE:
         if self.spec.hidden_padded != h_pad:
             raise EngineRefusalError(
                 f"{self.spec.prefix}: vLLM pads the hidden size {hidden_size} to {h_pad} (multiple of {align}) but the "
-                f"files hold {self.spec.hidden_padded}; vLLM cannot serve this layer's converted tensors"
+                f"files hold {self.spec.hidden_padded}: convert with --pad-hidden {align}"
             )
         if file_i_pad != i_pad:
             raise EngineRefusalError(
