@@ -64,12 +64,16 @@ def vllm_env():
     register()
     cfg = VllmConfig(device_config=DeviceConfig(device="cpu"))
     with set_current_vllm_config(cfg):
-        if not parallel_state.model_parallel_is_initialized():
+        owned = not parallel_state.model_parallel_is_initialized()
+        if owned:
             parallel_state.init_distributed_environment(
                 world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{_free_port()}", local_rank=0, backend="gloo"
             )
             parallel_state.initialize_model_parallel(1, 1)
         yield cfg
+        if owned:  # leave no process group behind for other engines' tests in the same pytest run
+            parallel_state.destroy_model_parallel()
+            parallel_state.destroy_distributed_environment()
 
 
 @contextlib.contextmanager
