@@ -482,10 +482,10 @@ def _vllm_param_tensors(dst: Path, prefix: str, fmt: str) -> dict[str, torch.Ten
 
 @pytest.fixture(scope="module")
 def converted_seed1(example_factory, tmp_path_factory):
-    def make(fmt: str) -> tuple[Path, Path]:
+    def make(fmt: str, ep: int = 1) -> tuple[Path, Path]:
         src = _realistic_source(example_factory("qwen3_moe", fmt, seed=1), tmp_path_factory.mktemp(f"src-seed1-{fmt}") / "src", fmt)
-        dst = tmp_path_factory.mktemp(f"vllm-seed1-{fmt}")
-        convert_checkpoint(src, dst, overwrite=True)
+        dst = tmp_path_factory.mktemp(f"vllm-seed1-{fmt}-{ep}")
+        convert_checkpoint(src, dst, overwrite=True, ep=ep)
         return src, dst
 
     return make
@@ -523,15 +523,18 @@ def test_reload_kernel_format(converted, converted_seed1, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_update_from_source(converted, converted_seed1, fmt):
+@pytest.mark.parametrize("ep,ep_rank", [(1, 0), (2, 1)])
+def test_update_from_source(converted, converted_seed1, fmt, ep, ep_rank):
     """Source-format trainer tensors -> nvfp4ckpt.live.update_live_ -> the live vLLM layer: equals loading the
-    converted new checkpoint (and so, by the golden tests, vLLM's own processing of the new source)."""
+    converted new checkpoint (and so, by the golden tests, vLLM's own processing of the new source). With --ep
+    output, a rank writes its own experts and takes a1/a2 over every expert it is sent."""
     from nvfp4ckpt.engines.vllm.rl import update_from_source_
 
-    _, dst = converted("qwen3_moe", fmt)
-    src1, dst1 = converted_seed1(fmt)
+    _, dst = converted("qwen3_moe", fmt, 1, ep)
+    src1, dst1 = converted_seed1(fmt, ep)
     prefix = _moe_prefixes(dst)[0]
-    layer = plugin_layer(dst, prefix, (1, 0, 1, 0))
+    par = (1, 0, ep, ep_rank)
+    layer = plugin_layer(dst, prefix, par)
     model = torch.nn.ModuleDict({"experts": layer})
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     named = {k: v for k, v in _source_tensors(src1).items() if k.startswith(prefix + ".")}
@@ -539,7 +542,7 @@ def test_update_from_source(converted, converted_seed1, fmt):
     with shuffle_forbidden():
         report = update_from_source_(model, named, layout)
     assert prefix in report.layers
-    assert_same_state(forward_state(plugin_layer(dst1, prefix, (1, 0, 1, 0))), forward_state(layer))
+    assert_same_state(forward_state(plugin_layer(dst1, prefix, par)), forward_state(layer))
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
 
 
