@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import metadata
 
 from . import __version__
 from .architectures import expert_roles
@@ -64,13 +63,6 @@ def canonical_specs(
     if source_format == "compressed-tensors":
         names += list(RAW_CT_TENSORS)
     return [(f"{prefix}.{n}", *shapes[n]) for n in names]
-
-
-def flashinfer_version() -> str | None:
-    try:
-        return metadata.version("flashinfer-python")
-    except metadata.PackageNotFoundError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -186,7 +178,6 @@ def build_descriptor(
         "config_had_quantization_config": config_had_quantization_config,
         "tool": "nvfp4ckpt",
         "tool_version": __version__,
-        "flashinfer_version": flashinfer_version(),
     }
 
 
