@@ -62,19 +62,22 @@ def convert_checkpoint(
     tp: int = 1,
     ep: int = 1,
     resume: bool = False,
+    pad_hidden: int = 128,
 ) -> ConvertResult:
     """Write the kernel-ready version of ``src`` to ``dst``; see README "Output contract".
 
     ``workers`` threads read and transform MoE layers ahead of the writer (default: ``default_workers()``);
     the output bytes are the same for any value. ``tp``/``ep`` > 1 write one set of MoE files per rank
     (see ``nvfp4ckpt.layouts.trtllm_gen.ranks``); non-expert tensors stay whole at the top level. ``resume`` continues an
-    interrupted run into the same DST, reusing its finished shards (see ``output.write_checkpoint``)."""
+    interrupted run into the same DST, reusing its finished shards (see ``output.write_checkpoint``). ``pad_hidden``:
+    the hidden size is zero-padded to a multiple of it (128, the kernel's need; 256 for vLLM, which pads to 256)."""
     start = time.perf_counter()
     max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
     check_destination(ckpt.root, dst_path, overwrite)
     layout = layouts.get(layouts.DEFAULT_LAYOUT)
+    layout.check_pad_hidden(pad_hidden)
     if not layout.on_cpu(device) and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise InputError(f"--device {device}: no such device here; use --device cpu")
 
@@ -83,15 +86,15 @@ def convert_checkpoint(
         for l in ckpt.layers
     }
     sharded = tp * ep > 1
-    descriptor = layout.checkpoint_descriptor(ckpt, ranks if sharded else None, tp, ep)
-    planned, layer_of = _plan_tensors(ckpt, layout, ranks if sharded else None)
+    descriptor = layout.checkpoint_descriptor(ckpt, ranks if sharded else None, tp, ep, pad_hidden)
+    planned, layer_of = _plan_tensors(ckpt, layout, ranks if sharded else None, pad_hidden)
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
 
     def compute(prefix: str) -> dict[str, Array]:
         layer = by_prefix[prefix]
         if sharded:
-            return layout.convert_layer_ranks(ckpt, layer, ranks[prefix], device)
-        return layout.convert_layer(ckpt, layer, device)
+            return layout.convert_layer_ranks(ckpt, layer, ranks[prefix], device, pad_hidden)
+        return layout.convert_layer(ckpt, layer, device, pad_hidden)
 
     job = CheckpointJob(
         source=ckpt.files,
@@ -134,7 +137,7 @@ def default_workers() -> int:
 
 
 def _plan_tensors(
-    ckpt: SourceCheckpoint, layout, ranks: dict[str, list] | None = None
+    ckpt: SourceCheckpoint, layout, ranks: dict[str, list] | None = None, pad_hidden: int = 128
 ) -> tuple[list[PlannedTensor], dict[str, SourceMoELayer]]:
     """Every output tensor in a deterministic order: source names in natural order, each MoE
     layer's canonical tensors placed where its first expert tensor would have been."""
@@ -152,7 +155,7 @@ def _plan_tensors(
             planned.append(PlannedTensor(name, info.dtype, info.shape))
         elif layer.prefix not in emitted:
             emitted.add(layer.prefix)
-            specs = layout.layer_specs(layer, ckpt.format.name, None if ranks is None else ranks[layer.prefix])
+            specs = layout.layer_specs(layer, ckpt.format.name, None if ranks is None else ranks[layer.prefix], pad_hidden)
             for spec in specs:
                 if spec.name in ckpt.files.tensors:
                     raise InputError(

@@ -93,3 +93,7 @@ class StaleScalarError(InputError):
 
 class LiveMismatchError(CheckFailedError):
     """Live kernel-layout tensors differ from the kernel layout of the given source tensors."""
+
+
+class EngineRefusalError(InputError):
+    """A serving engine's plugin cannot serve the converted checkpoint exactly as configured (one-line reason)."""

@@ -8,7 +8,7 @@ from ...io import out_buffer, scratch_buffer
 from ...source.checkpoint import SourceCheckpoint, SourceMoELayer
 from . import transform as layout
 from .scalars import layer_scalars
-from .shapes import padded_dims
+from .shapes import HIDDEN_ALIGN, padded_dims
 
 
 # The CPU fast path: the same bytes as ``read_layer_source`` + ``parallel.to_kernel`` (tests check it), but one
@@ -18,11 +18,11 @@ from .shapes import padded_dims
 # parallel, whereas a torch copy this small is split over OpenMP threads, which stalls badly when the cores are busy.
 
 
-def has_fast_path(layer: SourceMoELayer) -> bool:
+def has_fast_path(layer: SourceMoELayer, pad_hidden: int = HIDDEN_ALIGN) -> bool:
     """Gated per-expert layers that need no padding (the kernel layout is then a pure per-expert permutation)
     and have float32 global scales (as ModelOpt and llm-compressor write them; numpy has no bfloat16)."""
     return (
-        padded_dims(layer) == (layer.hidden_size, layer.intermediate_size)
+        padded_dims(layer, pad_hidden) == (layer.hidden_size, layer.intermediate_size)
         and layer.scalar_dtype == "F32"
         and bool(layer.experts)
         and all(set(names) == {"gate", "up", "down"} for names in layer.experts)
