@@ -4,7 +4,7 @@ vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point (in
 ``vllm serve DST --quantization nvfp4_trtllm --load-format nvfp4_trtllm --moe-backend flashinfer_trtllm``
 then serves a checkpoint written by ``nvfp4ckpt convert``: dense layers through vLLM's stock ModelOpt /
 compressed-tensors methods, MoE layers through vLLM's own FlashInfer TRT-LLM-gen experts with the converted
-tensors put in place as they are (docs/serving-vllm.md).
+tensors put in place as they are (docs/serving.md).
 """
 
 from __future__ import annotations

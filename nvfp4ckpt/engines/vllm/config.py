@@ -25,7 +25,7 @@ from .moe import LayerSpec, TrtllmCompressedTensorsMoE, TrtllmModelOptMoE
 LAYOUT_NAME = "trtllm_fp4_moe"
 LAYOUT_VERSION = 1
 # Families whose MoE vLLM 0.33.0 does not run with FLASHINFER_TRTLLM from an NVFP4 checkpoint (see
-# docs/serving-vllm.md; tests/test_engine_vllm.py proves the served ones against vLLM's own processing).
+# docs/serving.md; tests/test_engine_vllm.py proves the served ones against vLLM's own processing).
 UNSERVED_ARCHITECTURES: dict[str, str] = {}
 
 
