@@ -22,6 +22,7 @@ from ._lazy import torch
 from .source import architectures
 from .errors import InputError, OutputExistsError
 from .source.formats import FORMATS
+from .progress import TickFn
 from .io import PlannedTensor, ShardPlan, ShardWriter, dtype_name, parse_size, plan_shards
 from .quant import quantize_linear
 
@@ -84,6 +85,7 @@ def write_example(
     shape: str | None = None,
     layers: int | None = None,
     max_shard_size: str | int | None = None,
+    progress: TickFn | None = None,
 ) -> ExampleResult:
     """Write an example checkpoint to ``out``.
 
@@ -124,7 +126,7 @@ def write_example(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.mkdir()
     try:
-        num_tensors = _write_example_files(out_path, config, spec, format, seed, shape, shards, max_shard_size)
+        num_tensors = _write_example_files(out_path, config, spec, format, seed, shape, shards, max_shard_size, progress)
     except BaseException:
         shutil.rmtree(out_path, ignore_errors=True)
         raise
@@ -135,7 +137,8 @@ def write_example(
 
 
 def _write_example_files(
-    out_path: Path, config: dict, spec, format: str, seed: int, shape, shards: int, max_shard_size: str | None
+    out_path: Path, config: dict, spec, format: str, seed: int, shape, shards: int, max_shard_size: str | None,
+    progress: TickFn | None = None,
 ) -> int:
     """Every file of the example into ``out_path``; the number of tensors written."""
     builder = _Builder(format, seed, random_weights=shape is not None)
@@ -156,16 +159,18 @@ def _write_example_files(
     _write_tokenizer(out_path)
     if shape is not None:
         shard_bytes = parse_size(max_shard_size or "5GB")
-        _write_shards(out_path, builder, by_bytes=shard_bytes)
+        _write_shards(out_path, builder, by_bytes=shard_bytes, progress=progress)
     else:
-        _write_shards(out_path, builder, count=shards)
+        _write_shards(out_path, builder, count=shards, progress=progress)
     return len(builder.specs)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_shards(out: Path, b: _Builder, *, count: int | None = None, by_bytes: int | None = None) -> list[str]:
+def _write_shards(
+    out: Path, b: _Builder, *, count: int | None = None, by_bytes: int | None = None, progress: TickFn | None = None
+) -> list[str]:
     """Write the builder's tensors in registration order, one at a time: into ``count`` files of
     about equal size (so a layer's experts straddle files), or into shards of at most ``by_bytes``."""
     planned = [PlannedTensor(n, dtype_name(d), tuple(shape)) for n, (d, shape, _) in b.specs.items()]
@@ -182,10 +187,14 @@ def _write_shards(out: Path, b: _Builder, *, count: int | None = None, by_bytes:
         plans = [ShardPlan("", g) for g in groups if g]
         for i, plan in enumerate(plans):
             plan.filename = "model.safetensors" if len(plans) == 1 else f"model-{i + 1:05d}-of-{len(plans):05d}.safetensors"
+    done = 0
     for plan in plans:
         writer = ShardWriter(out / plan.filename, plan, {"format": "pt"})
         for t in plan.tensors:
             writer.write(t.name, b.specs[t.name][2]())
+            done += t.nbytes
+            if progress is not None:
+                progress("written", done, total)
         writer.close()
     if len(plans) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {t.name: p.filename for p in plans for t in p.tensors}}

@@ -9,9 +9,10 @@ import numpy as np
 
 from .layouts.trtllm_gen import transform as layout
 from .source.checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
+from .layouts.trtllm_gen.converted import open_converted
 from .layouts.trtllm_gen.descriptor import descriptor_from_config
 from .errors import AlreadyConvertedError
-from .io import CheckpointFiles, read_json
+from .io import read_json
 
 
 @dataclass
@@ -21,6 +22,9 @@ class LayerSummary:
     hidden_size: int
     intermediate_size: int
     bytes: int
+    hidden_stored: int | None = None  # converted: the padded sizes the tensors hold
+    intermediate_stored: int | None = None
+    ranks: int = 0  # converted with --tp/--ep: rank folders holding this layer's experts
 
 
 @dataclass
@@ -131,24 +135,48 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
 
 
 def _inspect_converted(root: Path, descriptor: dict) -> InspectReport:
-    files = CheckpointFiles(root)
+    ckpt = open_converted(root)
+    files = ckpt.files
+    all_files = [files, *ckpt.rank_files.values()]  # --tp/--ep output keeps the experts in ranks/rank-NNN/
     layers = []
     expert_bytes = 0
-    for prefix, info in (descriptor.get("layers") or {}).items():
-        nbytes = sum(t.nbytes for n, t in files.tensors.items() if n.startswith(prefix + "."))
+    for info in ckpt.layers:
+        nbytes = sum(t.nbytes for f in all_files for n, t in f.tensors.items() if n.startswith(info.prefix + "."))
         expert_bytes += nbytes
-        layers.append(LayerSummary(prefix, info["num_experts"], info["hidden_size"], info["intermediate_size"], nbytes))
+        layers.append(
+            LayerSummary(
+                info.prefix, info.num_experts, info.hidden_size, info.intermediate_size, nbytes,
+                hidden_stored=info.hidden_padded, intermediate_stored=info.intermediate_padded, ranks=len(info.ranks),
+            )  # fmt: skip
+        )
+    issues = [
+        "already converted (quant_method nvfp4_trtllm): serve it with the nvfp4ckpt plugin for SGLang or vLLM "
+        "(README, Serving); do not convert it again"
+    ]
+    parallel = descriptor.get("parallel") or {}
+    if ckpt.rank_files:
+        issues.append(
+            f"rank-sharded for MoE tp={parallel.get('tp')} ep={parallel.get('ep')}: {len(ckpt.rank_files)} rank folders "
+            "(ranks/rank-NNN/, rank = ep_rank * tp + tp_rank) hold the experts; other tensors are whole at the top level"
+        )
+    padded = [l for l in layers if (l.hidden_stored, l.intermediate_stored) != (l.hidden_size, l.intermediate_size)]
+    if padded:
+        l = padded[0]
+        issues.append(
+            f"{len(padded)} MoE layers are stored zero-padded (e.g. {l.prefix}: H={l.hidden_size}, I={l.intermediate_size} "
+            f"stored as H={l.hidden_stored}, I={l.intermediate_stored}); padded values contribute exactly 0"
+        )
     return InspectReport(
+        num_tensors=sum(len(f.tensors) for f in all_files),
+        total_bytes=sum(t.nbytes for f in all_files for t in f.tensors.values()),
+        num_files=sum(len(f.files) for f in all_files),
         path=str(root),
         state="converted",
         format=f"{descriptor.get('layout')} v{descriptor.get('layout_version')} (from {descriptor.get('source_format')})",
         architecture=str(descriptor.get("architecture")),
         routing=descriptor.get("routing") or {},
-        num_tensors=len(files.tensors),
-        total_bytes=sum(t.nbytes for t in files.tensors.values()),
-        num_files=len(files.files),
         moe_layers=layers,
         expert_bytes=expert_bytes,
         descriptor=descriptor,
-        issues=["already converted: serve it with a loader that skips the TRT-LLM-gen shuffle (do not convert it again)"],
+        issues=issues,
     )

@@ -19,7 +19,7 @@ if [[ $stage == all || $stage == families ]]; then
     for fmt in modelopt compressed-tensors; do
       python3 -m nvfp4ckpt example /tmp/f/$arch-$fmt --arch $arch --format $fmt -q --overwrite \
         && python3 -m nvfp4ckpt convert /tmp/f/$arch-$fmt /tmp/f/$arch-$fmt-c -q --overwrite \
-        && python3 -m nvfp4ckpt verify /tmp/f/$arch-$fmt-c --source /tmp/f/$arch-$fmt --json "$out/v.json" >/dev/null 2>&1
+        && python3 -m nvfp4ckpt verify /tmp/f/$arch-$fmt-c --source /tmp/f/$arch-$fmt --json-out "$out/v.json" >/dev/null 2>&1
       echo "$arch $fmt rc=$? $(python3 -c "import json;r=json.load(open('$out/v.json'));print([(n['backend'],round(n['rel_l2'],5),n['passed']) for n in r.get('numerics',[])])" 2>&1)"
     done
   done 2>&1 | tee "$out/gpu_families.txt"
@@ -30,7 +30,7 @@ fi
 if [[ $stage == all || $stage == load ]]; then
   python3 scripts/bench_load.py --workdir /tmp/bl --json "$out/bench_load.json" 2>&1 | tail -20 | tee "$out/bench_load.md"
   # verify of one DeepSeek-V3-sized layer with the Triton backend: total time and the share spent reading files
-  python3 -m nvfp4ckpt verify /tmp/bl/dst --source /tmp/bl/src --backend triton --json "$out/verify_ds.json" 2>&1 | tail -25 | tee "$out/verify_ds.txt"
+  python3 -m nvfp4ckpt verify /tmp/bl/dst --source /tmp/bl/src --backend triton --json-out "$out/verify_ds.json" 2>&1 | tail -25 | tee "$out/verify_ds.txt"
 fi
 if [[ $stage == all || $stage == reload ]]; then
   # in-place RL weight updates (docs/reload.md): the CUDA test, then the issue-13 benchmark, device and host sources
@@ -56,6 +56,6 @@ fi
 if [[ $stage == gsm8k ]]; then
   # tiny example end to end with the Triton backend; then runner timings (tiny and Qwen3-30B-A3B-shaped, 4 layers)
   python3 -m nvfp4ckpt example /tmp/g/src -q --overwrite && python3 -m nvfp4ckpt convert /tmp/g/src /tmp/g/dst -q --overwrite
-  timeout 150 python3 -m nvfp4ckpt verify /tmp/g/dst --source /tmp/g/src --gsm8k --gsm8k-data .gsm8k --num-questions 16 --max-new-tokens 64 --backend triton --json "$out/verify_gsm8k_tiny.json" 2>&1 | tail -30 | tee "$out/verify_gsm8k_tiny.txt"
+  timeout 150 python3 -m nvfp4ckpt verify /tmp/g/dst --source /tmp/g/src --gsm8k --gsm8k-data .gsm8k --num-questions 16 --max-new-tokens 64 --backend triton --json-out "$out/verify_gsm8k_tiny.json" 2>&1 | tail -30 | tee "$out/verify_gsm8k_tiny.txt"
   timeout 330 python3 scripts/bench_gsm8k.py --data .gsm8k --models tiny,qwen3-30b-a3b --layers 4 --num-questions 16 --max-new-tokens 64 --batch-size 16 --json "$out/bench_gsm8k.json" 2>&1 | tail -30 | tee "$out/bench_gsm8k.md"
 fi

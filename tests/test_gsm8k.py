@@ -366,7 +366,7 @@ def test_cli_gsm8k_json_report(pair, tmp_path, capsys):
     out = tmp_path / "report.json"
     code, _, err = run(
         capsys, "verify", dst, "--check", "gsm8k", "--source", src, "--gsm8k-data", DATA, "--num-shots", "1",
-        "--num-questions", "3", "--max-new-tokens", "16", "--json", out,
+        "--num-questions", "3", "--max-new-tokens", "16", "--json-out", out,
     )  # fmt: skip
     assert code == 0, err
     data = json.loads(out.read_text())
@@ -380,7 +380,7 @@ def test_cli_gsm8k_json_report(pair, tmp_path, capsys):
     # baseline instead of a source run: no agreement check; --min-accuracy alone can fail a random model
     code, out_text, _ = run(
         capsys, "verify", dst, "--check", "gsm8k", "--baseline-accuracy", "0", "--gsm8k-data", DATA,
-        "--num-shots", "0", "--num-questions", "2", "--max-new-tokens", "8", "--json", "-",
+        "--num-shots", "0", "--num-questions", "2", "--max-new-tokens", "8", "--json",
     )  # fmt: skip
     data = json.loads(out_text)
     assert code == 0 and data["gsm8k"]["source_run"] is None
@@ -402,7 +402,7 @@ def test_swapped_gate_and_up_fail_the_agreement_check(pair, tmp_path, capsys):
     report_path = tmp_path / "r.json"
     code, _, err = run(
         capsys, "verify", dst, "--check", "gsm8k", "--source", src, "--gsm8k-data", DATA, "--num-shots", "2",
-        "--num-questions", "4", "--max-new-tokens", "24", "--quiet", "--json", report_path,
+        "--num-questions", "4", "--max-new-tokens", "24", "--quiet", "--json-out", report_path,
     )  # fmt: skip
     assert code == 1 and "gsm8k-agreement check failed: question" in err
     status = {c["name"]: c["status"] for c in json.loads(report_path.read_text())["checks"]}
@@ -417,7 +417,7 @@ def test_gsm8k_runs_after_the_other_checks(pair, capsys):
     src, dst = pair()
     code, out, _ = run(
         capsys, "verify", dst, "--gsm8k", "--source", src, "--gsm8k-data", DATA, "--num-shots", "0",
-        "--num-questions", "2", "--max-new-tokens", "8", "--tokens", "8", "--no-hash", "--json", "-",
+        "--num-questions", "2", "--max-new-tokens", "8", "--tokens", "8", "--no-hash", "--json",
     )  # fmt: skip
     data = json.loads(out)
     assert code == 0 and [c["name"] for c in data["checks"]] == ["structure", "layout", "numerics", "gsm8k-accuracy", "gsm8k-agreement"]

@@ -51,15 +51,15 @@ def test_good_checkpoints_pass_every_check(converted, arch, fmt):
 def test_cli_json_report_and_selection(converted, tmp_path, capsys):
     src, dst = converted()
     report_path = tmp_path / "r.json"
-    code, _, _ = run(capsys, "verify", dst, "--source", src, "--json", report_path, "--layers", "1", "--tokens", "8")
+    code, _, _ = run(capsys, "verify", dst, "--source", src, "--json-out", report_path, "--layers", "1", "--tokens", "8")
     assert code == 0
     data = json.loads(report_path.read_text())
     assert data["passed"] is True and [n["prefix"] for n in data["numerics"]] == ["model.layers.1.mlp.experts"]
-    code, out, _ = run(capsys, "verify", dst, "--skip", "numerics", "--no-hash", "--json", "-")
+    code, out, _ = run(capsys, "verify", dst, "--skip", "numerics", "--no-hash", "--json")
     data = json.loads(out)
     assert code == 0 and [c["name"] for c in data["checks"]] == ["structure", "layout"]
     assert data["checks"][1]["status"] == "skip" and "sha256 skipped" in data["checks"][0]["summary"]
-    code, out, _ = run(capsys, "verify", dst, "--check", "structure", "--json", "-")
+    code, out, _ = run(capsys, "verify", dst, "--check", "structure", "--json")
     assert code == 0 and [c["name"] for c in json.loads(out)["checks"]] == ["structure"]
 
 

@@ -24,7 +24,7 @@ app = typer.Typer(
     name="nvfp4ckpt",
     help="Kernel-ready NVFP4 MoE checkpoints for FlashInfer's TRT-LLM-gen fused MoE.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion, as hf does
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -87,6 +87,8 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # noqa: BLE001 - the single place errors become messages
         if _is_usage_error(exc):  # bad flags or arguments, from typer's parser
             exc.show()  # type: ignore[attr-defined]
+            if "No such command 'version'" in str(exc):
+                Output().hint("the version is printed by: nvfp4ckpt --version")
             return EXIT_USAGE
         known = format_error(exc)
         if known is None:

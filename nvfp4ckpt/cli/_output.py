@@ -10,16 +10,40 @@ from typing import Any, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from rich.table import Table
+
+
+# Piped output (CI logs) is never cut or wrapped: rich would fit tables and lines to 80 columns and cut names.
+LOG_WIDTH = 10_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr, highlight=False)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, highlight=False, width=LOG_WIDTH, soft_wrap=True)
+
+
+class CountColumn(ProgressColumn):
+    """``done/total``; for a task added with ``unit="B"``, human sizes and the rate (``1.20 GB/3.40 GB 410.00 MB/s``)."""
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("unit") != "B":
+            return Text(f"{task.completed:.0f}/{task.total or 0:.0f}", style="dim")
+        from ..io import format_size
+
+        rate = f" {format_size(task.speed)}/s" if task.speed else ""
+        return Text(f"{format_size(task.completed)}/{format_size(task.total or 0)}{rate}", style="dim")
 
 
 @dataclass
 class Output:
     json_mode: bool = False
     quiet: bool = False
-    console: Console = field(default_factory=lambda: Console(highlight=False))
-    err: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    console: Console = field(default_factory=make_console)
+    err: Console = field(default_factory=lambda: make_console(stderr=True))
 
     def result(self, data: dict[str, Any]) -> None:
         """The machine-readable result (only in --json mode)."""
@@ -54,7 +78,7 @@ class Output:
         bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total}", style="dim"),
+            CountColumn(),
             TimeRemainingColumn(),
             console=self.err,
             transient=True,

@@ -45,7 +45,7 @@ def convert(
                 return
             if p.stage == "plan":
                 tasks["layers"] = bar.add_task("MoE layers", total=p.layers_total)
-                tasks["bytes"] = bar.add_task("bytes", total=p.bytes_total)
+                tasks["bytes"] = bar.add_task("written", total=p.bytes_total, unit="B")
             elif tasks:
                 bar.update(tasks["layers"], completed=p.layers_done)
                 bar.update(tasks["bytes"], completed=p.bytes_done)

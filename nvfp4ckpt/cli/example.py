@@ -30,9 +30,19 @@ def example(
 ) -> None:
     """Write a tiny, seeded NVFP4 MoE checkpoint (config, tokenizer, sharded weights)."""
     output = Output(json_mode=json, quiet=quiet)
-    result = write_example(
-        out, format=format.value, arch=arch, seed=seed, shards=shards, overwrite=overwrite, shape=shape, layers=layers,
-        max_shard_size=max_shard_size,
-    )
+    with output.progress() as bar:
+        task: list[int] = []
+
+        def on_tick(label: str, done: int, total: int) -> None:
+            if bar is None:
+                return
+            if not task:
+                task.append(bar.add_task(label, total=total, unit="B"))
+            bar.update(task[0], completed=done)
+
+        result = write_example(
+            out, format=format.value, arch=arch, seed=seed, shards=shards, overwrite=overwrite, shape=shape,
+            layers=layers, max_shard_size=max_shard_size, progress=on_tick,
+        )
     output.result({"path": str(result.path), "architecture": result.architecture, "format": result.format, "files": result.files, "num_tensors": result.num_tensors})
     output.text(f"wrote {result.architecture} {result.format} example ({result.num_tensors} tensors) to {result.path}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..source import architectures
 from ..errors import InputError
 from ..inspect import inspect_checkpoint
-from ._options import JsonOpt, RevisionOpt
+from ._options import JsonOpt, QuietOpt, RevisionOpt
 from ..io import format_size
 from ._output import Output
 
@@ -25,9 +26,14 @@ OptionalSrcArg = Annotated[
 FamiliesOpt = Annotated[bool, typer.Option("--families", help="List the supported model families and exit.")]
 
 
-def inspect(src: OptionalSrcArg = None, json: JsonOpt = False, revision: RevisionOpt = None, families: FamiliesOpt = False) -> None:
+def inspect(
+    src: OptionalSrcArg = None, json: JsonOpt = False, revision: RevisionOpt = None, families: FamiliesOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Describe a source or converted checkpoint without reading its weights (or list supported families)."""
-    out = Output(json_mode=json)
+    out = Output(json_mode=json, quiet=quiet)
+    if families and src is not None:
+        raise InputError(f"inspect {src} --families: pass either a checkpoint or --families, not both")
     if families:
         rows = [architectures.describe(a) for a in architectures.registered()]
         out.result({"families": rows})
@@ -54,9 +60,19 @@ def inspect(src: OptionalSrcArg = None, json: JsonOpt = False, revision: Revisio
     summary.add_row("tensors", f"{report.num_tensors} in {report.num_files} files, {format_size(report.total_bytes)}")
     summary.add_row("MoE layers", f"{len(report.moe_layers)} ({format_size(report.expert_bytes)} of experts)")
     out.table(summary)
-    layers = Table("MoE layer", "experts", "H", "I", "bytes", title_justify="left")
+    ranked = any(layer.ranks for layer in report.moe_layers)
+    layers = Table("MoE layer", "experts", "H", "I", "bytes", *(["ranks"] if ranked else []), title_justify="left")
     for layer in report.moe_layers:
-        layers.add_row(layer.prefix, str(layer.num_experts), str(layer.hidden_size), str(layer.intermediate_size), format_size(layer.bytes))
+        layers.add_row(
+            layer.prefix, str(layer.num_experts), _size(layer.hidden_size, layer.hidden_stored),
+            _size(layer.intermediate_size, layer.intermediate_stored), format_size(layer.bytes),
+            *([str(layer.ranks)] if ranked else []),
+        )  # fmt: skip
     out.table(layers)
     for issue in report.issues:
-        out.text(f"[yellow]note:[/] {issue}")
+        out.text(f"[yellow]note:[/] {escape(issue)}")
+
+
+def _size(logical: int, stored: int | None) -> str:
+    """``192``, or ``192 (stored 256)`` where the converter zero-padded it."""
+    return str(logical) if stored in (None, logical) else f"{logical} (stored {stored})"

@@ -15,7 +15,7 @@ REVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt revert ./qwen3-trtllm ./qwen3-mode
 
 
 def revert(
-    path: Annotated[str, typer.Argument(help="Converted checkpoint folder.", show_default=False)],
+    dst: Annotated[str, typer.Argument(help="Converted checkpoint folder (what `convert` wrote).", show_default=False)],
     out: OutArg,
     overwrite: OverwriteOpt = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = DEFAULT_MAX_SHARD_SIZE,
@@ -26,7 +26,7 @@ def revert(
     """Write the source-format checkpoint (ModelOpt or compressed-tensors, as recorded) back."""
     output = Output(json_mode=json, quiet=quiet)
     result = revert_checkpoint(
-        path, out, overwrite=overwrite, max_shard_size=max_shard_size, resume=resume,
+        dst, out, overwrite=overwrite, max_shard_size=max_shard_size, resume=resume,
         progress=lambda p: output.hint(p.message) if p.stage == "notice" and not quiet else None,
     )
     output.result(result.to_dict())

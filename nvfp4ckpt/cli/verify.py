@@ -12,16 +12,16 @@ from rich.table import Table
 from ..errors import EXIT_CHECK_FAILED
 from ..runtime.backends import Act, Backend
 from ..verify import CHECKS, Check, CheckResult, VerifyReport, verify_checkpoint
-from ._options import QuietOpt
+from ._options import JsonOpt, QuietOpt
 from ._output import Output
 
 GSM8K = Check.GSM8K.value
 
-VERIFY_EXAMPLES = """Examples:\n\n  nvfp4ckpt verify ./qwen3-trtllm --source ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt verify ./r1-trtllm --no-hash --skip numerics --json report.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --check gsm8k --source ./Qwen3-30B-A3B-NVFP4 --gsm8k-data ./gsm8k --json gsm8k.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --gsm8k --baseline-accuracy 89.5 --num-questions 200"""
+VERIFY_EXAMPLES = """Examples:\n\n  nvfp4ckpt verify ./qwen3-trtllm --source ./Qwen3-30B-A3B-NVFP4\n\n  nvfp4ckpt verify ./r1-trtllm --no-hash --skip numerics --json-out report.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --check gsm8k --source ./Qwen3-30B-A3B-NVFP4 --gsm8k-data ./gsm8k --json-out gsm8k.json\n\n  nvfp4ckpt verify ./qwen3-trtllm --gsm8k --baseline-accuracy 89.5 --num-questions 200"""
 
 
 def verify(
-    path: Annotated[str, typer.Argument(help="Converted checkpoint folder (or Hub repo id).", show_default=False)],
+    dst: Annotated[str, typer.Argument(help="Converted checkpoint folder (or Hub repo id).", show_default=False)],
     source: Annotated[str | None, typer.Option("--source", help="The source checkpoint it was converted from (enables the exact layout check; with --gsm8k it is run too).")] = None,
     check: Annotated[list[Check] | None, typer.Option("--check", help="Run only these checks; repeatable.")] = None,
     skip: Annotated[list[Check] | None, typer.Option("--skip", help="Skip these checks; repeatable.")] = None,
@@ -32,7 +32,8 @@ def verify(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random activations and router logits. With --gsm8k, a non-zero seed also draws the few-shot examples and the questions at random (0: the first ones, as vLLM's harness).")] = 0,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of every file (huge checkpoints).")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu (default: cuda when present).")] = None,
-    json: Annotated[Path | None, typer.Option("--json", help="Write the full report as JSON to this file ('-' for stdout); with --gsm8k it holds every question's answers and completions.")] = None,
+    json: JsonOpt = False,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the full report as JSON to this file (with --gsm8k it holds every question's answers and completions).")] = None,
     gsm8k: Annotated[bool, typer.Option("--gsm8k", help="Also run the whole model on GSM8K after the other checks (skipped if one of them fails): converted accuracy next to --source's (run with the torch reference) or --baseline-accuracy, and how often their answers agree. --check gsm8k runs only this.", rich_help_panel="GSM8K")] = False,
     gsm8k_data: Annotated[str | None, typer.Option("--gsm8k-data", help="Folder with GSM8K's test.jsonl and train.jsonl (or the test jsonl file). Default: download openai/gsm8k from the Hub (cached).", rich_help_panel="GSM8K")] = None,
     num_shots: Annotated[int, typer.Option("--num-shots", min=0, help="Few-shot examples from the train split.", rich_help_panel="GSM8K")] = 5,
@@ -48,7 +49,8 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Prove a converted checkpoint is kernel-ready. Exit 0 pass, 1 a check failed, 2 usage or input error."""
-    out = Output(json_mode=str(json) == "-", quiet=quiet)
+    path = dst
+    out = Output(json_mode=json, quiet=quiet)
     skipped = {c.value for c in skip or []}
     requested = [c.value for c in check or []]
     backend, act = backend.value, act.value  # plain strings from here on (reports, JSON)
@@ -95,8 +97,8 @@ def verify(
     data = report.to_dict()
     if gsm8k_report is not None:
         data["gsm8k"] = gsm8k_report.to_dict()
-    if json is not None and str(json) != "-":
-        Path(json).write_text(jsonlib.dumps(data, indent=2) + "\n")
+    if json_out is not None:
+        Path(json_out).write_text(jsonlib.dumps(data, indent=2) + "\n")
     out.result(data)
     if report.numerics:
         table = Table("MoE layer", "backend", "rel-L2", "cosine", "max abs", "close", "ok", title="numerics", title_justify="left")

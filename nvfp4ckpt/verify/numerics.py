@@ -73,7 +73,8 @@ def check_layer_numerics(
     read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
     diff = out - ref
     rel_l2 = float(diff.norm() / ref.norm().clamp(min=1e-30))
-    cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+    # float64: in float32 the cosine of two near-equal vectors rounds to 1.000002
+    cos = float(torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0))
     close = float(torch.isclose(out, ref, atol=0.1, rtol=0.85).float().mean())
     th = BACKENDS[backend].thresholds[act]
     passed = bool(torch.isfinite(out).all()) and rel_l2 <= th.max_rel_l2 and cos >= th.min_cosine and close >= th.min_frac_close
