@@ -69,6 +69,20 @@ class ResumeMismatchError(OutputWriteError):
     """``--resume`` found a partial folder written from other source files or options."""
 
 
+class InterruptedRun(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while writing: names the partial folder kept for ``--resume``."""
+
+    def __init__(self, partial: str, size: int, shards: int) -> None:
+        super().__init__(partial)
+        self.partial, self.size, self.shards = partial, size, shards
+
+
+class Interrupted(Nvfp4CkptError):
+    """The CLI's form of ``InterruptedRun``: the one-line message, exit code 130 as for any Ctrl-C."""
+
+    exit_code = 130
+
+
 class HubError(InputError):
     """A Hugging Face Hub repo id could not be downloaded."""
 

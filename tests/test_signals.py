@@ -31,6 +31,7 @@ def test_sigterm_mid_run_then_resume(src, tmp_path, reference):  # noqa: F811 - 
     assert child.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    assert str(tmp_path / ".dst.nvfp4ckpt-partial") in lines[0] and "3 finished shards" in lines[0], err
     assert_nothing_complete(dst)
     assert not (tmp_path / ".dst.nvfp4ckpt-lock").exists()  # released and removed, unlike SIGKILL
     done = subprocess.run(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import threading
 import traceback
+from typing import Any, Callable
 
 import typer
 
 from .. import __version__
-from ..errors import EXIT_USAGE
+from ..errors import EXIT_USAGE, Interrupted, InterruptedRun
+from ..io import format_size
 from ._errors import DEBUG_ENV, debug_enabled, format_error
 from ._output import Output
 from .convert import CONVERT_EXAMPLES, convert
@@ -28,11 +31,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _naming_partial(command: Callable[..., None]) -> Callable[..., None]:
+    """Typer turns Ctrl-C into exit code 130 and drops the exception; a writer's ``InterruptedRun`` names the
+    partial folder it kept, so it becomes a one-line error (exit 130) before typer sees it."""
+
+    @functools.wraps(command)
+    def run_command(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except InterruptedRun as exc:
+            raise Interrupted(
+                f"interrupted; the partial output {exc.partial} ({format_size(exc.size)}, {exc.shards} finished "
+                "shards) is kept and never looks complete: rerun the same command with --resume to continue"
+            ) from None
+
+    return run_command
+
+
 app.command(epilog=INSPECT_EXAMPLES)(inspect)
 app.command(epilog=EXAMPLE_EXAMPLES)(example)
-app.command(epilog=CONVERT_EXAMPLES)(convert)
+app.command(epilog=CONVERT_EXAMPLES)(_naming_partial(convert))
 app.command(epilog=VERIFY_EXAMPLES)(verify)
-app.command(epilog=REVERT_EXAMPLES)(revert)
+app.command(epilog=REVERT_EXAMPLES)(_naming_partial(revert))
 
 
 def _version(value: bool) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import CorruptFileError, DiskFullError, InputError, Nvfp4CkptError, OutputExistsError
+from ..errors import CorruptFileError, DiskFullError, InputError, InterruptedRun, Nvfp4CkptError, OutputExistsError
 from ..io import (
     INDEX_NAME,
     Array,
@@ -196,6 +196,9 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
         if isinstance(exc, CorruptFileError):
             # A source rewritten while being read looks truncated or corrupt: say that it changed, if it did.
             check_sources_unchanged(job.source.root, sources)
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, InterruptedRun) and tmp.is_dir():
+            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and not p.is_symlink())
+            raise InterruptedRun(str(tmp), size, journal.count) from exc
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 f"{exc.filename or tmp}: no space left on device; free space on {dst.parent} (the output needs "
