@@ -270,7 +270,7 @@ def test_gsm8k_runs_for_family(example_factory, tmp_path, arch):
     [
         ("llama4", "multimodal wrapper"),
         ("qwen3_next", "no tensor for model.layers.0.linear_attn"),
-        ("nemotron_h", "has no MoE block at 'backbone.layers.1.mixer'"),
+        ("nemotron_h", "verify --gsm8k cannot run nemotron_h: transformers' Nemotron-H mixer"),
     ],
 )
 def test_gsm8k_says_clearly_when_the_runner_cannot_build_a_family(example_factory, tmp_path, arch, message):

@@ -237,6 +237,11 @@ def load_tokenizer(root: Path, override: str | Path | None = None):
 def build_skeleton(config: dict, where: Path) -> tuple[architectures.Architecture, nn.Module]:
     """(architecture, model on the meta device) from a config.json dict, without its quantization_config."""
     arch = architectures.for_config(config, str(where))
+    if arch.runner_unsupported:
+        raise UnsupportedArchitectureError(
+            f"{where}: verify --gsm8k cannot run {arch.name}: {arch.runner_unsupported}; its MoE layers are covered by "
+            "verify's structure, layout and numerics checks"
+        )
     if isinstance(config.get("text_config"), dict):
         raise UnsupportedArchitectureError(
             f"{where}: a multimodal wrapper ({config.get('model_type')!r} around a text model) is not supported by the "

@@ -87,6 +87,8 @@ class Architecture:
     hf_model_type: str | None = None  # the model_type transformers knows this family under, when it differs
     # transformers-in-memory name fragment -> on-disk fragment (used only when the first spelling is absent)
     hf_renames: tuple[tuple[str, str], ...] = ()
+    # Why the transformers-based model runner (verify --gsm8k) cannot run this family, if it cannot.
+    runner_unsupported: str | None = None
 
     @property
     def gated(self) -> bool:
@@ -580,6 +582,10 @@ NEMOTRON_H = register(
             attention="mixer", embed="backbone.embeddings", final_norm="backbone.norm_f",
         ),
         layer_kinds=_nemotron_h_layer_kinds,
+        runner_unsupported=(
+            "transformers' Nemotron-H mixer is not a router + experts block the runner can replace (hybrid Mamba, "
+            "non-gated relu2 experts)"
+        ),
         example_config=lambda: {
             **_TINY_COMMON,
             "architectures": ["NemotronHForCausalLM"],
