@@ -73,7 +73,7 @@ def convert_checkpoint(
     max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
-    check_destination(ckpt.root, dst_path, overwrite)
+    dst_path = check_destination(ckpt.root, dst_path, overwrite)
     layout = layouts.get(layouts.DEFAULT_LAYOUT)
     if not layout.on_cpu(device) and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise InputError(f"--device {device}: no such device here; use --device cpu")

@@ -59,7 +59,7 @@ def revert_checkpoint(
     if fmt is None:
         raise InputError(f"{ckpt.root}: unknown source_format {ckpt.source_format!r} in the descriptor")
     dst_path = Path(dst).expanduser()
-    check_destination(ckpt.root, dst_path, overwrite)
+    dst_path = check_destination(ckpt.root, dst_path, overwrite)
 
     owned = {name for layer in ckpt.layers for name in layer.tensor_names(ckpt.source_format)}
     for layer in ckpt.layers:
