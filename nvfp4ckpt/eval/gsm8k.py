@@ -546,7 +546,7 @@ def run_gsm8k(
     the same routing mode as the converted side. ``min_agreement`` defaults to 1.0 with the torch backend and 0.8
     otherwise.
     """
-    from ._lazy import require
+    from .._lazy import require
 
     require("torch"), require("transformers")  # one-line error naming the extra, before any work
     from . import model_runner as mr
