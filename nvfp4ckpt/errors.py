@@ -81,3 +81,7 @@ class MissingExtraError(Nvfp4CkptError):
 class UnsafePathError(OutputExistsError):
     """A path nvfp4ckpt creates next to DST (lock, partial folder, aside folder) is a symlink or not a plain
     file/folder: someone else put it there, and following it could write outside DST."""
+
+
+class BadFieldError(InputError):
+    """A JSON field the tool reads (config, index, header, descriptor) has the wrong type or value."""

@@ -15,6 +15,7 @@ from .architectures import Architecture, Routing
 from ..errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
 from .formats import QuantFormat, detect_format
 from ..io import CheckpointFiles, TensorInfo, read_json
+from ..io.json_input import Fields
 
 SCALAR_DTYPES = ("F32", "BF16", "F16")
 
@@ -121,15 +122,10 @@ def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheck
         raise NoMoELayersError(
             f"{root}: no NVFP4 MoE expert tensors matching {arch.name} naming{hint}; nothing to convert"
         )
-    text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    try:
-        routing = arch.routing(text_cfg)
-        if not 1 <= routing.top_k <= routing.num_experts:
-            raise ValueError(f"top-k {routing.top_k} of {routing.num_experts} experts")
-        if routing.n_group is not None and not 1 <= (routing.topk_group or 0) <= routing.n_group:
-            raise ValueError(f"topk_group {routing.topk_group} of n_group {routing.n_group}")
-    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
-        raise InputError(f"{config_path}: routing settings for {arch.name} are missing or invalid ({exc})") from exc
+    text_cfg = Fields(config, str(config_path)).obj("text_config") if isinstance(config.get("text_config"), dict) else Fields(config, str(config_path))
+    routing = arch.routing(text_cfg)  # typed reads: a bad field is a one-line BadFieldError naming it
+    if routing.top_k > routing.num_experts:
+        text_cfg.fail("num_experts_per_tok", routing.top_k, f"at most the number of experts ({routing.num_experts})")
     for layer in layers:
         if layer.num_experts != routing.num_experts:
             raise BadTensorError(
