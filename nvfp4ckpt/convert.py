@@ -17,6 +17,7 @@ from ._lazy import torch
 from .errors import InputError
 from .io import Array, PlannedTensor
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
+from .output.destination import refuse_output_names
 from .progress import ProgressFn
 from .source.checkpoint import SourceCheckpoint, SourceMoELayer, natural_key, open_checkpoint
 from .source.formats import DESCRIPTOR_KEY, KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY
@@ -74,6 +75,7 @@ def convert_checkpoint(
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
     dst_path = check_destination(ckpt.root, dst_path, overwrite)
+    refuse_output_names(ckpt.root)
     layout = layouts.get(layouts.DEFAULT_LAYOUT)
     if not layout.on_cpu(device) and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise InputError(f"--device {device}: no such device here; use --device cpu")

@@ -268,3 +268,54 @@ def test_valid_routing_is_written_as_strict_json(ds, tmp_path, capsys):
     text = (tmp_path / "dst" / "config.json").read_text()
     cfg = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in config.json"))
     assert cfg["quantization_config"]["moe_kernel_layout"]["routing"]["routed_scaling_factor"] == 2.5
+
+
+# ---- 6. Shapes the format cannot hold, ambiguous names, output-like sources ----------------------------------------
+
+
+def _resize_experts(root: Path, hidden: int) -> None:
+    """Every routed expert's hidden dimension cut to ``hidden`` (weights, block scales and down's rows alike)."""
+    import re as _re
+
+    from tests.test_errors import rewrite
+
+    def edit(tensors):
+        for name in list(tensors):
+            if not _re.search(r"\.experts\.\d+\.", name):
+                continue
+            t = tensors[name]
+            if _re.search(r"(gate|up)_proj\.weight$", name):
+                tensors[name] = t[:, : hidden // 2].contiguous()
+            elif _re.search(r"(gate|up)_proj\.weight_scale$", name):
+                tensors[name] = t[:, : hidden // 16].contiguous()
+            elif _re.search(r"down_proj\.weight(_scale)?$", name):
+                tensors[name] = t[:hidden].contiguous()
+
+    rewrite(root, edit)
+
+
+def test_block_scales_cover_fewer_columns_than_the_weight(qwen, tmp_path, capsys):
+    _resize_experts(qwen, 200)  # 200 = 12.5 blocks of 16: the scales ([I, 12]) cover 192 of 200 columns
+    assert_fails(capsys, qwen, tmp_path, "hidden size of 200", "multiple of the 16-element")
+
+
+def test_zero_sized_experts(qwen, tmp_path, capsys):
+    _resize_experts(qwen, 0)
+    assert_fails(capsys, qwen, tmp_path, "hidden size of 0")
+
+
+def test_ambiguous_expert_indices(qwen, tmp_path, capsys):
+    from tests.test_errors import rewrite
+
+    def edit(tensors):
+        for name in [n for n in tensors if ".layers.0.mlp.experts.7." in n]:
+            tensors[name.replace(".experts.7.", ".experts.07.")] = tensors[name].clone()
+
+    rewrite(qwen, edit)
+    assert_fails(capsys, qwen, tmp_path, "experts.07", "'07'")
+
+
+def test_source_with_output_names(qwen, tmp_path, capsys):
+    (qwen / "ranks" / "rank-000").mkdir(parents=True)
+    (qwen / "ranks" / "rank-000" / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    assert_fails(capsys, qwen, tmp_path, "ranks", "rank-sharded output")

@@ -82,3 +82,17 @@ def destination_lock(dst: Path):
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+# Names only nvfp4ckpt's output has: a source holding them would have them copied into the output, where they
+# would pose as this run's rank folders (or be refused as already existing).
+OUTPUT_ONLY_NAMES = ("ranks",)
+
+
+def refuse_output_names(src: Path) -> None:
+    for name in OUTPUT_ONLY_NAMES:
+        if os.path.lexists(src / name):
+            raise InputError(
+                f"{src / name}: the source has a {name!r} entry, which is where nvfp4ckpt writes rank-sharded output; "
+                "convert the checkpoint it came from, or move it out of the source folder"
+            )

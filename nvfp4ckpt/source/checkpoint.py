@@ -159,6 +159,12 @@ def find_moe_layers(
         if hit is None:
             continue
         prefix, expert, role = hit
+        spelled = module[len(prefix) + 1 :].split(".", 1)[0]
+        if spelled != str(expert):  # "07": revert writes "7", and "7" may be there too (one would be dropped)
+            raise BadTensorError(
+                f"{files.info(name).file}: tensor {name!r} spells expert {expert} as {spelled!r}; nvfp4ckpt needs "
+                "plain indices (experts.7, not experts.07); rename the tensors"
+            )
         if fmt.is_excluded(module):
             excluded.add(module)
             continue
@@ -207,6 +213,7 @@ def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by
     num_experts, hidden_half, two_i = gu.shape
     hidden, inter = hidden_half * 2, two_i // 2
     g = fmt.group_size
+    _check_sizes(gu, hidden, inter, g)
     _expect(down, "U8", 3, (num_experts, inter // 2, hidden))
     _expect(files.info(entry["gate_up"].weight_scale), "F8_E4M3", 3, (num_experts, hidden // g, two_i))
     _expect(files.info(entry["down"].weight_scale), "F8_E4M3", 3, (num_experts, inter // g, hidden))
@@ -268,6 +275,7 @@ def _build_layer(
             f"{down_w.file}: tensor {down_w.name!r} has shape {list(down_w.shape)}; expected [{hidden}, {inter // 2}]"
         )
     g = fmt.group_size
+    _check_sizes(gate_w, hidden, intermediate, g)
     want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, intermediate)}
     for entry in experts:
         for role, t in entry.items():
@@ -288,6 +296,18 @@ def _build_layer(
         scalar_shape=scalar_shape,
         gated=gated,
     )
+
+
+def _check_sizes(info: TensorInfo, hidden: int, inter: int, group: int) -> None:
+    """Sizes NVFP4 can hold: non-zero, and whole 16-element blocks along both input dimensions (hidden for
+    gate/up, intermediate for down). Otherwise the block scales cover fewer columns than the weight has,
+    and the floor in ``k // group`` would make a short scale tensor look right."""
+    for what, n in (("hidden size", hidden), ("intermediate size", inter)):
+        if n <= 0 or n % group:
+            raise BadTensorError(
+                f"{info.file}: tensor {info.name!r} gives a {what} of {n}, which is not a positive multiple of the "
+                f"{group}-element NVFP4 block; the checkpoint is not NVFP4 as written"
+            )
 
 
 def _scalar_kind(files: CheckpointFiles, prefix: str, names: list[str]) -> tuple[str, tuple[int, ...]]:
