@@ -319,3 +319,48 @@ def test_source_with_output_names(qwen, tmp_path, capsys):
     (qwen / "ranks" / "rank-000").mkdir(parents=True)
     (qwen / "ranks" / "rank-000" / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     assert_fails(capsys, qwen, tmp_path, "ranks", "rank-sharded output")
+
+
+# ---- 7. Options out of range --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["infGB", "nanGB", "-infGB", "1e-12GB", "0", "1e30TB", "0.5B"])
+def test_size_options_out_of_range(qwen, tmp_path, capsys, size):
+    code, err = run_cli(capsys, "convert", str(qwen), str(tmp_path / "dst"), "--max-shard-size", size)
+    assert code == 2 and "--max-shard-size" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from nvfp4ckpt import convert_checkpoint, write_example
+
+    src = tmp_path_factory.mktemp("opt-src")
+    write_example(src, format="modelopt", arch="qwen3_moe", seed=0, shards=1)
+    dst = tmp_path_factory.mktemp("opt-conv") / "conv"
+    convert_checkpoint(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--device", "gpu"], "--device"),
+        (["--device", "cuda:99"], "--device"),
+        (["--device", "cpu:3"], "--device"),
+        (["--device", "meta"], "--device"),
+        (["--tokens", "0"], "--tokens"),
+        (["--tokens", "1000000000"], "--tokens"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**70)], "--seed"),
+    ],
+)
+def test_verify_options_out_of_range(converted, capsys, args, needle):
+    code, err = run_cli(capsys, "verify", str(converted), "--check", "numerics", *args)
+    assert code == 2 and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_convert_device_out_of_range(qwen, tmp_path, capsys):
+    code, err = run_cli(capsys, "convert", str(qwen), str(tmp_path / "dst"), "--device", "cuda:99")
+    assert code == 2 and "--device" in err and len(err.splitlines()) == 1, err
