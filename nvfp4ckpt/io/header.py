@@ -106,7 +106,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         os.close(fd)
     where = f"{path}: safetensors header"
     try:
-        header = Fields(parse_json(header_bytes, where, strict_numbers=True), str(path), "header")
+        header = Fields(parse_json(header_bytes, where, strict_numbers=True, check_depth=False), str(path), "header")
         metadata = header.str_map("__metadata__", {})
     except BadFieldError as exc:
         raise CorruptFileError(f"{exc}; the file is corrupt") from None

@@ -50,11 +50,14 @@ def plan_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int) -> list[
     than the limit gets a shard of its own), named like transformers does."""
     shards: list[ShardPlan] = []
     current = ShardPlan("")
+    size = 0  # current's bytes, kept as a running total (re-summing per tensor was quadratic: 104 s for 40k)
     for t in tensors:
-        if current.tensors and current.nbytes + t.nbytes > max_shard_bytes:
+        n = t.nbytes
+        if current.tensors and size + n > max_shard_bytes:
             shards.append(current)
-            current = ShardPlan("")
+            current, size = ShardPlan(""), 0
         current.tensors.append(t)
+        size += n
     if current.tensors or not shards:
         shards.append(current)
     if len(shards) == 1:
