@@ -364,3 +364,19 @@ def test_verify_options_out_of_range(converted, capsys, args, needle):
 def test_convert_device_out_of_range(qwen, tmp_path, capsys):
     code, err = run_cli(capsys, "convert", str(qwen), str(tmp_path / "dst"), "--device", "cuda:99")
     assert code == 2 and "--device" in err and len(err.splitlines()) == 1, err
+
+
+# ---- 9. No RuntimeWarning before the one-line error ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0.0, float("inf"), -1.0, float("nan")])
+def test_broken_global_scale_is_one_line_without_warnings(qwen, tmp_path, value):
+    import torch
+
+    from tests.test_errors import rewrite
+
+    name = "model.layers.1.mlp.experts.3.up_proj.input_scale"
+    rewrite(qwen, lambda t: t.__setitem__(name, torch.tensor(value)) if name in t else None)
+    code, err = _cli_subprocess("convert", str(qwen), str(tmp_path / "dst"))
+    assert code == 2 and "Warning" not in err, err
+    assert "global scale" in err and "experts.3.up_proj.input_scale" in err, err

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import typer
 
@@ -62,7 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _main(argv)
+        with warnings.catch_warnings(record=True) as caught:
+            # numpy/torch RuntimeWarnings (overflow, invalid value) from broken input are held back: a command
+            # that then fails prints its one line only; one that succeeds shows each warning as one line after.
+            warnings.simplefilter("always", RuntimeWarning)
+            code = _main(argv)
+        shown: set[str] = set()
+        for w in caught:
+            if not issubclass(w.category, RuntimeWarning) or debug_enabled():
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif code == 0 and str(w.message) not in shown:
+                shown.add(str(w.message))
+                Output().hint(f"warning: {w.category.__name__}: {w.message}")
+        return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
