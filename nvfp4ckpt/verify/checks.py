@@ -32,6 +32,7 @@ from ..runtime.device import parse_device
 MAX_TOKENS = 1 << 16  # enough for any threshold; more only allocates [tokens, hidden] activations per layer
 
 
+from .descriptor import add_descriptor_check
 from .layout import check_layout
 from .numerics import LayerNumerics, check_layer_numerics
 from .structure import check_structure
@@ -100,6 +101,7 @@ def verify_checkpoint(
     if "structure" in checks:
         t0 = time.perf_counter()
         report.checks.append(check_structure(ckpt, hash_files))
+        add_descriptor_check(report.checks[-1], ckpt, src)  # what the descriptor claims (verify/descriptor.py)
         report.checks[-1].seconds = time.perf_counter() - t0
     if "layout" in checks:
         if src is None:
