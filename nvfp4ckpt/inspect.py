@@ -12,6 +12,7 @@ from .source.checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
 from .layouts.trtllm_gen.descriptor import descriptor_from_config
 from .errors import AlreadyConvertedError
 from .io import CheckpointFiles, read_json
+from .layouts.trtllm_gen.converted import open_converted
 
 
 @dataclass
@@ -131,13 +132,14 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
 
 
 def _inspect_converted(root: Path, descriptor: dict) -> InspectReport:
-    files = CheckpointFiles(root)
+    ckpt = open_converted(root)  # every descriptor field type-checked: a damaged one is one line, not a KeyError
+    files = ckpt.files
     layers = []
     expert_bytes = 0
-    for prefix, info in (descriptor.get("layers") or {}).items():
-        nbytes = sum(t.nbytes for n, t in files.tensors.items() if n.startswith(prefix + "."))
+    for layer in ckpt.layers:
+        nbytes = sum(t.nbytes for n, t in files.tensors.items() if n.startswith(layer.prefix + "."))
         expert_bytes += nbytes
-        layers.append(LayerSummary(prefix, info["num_experts"], info["hidden_size"], info["intermediate_size"], nbytes))
+        layers.append(LayerSummary(layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, nbytes))
     return InspectReport(
         path=str(root),
         state="converted",

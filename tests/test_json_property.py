@@ -132,7 +132,7 @@ def _strict_json(path: Path) -> None:
     json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: bare {c} written"))
 
 
-_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+_SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                      suppress_health_check=list(HealthCheck))  # fmt: skip
 
 
@@ -163,6 +163,7 @@ def _convert_case(capsys, tmp_path: Path, pristine: Path, file: str, field: str,
     else:
         _write_json_field(work / file, field, value)
     before = tree_digest(work)
+    _one_line_or_ok(main(["inspect", str(work)]), capsys.readouterr().err)
     code = main(["convert", str(work), str(tmp_path / "out")])
     err = capsys.readouterr().err
     _one_line_or_ok(code, err)
@@ -182,14 +183,14 @@ def test_convert_any_json_at_any_source_field(sources, tmp_path, capsys, case, v
 
 
 @seed(14)
-@settings(_SETTINGS, max_examples=25)
+@settings(_SETTINGS, max_examples=80)
 @given(case=st.sampled_from(CT_FIELDS), value=VALUES)
 def test_convert_any_json_at_compressed_tensors_fields(sources, tmp_path, capsys, case, value):
     _convert_case(capsys, tmp_path, sources["compressed-tensors"], *case, value)
 
 
 @seed(14)
-@settings(_SETTINGS, max_examples=40)
+@settings(_SETTINGS, max_examples=100)
 @given(field=st.sampled_from(DESCRIPTOR_FIELDS), value=VALUES, in_headers=st.booleans())
 def test_verify_and_revert_any_json_in_the_descriptor(sources, tmp_path, capsys, field, value, in_headers):
     from nvfp4ckpt.layouts.trtllm_gen.descriptor import METADATA_KEY
@@ -208,6 +209,7 @@ def test_verify_and_revert_any_json_in_the_descriptor(sources, tmp_path, capsys,
         for shard in conv.glob("*.safetensors"):
             _write_header_field(shard, f"__metadata__.{METADATA_KEY}", json.dumps(new, sort_keys=True, separators=(",", ":")))
     before = tree_digest(conv)
+    _one_line_or_ok(main(["inspect", str(conv)]), capsys.readouterr().err)
     code = main(["verify", str(conv), "--check", "structure", "--no-hash"])
     _one_line_or_ok(code if code != 1 else 0, capsys.readouterr().err)  # exit 1 = a failed check, reported as a table
     code = main(["revert", str(conv), str(tmp_path / "back")])

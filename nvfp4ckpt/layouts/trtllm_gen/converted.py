@@ -141,4 +141,19 @@ def _read_descriptor(d: Fields) -> tuple[list[LayerInfo], list[str]]:
             parallel.fail("ranks", part, "rank folders named ranks/rank-NNN")
         parts.append(part)
     layers = [LayerInfo.from_dict(prefix, info, gated, tp) for prefix, info in d.objects("layers", {})]
+    _check_routing(d.obj("routing", {}), max((l.num_experts for l in layers), default=1 << 16))
     return layers, parts
+
+
+def _check_routing(r: Fields, num_experts: int) -> None:
+    """The routing a converted checkpoint is run with (runtime.layer reads it as is)."""
+    if not r.data:
+        return
+    r.str("method")
+    experts = r.int("num_experts", lo=1, hi=1 << 16)
+    r.int("top_k", lo=1, hi=experts)
+    groups = r.int("n_group", None, lo=1, hi=experts)
+    r.int("topk_group", None, lo=1, hi=groups or experts)
+    r.num("routed_scaling_factor", 1.0, above=0.0, hi=1e6)
+    r.bool("norm_topk_prob", True)
+    r.str("bias_suffix", None)
