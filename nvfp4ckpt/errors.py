@@ -77,7 +77,6 @@ class MissingExtraError(Nvfp4CkptError):
     """The command needs a package that the installed extras leave out (the small install has no torch)."""
 
 
-
 class UnsafePathError(OutputExistsError):
     """A path nvfp4ckpt creates next to DST (lock, partial folder, aside folder) is a symlink or not a plain
     file/folder: someone else put it there, and following it could write outside DST."""

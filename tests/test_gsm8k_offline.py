@@ -9,7 +9,7 @@ import time
 import pytest
 
 from nvfp4ckpt.errors import InputError
-from nvfp4ckpt.gsm8k import load_gsm8k
+from nvfp4ckpt.eval.gsm8k import load_gsm8k
 
 
 def _closed_port() -> int:
