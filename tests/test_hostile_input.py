@@ -380,3 +380,19 @@ def test_broken_global_scale_is_one_line_without_warnings(qwen, tmp_path, value)
     code, err = _cli_subprocess("convert", str(qwen), str(tmp_path / "dst"))
     assert code == 2 and "Warning" not in err, err
     assert "global scale" in err and "experts.3.up_proj.input_scale" in err, err
+
+
+def test_generation_config_eos_of_any_type(tmp_path):
+    from types import SimpleNamespace
+
+    from nvfp4ckpt.eval.model_runner import eos_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [5, 7]}')
+    assert eos_ids(tmp_path, tok) == [5, 7, 2]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": ["5", null]}')
+    with pytest.raises(BadFieldError, match="eos_token_id"):
+        eos_ids(tmp_path, tok)
+    (tmp_path / "generation_config.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(Exception, match="nested"):
+        eos_ids(tmp_path, tok)
