@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layouts
-from ._lazy import torch
 from .errors import InputError
 from .io import Array, PlannedTensor
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
+from .output.destination import refuse_output_names
+from .runtime.device import parse_device
 from .progress import ProgressFn
 from .source.checkpoint import SourceCheckpoint, SourceMoELayer, natural_key, open_checkpoint
 from .source.formats import DESCRIPTOR_KEY, KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY
@@ -75,11 +76,12 @@ def convert_checkpoint(
     max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
-    check_destination(ckpt.root, dst_path, overwrite)
+    dst_path = check_destination(ckpt.root, dst_path, overwrite)
+    refuse_output_names(ckpt.root)
     layout = layouts.get(layouts.DEFAULT_LAYOUT)
     layout.check_pad_hidden(pad_hidden)
-    if not layout.on_cpu(device) and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise InputError(f"--device {device}: no such device here; use --device cpu")
+    if device != "cpu":
+        parse_device(device)  # a one-line InputError for anything not usable here (cuda:99, "gpu", ...)
 
     ranks = {
         l.prefix: layout.rank_specs(tp, ep, l.num_experts, l.intermediate_size, f"{ckpt.root}: {l.prefix}", l.gated)

@@ -111,3 +111,12 @@ class LiveMismatchError(CheckFailedError):
 
 class EngineRefusalError(InputError):
     """A serving engine's plugin cannot serve the converted checkpoint exactly as configured (one-line reason)."""
+
+
+class UnsafePathError(OutputExistsError):
+    """A path nvfp4ckpt creates next to DST (lock, partial folder, aside folder) is a symlink or not a plain
+    file/folder: someone else put it there, and following it could write outside DST."""
+
+
+class BadFieldError(InputError):
+    """A JSON field the tool reads (config, index, header, descriptor) has the wrong type or value."""

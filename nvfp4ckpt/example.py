@@ -24,6 +24,8 @@ from .errors import InputError, OutputExistsError
 from .source.formats import FORMATS
 from .progress import TickFn
 from .io import PlannedTensor, ShardPlan, ShardWriter, dtype_name, parse_size, plan_shards
+from .output.install import install
+from .output.safe_paths import destination_path, make_folder, refuse_link
 from .quant import quantize_linear
 
 FORMAT_CHOICES = tuple(FORMATS)
@@ -111,28 +113,25 @@ def write_example(
         config["num_hidden_layers"] = layers + int(config.get("first_k_dense_replace") or 0)
         if "hybrid_override_pattern" in config:
             config["hybrid_override_pattern"] = (config["hybrid_override_pattern"] * layers)[: config["num_hidden_layers"]]
-    final_path = Path(out).expanduser()
-    if final_path.is_symlink() or (final_path.exists() and not final_path.is_dir()):
+    final_path = destination_path(out)  # absolute (``.`` works); a symlink is refused
+    if final_path.exists() and not final_path.is_dir():
         raise OutputExistsError(f"{final_path}: exists and is not a folder; pass another OUT")
     if final_path.exists() and any(final_path.iterdir()) and not overwrite:
         raise OutputExistsError(f"{final_path}: exists and is not empty; pass --overwrite to replace it")
     # Written into a partial folder next to OUT and renamed at the end, as convert does: an interrupted run
     # leaves no half-written OUT (a rerun removes the partial folder).
     out_path = final_path.with_name(f".{final_path.name}.nvfp4ckpt-example-partial")
-    if out_path.is_symlink():
-        raise OutputExistsError(f"{out_path}: is a symbolic link nvfp4ckpt did not make; remove it")
+    refuse_link(out_path, "partial folder")  # a planted symlink is refused, never written through
     if out_path.exists():
         shutil.rmtree(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.mkdir()
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out_path, "partial folder")
     try:
         num_tensors = _write_example_files(out_path, config, spec, format, seed, shape, shards, max_shard_size, progress)
     except BaseException:
         shutil.rmtree(out_path, ignore_errors=True)
         raise
-    if final_path.exists():
-        shutil.rmtree(final_path)
-    out_path.rename(final_path)
+    install(out_path, final_path)
     return ExampleResult(final_path, spec.name, format, sorted(p.name for p in final_path.iterdir()), num_tensors)
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .layouts.trtllm_gen import transform as layout
-from .source.checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
-from .layouts.trtllm_gen.converted import open_converted
-from .layouts.trtllm_gen.descriptor import descriptor_from_config
 from .errors import AlreadyConvertedError
 from .io import read_json
+from .layouts.trtllm_gen import transform as layout
+from .layouts.trtllm_gen.converted import open_converted
+from .layouts.trtllm_gen.descriptor import descriptor_from_config
+from .source.checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
 
 
 @dataclass
@@ -135,7 +135,7 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
 
 
 def _inspect_converted(root: Path, descriptor: dict) -> InspectReport:
-    ckpt = open_converted(root)
+    ckpt = open_converted(root)  # every descriptor field type-checked: a damaged one is one line, not a KeyError
     files = ckpt.files
     all_files = [files, *ckpt.rank_files.values()]  # --tp/--ep output keeps the experts in ranks/rank-NNN/
     layers = []

@@ -15,6 +15,8 @@ from .layouts.trtllm_gen.descriptor import LayerInfo
 from .errors import InputError
 from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
 from .io import PlannedTensor, torch_dtype
+from .verify.descriptor import add_descriptor_check
+from .verify.structure import check_structure
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
 from .progress import ProgressFn
 
@@ -59,7 +61,8 @@ def revert_checkpoint(
     if fmt is None:
         raise InputError(f"{ckpt.root}: unknown source_format {ckpt.source_format!r} in the descriptor")
     dst_path = Path(dst).expanduser()
-    check_destination(ckpt.root, dst_path, overwrite)
+    dst_path = check_destination(ckpt.root, dst_path, overwrite)
+    _require_structure(ckpt)
 
     owned = {name for layer in ckpt.layers for name in layer.tensor_names(ckpt.source_format)}
     for layer in ckpt.layers:
@@ -92,6 +95,20 @@ def revert_checkpoint(
     return RevertResult(
         ckpt.root, dst_path, ckpt.source_format, len(ckpt.layers), written.files, time.perf_counter() - start, written.reused
     )
+
+
+def _require_structure(ckpt: ConvertedCheckpoint) -> None:
+    """Revert trusts the descriptor to name and shape every source tensor: a checkpoint that fails the structure
+    check (manifest, canonical tensors, scalars, descriptor self-consistency) would give a wrong "source"
+    (experts dropped, zero-sized weights, kernel-layout tensors written as source tensors), so it is refused."""
+    result = check_structure(ckpt, hash_files=True)
+    add_descriptor_check(result, ckpt, None)
+    if result.status == "fail":
+        more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
+        raise InputError(
+            f"{ckpt.root}: fails the structure check: {result.problems[0]}{more}; run `nvfp4ckpt verify {ckpt.root}` "
+            "for the list, and revert from an intact conversion"
+        )
 
 
 def _expert_specs(layer: LayerInfo, fmt) -> list[PlannedTensor]:

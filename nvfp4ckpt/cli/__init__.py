@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any, Callable
 
 import typer
@@ -15,7 +16,7 @@ import typer
 from .. import __version__
 from ..errors import EXIT_USAGE, Interrupted, InterruptedRun
 from ..io import format_size
-from ._errors import DEBUG_ENV, debug_enabled, format_error
+from ._errors import debug_enabled, format_error
 from ._output import Output
 from .convert import CONVERT_EXAMPLES, convert
 from .example import EXAMPLE_EXAMPLES, example
@@ -84,7 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _main(argv)
+        with warnings.catch_warnings(record=True) as caught:
+            # numpy/torch RuntimeWarnings (overflow, invalid value) from broken input are held back: a command
+            # that then fails prints its one line only; one that succeeds shows each warning as one line after.
+            warnings.simplefilter("always", RuntimeWarning)
+            code = _main(argv)
+        shown: set[str] = set()
+        for w in caught:
+            if not issubclass(w.category, RuntimeWarning) or debug_enabled():
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif code == 0 and str(w.message) not in shown:
+                shown.add(str(w.message))
+                Output().hint(f"warning: {w.category.__name__}: {w.message}")
+        return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

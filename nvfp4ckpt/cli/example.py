@@ -19,7 +19,7 @@ def example(
     out: OutArg,
     format: Annotated[SourceFormat, typer.Option("--format", help="Source format.")] = SourceFormat.MODELOPT,
     arch: Annotated[str, typer.Option("--arch", help=f"Family, by transformers model_type (see `nvfp4ckpt inspect --families`): {', '.join(a.name for a in architectures.registered())}.")] = "qwen3_moe",
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed (same seed, same bytes).")] = 0,
     shards: Annotated[int, typer.Option("--shards", min=1, help="Number of safetensors shards (tiny example).")] = 2,
     shape: Annotated[str | None, typer.Option("--shape", help=f"Synthetic checkpoint at real layer shapes: {' | '.join(SHAPES)}.")] = None,
     layers: Annotated[int | None, typer.Option("--layers", min=1, help="MoE decoder layers (with --shape; default: the model's).")] = None,

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..io.json_input import Fields, load_json
 from ..source import architectures
 from ..source.checkpoint import SourceCheckpoint, open_checkpoint
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
@@ -460,14 +461,12 @@ def eos_ids(root: Path, tok) -> list[int]:
     ids: list[int] = []
     path = Path(root) / "generation_config.json"
     if path.is_file():
-        try:
-            value = json.loads(path.read_text()).get("eos_token_id")
-        except ValueError:
-            value = None
-        if isinstance(value, int):
+        gen = Fields(load_json(path, "generation config"), str(path))  # bounded, regular file, typed
+        value = gen.raw("eos_token_id")
+        if type(value) is int:
             ids = [value]
         elif isinstance(value, list):
-            ids = [int(v) for v in value]
+            ids = gen.int_list("eos_token_id", lo=0)
     if tok.eos_token_id is not None and tok.eos_token_id not in ids:
         ids.append(tok.eos_token_id)
     return ids

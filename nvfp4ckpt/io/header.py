@@ -3,7 +3,7 @@ up front (so a corrupt or truncated file fails before any output is written)."""
 
 from __future__ import annotations
 
-import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,8 @@ import numpy as np
 
 from .._lazy import torch
 
-from ..errors import CorruptFileError
+from ..errors import BadFieldError, CorruptFileError
+from .json_input import Fields, open_regular, parse_json
 
 if TYPE_CHECKING:
     import torch as _torch
@@ -78,44 +79,55 @@ class TensorInfo:
         return self.end - self.begin
 
 
+_MAX_DIM = 1 << 48  # no real tensor has a dimension this large; keeps numel and offsets exact and bounded
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: returns tensors by name and the metadata."""
+    """Parse and validate a safetensors header: returns tensors by name and the metadata.
+
+    Every field is type-checked (``json_input.Fields``): a shape of ``[Infinity]``, an offset of ``1e400``, a
+    list where an object belongs or ``__metadata__`` that is not strings to strings is a one-line
+    ``CorruptFileError``, never a traceback. A FIFO or other special file is refused without blocking."""
+    fd = open_regular(path, "safetensors file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise CorruptFileError(f"{path}: file is truncated (no safetensors header); re-download or re-export it")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > _MAX_HEADER or 8 + header_len > size:
-                raise CorruptFileError(
-                    f"{path}: header length {header_len} does not fit the file ({size} bytes); the file is corrupt or truncated"
-                )
-            header_bytes = f.read(header_len)
+        size = os.fstat(fd).st_size
+        raw_len = os.pread(fd, 8, 0)
+        if len(raw_len) < 8:
+            raise CorruptFileError(f"{path}: file is truncated (no safetensors header); re-download or re-export it")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise CorruptFileError(
+                f"{path}: header length {header_len} does not fit the file ({size} bytes); the file is corrupt or truncated"
+            )
+        header_bytes = os.pread(fd, header_len, 8)
     except OSError as exc:
         raise CorruptFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    where = f"{path}: safetensors header"
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptFileError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
-    metadata = header.pop("__metadata__", None) or {}
+        header = Fields(parse_json(header_bytes, where, strict_numbers=True, check_depth=False), str(path), "header")
+        metadata = header.str_map("__metadata__", {})
+    except BadFieldError as exc:
+        raise CorruptFileError(f"{exc}; the file is corrupt") from None
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
+    for name, value in header.data.items():
+        if name == "__metadata__":
+            continue
         try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptFileError(f"{path}: tensor {name!r} has a malformed header entry; the file is corrupt") from exc
+            entry = Fields(value, str(path), f"tensor {name!r}")
+            dtype = entry.str("dtype")
+            shape = tuple(entry.int_list("shape"))
+            begin, end = entry.int_list("data_offsets", length=2)
+        except BadFieldError as exc:
+            raise CorruptFileError(f"{exc}; the file is corrupt") from None
         if dtype not in DTYPE_SIZE:
             raise CorruptFileError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         numel = 1
         for d in shape:
-            if d < 0:
-                raise CorruptFileError(f"{path}: tensor {name!r} has a negative dimension")
+            if d > _MAX_DIM:
+                raise CorruptFileError(f"{path}: tensor {name!r} has a dimension of {d}; the file is corrupt")
             numel *= d
         if end - begin != numel * DTYPE_SIZE[dtype] or begin < 0:
             raise CorruptFileError(
@@ -126,6 +138,4 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}; the file is truncated, re-download it"
             )
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
-
-
+    return tensors, metadata

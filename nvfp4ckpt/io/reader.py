@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -15,6 +14,7 @@ from ..errors import CorruptFileError, MissingTensorError
 
 
 from .buffers import byte_view
+from .json_input import load_json, open_regular
 from .header import _NUMPY_DTYPES, INDEX_NAME, Array, TensorInfo, read_header, torch_dtype
 
 class CheckpointFiles:
@@ -79,7 +79,7 @@ class CheckpointFiles:
             with self._fd_lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = open_regular(path, "safetensors file")  # checked again: no FIFO blocks a read
                     self._fds[path] = fd
         return fd
 
@@ -184,14 +184,6 @@ def _staging_buffers(dev: torch.device) -> list:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or a one-line CorruptFileError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CorruptFileError(f"{path}: not valid JSON ({exc}); fix or re-download the file") from exc
-    if not isinstance(data, dict):
-        raise CorruptFileError(f"{path}: expected a JSON object")
-    return data
-
-
-
+    """A JSON object from ``path`` (a regular file, bounded in size and nesting), or a one-line
+    CorruptFileError naming the file (see ``json_input.load_json``)."""
+    return load_json(path)

@@ -13,8 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .._lazy import torch_tensor_type
-
-
+from ..errors import UnsafePathError
 from .buffers import BufferPool, byte_view
 from .header import Array
 from .plan import ShardPlan, encode_header
@@ -97,7 +96,7 @@ class _SinkFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = create_file(path)
         self.hash = hashlib.sha256()
         self.sha256 = ""
         self.hashed = threading.Event()  # set once sha256 is final
@@ -234,6 +233,31 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     are produced rather than all at the final fsync. Best effort: fsync still makes the file durable."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def create_file(path: Path) -> int:
+    """A new file's descriptor (write-only). Exclusive and no-follow: a file or symlink planted at ``path``
+    (e.g. pointing into the source) is refused with ``UnsafePathError``, never truncated or written through."""
+    try:
+        return os.open(path, _NEW_FILE, 0o644)
+    except FileExistsError:
+        raise UnsafePathError(f"{path}: already exists (nvfp4ckpt only creates new files here); remove it and rerun") from None
+    except OSError:
+        if os.path.islink(path):
+            raise UnsafePathError(f"{path}: is a symbolic link nvfp4ckpt did not make; remove it and rerun") from None
+        raise
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file (see ``create_file``)."""
+    fd = create_file(path)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def write_all(fd: int, data) -> None:

@@ -4,13 +4,39 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import InputError, OutputExistsError
+from ..errors import InputError, OutputExistsError, UnsafePathError
+from .safe_paths import destination_path
+
+# No-follow: a symlink planted at the lock path (say, to a source file) is refused, never truncated through.
+# Non-blocking: a FIFO there cannot hang the open.
+_LOCK_FLAGS = os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+def _open_lock(lock: Path) -> int:
+    """The lock file's descriptor: created, or a plain file left by a dead run; anything else is refused
+    (a symlink, a FIFO, or a hard link to another file, which truncating would destroy)."""
+    try:
+        fd = os.open(lock, _LOCK_FLAGS, 0o644)
+    except OSError as exc:
+        if os.path.islink(lock):
+            raise UnsafePathError(f"{lock}: the lock file is a symbolic link nvfp4ckpt did not make; remove it and rerun") from None
+        raise exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "not a plain file" if not stat.S_ISREG(st.st_mode) else f"a hard link ({st.st_nlink} names)"
+        raise UnsafePathError(f"{lock}: the lock file is {what}, which nvfp4ckpt did not make; remove it and rerun")
+    return fd
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> Path:
+    """DST made absolute (``destination_path``: ``.`` works, a symlink is refused) once checked: not
+    overlapping the source, a folder, empty unless ``overwrite``."""
+    dst = destination_path(dst)
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents or d in s.parents:
         raise InputError(f"{dst}: the destination overlaps the source {src}; choose a folder outside it")
@@ -19,6 +45,7 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"{dst}: exists and is not a folder; choose another destination")
         if any(d.iterdir()) and not overwrite:
             raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
+    return dst
 
 
 @contextmanager
@@ -27,7 +54,7 @@ def destination_lock(dst: Path):
     so a lock file left by a dead run is simply taken over (the PID in it is only for the message)."""
     lock = dst.parent / f".{dst.name}.nvfp4ckpt-lock"
     while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,3 +82,17 @@ def destination_lock(dst: Path):
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+# Names only nvfp4ckpt's output has: a source holding them would have them copied into the output, where they
+# would pose as this run's rank folders (or be refused as already existing).
+OUTPUT_ONLY_NAMES = ("ranks",)
+
+
+def refuse_output_names(src: Path) -> None:
+    for name in OUTPUT_ONLY_NAMES:
+        if os.path.lexists(src / name):
+            raise InputError(
+                f"{src / name}: the source has a {name!r} entry, which is where nvfp4ckpt writes rank-sharded output; "
+                "convert the checkpoint it came from, or move it out of the source folder"
+            )

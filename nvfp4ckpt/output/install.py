@@ -8,13 +8,16 @@ import os
 import shutil
 from pathlib import Path
 
+from .safe_paths import aside_folder, create_file, make_folders, refuse_link, write_new
+
 
 def install(tmp: Path, dst: Path) -> None:
     """Move the finished temporary folder into place (replacing an old DST only now)."""
     old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.nvfp4ckpt-old-{os.getpid()}"
-        os.replace(dst, old)
+    if os.path.lexists(dst):
+        refuse_link(dst, "destination")  # became a symlink during the run: never rename over or through it
+        old = aside_folder(dst)  # a fresh private folder: no planted name to rename onto
+        os.replace(dst, old / dst.name)
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
     if old is not None:
@@ -36,7 +39,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_json(path: Path, data: dict) -> dict:
     raw = (json.dumps(data, indent=2) + "\n").encode("utf-8")
-    path.write_bytes(raw)
+    write_new(path, raw)
     return {"name": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
@@ -50,9 +53,9 @@ def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dic
         if rel.name.endswith(".safetensors") or rel.parts[0] in skip_top_level:
             continue
         target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(dst, target.parent)
         digest = hashlib.sha256()
-        with open(path, "rb") as fi, open(target, "wb") as fo:
+        with open(path, "rb") as fi, os.fdopen(create_file(target), "wb") as fo:
             while block := fi.read(16 * 1024 * 1024):
                 digest.update(block)
                 fo.write(block)

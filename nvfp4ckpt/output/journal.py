@@ -7,16 +7,18 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..errors import ResumeMismatchError, SourceChangedError
+from ..errors import ResumeMismatchError, SourceChangedError, UnsafePathError
 from ..io import ShardPlan, sha256_file
-from ..io.sink import write_all
+from ..io.sink import create_file, write_all
 from ..progress import Progress, ProgressFn
 from .install import fsync_dir
+from .safe_paths import make_folder, refuse_link
 
 if TYPE_CHECKING:
     from .writer import CheckpointJob
@@ -82,9 +84,14 @@ class _Journal:
 
     def start(self, header: dict, entries: list[dict]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes("".join(json.dumps(x, sort_keys=True) + "\n" for x in [header, *entries]).encode())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # a run killed mid-start; unlink never follows a symlink
+        fd = create_file(tmp)
+        try:
+            write_all(fd, "".join(json.dumps(x, sort_keys=True) + "\n" for x in [header, *entries]).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
         self.count = len(entries)
@@ -92,7 +99,7 @@ class _Journal:
     def add(self, name: str, size: int, sha256: str) -> None:
         line = json.dumps({"name": name, "size": size, "sha256": sha256}, sort_keys=True) + "\n"
         with self.lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
             try:
                 write_all(fd, line.encode())
                 os.fsync(fd)
@@ -124,6 +131,9 @@ def open_partial(
     """Set up the partial folder; returns the finished shards to reuse (name -> entry), empty unless resuming."""
     journal = _Journal(tmp / JOURNAL_NAME)
     header = {"journal": JOURNAL_VERSION, "fingerprint": fingerprint, "sources": sources}
+    refuse_link(tmp, "partial folder")  # a planted symlink (say, to the source) is never written through
+    if tmp.exists() and resume:
+        _refuse_links_inside(tmp)
     if tmp.exists() and not resume:
         old = journal.read()
         finished = len(old[1]) if old else 0
@@ -135,7 +145,7 @@ def open_partial(
     if not tmp.exists():
         if resume:
             report(Progress("notice", message=f"{tmp}: no interrupted run to resume; writing everything"))
-        tmp.mkdir()
+        make_folder(tmp, "partial folder")
         journal.start(header, [])
         return {}
     old = journal.read()
@@ -153,7 +163,7 @@ def open_partial(
     for entry in entries:
         path = tmp / entry["name"]
         # Re-hash rather than trust size alone: reading a shard back is still cheaper than rewriting it.
-        if path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
+        if path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:  # no links inside (checked)
             reused[entry["name"]] = entry
     # Everything else (a shard cut off mid-write, the last attempt's index or manifest) is written again.
     for path in sorted(tmp.rglob("*"), reverse=True):
@@ -162,6 +172,19 @@ def open_partial(
             path.unlink()
     journal.start(header, list(reused.values()))
     return reused
+
+
+def _refuse_links_inside(tmp: Path) -> None:
+    """A partial folder to resume holds only folders and plain files nvfp4ckpt wrote: a symlink or FIFO
+    planted inside would be written through (or block), so it is refused."""
+    for root, dirs, files in os.walk(tmp):  # never follows symlinks; a symlink to a folder is in ``dirs``
+        for name in dirs + files:
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise UnsafePathError(
+                    f"{os.path.join(root, name)}: a symbolic link or special file inside the partial folder, which "
+                    "nvfp4ckpt did not make; rerun without --resume to start over"
+                )
 
 
 def check_sources_unchanged(root: Path, before: dict[str, list[int]]) -> None:

@@ -33,6 +33,7 @@ from ..io import (
 )
 from ..progress import Progress, ProgressFn
 from .destination import destination_lock
+from .safe_paths import destination_path, make_folders
 from .install import copy_other_files, fsync_dir, install, write_json
 from .journal import JOURNAL_NAME, _Journal, check_sources_unchanged, job_fingerprint, open_partial, partial_folder, source_stats
 
@@ -107,6 +108,7 @@ def write_checkpoint(
     sources = source_stats(job.source.root)
     fingerprint = job_fingerprint(job, shard_plans)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
+    dst = destination_path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with destination_lock(dst):
         # Under the lock, so two runs into one DST cannot both pass the emptiness check.
@@ -137,7 +139,7 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
         carried = _CarriedPrefetch(job.source, [t for t in todo if t.key not in job.computed], reader, sink.buffers)
         cursors = {
             part: _PartCursor(
-                tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink,
+                tmp, tmp / part if part else tmp, plans, {**job.metadata, **job.part_metadata.get(part, {})}, sink,
                 lambda f, prefix=(f"{part}/" if part else ""): journal.add(prefix + f.path.name, f.path.stat().st_size, f.sha256),
             )  # fmt: skip
             for part, plans in todo_plans.items()
@@ -267,8 +269,8 @@ class _CarriedPrefetch:
 class _PartCursor:
     """Walks one part's shard plans: opens the next shard when the previous one is full."""
 
-    def __init__(self, folder: Path, plans: list, metadata: dict[str, str], sink: AsyncSink, on_durable=None) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, folder: Path, plans: list, metadata: dict[str, str], sink: AsyncSink, on_durable=None) -> None:
+        make_folders(root, folder)  # a rank's sub-folder (ranks/rank-000): made here, never a planted symlink
         self.folder = folder
         self.plans = plans
         self.metadata = metadata

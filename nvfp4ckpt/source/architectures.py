@@ -11,7 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import BadFieldError, UnsupportedArchitectureError
+from ..io.json_input import Fields
 
 ROLES = ("gate", "up", "down")
 ACTIVATIONS = {"silu": True, "relu2": False}  # activation -> gated (SwiGLU [up ; gate]) or not (up only)
@@ -82,7 +83,7 @@ class Architecture:
     # Must capture ``prefix`` (up to and including ``.experts``).
     fused_prefix_pattern: str | None = None
     # decoder layer index -> "moe" | "dense" | "mamba" | "attention" | "mlp" (for examples; default: all MoE)
-    layer_kinds: Callable[[dict], list[str]] = field(default=lambda cfg: ["moe"] * int(cfg["num_hidden_layers"]), repr=False)
+    layer_kinds: Callable[[dict], list[str]] = field(default=lambda cfg: _all_moe(cfg), repr=False)
     # Hints for loaders built on transformers (eval.model_runner, engine plugins):
     hf_model_type: str | None = None  # the model_type transformers knows this family under, when it differs
     # transformers-in-memory name fragment -> on-disk fragment (used only when the first spelling is absent)
@@ -134,7 +135,7 @@ def for_config(config: dict, where: str = "config.json") -> Architecture:
     if isinstance(text_config, dict):
         candidates.append(text_config.get("model_type"))
     for arch in _REGISTRY.values():
-        if any(c in arch.model_types for c in candidates if c):
+        if any(isinstance(c, str) and c in arch.model_types for c in candidates):
             return arch
     known = ", ".join(sorted(t for a in _REGISTRY.values() for t in a.model_types))
     raise UnsupportedArchitectureError(
@@ -149,7 +150,7 @@ def describe(arch: Architecture) -> dict:
     text = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
     try:
         method = arch.routing(text).method
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, BadFieldError):
         method = None
     n = arch.names
     projs = ",".join(p for p in n.projections if p)
@@ -198,86 +199,133 @@ _MLP_EXPERTS = _experts_of("mlp")
 _GATE_UP_DOWN = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
-def _qwen3_routing(cfg: dict) -> Routing:
-    norm = bool(cfg.get("norm_topk_prob", True))
+# Routing and layer kinds read the config through typed accessors (io.json_input.Fields): a string "false",
+# a NaN, 0 or a float where a count belongs is a one-line BadFieldError naming config.json and the field.
+_MAX_EXPERTS = 1 << 16
+_MAX_LAYERS = 1 << 16
+
+
+def fields(cfg: "dict | Fields", where: str = "config.json") -> Fields:
+    return cfg if isinstance(cfg, Fields) else Fields(cfg, where)
+
+
+def _top_k(f: Fields) -> int:
+    return f.int("num_experts_per_tok", lo=1, hi=_MAX_EXPERTS)
+
+
+def _experts(f: Fields, key: str) -> int:
+    return f.int(key, lo=1, hi=_MAX_EXPERTS)
+
+
+def _scaling(f: Fields) -> float:
+    # 0/false used to be taken as 1.0 silently (``or 1.0``); NaN/Infinity/"nan" reached config.json as bare NaN.
+    return f.num("routed_scaling_factor", 1.0, above=0.0, hi=1e6)
+
+
+def _qwen3_routing(cfg: "dict | Fields") -> Routing:
+    f = fields(cfg)
+    norm = f.bool("norm_topk_prob", True)
     return Routing(
         method="RenormalizeNaive" if norm else "Default",
-        top_k=int(cfg["num_experts_per_tok"]),
+        top_k=_top_k(f),
         # transformers >= 5.2x writes Qwen3-MoE's expert count as num_local_experts
-        num_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
+        num_experts=_experts(f, "num_experts" if f.has("num_experts") else "num_local_experts"),
         norm_topk_prob=norm,
     )
 
 
-def _deepseek_routing(cfg: dict) -> Routing:
+def _deepseek_routing(cfg: "dict | Fields") -> Routing:
+    f = fields(cfg)
+    num_experts = _experts(f, "n_routed_experts")
+    n_group = f.int("n_group", 1, lo=1, hi=num_experts)
+    if num_experts % n_group:
+        f.fail("n_group", n_group, f"a divisor of n_routed_experts ({num_experts}): experts are split into equal groups")
     return Routing(
         method="DeepSeekV3",
-        top_k=int(cfg["num_experts_per_tok"]),
-        num_experts=int(cfg["n_routed_experts"]),
-        n_group=int(cfg.get("n_group") or 1),
-        topk_group=int(cfg.get("topk_group") or 1),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        top_k=_top_k(f),
+        num_experts=num_experts,
+        n_group=n_group,
+        topk_group=f.int("topk_group", 1, lo=1, hi=n_group),
+        routed_scaling_factor=_scaling(f),
+        norm_topk_prob=f.bool("norm_topk_prob", True),
         bias_suffix="gate.e_score_correction_bias",
     )
 
 
-def _qwen2_routing(cfg: dict) -> Routing:
+def _qwen2_routing(cfg: "dict | Fields") -> Routing:
     # Qwen1.5/Qwen2-MoE default to norm_topk_prob=False (transformers' Qwen2MoeConfig)
-    return _qwen3_routing({"norm_topk_prob": False, **cfg})
+    f = fields(cfg)
+    return _qwen3_routing(Fields({"norm_topk_prob": False, **f.data}, f.where, f.at))
 
 
-def _minimax_m2_routing(cfg: dict) -> Routing:
+def _minimax_m2_routing(cfg: "dict | Fields") -> Routing:
     # sigmoid scores, selection on scores + e_score_correction_bias, weights renormalized (FlashInfer MiniMax2)
+    f = fields(cfg)
     return Routing(
         method="MiniMax2",
-        top_k=int(cfg["num_experts_per_tok"]),
-        num_experts=int(cfg["num_local_experts"]),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+        top_k=_top_k(f),
+        num_experts=_experts(f, "num_local_experts"),
+        routed_scaling_factor=_scaling(f),
         bias_suffix="e_score_correction_bias",
     )
 
 
-def _llama4_routing(cfg: dict) -> Routing:
+def _llama4_routing(cfg: "dict | Fields") -> Routing:
     # top-1 on the logits, sigmoid of the chosen logit, applied to the expert's *input* (FlashInfer Llama4)
+    f = fields(cfg)
     return Routing(
         method="Llama4",
-        top_k=int(cfg["num_experts_per_tok"]),
-        num_experts=int(cfg["num_local_experts"]),
+        top_k=_top_k(f),
+        num_experts=_experts(f, "num_local_experts"),
         norm_topk_prob=False,
     )
 
 
-def _mixtral_routing(cfg: dict) -> Routing:
+def _mixtral_routing(cfg: "dict | Fields") -> Routing:
+    f = fields(cfg)
     return Routing(
         method="Renormalize",
-        top_k=int(cfg["num_experts_per_tok"]),
-        num_experts=int(cfg["num_local_experts"]),
+        top_k=_top_k(f),
+        num_experts=_experts(f, "num_local_experts"),
     )
 
 
-def _qwen_layer_kinds(cfg: dict) -> list[str]:
-    step = int(cfg.get("decoder_sparse_step") or 1)
-    dense = set(cfg.get("mlp_only_layers") or ())
-    n = int(cfg["num_hidden_layers"])
+def _num_layers(f: Fields) -> int:
+    return f.int("num_hidden_layers", lo=1, hi=_MAX_LAYERS)
+
+
+def _all_moe(cfg: "dict | Fields") -> list[str]:
+    return ["moe"] * _num_layers(fields(cfg))
+
+
+def _qwen_layer_kinds(cfg: "dict | Fields") -> list[str]:
+    f = fields(cfg)
+    step = f.int("decoder_sparse_step", 1, lo=1)
+    dense = set(f.int_list("mlp_only_layers", []))
+    n = _num_layers(f)
     return ["dense" if i in dense or (i + 1) % step else "moe" for i in range(n)]
 
 
-def _first_k_dense(cfg: dict) -> list[str]:
-    k = int(cfg.get("first_k_dense_replace") or 0)
-    return ["dense" if i < k else "moe" for i in range(int(cfg["num_hidden_layers"]))]
+def _first_k_dense(cfg: "dict | Fields") -> list[str]:
+    f = fields(cfg)
+    k = f.int("first_k_dense_replace", 0, lo=0)
+    return ["dense" if i < k else "moe" for i in range(_num_layers(f))]
 
 
-def _llama4_layer_kinds(cfg: dict) -> list[str]:
-    step = int(cfg.get("interleave_moe_layer_step") or 1)
-    return ["moe" if (i + 1) % step == 0 else "dense" for i in range(int(cfg["num_hidden_layers"]))]
+def _llama4_layer_kinds(cfg: "dict | Fields") -> list[str]:
+    f = fields(cfg)
+    step = f.int("interleave_moe_layer_step", 1, lo=1)
+    return ["moe" if (i + 1) % step == 0 else "dense" for i in range(_num_layers(f))]
 
 
 _HYBRID_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
 
 
-def _nemotron_h_layer_kinds(cfg: dict) -> list[str]:
-    pattern = str(cfg["hybrid_override_pattern"])
+def _nemotron_h_layer_kinds(cfg: "dict | Fields") -> list[str]:
+    f = fields(cfg)
+    pattern = f.str("hybrid_override_pattern")
+    if len(pattern) > _MAX_LAYERS or set(pattern) - set(_HYBRID_KINDS):
+        f.fail("hybrid_override_pattern", pattern, "a string of " + "".join(_HYBRID_KINDS))
     return [_HYBRID_KINDS[c] for c in pattern]
 
 

@@ -15,6 +15,7 @@ from .architectures import Architecture, Routing
 from ..errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
 from .formats import QuantFormat, detect_format
 from ..io import CheckpointFiles, TensorInfo, read_json
+from ..io.json_input import Fields
 
 SCALAR_DTYPES = ("F32", "BF16", "F16")
 
@@ -121,15 +122,10 @@ def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheck
         raise NoMoELayersError(
             f"{root}: no NVFP4 MoE expert tensors matching {arch.name} naming{hint}; nothing to convert"
         )
-    text_cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    try:
-        routing = arch.routing(text_cfg)
-        if not 1 <= routing.top_k <= routing.num_experts:
-            raise ValueError(f"top-k {routing.top_k} of {routing.num_experts} experts")
-        if routing.n_group is not None and not 1 <= (routing.topk_group or 0) <= routing.n_group:
-            raise ValueError(f"topk_group {routing.topk_group} of n_group {routing.n_group}")
-    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
-        raise InputError(f"{config_path}: routing settings for {arch.name} are missing or invalid ({exc})") from exc
+    text_cfg = Fields(config, str(config_path)).obj("text_config") if isinstance(config.get("text_config"), dict) else Fields(config, str(config_path))
+    routing = arch.routing(text_cfg)  # typed reads: a bad field is a one-line BadFieldError naming it
+    if routing.top_k > routing.num_experts:
+        text_cfg.fail("num_experts_per_tok", routing.top_k, f"at most the number of experts ({routing.num_experts})")
     for layer in layers:
         if layer.num_experts != routing.num_experts:
             raise BadTensorError(
@@ -163,6 +159,12 @@ def find_moe_layers(
         if hit is None:
             continue
         prefix, expert, role = hit
+        spelled = module[len(prefix) + 1 :].split(".", 1)[0]
+        if spelled != str(expert):  # "07": revert writes "7", and "7" may be there too (one would be dropped)
+            raise BadTensorError(
+                f"{files.info(name).file}: tensor {name!r} spells expert {expert} as {spelled!r}; nvfp4ckpt needs "
+                "plain indices (experts.7, not experts.07); rename the tensors"
+            )
         if fmt.is_excluded(module):
             excluded.add(module)
             continue
@@ -211,6 +213,7 @@ def _build_fused_layer(files: CheckpointFiles, fmt: QuantFormat, prefix: str, by
     num_experts, hidden_half, two_i = gu.shape
     hidden, inter = hidden_half * 2, two_i // 2
     g = fmt.group_size
+    _check_sizes(gu, hidden, inter, g)
     _expect(down, "U8", 3, (num_experts, inter // 2, hidden))
     _expect(files.info(entry["gate_up"].weight_scale), "F8_E4M3", 3, (num_experts, hidden // g, two_i))
     _expect(files.info(entry["down"].weight_scale), "F8_E4M3", 3, (num_experts, inter // g, hidden))
@@ -272,6 +275,7 @@ def _build_layer(
             f"{down_w.file}: tensor {down_w.name!r} has shape {list(down_w.shape)}; expected [{hidden}, {inter // 2}]"
         )
     g = fmt.group_size
+    _check_sizes(gate_w, hidden, intermediate, g)
     want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, intermediate)}
     for entry in experts:
         for role, t in entry.items():
@@ -292,6 +296,18 @@ def _build_layer(
         scalar_shape=scalar_shape,
         gated=gated,
     )
+
+
+def _check_sizes(info: TensorInfo, hidden: int, inter: int, group: int) -> None:
+    """Sizes NVFP4 can hold: non-zero, and whole 16-element blocks along both input dimensions (hidden for
+    gate/up, intermediate for down). Otherwise the block scales cover fewer columns than the weight has,
+    and the floor in ``k // group`` would make a short scale tensor look right."""
+    for what, n in (("hidden size", hidden), ("intermediate size", inter)):
+        if n <= 0 or n % group:
+            raise BadTensorError(
+                f"{info.file}: tensor {info.name!r} gives a {what} of {n}, which is not a positive multiple of the "
+                f"{group}-element NVFP4 block; the checkpoint is not NVFP4 as written"
+            )
 
 
 def _scalar_kind(files: CheckpointFiles, prefix: str, names: list[str]) -> tuple[str, tuple[int, ...]]:

@@ -27,8 +27,12 @@ from ..progress import TickFn
 from .report import CheckResult, all_passed
 from ..errors import CorruptFileError, InputError
 from ..runtime.backends import check_choice, for_layer, resolve_backend
+from ..runtime.device import parse_device
+
+MAX_TOKENS = 1 << 16  # enough for any threshold; more only allocates [tokens, hidden] activations per layer
 
 
+from .descriptor import add_descriptor_check
 from .layout import check_layout
 from .numerics import LayerNumerics, check_layer_numerics
 from .structure import check_structure
@@ -83,6 +87,8 @@ def verify_checkpoint(
     if unknown:
         raise InputError(f"unknown check(s) {unknown}; choose from {', '.join(CHECKS)}")
     check_choice(backend, act)
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise InputError(f"--tokens {tokens}: choose from 1 to {MAX_TOKENS} random tokens per layer")
     report = VerifyReport(path=str(path), source=str(source) if source else None)
     try:
         ckpt = open_converted(path)  # not a converted checkpoint at all: an input error (exit 2)
@@ -95,6 +101,7 @@ def verify_checkpoint(
     if "structure" in checks:
         t0 = time.perf_counter()
         report.checks.append(check_structure(ckpt, hash_files))
+        add_descriptor_check(report.checks[-1], ckpt, src)  # what the descriptor claims (verify/descriptor.py)
         report.checks[-1].seconds = time.perf_counter() - t0
     if "layout" in checks:
         if src is None:
@@ -104,7 +111,7 @@ def verify_checkpoint(
             report.checks.append(check_layout(ckpt, src, tick))
             report.checks[-1].seconds = time.perf_counter() - t0
     if "numerics" in checks:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = parse_device(device)
         chosen = resolve_backend(backend, act, dev)
         results = []
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from .._lazy import torch
 from ..source.checkpoint import SourceCheckpoint
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
 from ..layouts.trtllm_gen.descriptor import LayerInfo
+from ..errors import InputError
 from ..runtime.backends import BACKENDS, sync
 from ..runtime.layer import MoELayer, load_moe_layer, source_moe_layer, stacked_source_weights
 
@@ -100,9 +101,11 @@ def _reference_layer(
 ) -> MoELayer:
     """The same routing configuration, with the whole layer's weights read from the source checkpoint
     (or, without one, reassembled from the converted checkpoint's ranks)."""
-    if src is not None:
-        src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
-        return source_moe_layer(src, src_layer, device, routing=moe.routing)
+    if src is not None:  # routing from the source's config: a tampered descriptor routing shows up as a mismatch
+        src_layer = next((l for l in src.layers if l.prefix == layer.prefix), None)
+        if src_layer is None:
+            raise InputError(f"{src.root}: has no MoE layer {layer.prefix}; is it the source of this checkpoint?")
+        return source_moe_layer(src, src_layer, device)
     s = ckpt.reassemble_layer(layer)
     ws2 = torch.cat([s["w13_weight_scale_2"], s["w2_weight_scale_2"].unsqueeze(1)], 1)
     inp = torch.cat([s["w13_input_scale"], s["w2_input_scale"].unsqueeze(1)], 1)

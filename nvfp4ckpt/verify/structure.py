@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .._lazy import torch
@@ -14,6 +13,8 @@ from ..layouts.trtllm_gen.descriptor import METADATA_KEY, LayerInfo, canonical_s
 from ..output import MANIFEST_NAME
 from .report import CheckResult
 from ..io import sha256_file
+from ..io.json_input import Fields, load_json, parse_json
+from ..errors import BadFieldError, CorruptFileError
 
 
 
@@ -24,8 +25,8 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
     for files, fname in all_files:
         meta = files.file_metadata[fname]
         try:
-            header_desc = json.loads(meta.get(METADATA_KEY, "null"))
-        except ValueError:
+            header_desc = parse_json(meta.get(METADATA_KEY, "null"), f"{fname}: header metadata")
+        except CorruptFileError:
             header_desc = None
         if header_desc != desc:
             problems.append(f"{fname}: header metadata '{METADATA_KEY}' differs from config.json's descriptor")
@@ -96,10 +97,13 @@ def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
     if not path.is_file():
         return [f"{MANIFEST_NAME}: missing"]
     try:
-        manifest = json.loads(path.read_text())
-        entries = {f["name"]: f for f in manifest["files"]}
-    except (ValueError, KeyError, TypeError):
-        return [f"{MANIFEST_NAME}: not valid JSON with a 'files' list"]
+        manifest = Fields(load_json(path, "manifest"), str(path))
+        entries = {}
+        for i, value in enumerate(manifest.list("files")):
+            entry = Fields(value, str(path), f"files[{i}]")
+            entries[entry.str("name")] = {"size": entry.int("size", lo=0), "sha256": entry.str("sha256")}
+    except (CorruptFileError, BadFieldError) as exc:
+        return [f"{MANIFEST_NAME}: not a valid manifest ({exc})"]
     problems = []
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
     on_disk.discard(MANIFEST_NAME)
@@ -107,6 +111,9 @@ def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
         problems.append(f"{extra}: not listed in the manifest")
     for name, entry in sorted(entries.items()):
         f = root / name
+        if name not in on_disk:  # also a name with "..": the manifest never sends a read outside the checkpoint
+            problems.append(f"{name}: listed in the manifest but missing")
+            continue
         if not f.is_file():
             problems.append(f"{name}: listed in the manifest but missing")
             continue

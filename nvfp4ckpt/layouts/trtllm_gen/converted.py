@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,8 +10,10 @@ from ..._lazy import torch
 
 from ...source.checkpoint import resolve_source
 from .descriptor import LayerInfo, descriptor_from_config
-from ...errors import InputError
+from ...errors import BadFieldError, CorruptFileError, InputError
 from ...io import CheckpointFiles, read_json
+from ...io.json_input import Fields
+from ...source.formats import DESCRIPTOR_KEY, FORMATS
 from .transform import LAYOUT_NAME, LAYOUT_VERSION
 from .ranks import RankSpec, from_kernel
 
@@ -107,16 +110,50 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
             f"{config_path}: no quantization_config.moe_kernel_layout descriptor; this is not a converted checkpoint "
             "(run `nvfp4ckpt convert` first)"
         )
-    if descriptor.get("layout") != LAYOUT_NAME or not isinstance(descriptor.get("layout_version"), int):
+    if descriptor.get("layout") != LAYOUT_NAME or type(descriptor.get("layout_version")) is not int:
         raise InputError(f"{config_path}: layout {descriptor.get('layout')!r} is not {LAYOUT_NAME!r}; unsupported descriptor")
     if descriptor["layout_version"] > LAYOUT_VERSION:
         raise InputError(
             f"{config_path}: layout version {descriptor['layout_version']} is newer than this nvfp4ckpt supports "
             f"({LAYOUT_VERSION}); upgrade nvfp4ckpt"
         )
-    parallel = descriptor.get("parallel") or {}
-    gated = descriptor.get("activation", "swiglu") != "relu2"
-    tp = int(parallel.get("tp", 1))
-    layers = [LayerInfo.from_dict(prefix, info, gated, tp) for prefix, info in (descriptor.get("layers") or {}).items()]
-    rank_files = {r["part"]: CheckpointFiles(root / r["part"]) for r in parallel.get("ranks", [])}
+    try:
+        layers, parts = _read_descriptor(Fields(descriptor, str(config_path), f"quantization_config.{DESCRIPTOR_KEY}"))
+    except BadFieldError as exc:  # a converted checkpoint whose descriptor is damaged: the structure check fails
+        raise CorruptFileError(str(exc)) from None
+    rank_files = {part: CheckpointFiles(root / part) for part in parts}
     return ConvertedCheckpoint(root, config, descriptor, CheckpointFiles(root), layers, rank_files)
+
+
+_RANK_PART = re.compile(r"ranks/rank-[0-9]{3,6}")
+
+
+def _read_descriptor(d: Fields) -> tuple[list[LayerInfo], list[str]]:
+    """The layers and the rank folders a descriptor lists, every field it is read by checked here first."""
+    d.str("source_format", choices=tuple(FORMATS))
+    gated = d.str("activation", "swiglu", choices=("swiglu", "relu2")) != "relu2"
+    parallel = d.obj("parallel", {})
+    tp = parallel.int("tp", 1, lo=1, hi=1 << 16)
+    parts = []
+    for i, value in enumerate(parallel.list("ranks", [])):
+        part = Fields(value, d.where, f"{parallel.name('ranks')}[{i}]").str("part")
+        if not _RANK_PART.fullmatch(part):  # only the folders convert writes: never a path out of the checkpoint
+            parallel.fail("ranks", part, "rank folders named ranks/rank-NNN")
+        parts.append(part)
+    layers = [LayerInfo.from_dict(prefix, info, gated, tp) for prefix, info in d.objects("layers", {})]
+    _check_routing(d.obj("routing", {}), max((l.num_experts for l in layers), default=1 << 16))
+    return layers, parts
+
+
+def _check_routing(r: Fields, num_experts: int) -> None:
+    """The routing a converted checkpoint is run with (runtime.layer reads it as is)."""
+    if not r.data:
+        return
+    r.str("method")
+    experts = r.int("num_experts", lo=1, hi=1 << 16)
+    r.int("top_k", lo=1, hi=experts)
+    groups = r.int("n_group", None, lo=1, hi=experts)
+    r.int("topk_group", None, lo=1, hi=groups or experts)
+    r.num("routed_scaling_factor", 1.0, above=0.0, hi=1e6)
+    r.bool("norm_topk_prob", True)
+    r.str("bias_suffix", None)

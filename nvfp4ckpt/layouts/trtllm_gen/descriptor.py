@@ -8,11 +8,13 @@ output safetensors header's metadata under ``nvfp4ckpt``. Readers must check ``l
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from ... import __version__
 from ...source.architectures import expert_roles
 from ...source.formats import DESCRIPTOR_KEY, FORMATS
+from ...io.json_input import Fields
 from ...quant import GROUP_SIZE
 from .transform import EPILOGUE_TILE_M, LAYOUT_NAME, LAYOUT_VERSION
 from .ranks import RankSpec
@@ -110,28 +112,44 @@ class LayerInfo:
         }
 
     @classmethod
-    def from_dict(cls, prefix: str, info: dict, gated: bool = True, tp: int = 1) -> "LayerInfo":
-        ranks = tuple(
-            RankSpec(
-                r["rank"], r["rank"] % tp, r["rank"] // tp, r["experts"][0], r["experts"][1],
-                r["intermediate"][0], r["intermediate"][1], gated,
-            )  # fmt: skip
-            for r in info.get("ranks") or ()
-        )
+    def from_dict(cls, prefix: str, info: "dict | Fields", gated: bool = True, tp: int = 1) -> "LayerInfo":
+        """A descriptor's ``layers[prefix]`` entry, every field type- and range-checked (``BadFieldError``)."""
+        f = info if isinstance(info, Fields) else Fields(info, "descriptor", f"layers.{prefix}")
+        num_experts = f.int("num_experts", lo=1, hi=_MAX_EXPERTS)
+        hidden = f.int("hidden_size", lo=1, hi=_MAX_DIM)
+        inter = f.int("intermediate_size", lo=1, hi=_MAX_DIM)
+        proj_names = f.str_map("source_projection_names")
+        wanted = set(expert_roles(gated))
+        if set(proj_names) != wanted or not all(_PROJ_NAME.fullmatch(v) for v in proj_names.values()):
+            f.fail("source_projection_names", proj_names, f"an object mapping {', '.join(sorted(wanted))} to module names")
+        ranks = []
+        for i, value in enumerate(f.list("ranks", [])):
+            r = Fields(value, f.where, f"{f.name('ranks')}[{i}]")
+            rank = r.int("rank", lo=0, hi=_MAX_EXPERTS)
+            e0, e1 = r.int_list("experts", length=2)
+            i0, i1 = r.int_list("intermediate", length=2)
+            if not (e0 < e1 <= num_experts and i0 < i1 <= inter):
+                r.fail(None, value, f"expert and intermediate ranges inside [0, {num_experts}) and [0, {inter})")
+            ranks.append(RankSpec(rank, rank % tp, rank // tp, e0, e1, i0, i1, gated))
         return cls(
             prefix=prefix,
-            num_experts=int(info["num_experts"]),
-            hidden_size=int(info["hidden_size"]),
-            intermediate_size=int(info["intermediate_size"]),
-            proj_names=dict(info["source_projection_names"]),
-            scalar_dtype=str(info["source_scalar_dtype"]),
-            scalar_shape=tuple(info["source_scalar_shape"]),
-            hidden_padded=int(info.get("hidden_size_padded", info["hidden_size"])),
-            intermediate_padded=int(info.get("intermediate_size_padded", info["intermediate_size"])),
-            source_fused=info.get("source_fused"),
+            num_experts=num_experts,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            proj_names=proj_names,
+            scalar_dtype=f.str("source_scalar_dtype", choices=("F32", "BF16", "F16")),
+            scalar_shape=tuple(f.int_list("source_scalar_shape", lo=1)),
+            hidden_padded=f.int("hidden_size_padded", hidden, lo=hidden, hi=_MAX_DIM),
+            intermediate_padded=f.int("intermediate_size_padded", inter, lo=inter, hi=_MAX_DIM),
+            source_fused=f.str("source_fused", None, choices=("bmm",)),
             gated=gated,
-            ranks=ranks,
+            ranks=tuple(ranks),
         )
+
+
+_MAX_EXPERTS = 1 << 16
+_MAX_DIM = 1 << 24
+_PROJ_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
 def build_descriptor(

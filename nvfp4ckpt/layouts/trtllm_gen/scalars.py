@@ -18,8 +18,11 @@ def kernel_scalars(ws2: Array, input_scale: Array) -> dict[str, Array]:
 
     Operation order follows SGLang's ModelOpt path so the float32 bits match it.
     """
-    ws2 = as_float32(ws2)
-    input_scale = as_float32(input_scale)
+    with np.errstate(all="ignore"):  # broken scales give inf/nan here; callers check and name them, no warning
+        return _kernel_scalars(as_float32(ws2), as_float32(input_scale))
+
+
+def _kernel_scalars(ws2: Array, input_scale: Array) -> dict[str, Array]:
     n = ws2.shape[1] - 1  # w13 columns
     a1 = input_scale[:, :n].max()
     a2 = input_scale[:, n].max()
@@ -41,10 +44,31 @@ def _contiguous(x: Array) -> Array:
     return np.ascontiguousarray(x) if isinstance(x, (np.ndarray, np.generic)) else x.contiguous()
 
 
+def _check_raw(ckpt: SourceCheckpoint, layer: SourceMoELayer, raw: Array) -> None:
+    """Every stored global scale finite and positive, or an InputError naming the first bad source tensor."""
+    v = np.asarray(raw if isinstance(raw, np.ndarray) else raw.float().cpu(), dtype=np.float32)
+    bad = np.argwhere(~(np.isfinite(v) & (v > 0)))
+    if not bad.size:
+        return
+    e, r, kind = (int(x) for x in bad[0])
+    field = "weight_global" if kind == 0 else "input_global"
+    if layer.fused:
+        role = "gate_up" if r < len(layer.roles) - 1 else "down"
+        name = getattr(layer.fused[role], field)
+    else:
+        name = getattr(layer.experts[e][layer.roles[r]], field)
+    raise InputError(
+        f"{ckpt.root}: {name} (in {layer.prefix}) is {v[e, r, kind]}, not a finite positive global scale; "
+        "the checkpoint's global scales are broken (non-finite or non-positive values)"
+    )
+
+
 def layer_scalars(ckpt: SourceCheckpoint, layer: SourceMoELayer, raw: Array) -> dict[str, Array]:
     """The layer's scalar tensors from its raw global scales ``[E, roles, 2]`` (numpy or torch, as given)."""
+    _check_raw(ckpt, layer, raw)
     to_mult = ckpt.format.to_dequant_multiplier
-    scalars = kernel_scalars(to_mult(raw[:, :, 0]), to_mult(raw[:, :, 1]))
+    with np.errstate(all="ignore"):  # 1/x of a tiny scale may overflow: caught below, named, never a warning
+        scalars = kernel_scalars(to_mult(raw[:, :, 0]), to_mult(raw[:, :, 1]))
     for name, value in scalars.items():
         v = np.asarray(value)  # float32 on the CPU either way: no copy
         if not np.isfinite(v).all() or (v <= 0).any():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -11,6 +10,7 @@ from typing import ClassVar
 from ...errors import NotNvfp4Error
 from ...io import Array, as_float32
 from ...quant import GROUP_SIZE
+from .patterns import compile_input_pattern
 
 # A converted checkpoint's config.json["quantization_config"] is
 #   {"quant_method": KERNEL_QUANT_METHOD, SOURCE_QUANT_KEY: <the source's own quantization_config>, DESCRIPTOR_KEY: ...}
@@ -97,12 +97,20 @@ class QuantFormat:
         for ``write_example``; ``unquantized`` are module names (relative to a layer) left in bf16."""
         raise NotImplementedError
 
+    exclude_field: ClassVar[str] = "ignore"  # the config field the exclusions come from (named in errors)
+
+    def __post_init__(self) -> None:
+        # ``re:`` entries come from the input: compiled once here, refused when invalid or backtracking-prone.
+        self._regexes = {
+            p: compile_input_pattern(p[3:], str(self.config_path), self.exclude_field).regex for p in self.exclude if p.startswith("re:")
+        }
+
     def is_excluded(self, module: str) -> bool:
         """True when the module is listed as not quantized (globs, plain names or ``re:`` regexes)."""
         parts = module.split(".")
         for pattern in self.exclude:
             if pattern.startswith("re:"):
-                if re.match(pattern[3:], module):
+                if self._regexes[pattern].match(module):
                     return True
                 continue
             if fnmatch.fnmatchcase(module, pattern) or module == pattern or module.startswith(pattern + "."):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ...errors import NotNvfp4Error
+from ...io.json_input import Fields
 from .base import QuantFormat
 
 PACK_FORMAT = "nvfp4-pack-quantized"
@@ -35,8 +36,9 @@ class CompressedTensorsFormat(QuantFormat):
         if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "compressed-tensors":
             return None
         path = root / "config.json"
-        groups = qcfg.get("config_groups") or {}
-        formats = {qcfg.get("format")} | {g.get("format") for g in groups.values() if isinstance(g, dict)}
+        q = Fields(config, str(path)).obj("quantization_config")
+        groups = list(q.objects("config_groups", {}))
+        formats = {q.str("format", None)} | {g.str("format", None) for _, g in groups}
         formats.discard(None)
         if PACK_FORMAT not in formats:
             raise NotNvfp4Error(
@@ -44,16 +46,18 @@ class CompressedTensorsFormat(QuantFormat):
                 "only NVFP4 (nvfp4-pack-quantized) checkpoints can be converted"
             )
         sizes = set()
-        for g in groups.values():
-            w = g.get("weights") if isinstance(g, dict) else None
-            if isinstance(w, dict):
-                if w.get("num_bits") not in (None, 4) or w.get("type") not in (None, "float"):
-                    raise NotNvfp4Error(f"{path}: weights are {w.get('num_bits')}-bit {w.get('type')}, not NVFP4 (4-bit float)")
-                if "group_size" in w:
-                    sizes.add(w["group_size"])
+        for _, g in groups:
+            if not g.has("weights"):
+                continue
+            w = g.obj("weights")
+            bits, kind = w.int("num_bits", None), w.str("type", None)
+            if bits not in (None, 4) or kind not in (None, "float"):
+                raise NotNvfp4Error(f"{path}: weights are {bits}-bit {kind}, not NVFP4 (4-bit float)")
+            if w.has("group_size"):
+                sizes.add(w.int("group_size", lo=1))
         if len(sizes) > 1:
             raise NotNvfp4Error(f"{path}: several group sizes {sorted(sizes)}; NVFP4 needs 16 everywhere")
-        fmt = cls(config_path=path, group_size=int(sizes.pop()) if sizes else 16, exclude=[str(x) for x in qcfg.get("ignore") or []])
+        fmt = cls(config_path=path, group_size=sizes.pop() if sizes else 16, exclude=q.str_list("ignore", []))
         fmt.check_group_size()
         return fmt
 

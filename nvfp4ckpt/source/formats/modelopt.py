@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from ...errors import NotNvfp4Error
 from ...io import read_json
+from ...io.json_input import Fields
 from .base import QuantFormat
 
 
@@ -27,25 +29,27 @@ class ModelOptFormat(QuantFormat):
         "": "weight", "_weight_scale": "weight_scale", "_weight_scale_2": "weight_global", "_input_scale": "input_global",
     }  # fmt: skip
 
+    exclude_field: ClassVar[str] = "exclude_modules"
+
     @classmethod
     def detect(cls, root: Path, config: dict) -> "ModelOptFormat | None":
         qcfg = config.get("quantization_config")
         path = root / "config.json"
-        section: dict | None = None
+        section: Fields | None = None
         if isinstance(qcfg, dict) and ("quant_algo" in qcfg or qcfg.get("quant_method") == "modelopt"):
-            section = qcfg
+            section = Fields(config, str(path)).obj("quantization_config")
         else:
             hf_path = root / "hf_quant_config.json"
-            if hf_path.exists():
-                hf = read_json(hf_path)
-                section = hf.get("quantization") if isinstance(hf.get("quantization"), dict) else hf
+            if os.path.lexists(hf_path):
+                hf = Fields(read_json(hf_path), str(hf_path))  # a FIFO or a 1 GiB file is refused, never read
+                section = hf.obj("quantization") if hf.has("quantization") else hf
                 path = hf_path
         if section is None:
             return None
-        algo = section.get("quant_algo")
+        algo = section.raw("quant_algo")
         if algo != "NVFP4":
             raise NotNvfp4Error(
-                f"{path}: ModelOpt quant_algo is {algo!r}, not 'NVFP4'; only NVFP4 checkpoints can be converted"
+                f"{path}: ModelOpt quant_algo is {_shown(algo)}, not 'NVFP4'; only NVFP4 checkpoints can be converted"
             )
         fmt = cls(config_path=path, group_size=_group_size(section, path), exclude=_exclusions(section))
         fmt.check_group_size()
@@ -66,28 +70,29 @@ class ModelOptFormat(QuantFormat):
         return section
 
 
-def _group_size(section: dict, path: Path) -> int:
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _group_size(section: Fields, path: Path) -> int:
     sizes = set()
-    if "group_size" in section:
-        sizes.add(section["group_size"])
-    for group in (section.get("config_groups") or {}).values():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if isinstance(weights, dict) and "group_size" in weights:
-            sizes.add(weights["group_size"])
+    if section.has("group_size"):
+        sizes.add(section.int("group_size", lo=1))
+    for _, group in section.objects("config_groups", {}):
+        if group.has("weights"):
+            weights = group.obj("weights")
+            if weights.has("group_size"):
+                sizes.add(weights.int("group_size", lo=1))
     if not sizes:
         return 16  # NVFP4 fixes it; older exports leave it out
     if len(sizes) > 1:
         raise NotNvfp4Error(f"{path}: several group sizes {sorted(sizes)}; NVFP4 needs 16 everywhere")
-    try:
-        return int(sizes.pop())
-    except (TypeError, ValueError):
-        raise NotNvfp4Error(f"{path}: group_size is not an integer") from None
+    return sizes.pop()
 
 
-def _exclusions(section: dict) -> list[str]:
+def _exclusions(section: Fields) -> list[str]:
     out: list[str] = []
     for key in ("exclude_modules", "ignore"):
-        value = section.get(key) or []
-        if isinstance(value, list):
-            out.extend(str(v) for v in value)
+        out.extend(section.str_list(key, []))
     return out
