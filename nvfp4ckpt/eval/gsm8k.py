@@ -144,11 +144,16 @@ def download_gsm8k() -> tuple[list[Problem], list[Problem]]:
     cache = cache_dir()
     if (cache / "test.jsonl").is_file() and (cache / "train.jsonl").is_file():
         return read_jsonl(cache / "train.jsonl"), read_jsonl(cache / "test.jsonl")
-    _fail_fast_offline()
+    offline = _offline()
+    if not offline:
+        _fail_fast_offline()
     try:
         from huggingface_hub import hf_hub_download
 
-        local = {split: Path(hf_hub_download(HUB_REPO, name, repo_type="dataset")) for split, name in HUB_FILES.items()}
+        local = {
+            split: Path(hf_hub_download(HUB_REPO, name, repo_type="dataset", local_files_only=offline))
+            for split, name in HUB_FILES.items()
+        }
     except Exception as exc:  # offline, no such file, hub errors: one message
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
@@ -167,13 +172,16 @@ def download_gsm8k() -> tuple[list[Problem], list[Problem]]:
     return splits["train"], splits["test"]
 
 
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface-hub reads it once, at its import, which may have been earlier)."""
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
 def _fail_fast_offline(timeout: float = 3.0) -> None:
     """One TCP connect to the Hub before huggingface-hub's download, which retries for about 25 s when offline."""
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return  # huggingface-hub then looks in its own cache only, at once
     no_data = "pass --gsm8k-data DIR with test.jsonl and train.jsonl (github.com/openai/grade-school-math, grade_school_math/data)"
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
