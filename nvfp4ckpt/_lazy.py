@@ -15,6 +15,28 @@ from types import ModuleType
 from typing import Any
 
 
+# Which extra installs each optional package (pyproject.toml's [project.optional-dependencies]).
+EXTRA_OF = {"torch": "torch", "tokenizers": "torch", "transformers": "gsm8k", "flashinfer": "verify", "triton": "verify"}
+
+
+def require(name: str) -> ModuleType:
+    """``import name``, or a one-line ``MissingExtraError`` naming the extra that installs it: the core install
+    (inspect, convert) leaves torch and the rest out."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        top = name.split(".")[0]
+        if exc.name is None or exc.name.split(".")[0] != top:
+            raise  # the package is there but one of its own imports failed: a real bug, keep the traceback
+        from .errors import MissingExtraError
+
+        extra = EXTRA_OF.get(top, "all")
+        raise MissingExtraError(
+            f"this command needs the Python package {top!r}, which the core install leaves out: "
+            f"pip install 'nvfp4ckpt[{extra}]' (or 'nvfp4ckpt[all]')"
+        ) from None
+
+
 class LazyModule:
     """Stands in for a module until an attribute is first read, then forwards to the real module."""
 
@@ -25,7 +47,7 @@ class LazyModule:
     def __getattr__(self, attr: str) -> Any:
         module = self._module
         if module is None:
-            module = self._module = importlib.import_module(self._name)
+            module = self._module = require(self._name)
         return getattr(module, attr)
 
     def __repr__(self) -> str:

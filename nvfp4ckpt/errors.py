@@ -71,3 +71,7 @@ class ResumeMismatchError(OutputWriteError):
 
 class HubError(InputError):
     """A Hugging Face Hub repo id could not be downloaded."""
+
+
+class MissingExtraError(Nvfp4CkptError):
+    """The command needs a package that the installed extras leave out (the small install has no torch)."""

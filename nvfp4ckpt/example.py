@@ -109,12 +109,35 @@ def write_example(
         config["num_hidden_layers"] = layers + int(config.get("first_k_dense_replace") or 0)
         if "hybrid_override_pattern" in config:
             config["hybrid_override_pattern"] = (config["hybrid_override_pattern"] * layers)[: config["num_hidden_layers"]]
-    out_path = Path(out).expanduser()
-    if out_path.exists() and any(out_path.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out_path}: exists and is not empty; pass --overwrite to replace it")
+    final_path = Path(out).expanduser()
+    if final_path.is_symlink() or (final_path.exists() and not final_path.is_dir()):
+        raise OutputExistsError(f"{final_path}: exists and is not a folder; pass another OUT")
+    if final_path.exists() and any(final_path.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{final_path}: exists and is not empty; pass --overwrite to replace it")
+    # Written into a partial folder next to OUT and renamed at the end, as convert does: an interrupted run
+    # leaves no half-written OUT (a rerun removes the partial folder).
+    out_path = final_path.with_name(f".{final_path.name}.nvfp4ckpt-example-partial")
+    if out_path.is_symlink():
+        raise OutputExistsError(f"{out_path}: is a symbolic link nvfp4ckpt did not make; remove it")
+    if out_path.exists():
         shutil.rmtree(out_path)
-    out_path.mkdir(parents=True, exist_ok=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.mkdir()
+    try:
+        num_tensors = _write_example_files(out_path, config, spec, format, seed, shape, shards, max_shard_size)
+    except BaseException:
+        shutil.rmtree(out_path, ignore_errors=True)
+        raise
+    if final_path.exists():
+        shutil.rmtree(final_path)
+    out_path.rename(final_path)
+    return ExampleResult(final_path, spec.name, format, sorted(p.name for p in final_path.iterdir()), num_tensors)
+
+
+def _write_example_files(
+    out_path: Path, config: dict, spec, format: str, seed: int, shape, shards: int, max_shard_size: str | None
+) -> int:
+    """Every file of the example into ``out_path``; the number of tensors written."""
     builder = _Builder(format, seed, random_weights=shape is not None)
     text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     _model_tensors(spec, text_config, builder)
@@ -136,7 +159,7 @@ def write_example(
         _write_shards(out_path, builder, by_bytes=shard_bytes)
     else:
         _write_shards(out_path, builder, count=shards)
-    return ExampleResult(out_path, spec.name, format, sorted(p.name for p in out_path.iterdir()), len(builder.specs))
+    return len(builder.specs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +194,9 @@ def _write_shards(out: Path, b: _Builder, *, count: int | None = None, by_bytes:
 
 
 def _write_tokenizer(out: Path) -> None:
+    from ._lazy import require
+
+    require("tokenizers")  # one-line error naming the extra on the core install
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

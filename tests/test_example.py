@@ -59,3 +59,24 @@ def test_example_quantization_is_valid_nvfp4(example_factory):
     assert w.shape == (128, 256) and torch.isfinite(w).all() and w.abs().max() > 0
     # ModelOpt shares weight_scale_2 between gate and up.
     assert torch.equal(files.read(f"{p}.weight_scale_2"), files.read(p.replace("gate", "up") + ".weight_scale_2"))
+
+
+def test_interrupted_example_leaves_no_out(tmp_path, monkeypatch):
+    """example writes into a partial folder and renames it at the end: Ctrl-C half-way leaves neither a
+    half-written OUT nor the partial folder, and a rerun (no --overwrite needed) succeeds."""
+    import nvfp4ckpt.example as example_module
+
+    real = example_module._write_shards
+
+    def interrupted(out, builder, **kw):
+        real(out, builder, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(example_module, "_write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_example(tmp_path / "ex", seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    result = write_example(tmp_path / "ex", seed=1)
+    assert (tmp_path / "ex" / "config.json").is_file() and result.path == tmp_path / "ex"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import traceback
 
 import typer
 
@@ -49,8 +52,23 @@ def _root(
 INTERRUPTED = "interrupted; no output was left behind that looks complete (convert and revert: rerun with --resume to continue)"
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, CI timeouts) cleans up exactly as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, map known errors to one line and an exit code."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         # Non-standalone typer returns exit codes (130 after Ctrl-C) instead of raising them.
         code = app(args=argv, standalone_mode=False)
@@ -71,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()  # type: ignore[attr-defined]
             return EXIT_USAGE
         known = format_error(exc)
-        if known is None or debug_enabled():
+        if known is None:
             raise
+        if debug_enabled():  # the traceback, and still the command's exit code
+            traceback.print_exc()
         message, code = known
         Output().error(message)
         return code

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -35,10 +36,11 @@ class Output:
             self.console.print(table)
 
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+        # escape: messages name tensors and extras in brackets ("nvfp4ckpt[torch]"), which are not markup
+        self.err.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
 
     def hint(self, message: str) -> None:
-        self.err.print(f"[dim]{message}[/]", soft_wrap=True)
+        self.err.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
     @property
     def show_progress(self) -> bool:

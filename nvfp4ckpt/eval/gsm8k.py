@@ -144,6 +144,7 @@ def download_gsm8k() -> tuple[list[Problem], list[Problem]]:
     cache = cache_dir()
     if (cache / "test.jsonl").is_file() and (cache / "train.jsonl").is_file():
         return read_jsonl(cache / "train.jsonl"), read_jsonl(cache / "test.jsonl")
+    _fail_fast_offline()
     try:
         from huggingface_hub import hf_hub_download
 
@@ -164,6 +165,22 @@ def download_gsm8k() -> tuple[list[Problem], list[Problem]]:
     except OSError:
         pass  # a read-only cache is not an error; huggingface-hub keeps its own copy
     return splits["train"], splits["test"]
+
+
+def _fail_fast_offline(timeout: float = 3.0) -> None:
+    """One TCP connect to the Hub before huggingface-hub's download, which retries for about 25 s when offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    no_data = "pass --gsm8k-data DIR with test.jsonl and train.jsonl (github.com/openai/grade-school-math, grade_school_math/data)"
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise InputError(f"HF_HUB_OFFLINE is set and GSM8K is not cached in {cache_dir()}; {no_data}")
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(f"cannot reach {host}:{port} to download GSM8K ({exc.strerror or exc}); {no_data}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,6 +546,9 @@ def run_gsm8k(
     the same routing mode as the converted side. ``min_agreement`` defaults to 1.0 with the torch backend and 0.8
     otherwise.
     """
+    from .._lazy import require
+
+    require("torch"), require("transformers")  # one-line error naming the extra, before any work
     from . import model_runner as mr
 
     start = time.perf_counter()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import metadata
 
 from ... import __version__
 from ...source.architectures import expert_roles
@@ -65,13 +64,6 @@ def canonical_specs(
         "w2_input_global_scale": (scalar_dtype, (e,)),
     }
     return [(f"{prefix}.{n}", *shapes[n]) for n in canonical_names(source_format)]
-
-
-def flashinfer_version() -> str | None:
-    try:
-        return metadata.version("flashinfer-python")
-    except metadata.PackageNotFoundError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -184,7 +176,6 @@ def build_descriptor(
         "config_had_quantization_config": config_had_quantization_config,
         "tool": "nvfp4ckpt",
         "tool_version": __version__,
-        "flashinfer_version": flashinfer_version(),
     }
 
 
