@@ -17,7 +17,8 @@ from ..io import sha256_file
 
 
 
-def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> CheckResult:
+def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True, digests: dict[str, str] | None = None) -> CheckResult:
+    """``digests``: sha256 of the manifest's files already computed (the single-pass scan), by manifest name."""
     problems: list[str] = []
     desc = ckpt.descriptor
     all_files = [(ckpt.files, f) for f in ckpt.files.files] + [(rf, f) for rf in ckpt.rank_files.values() for f in rf.files]
@@ -45,7 +46,7 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
                     problems.append(f"{where}{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
         if not problems:
             problems.extend(_scalar_problems(ckpt, layer))
-    problems.extend(_manifest_problems(ckpt.root, hash_files))
+    problems.extend(_manifest_problems(ckpt.root, hash_files, digests or {}))
     n_layers = len(ckpt.layers)
     what = f"{n_layers} MoE layers, {len(ckpt.files.files)} shards" + ("" if hash_files else " (sha256 skipped)")
     return CheckResult("structure", "fail" if problems else "pass", what, problems)
@@ -91,7 +92,17 @@ def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
     return problems
 
 
-def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
+def manifest_names(root: Path) -> list[str]:
+    """The manifest's files that exist with the listed size (the files worth hashing); [] without a readable
+    manifest (the structure check reports that)."""
+    try:
+        entries = json.loads((root / MANIFEST_NAME).read_text())["files"]
+        return [e["name"] for e in entries if (root / e["name"]).is_file() and (root / e["name"]).stat().st_size == e.get("size")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _manifest_problems(root: Path, hash_files: bool, digests: dict[str, str]) -> list[str]:
     path = root / MANIFEST_NAME
     if not path.is_file():
         return [f"{MANIFEST_NAME}: missing"]
@@ -113,7 +124,7 @@ def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
         if f.stat().st_size != entry.get("size"):
             problems.append(f"{name}: size {f.stat().st_size} != manifest {entry.get('size')}")
             continue
-        if hash_files and sha256_file(f) != entry.get("sha256"):
+        if hash_files and (digests.get(name) or sha256_file(f)) != entry.get("sha256"):
             problems.append(f"{name}: sha256 does not match the manifest")
     return problems
 
