@@ -83,10 +83,12 @@ def verify_checkpoint(
     device: str | None = None,
     progress: TickFn | None = None,
     numerics_full: bool | None = None,
+    numerics_sample: NumericsSample | None = None,
     workers: int | None = None,
 ) -> VerifyReport:
-    """``numerics_full``: numerics on every selected layer and expert (None: on a GPU only; on the CPU a seeded
-    sample, ``NumericsSample``). ``workers``: reader threads of the single pass (default: the cores, 2 to 8)."""
+    """``numerics_full``: numerics on every selected layer and expert (None: on a GPU only; on the CPU the seeded
+    sample ``numerics_sample``, default ``NumericsSample()``). ``workers``: reader threads of the single pass
+    (default: the cores, 2 to 8)."""
     start = time.perf_counter()
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
@@ -108,7 +110,7 @@ def verify_checkpoint(
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         chosen = resolve_backend(backend, act, dev)
         full = numerics_full if numerics_full is not None else dev.type == "cuda"
-        sample = FULL if full else NumericsSample()
+        sample = FULL if full else (numerics_sample or NumericsSample())
         plan = {l.prefix: sample.pick_experts(l, seed) for l in sample.pick_layers(selected, seed, bool(layers))}
         report.numerics_sample = {
             "full": full,

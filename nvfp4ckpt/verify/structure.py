@@ -58,7 +58,12 @@ def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
     t: dict[str, torch.Tensor] = {}
     problems = []
     for rank in layer.ranks or (None,):
-        local = {k: v for k, v in ckpt.read_layer(layer, rank=rank).items() if v.dtype not in (torch.uint8, torch.float8_e4m3fn)}
+        files = ckpt.files_for(rank)
+        local = {  # the scalars only: the weights and block scales are the single pass's to read
+            full[len(layer.prefix) + 1 :]: files.read(full)
+            for full in layer.tensor_names(ckpt.source_format)
+            if files.info(full).dtype not in ("U8", "F8_E4M3")
+        }
         e0, e1 = (rank.expert_start, rank.expert_end) if rank else (0, layer.num_experts)
         for name, value in local.items():
             if name == "w13_input_scale_quant":
