@@ -30,7 +30,7 @@ from ..runtime.backends import check_choice, for_layer, resolve_backend
 
 
 from ..source.stacked import read_layer_source
-from .layout import check_layout, compare_layer, unshuffled
+from .layout import check_layout, compare_layer, fast_compare_layer, unshuffled
 from .numerics import FULL, LayerNumerics, NumericsSample, check_layer_numerics
 from .scan import scan_checkpoint
 from .structure import check_structure, manifest_names
@@ -131,11 +131,16 @@ def verify_checkpoint(
         ]  # fmt: skip
 
         def on_layer(layer: LayerInfo, t: dict) -> None:
-            stacked = None
+            stacked = None  # the source layer as read for the comparison, handed on to the numerics
             if do_layout and layer.prefix in src_layers:
                 src_layer = src_layers[layer.prefix]
-                stacked = read_layer_source(src, src_layer)
-                compared[layer.prefix] = compare_layer(src, layer, src_layer, lambda l: unshuffled(l, t), stacked)
+                keep = (plan[layer.prefix] or range(layer.num_experts)) if layer.prefix in plan else None
+                fast = fast_compare_layer(src, layer, src_layer, t, keep)
+                if fast is not None and fast[0]:
+                    compared[layer.prefix], stacked = None, fast[1]
+                else:  # not the fast path's shape, or a difference to locate
+                    stacked = read_layer_source(src, src_layer)
+                    compared[layer.prefix] = compare_layer(src, layer, src_layer, lambda l: unshuffled(l, t), stacked)
             if layer.prefix in plan:
                 layer_backend = for_layer(backend, chosen, layer.gated)
                 results[layer.prefix] = check_layer_numerics(

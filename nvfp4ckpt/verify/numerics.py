@@ -14,6 +14,7 @@ from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
 from ..layouts.trtllm_gen.descriptor import LayerInfo
 from ..runtime.backends import BACKENDS, sync
 from ..runtime.layer import MoELayer, load_moe_layer, source_moe_layer, stacked_source_weights
+from ..runtime.routing import read_router_bias
 
 
 
@@ -105,7 +106,9 @@ def check_layer_numerics(
         read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
         out = part if out is None else out + part
     t0 = time.perf_counter()
-    if src is not None or layer.ranks:
+    if src is not None and source is not None and "raw_scalars_all" in source:
+        ref_layer = _block_reference(src, moe, layer, source, experts, device)  # already just these experts
+    elif src is not None or layer.ranks:
         ref_layer = _reference_layer(ckpt, moe, src, layer, device, source)
         if experts is not None:
             ref_layer = only_experts(ref_layer, experts)
@@ -183,3 +186,21 @@ def _reference_layer(
     return ref
 
 
+
+
+def _block_reference(
+    src: SourceCheckpoint, moe: MoELayer, layer: LayerInfo, block: dict, experts: range | None, device: torch.device
+) -> MoELayer:
+    """The reference from source tensors of a block of experts read by the layout comparison
+    (``verify.layout.fast_compare_layer``): their weights, and a1/a2 from every expert's input scales."""
+    to_mult = src.format.to_dequant_multiplier
+    ws2 = to_mult(block["raw_scalars"][:, :, 0])
+    inp = to_mult(block["raw_scalars_all"][:, :, 1])
+    src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
+    bias = read_router_bias(src.files, src_layer.block, moe.routing, device)
+    ref = MoELayer(
+        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias,
+        expert_offset=experts.start if experts is not None else 0, gated=layer.gated,
+    )  # fmt: skip
+    ref._source = stacked_source_weights(block, ws2, inp, device)
+    return ref
