@@ -149,3 +149,21 @@ def test_cli_numerics_full_and_sample_in_json(converted, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["numerics_sample"]["full"] is True and all(n["experts"] is None for n in data["numerics"])
     capsys.readouterr()
+
+
+def test_no_hash_still_compares_in_the_pass(converted, tmp_path):
+    src, good = converted()
+    dst = tmp_path / "nohash"
+    shutil.copytree(good, dst)
+    name = "model.embed_tokens.weight"
+
+    def bump(t):
+        if name in t:
+            t[name][0, 0] += 1
+            return True
+        return False
+
+    _rewrite(dst, bump)
+    report = verify_checkpoint(dst, source=src, checks=("structure", "layout"), hash_files=False)
+    assert report.read_bytes > 0 and report.checks[0].status == "pass"
+    assert report.checks[1].problems == [f"{name}: carried-over tensor differs from the source"]

@@ -119,7 +119,10 @@ def verify_checkpoint(
         }
 
     # One pass over the files: hash, compare the layout, feed the numerics (see scan.py).
-    hash_names = manifest_names(ckpt.root) if "structure" in checks and hash_files else []
+    hashing = "structure" in checks and hash_files
+    hash_names = manifest_names(ckpt.root) if hashing else []
+    if not hashing and do_layout:  # --no-hash: the pass still reads the tensors, without hashing them
+        hash_names = [p.relative_to(ckpt.root).as_posix() for f in [ckpt.files, *ckpt.rank_files.values()] for p in (f.root / n for n in f.files)]
     scanned = None
     compared: dict[str, str | None] = {}
     results: dict[str, LayerNumerics] = {}
@@ -148,7 +151,7 @@ def verify_checkpoint(
                 )  # fmt: skip
 
         scanned = scan_checkpoint(
-            ckpt, hash_names=hash_names, src=src if do_layout else None, on_layer=on_layer, layers=in_pass,
+            ckpt, names=hash_names, hash_files=hashing, src=src if do_layout else None, on_layer=on_layer, layers=in_pass,
             workers=workers, tick=tick,
         )  # fmt: skip
         report.read_bytes, report.read_seconds = scanned.bytes_read, scanned.seconds

@@ -56,14 +56,16 @@ class _Collector:
 def scan_checkpoint(
     ckpt: ConvertedCheckpoint,
     *,
-    hash_names: list[str],
+    names: list[str],
+    hash_files: bool = True,
     src: SourceCheckpoint | None = None,
     on_layer: LayerFn | None = None,
     layers: list[LayerInfo] = (),
     workers: int | None = None,
     tick: TickFn | None = None,
 ) -> ScanResult:
-    """Read every file in ``hash_names`` (relative to the root) once: sha256 of each; with ``src``, carried-over
+    """Read every file in ``names`` (relative to the root) once: sha256 of each (unless not ``hash_files``:
+    ``--no-hash`` still reads the files for the layout and numerics); with ``src``, carried-over
     tensors compared with the source's; the canonical tensors of ``layers`` (unsharded layers only) given whole to
     ``on_layer`` on a worker pool. Exceptions of ``on_layer`` propagate."""
     import time
@@ -74,16 +76,16 @@ def scan_checkpoint(
     lock = threading.Lock()
     owner: dict[str, tuple[_Collector, str]] = {}
     for layer in layers:
-        names = layer.tensor_names(ckpt.source_format)
-        col = _Collector(layer, {n[len(layer.prefix) + 1 :] for n in names})
-        for full in names:
+        canonical = layer.tensor_names(ckpt.source_format)
+        col = _Collector(layer, {n[len(layer.prefix) + 1 :] for n in canonical})
+        for full in canonical:
             owner[full] = (col, full[len(layer.prefix) + 1 :])
     by_path: dict[Path, CheckpointFiles] = {}
     for files in [ckpt.files, *ckpt.rank_files.values()]:
         for fname in files.files:
             by_path[(files.root / fname).resolve()] = files
     carried = {n for n in src.files.tensors if n not in src.expert_tensor_names} if src is not None else set()
-    total = sum((ckpt.root / n).stat().st_size for n in hash_names)
+    total = sum((ckpt.root / n).stat().st_size for n in names)
     done = [0]
     room = threading.Semaphore(workers)  # complete layers waiting for or in on_layer
     futures: list[Future] = []
@@ -110,7 +112,7 @@ def scan_checkpoint(
     def scan_file(name: str) -> tuple[str, str]:
         path = ckpt.root / name
         files = by_path.get(path.resolve())
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if hash_files else _NoHash()
         buf = bytearray(BLOCK)
         other = bytearray(BLOCK) if carried else None
         fd = os.open(path, os.O_RDONLY)
@@ -148,16 +150,25 @@ def scan_checkpoint(
 
     try:
         # Largest files first: the last thread to finish is then the one with the least left.
-        order = sorted(hash_names, key=lambda n: -(ckpt.root / n).stat().st_size)
+        order = sorted(names, key=lambda n: -(ckpt.root / n).stat().st_size)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify-read") as pool:
             for name, hexdigest in pool.map(scan_file, order):
-                result.digests[name] = hexdigest
+                if hash_files:
+                    result.digests[name] = hexdigest
         for f in futures:
             f.result()
     finally:
         layer_pool.shutdown(wait=True)
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _NoHash:
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
 
 
 def _pread_all(fd: int, view: memoryview, offset: int) -> None:
