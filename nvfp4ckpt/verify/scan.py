@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +69,6 @@ def scan_checkpoint(
     ``--no-hash`` still reads the files for the layout and numerics); with ``src``, carried-over
     tensors compared with the source's; the canonical tensors of ``layers`` (unsharded layers only) given whole to
     ``on_layer`` on a worker pool. Exceptions of ``on_layer`` propagate."""
-    import time
-
     start = time.perf_counter()
     workers = workers or default_workers()
     result = ScanResult()
@@ -80,10 +79,14 @@ def scan_checkpoint(
         col = _Collector(layer, {n[len(layer.prefix) + 1 :] for n in canonical})
         for full in canonical:
             owner[full] = (col, full[len(layer.prefix) + 1 :])
-    by_path: dict[Path, CheckpointFiles] = {}
+    by_path: dict[Path, tuple[CheckpointFiles, list[TensorInfo]]] = {}  # each safetensors file: its tensors by offset
     for files in [ckpt.files, *ckpt.rank_files.values()]:
+        per_file: dict[Path, list[TensorInfo]] = {}
+        for info in files.tensors.values():
+            per_file.setdefault(info.file, []).append(info)
         for fname in files.files:
-            by_path[(files.root / fname).resolve()] = files
+            infos = sorted(per_file.get(files.root / fname, []), key=lambda i: i.begin)
+            by_path[(files.root / fname).resolve()] = (files, infos)
     carried = {n for n in src.files.tensors if n not in src.expert_tensor_names} if src is not None else set()
     total = sum((ckpt.root / n).stat().st_size for n in names)
     done = [0]
@@ -111,7 +114,7 @@ def scan_checkpoint(
 
     def scan_file(name: str) -> tuple[str, str]:
         path = ckpt.root / name
-        files = by_path.get(path.resolve())
+        files, infos = by_path.get(path.resolve(), (None, []))
         digest = hashlib.sha256() if hash_files else _NoHash()
         buf = bytearray(BLOCK)
         other = bytearray(BLOCK) if carried else None
@@ -119,7 +122,6 @@ def scan_checkpoint(
         try:
             size = os.fstat(fd).st_size
             pos = 0
-            infos = sorted((i for i in files.tensors.values() if i.file.resolve() == path.resolve()), key=lambda i: i.begin) if files else []
             for info in infos:
                 pos = _hash_range(fd, pos, info.begin, buf, digest, progress)  # header (and any gap)
                 hit = owner.get(info.name) if files is ckpt.files else None
