@@ -103,7 +103,7 @@ def test_sampled_numerics_runs_the_chosen_experts(converted, arch):
     first, end = n.experts
     assert end - first == 3 and 0 <= first and end <= 8
     assert report.numerics_sample["layers"] == [n.prefix] and report.numerics_sample["experts"][n.prefix] == [first, end]
-    assert n.rel_l2 == 0.0 and "seeded sample" in report.checks[-1].summary
+    assert n.rel_l2 == 0.0 and "a seeded sample: 1 of 2 MoE layers, experts 3 of each" in report.checks[-1].summary
     again = verify_checkpoint(dst, source=src, checks=("numerics",), backend="torch", tokens=16, seed=5, numerics_sample=sample)
     assert again.numerics_sample == report.numerics_sample  # seeded: the same layers and experts
 

@@ -120,13 +120,13 @@ def verify_checkpoint(
 
     # One pass over the files: hash, compare the layout, feed the numerics (see scan.py).
     hashing = "structure" in checks and hash_files
-    hash_names = manifest_names(ckpt.root) if hashing else []
+    names = manifest_names(ckpt.root) if hashing else []
     if not hashing and do_layout:  # --no-hash: the pass still reads the tensors, without hashing them
-        hash_names = [p.relative_to(ckpt.root).as_posix() for f in [ckpt.files, *ckpt.rank_files.values()] for p in (f.root / n for n in f.files)]
+        names = [(f.root / n).relative_to(ckpt.root).as_posix() for f in [ckpt.files, *ckpt.rank_files.values()] for n in f.files]
     scanned = None
     compared: dict[str, str | None] = {}
     results: dict[str, LayerNumerics] = {}
-    if hash_names or do_layout:
+    if names or do_layout:
         src_layers = {l.prefix: l for l in src.layers} if src is not None else {}
         in_pass = [
             l for l in ckpt.layers
@@ -151,7 +151,7 @@ def verify_checkpoint(
                 )  # fmt: skip
 
         scanned = scan_checkpoint(
-            ckpt, names=hash_names, hash_files=hashing, src=src if do_layout else None, on_layer=on_layer, layers=in_pass,
+            ckpt, names=names, hash_files=hashing, src=src if do_layout else None, on_layer=on_layer, layers=in_pass,
             workers=workers, tick=tick,
         )  # fmt: skip
         report.read_bytes, report.read_seconds = scanned.bytes_read, scanned.seconds
@@ -181,8 +181,11 @@ def verify_checkpoint(
         tick("numerics", len(todo), len(todo))
         report.numerics = [results[l.prefix] for l in todo]
         bad = [r for r in report.numerics if not r.passed]
-        n_all = len(ckpt.layers)
-        sampled = "" if report.numerics_sample["full"] else f" (seeded sample of {n_all}; --numerics-full for all)"
+        sampled = ""
+        if not report.numerics_sample["full"]:
+            sizes = sorted({r.stop - r.start for r in plan.values() if r is not None})
+            per_layer = f", experts {'/'.join(map(str, sizes))} of each" if sizes else ""
+            sampled = f" (a seeded sample: {len(todo)} of {len(ckpt.layers)} MoE layers{per_layer}; --numerics-full for all)"
         report.checks.append(
             CheckResult(
                 "numerics",
