@@ -88,11 +88,8 @@ class QuantFormat:
         v = as_float32(value)
         return 1.0 / v if cls.global_scales_reciprocal else v
 
-    @classmethod
-    def from_dequant_multiplier(cls, value: Array) -> Array:
-        """ModelOpt convention (dequant multiplier) -> this format's stored convention (the inverse of the above)."""
-        v = as_float32(value)
-        return 1.0 / v if cls.global_scales_reciprocal else v
+    # ModelOpt convention -> this format's stored convention: the same map (1/x is its own inverse).
+    from_dequant_multiplier = to_dequant_multiplier
 
     @classmethod
     def example_quantization(cls, lm_head: str, embed: str, unquantized: list[str]) -> tuple[dict, dict[str, dict]]:
