@@ -88,7 +88,7 @@ def verify_checkpoint(
 ) -> VerifyReport:
     """``numerics_full``: numerics on every selected layer and expert (None: on a GPU only; on the CPU the seeded
     sample ``numerics_sample``, default ``NumericsSample()``). ``workers``: reader threads of the single pass
-    (default: the cores, 2 to 8)."""
+    (default 2; see ``scan.default_workers``)."""
     start = time.perf_counter()
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:

@@ -3,8 +3,9 @@ are handed to the layout comparison and the numerics, and the source is read onc
 
 Files are read on ``workers`` threads (hashlib and ``preadv`` release the GIL, so several files hash at once); a
 MoE layer's canonical tensors are collected as they are read and, once complete, compared (and run, for sampled
-numerics) on a second pool, then dropped. At most ``workers`` complete layers wait, so peak memory is a few layers
-plus one read block per thread, whatever the number of layers. Carried-over tensors are compared block by block
+numerics) on a second pool of two threads, then dropped. At most ``LAYERS_WAITING`` complete layers wait (a reader
+that completes another one blocks), so peak memory is a few layers plus one read block per thread, whatever the
+number of layers. Carried-over tensors are compared block by block
 against the same byte range of the source tensor.
 """
 
@@ -33,8 +34,14 @@ BLOCK = 16 * 1024 * 1024  # read and hash block; also the carried-tensor compari
 LayerFn = Callable[[LayerInfo, dict], None]  # (layer, its canonical tensors by short name) -> None; runs on the pool
 
 
+LAYERS_WAITING = 2  # complete layers queued for or in ``on_layer``; with the readers' partial layers, the memory bound
+
+
 def default_workers() -> int:
-    return max(2, min(8, os.cpu_count() or 2))
+    """Reader threads: 2 (two files hashed at once). Each reader can hold one partly read MoE layer, so peak
+    memory is about (readers + LAYERS_WAITING) layers' canonical tensors: more readers hash faster on a
+    checkpoint of many files but hold more (a DeepSeek-V3 layer is 6.3 GB)."""
+    return 2
 
 
 @dataclass
@@ -90,9 +97,9 @@ def scan_checkpoint(
     carried = {n for n in src.files.tensors if n not in src.expert_tensor_names} if src is not None else set()
     total = sum((ckpt.root / n).stat().st_size for n in names)
     done = [0]
-    room = threading.Semaphore(workers)  # complete layers waiting for or in on_layer
+    room = threading.Semaphore(LAYERS_WAITING)
     futures: list[Future] = []
-    layer_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify-layer")
+    layer_pool = ThreadPoolExecutor(max_workers=LAYERS_WAITING, thread_name_prefix="verify-layer")
 
     def progress(n: int) -> None:
         with lock:
