@@ -192,14 +192,16 @@ def _block_reference(
     src: SourceCheckpoint, moe: MoELayer, layer: LayerInfo, block: dict, experts: range | None, device: torch.device
 ) -> MoELayer:
     """The reference from source tensors of a block of experts read by the layout comparison
-    (``verify.layout.fast_compare_layer``): their weights, and a1/a2 from every expert's input scales."""
+    (``verify.layout.fast_compare_layer``): their weights, a1/a2 from every expert's input scales, and the routing
+    of the source's config (not the descriptor's)."""
     to_mult = src.format.to_dequant_multiplier
     ws2 = to_mult(block["raw_scalars"][:, :, 0])
     inp = to_mult(block["raw_scalars_all"][:, :, 1])
     src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
-    bias = read_router_bias(src.files, src_layer.block, moe.routing, device)
+    routing = src.routing.to_dict()  # the source's own routing (as main's _reference_layer): a tampered descriptor shows
+    bias = read_router_bias(src.files, src_layer.block, routing, device)
     ref = MoELayer(
-        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, moe.routing, {}, bias,
+        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, routing, {}, bias,
         expert_offset=experts.start if experts is not None else 0, gated=layer.gated,
     )  # fmt: skip
     ref._source = stacked_source_weights(block, ws2, inp, device)
