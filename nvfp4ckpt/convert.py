@@ -132,10 +132,10 @@ def convert_checkpoint(
 
 
 def default_workers() -> int:
-    """Layer threads: one per core left over by the writer's write and hash threads, 1 to 4. On 2 cores a
-    second layer thread competes with those two and made runs slower and erratic (docs/benchmarks.md); beyond
-    4 the copy is memory- and disk-bound."""
-    return max(1, min(4, (os.cpu_count() or 1) - 2))
+    """Layer threads: one per core left over by the writer's write and hash threads, 2 to 4. On the 2-core machine
+    2 was faster than 1 in two alternating series (medians 8.16 vs 9.36 s and 10.02 vs 11.54 s, docs/benchmarks.md);
+    beyond 4 the copy is memory- and disk-bound."""
+    return max(2, min(4, (os.cpu_count() or 1) - 2))
 
 
 def _plan_tensors(

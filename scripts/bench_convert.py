@@ -80,8 +80,13 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-layers", type=int, nargs="*", default=[4, 16], help="layer counts for the peak-RSS runs (none: skip)")
+    ap.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                    help="instead: ROUNDS rounds of cp, then convert with each --workers, in turn (medians; one "
+                         "untimed warm-up round); fairer than back-to-back repeats on a shared machine")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.alternate:
+        return alternate(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": {"cpus": os.cpu_count()}, "shape": args.shape}
 
@@ -135,6 +140,38 @@ def main() -> int:
         print(f"| {r['layers']} | {r['bytes'] / 1e9:.2f} | {r['seconds']} | {r['peak_rss_mb']} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def alternate(args) -> int:
+    """cp, convert --workers w1, w2, ... in turn for each round; medians and ratios to cp's median."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    src = make(args.workdir, args.shape, args.layers, args.shard)
+    out = args.workdir / "out"
+    clean = lambda: shutil.rmtree(out, ignore_errors=True)  # noqa: E731
+    cmds = {"cp -r && sync": ["sh", "-c", f"cp -r '{src}' '{out}' && sync"]}
+    for w in args.workers:
+        cmds[f"convert --workers {w}"] = [PY, "-m", "nvfp4ckpt", "convert", str(src), str(out), "-q", "--workers", str(w)]
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    for r in range(args.alternate + 1):  # round 0 warms the page cache and is not counted
+        for name, cmd in cmds.items():
+            clean()
+            dt = run(cmd)
+            if r:
+                times[name].append(dt)
+    clean()
+    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    size = du(src)
+    print(f"## convert, alternating ({args.shape}, {args.layers} MoE layers, {size / 1e9:.2f} GB, {os.cpu_count()} CPUs, "
+          f"{args.alternate} rounds, load average {load_before} -> {load_after})\n")
+    print("| command | runs s | median s | ratio to cp |\n|---|---|---:|---:|")
+    for k, v in times.items():
+        print(f"| {k} | {' '.join(f'{x:.2f}' for x in v)} | {med[k]:.2f} | {med['cp -r && sync'] / med[k]:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"times": times, "medians": med, "bytes": size, "load_before": load_before,
+                                         "load_after": load_after}, indent=2))
     return 0
 
 

@@ -23,7 +23,7 @@ def convert(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")] = DEFAULT_MAX_SHARD_SIZE,
     device: Annotated[str, typer.Option("--device", help="Where to run the byte permutation: cpu or cuda.")] = "cpu",
     revision: RevisionOpt = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Threads reading and transforming layers ahead of the writer (default: cores minus 2, from 1 to 4). Output bytes do not depend on it.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Threads reading and transforming layers ahead of the writer (default: cores minus 2, from 2 to 4). Output bytes do not depend on it.")] = None,
     tp: Annotated[int, typer.Option("--tp", min=1, help="MoE tensor parallelism: split each expert's intermediate size over T ranks.")] = 1,
     ep: Annotated[int, typer.Option("--ep", min=1, help="Expert parallelism: split the experts over P ranks (T*P rank folders).")] = 1,
     pad_hidden: Annotated[int, typer.Option("--pad-hidden", min=128, help="Zero-pad the MoE hidden size to a multiple of this: 128 (the kernel's need) or 256 (what vLLM pads to; needed to serve with vLLM when H % 256 != 0).")] = 128,

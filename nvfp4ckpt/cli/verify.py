@@ -30,6 +30,7 @@ def verify(
     layers: Annotated[str | None, typer.Option("--layers", help="Comma-separated decoder layer numbers or expert prefixes (default: all).")] = None,
     tokens: Annotated[int, typer.Option("--tokens", min=1, max=65536, help="Random tokens per layer.")] = 64,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the random activations and router logits. With --gsm8k, a non-zero seed also draws the few-shot examples and the questions at random (0: the first ones, as vLLM's harness).")] = 0,
+    numerics_full: Annotated[bool, typer.Option("--numerics-full", help="Numerics on every MoE layer and every expert (the default on a GPU; on the CPU the default is a seeded sample: 2 MoE layers, a block of 8 experts each, listed in the report).")] = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of every file (huge checkpoints).")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cuda or cpu (default: cuda when present).")] = None,
     json: JsonOpt = False,
@@ -77,6 +78,7 @@ def verify(
             report = verify_checkpoint(
                 path, source=source, checks=selected, backend=backend, act=act, layers=layer_list, tokens=tokens,
                 seed=seed, hash_files=not no_hash, device=device, progress=on_progress,
+                numerics_full=True if numerics_full else None,
             )  # fmt: skip
         else:
             report = VerifyReport(path=str(path), source=str(source) if source else None)
@@ -107,6 +109,11 @@ def verify(
                 r.prefix, f"{r.backend}/{r.act}", f"{r.rel_l2:.3g}", f"{r.cosine:.6f}", f"{r.max_abs:.3g}",
                 f"{r.frac_close:.4f}", "[green]yes[/]" if r.passed else "[red]NO[/]",
             )  # fmt: skip
+        sample = report.numerics_sample or {}
+        if not sample.get("full", True):
+            table.caption = "CPU sample (seeded): experts " + ", ".join(
+                f"{p}: {'all' if r is None else f'{r[0]}-{r[1] - 1}'}" for p, r in sample["experts"].items()
+            ) + "; --numerics-full runs every layer and expert"
         out.table(table)
     if gsm8k_report is not None:
         out.table(_gsm8k_table(gsm8k_report))

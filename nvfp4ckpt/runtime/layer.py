@@ -212,13 +212,17 @@ class MoELayer:
 
 
 def load_moe_layer(
-    path: str | Path | ConvertedCheckpoint, layer: str | int, device: str | torch.device = "cpu", rank: int | None = None
+    path: str | Path | ConvertedCheckpoint,
+    layer: str | int,
+    device: str | torch.device = "cpu",
+    rank: int | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> MoELayer:
     """Load one MoE layer (expert prefix, or decoder layer number) of a converted checkpoint onto ``device``.
 
     For rank-sharded output (``convert --tp/--ep``) pass ``rank``: the layer then holds that rank's experts and
     intermediate slice, routes with the global router and ignores tokens routed to other ranks; the sum of all
-    ranks' outputs is the layer's output.
+    ranks' outputs is the layer's output. ``tensors``: the layer's canonical tensors already read (by short name).
     """
     ckpt = path if isinstance(path, ConvertedCheckpoint) else open_converted(path)
     info: LayerInfo = ckpt.layer(layer)
@@ -245,7 +249,9 @@ def load_moe_layer(
         hidden_size=info.hidden_size,
         intermediate_size=info.intermediate_size,
         routing=routing,
-        tensors=ckpt.read_layer(info, device, rank=spec),
+        tensors=(
+            ckpt.read_layer(info, device, rank=spec) if tensors is None else {k: v.to(device) for k, v in tensors.items()}
+        ),
         routing_bias=bias,
         hidden_padded=info.hidden_padded,
         intermediate_padded=spec.intermediate_padded if spec else info.intermediate_padded,
@@ -258,11 +264,16 @@ def load_moe_layer(
 
 
 def source_moe_layer(
-    src: SourceCheckpoint, layer: SourceMoELayer, device: torch.device, routing: dict | None = None
+    src: SourceCheckpoint,
+    layer: SourceMoELayer,
+    device: torch.device,
+    routing: dict | None = None,
+    stacked: dict[str, torch.Tensor] | None = None,
 ) -> MoELayer:
     """A MoELayer whose torch reference runs the source checkpoint's expert tensors (no kernel layout): the
-    reference of ``verify`` and the source side of the GSM8K runner. ``routing`` defaults to the source's."""
-    s = read_layer_source(src, layer)
+    reference of ``verify`` and the source side of the GSM8K runner. ``routing`` defaults to the source's;
+    ``stacked``: the layer already read by ``read_layer_source``."""
+    s = read_layer_source(src, layer) if stacked is None else stacked
     to_mult = src.format.to_dequant_multiplier
     weights = stacked_source_weights(s, to_mult(s["raw_scalars"][:, :, 0]), to_mult(s["raw_scalars"][:, :, 1]), device)
     routing = src.routing.to_dict() if routing is None else routing

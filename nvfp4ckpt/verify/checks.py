@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .._lazy import torch
 
 from ..source.checkpoint import open_checkpoint
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
@@ -32,10 +31,12 @@ from ..runtime.device import parse_device
 MAX_TOKENS = 1 << 16  # enough for any threshold; more only allocates [tokens, hidden] activations per layer
 
 
+from ..source.stacked import read_layer_source
 from .descriptor import add_descriptor_check
-from .layout import check_layout
-from .numerics import LayerNumerics, check_layer_numerics
-from .structure import check_structure
+from .layout import check_layout, compare_layer, fast_compare_layer, unshuffled
+from .numerics import FULL, LayerNumerics, NumericsSample, check_layer_numerics
+from .scan import scan_checkpoint
+from .structure import check_structure, manifest_names
 
 
 class Check(str, Enum):
@@ -57,6 +58,9 @@ class VerifyReport:
     checks: list[CheckResult] = field(default_factory=list)
     numerics: list[LayerNumerics] = field(default_factory=list)
     seconds: float = 0.0
+    numerics_sample: dict | None = None  # {"full", "layers", "experts": {prefix: [first, end) or None}}
+    read_bytes: int = 0  # the single pass: bytes of the converted checkpoint read and hashed
+    read_seconds: float = 0.0  # the single pass's wall time (hash, layout, fed numerics together)
 
     @property
     def passed(self) -> bool:
@@ -81,7 +85,13 @@ def verify_checkpoint(
     hash_files: bool = True,
     device: str | None = None,
     progress: TickFn | None = None,
+    numerics_full: bool | None = None,
+    numerics_sample: NumericsSample | None = None,
+    workers: int | None = None,
 ) -> VerifyReport:
+    """``numerics_full``: numerics on every selected layer and expert (None: on a GPU only; on the CPU the seeded
+    sample ``numerics_sample``, default ``NumericsSample()``). ``workers``: reader threads of the single pass
+    (default 2; see ``scan.default_workers``)."""
     start = time.perf_counter()
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
@@ -97,10 +107,63 @@ def verify_checkpoint(
     src = open_checkpoint(source) if source is not None else None
     selected = _select_layers(ckpt, layers)
     tick = progress or (lambda stage, done, total: None)
+    do_layout = "layout" in checks and src is not None
+    do_numerics = "numerics" in checks
+    dev = chosen = None
+    plan: dict[str, range | None] = {}  # numerics: layer prefix -> sampled experts (None: all)
+    if do_numerics:
+        dev = parse_device(device)  # one-line InputError for a device that is not usable here
+        chosen = resolve_backend(backend, act, dev)
+        full = numerics_full if numerics_full is not None else dev.type == "cuda"
+        sample = FULL if full else (numerics_sample or NumericsSample())
+        plan = {l.prefix: sample.pick_experts(l, seed) for l in sample.pick_layers(selected, seed, bool(layers))}
+        report.numerics_sample = {
+            "full": full,
+            "layers": list(plan),
+            "experts": {p: (None if r is None else [r.start, r.stop]) for p, r in plan.items()},
+        }
+
+    # One pass over the files: hash, compare the layout, feed the numerics (see scan.py).
+    hashing = "structure" in checks and hash_files
+    names = manifest_names(ckpt.root) if hashing else []
+    if not hashing and do_layout:  # --no-hash: the pass still reads the tensors, without hashing them
+        names = [(f.root / n).relative_to(ckpt.root).as_posix() for f in [ckpt.files, *ckpt.rank_files.values()] for n in f.files]
+    scanned = None
+    compared: dict[str, str | None] = {}
+    results: dict[str, LayerNumerics] = {}
+    if names or do_layout:
+        src_layers = {l.prefix: l for l in src.layers} if src is not None else {}
+        in_pass = [
+            l for l in ckpt.layers
+            if not l.ranks and ((do_layout and l.prefix in src_layers) or l.prefix in plan)
+        ]  # fmt: skip
+
+        def on_layer(layer: LayerInfo, t: dict) -> None:
+            stacked = None  # the source layer as read for the comparison, handed on to the numerics
+            if do_layout and layer.prefix in src_layers:
+                src_layer = src_layers[layer.prefix]
+                keep = (plan[layer.prefix] or range(layer.num_experts)) if layer.prefix in plan else None
+                fast = fast_compare_layer(src, layer, src_layer, t, keep)
+                if fast is not None and fast[0]:
+                    compared[layer.prefix], stacked = None, fast[1]
+                else:  # not the fast path's shape, or a difference to locate
+                    stacked = read_layer_source(src, src_layer)
+                    compared[layer.prefix] = compare_layer(src, layer, src_layer, lambda l: unshuffled(l, t), stacked)
+            if layer.prefix in plan:
+                layer_backend = for_layer(backend, chosen, layer.gated)
+                results[layer.prefix] = check_layer_numerics(
+                    ckpt, src, layer, layer_backend, act, tokens, seed, dev, plan[layer.prefix], tensors=t, source=stacked
+                )  # fmt: skip
+
+        scanned = scan_checkpoint(
+            ckpt, names=names, hash_files=hashing, src=src if do_layout else None, on_layer=on_layer, layers=in_pass,
+            workers=workers, tick=tick,
+        )  # fmt: skip
+        report.read_bytes, report.read_seconds = scanned.bytes_read, scanned.seconds
 
     if "structure" in checks:
         t0 = time.perf_counter()
-        report.checks.append(check_structure(ckpt, hash_files))
+        report.checks.append(check_structure(ckpt, hash_files, scanned.digests if scanned else None))
         add_descriptor_check(report.checks[-1], ckpt, src)  # what the descriptor claims (verify/descriptor.py)
         report.checks[-1].seconds = time.perf_counter() - t0
     if "layout" in checks:
@@ -108,27 +171,34 @@ def verify_checkpoint(
             report.checks.append(CheckResult("layout", "skip", "no --source given"))
         else:
             t0 = time.perf_counter()
-            report.checks.append(check_layout(ckpt, src, tick))
+            report.checks.append(check_layout(ckpt, src, tick, compared, scanned.carried_problems if scanned else None))
             report.checks[-1].seconds = time.perf_counter() - t0
-    if "numerics" in checks:
-        dev = parse_device(device)
-        chosen = resolve_backend(backend, act, dev)
-        results = []
+    if do_numerics:
         t0 = time.perf_counter()
-        for n, layer in enumerate(selected):
-            tick("numerics", n, len(selected))
-            layer_backend = for_layer(backend, chosen, layer.gated)
-            results.append(check_layer_numerics(ckpt, src, layer, layer_backend, act, tokens, seed, dev))
-        tick("numerics", len(selected), len(selected))
-        report.numerics = results
-        bad = [r for r in results if not r.passed]
+        fed = sum(r.seconds for r in results.values())  # run inside the pass, on its threads
+        todo = [l for l in selected if l.prefix in plan]
+        for n, layer in enumerate(todo):
+            tick("numerics", n, len(todo))
+            if layer.prefix not in results:  # not fed by the pass (rank-sharded, or no pass: --no-hash without source)
+                layer_backend = for_layer(backend, chosen, layer.gated)
+                results[layer.prefix] = check_layer_numerics(
+                    ckpt, src, layer, layer_backend, act, tokens, seed, dev, plan[layer.prefix]
+                )  # fmt: skip
+        tick("numerics", len(todo), len(todo))
+        report.numerics = [results[l.prefix] for l in todo]
+        bad = [r for r in report.numerics if not r.passed]
+        sampled = ""
+        if not report.numerics_sample["full"]:
+            sizes = sorted({r.stop - r.start for r in plan.values() if r is not None})
+            per_layer = f", experts {'/'.join(map(str, sizes))} of each" if sizes else ""
+            sampled = f" (a seeded sample: {len(todo)} of {len(ckpt.layers)} MoE layers{per_layer}; --numerics-full for all)"
         report.checks.append(
             CheckResult(
                 "numerics",
                 "fail" if bad else "pass",
-                f"{len(results) - len(bad)}/{len(results)} MoE layers within thresholds ({chosen}, act {act})",
+                f"{len(report.numerics) - len(bad)}/{len(report.numerics)} MoE layers within thresholds ({chosen}, act {act}){sampled}",
                 [f"{r.prefix}: rel-L2 {r.rel_l2:.3g}, cosine {r.cosine:.6f}, close {r.frac_close:.4f}" for r in bad],
-                seconds=time.perf_counter() - t0,
+                seconds=time.perf_counter() - t0 + fed,
             )
         )
     report.seconds = time.perf_counter() - start

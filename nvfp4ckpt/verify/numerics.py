@@ -3,8 +3,9 @@ thresholds (``runtime.backends``)."""
 
 from __future__ import annotations
 
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from .._lazy import torch
 
@@ -14,6 +15,7 @@ from ..layouts.trtllm_gen.descriptor import LayerInfo
 from ..errors import InputError
 from ..runtime.backends import BACKENDS, sync
 from ..runtime.layer import MoELayer, load_moe_layer, source_moe_layer, stacked_source_weights
+from ..runtime.routing import read_router_bias
 
 
 
@@ -32,7 +34,39 @@ class LayerNumerics:
     reference: str  # "source" | "converted"
     read_seconds: float = 0.0  # loading tensors from files (converted and reference) onto the device
     compute_seconds: float = 0.0  # the backend's MoE plus the float32 reference
+    experts: list[int] | None = None  # [first, end) of the sampled experts; None: all
 
+
+
+# Sampled numerics (the CPU default): the router logits of the sampled experts are raised by this much, so nearly
+# every token routes to them and each sampled expert sees most of the tokens (the routing itself is unchanged).
+SAMPLE_BOOST = 4.0
+
+
+@dataclass(frozen=True)
+class NumericsSample:
+    """Which part of the checkpoint the numerics check runs: ``layers`` MoE layers (seeded) and, in each, a block of
+    ``experts`` consecutive experts (seeded); ``None`` means all."""
+
+    layers: int | None = 2
+    experts: int | None = 8
+
+    def pick_layers(self, layers: list[LayerInfo], seed: int, chosen_by_user: bool) -> list[LayerInfo]:
+        if chosen_by_user or self.layers is None or self.layers >= len(layers):
+            return layers
+        keep = set(random.Random(seed).sample(range(len(layers)), self.layers))
+        return [l for n, l in enumerate(layers) if n in keep]
+
+    def pick_experts(self, layer: LayerInfo, seed: int) -> range | None:
+        """A seeded block of consecutive experts (a block keeps grouped routing simple: it lies in one or two
+        groups); None for all experts, and for rank-sharded layers (their ranks split the experts already)."""
+        if self.experts is None or layer.ranks or self.experts >= layer.num_experts:
+            return None
+        start = random.Random(f"{seed}:{layer.prefix}").randrange(layer.num_experts - self.experts + 1)
+        return range(start, start + self.experts)
+
+
+FULL = NumericsSample(None, None)
 
 
 def check_layer_numerics(
@@ -44,30 +78,49 @@ def check_layer_numerics(
     tokens: int,
     seed: int,
     device: torch.device,
+    experts: range | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    source: dict[str, torch.Tensor] | None = None,
 ) -> LayerNumerics:
+    """One layer's backend output against the float32 reference. ``experts``: only this block of experts runs (the
+    output compared is their part of the layer's output). ``tensors``/``source``: the layer's canonical tensors and
+    the stacked source layer, already read (the single-pass scan), instead of reading them here."""
     start = time.perf_counter()
     ranks = [r.rank for r in layer.ranks] or [None]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     hidden = (torch.randn(tokens, layer.hidden_size, generator=gen) * 2.0).to(torch.bfloat16).to(device)
-    logits = torch.randn(tokens, layer.num_experts, generator=gen).to(torch.bfloat16).to(device)
+    logits = torch.randn(tokens, layer.num_experts, generator=gen)
+    if experts is not None:
+        logits[:, experts.start : experts.stop] += SAMPLE_BOOST
+    logits = logits.to(torch.bfloat16).to(device)
     out = None
     read_s = compute_s = 0.0
     for rank in ranks:  # rank-sharded: the layer's output is the sum of every rank's partial output
         t0 = time.perf_counter()
-        moe = load_moe_layer(ckpt, layer.prefix, device, rank=rank)
+        moe = load_moe_layer(ckpt, layer.prefix, device, rank=rank, tensors=tensors)
+        if experts is not None:
+            moe = only_experts(moe, experts)
         sync(device)
         t1 = time.perf_counter()
         part = moe(hidden, logits, backend=backend, act=act).float()
         sync(device)
         read_s, compute_s = read_s + t1 - t0, compute_s + time.perf_counter() - t1
         out = part if out is None else out + part
-        del moe
     t0 = time.perf_counter()
-    moe = load_moe_layer(ckpt, layer.prefix, device, rank=ranks[0])
-    ref_layer = _reference_layer(ckpt, moe, src, layer, device) if src is not None or layer.ranks else moe
+    if src is not None and source is not None and "raw_scalars_all" in source:
+        ref_layer = _block_reference(src, moe, layer, source, experts, device)  # already just these experts
+    elif src is not None or layer.ranks:
+        ref_layer = _reference_layer(ckpt, moe, src, layer, device, source)
+        if experts is not None:
+            ref_layer = only_experts(ref_layer, experts)
+    else:
+        ref_layer = moe
+    del moe
     sync(device)
     t1 = time.perf_counter()
     ids, weights = ref_layer.route(logits)
+    if experts is not None:
+        ids = torch.where((ids >= experts.start) & (ids < experts.stop), ids - experts.start, -1)
     ref_in, weights = ref_layer.weights_on_input(hidden, weights)
     ref = ref_layer.forward_torch(ref_in, ids, weights, act).float()
     sync(device)
@@ -93,11 +146,31 @@ def check_layer_numerics(
         reference="source" if src is not None else "converted",
         read_seconds=read_s,
         compute_seconds=compute_s,
+        experts=[experts.start, experts.stop] if experts is not None else None,
     )
 
 
+def only_experts(moe: MoELayer, experts: range) -> MoELayer:
+    """The layer restricted to a block of its experts, like an expert-parallel rank: global routing, other
+    experts contribute nothing; a1/a2 stay the maxima over all experts (the kernel's global scales)."""
+    e0, e1 = experts.start, experts.stop
+    if moe.tensors:
+        t = moe.tensors
+        scales = moe.global_input_scales or (float(t["w13_input_scale"].max()), float(t["w2_input_scale"].max()))
+        tensors = {k: (v if k == "w13_input_scale_quant" else v[e0:e1].contiguous()) for k, v in t.items()}
+        return replace(moe, tensors=tensors, expert_offset=e0, global_input_scales=scales, _source=None)
+    s = moe.source_weights()
+    cut = {f.name: (v[e0:e1].contiguous() if isinstance(v, torch.Tensor) else v) for f in fields(s) for v in [getattr(s, f.name)]}
+    return replace(moe, expert_offset=e0, _source=replace(s, **cut))
+
+
 def _reference_layer(
-    ckpt: ConvertedCheckpoint, moe: MoELayer, src: SourceCheckpoint | None, layer: LayerInfo, device: torch.device
+    ckpt: ConvertedCheckpoint,
+    moe: MoELayer,
+    src: SourceCheckpoint | None,
+    layer: LayerInfo,
+    device: torch.device,
+    source: dict[str, torch.Tensor] | None = None,
 ) -> MoELayer:
     """The same routing configuration, with the whole layer's weights read from the source checkpoint
     (or, without one, reassembled from the converted checkpoint's ranks)."""
@@ -105,7 +178,7 @@ def _reference_layer(
         src_layer = next((l for l in src.layers if l.prefix == layer.prefix), None)
         if src_layer is None:
             raise InputError(f"{src.root}: has no MoE layer {layer.prefix}; is it the source of this checkpoint?")
-        return source_moe_layer(src, src_layer, device)
+        return source_moe_layer(src, src_layer, device, stacked=source)
     s = ckpt.reassemble_layer(layer)
     ws2 = torch.cat([s["w13_weight_scale_2"], s["w2_weight_scale_2"].unsqueeze(1)], 1)
     inp = torch.cat([s["w13_input_scale"], s["w2_input_scale"].unsqueeze(1)], 1)
@@ -117,3 +190,23 @@ def _reference_layer(
     return ref
 
 
+
+
+def _block_reference(
+    src: SourceCheckpoint, moe: MoELayer, layer: LayerInfo, block: dict, experts: range | None, device: torch.device
+) -> MoELayer:
+    """The reference from source tensors of a block of experts read by the layout comparison
+    (``verify.layout.fast_compare_layer``): their weights, a1/a2 from every expert's input scales, and the routing
+    of the source's config (not the descriptor's)."""
+    to_mult = src.format.to_dequant_multiplier
+    ws2 = to_mult(block["raw_scalars"][:, :, 0])
+    inp = to_mult(block["raw_scalars_all"][:, :, 1])
+    src_layer = next(l for l in src.layers if l.prefix == layer.prefix)
+    routing = src.routing.to_dict()  # the source's own routing (as main's _reference_layer): a tampered descriptor shows
+    bias = read_router_bias(src.files, src_layer.block, routing, device)
+    ref = MoELayer(
+        layer.prefix, layer.num_experts, layer.hidden_size, layer.intermediate_size, routing, {}, bias,
+        expert_offset=experts.start if experts is not None else 0, gated=layer.gated,
+    )  # fmt: skip
+    ref._source = stacked_source_weights(block, ws2, inp, device)
+    return ref

@@ -18,7 +18,8 @@ from ..errors import BadFieldError, CorruptFileError
 
 
 
-def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> CheckResult:
+def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True, digests: dict[str, str] | None = None) -> CheckResult:
+    """``digests``: sha256 of the manifest's files already computed (the single-pass scan), by manifest name."""
     problems: list[str] = []
     desc = ckpt.descriptor
     all_files = [(ckpt.files, f) for f in ckpt.files.files] + [(rf, f) for rf in ckpt.rank_files.values() for f in rf.files]
@@ -46,7 +47,7 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True) -> Check
                     problems.append(f"{where}{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
         if not problems:
             problems.extend(_scalar_problems(ckpt, layer))
-    problems.extend(_manifest_problems(ckpt.root, hash_files))
+    problems.extend(_manifest_problems(ckpt.root, hash_files, digests or {}))
     n_layers = len(ckpt.layers)
     what = f"{n_layers} MoE layers, {len(ckpt.files.files)} shards" + ("" if hash_files else " (sha256 skipped)")
     return CheckResult("structure", "fail" if problems else "pass", what, problems)
@@ -58,7 +59,12 @@ def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
     t: dict[str, torch.Tensor] = {}
     problems = []
     for rank in layer.ranks or (None,):
-        local = {k: v for k, v in ckpt.read_layer(layer, rank=rank).items() if v.dtype not in (torch.uint8, torch.float8_e4m3fn)}
+        files = ckpt.files_for(rank)
+        local = {  # the scalars only: the weights and block scales are the single pass's to read
+            full[len(layer.prefix) + 1 :]: files.read(full)
+            for full in layer.tensor_names(ckpt.source_format)
+            if files.info(full).dtype not in ("U8", "F8_E4M3")
+        }
         e0, e1 = (rank.expert_start, rank.expert_end) if rank else (0, layer.num_experts)
         for name, value in local.items():
             if name == "w13_input_scale_quant":
@@ -92,7 +98,21 @@ def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
     return problems
 
 
-def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
+def manifest_names(root: Path) -> list[str]:
+    """The manifest's files that exist inside the checkpoint with the listed size (the files worth hashing); []
+    without a readable manifest (the structure check reports that). A name is used only if it is a file found under
+    ``root`` by listing it, so the manifest never sends a read outside the checkpoint."""
+    try:
+        manifest = Fields(load_json(root / MANIFEST_NAME, "manifest"), str(root / MANIFEST_NAME))
+        entries = [Fields(v, str(root / MANIFEST_NAME), f"files[{i}]") for i, v in enumerate(manifest.list("files"))]
+        listed = {e.str("name"): e.int("size", lo=0) for e in entries}
+    except (OSError, CorruptFileError, BadFieldError):
+        return []
+    on_disk = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+    return [n for n, size in listed.items() if n in on_disk and on_disk[n].stat().st_size == size]
+
+
+def _manifest_problems(root: Path, hash_files: bool, digests: dict[str, str]) -> list[str]:
     path = root / MANIFEST_NAME
     if not path.is_file():
         return [f"{MANIFEST_NAME}: missing"]
@@ -120,7 +140,7 @@ def _manifest_problems(root: Path, hash_files: bool) -> list[str]:
         if f.stat().st_size != entry.get("size"):
             problems.append(f"{name}: size {f.stat().st_size} != manifest {entry.get('size')}")
             continue
-        if hash_files and sha256_file(f) != entry.get("sha256"):
+        if hash_files and (digests.get(name) or sha256_file(f)) != entry.get("sha256"):
             problems.append(f"{name}: sha256 does not match the manifest")
     return problems
 
