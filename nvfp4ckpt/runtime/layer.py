@@ -226,16 +226,7 @@ def load_moe_layer(
     """
     ckpt = path if isinstance(path, ConvertedCheckpoint) else open_converted(path)
     info: LayerInfo = ckpt.layer(layer)
-    spec: RankSpec | None = None
-    if info.ranks:
-        if rank is None:
-            raise InputError(f"{ckpt.root}: rank-sharded checkpoint ({len(info.ranks)} ranks); pass rank=0..{len(info.ranks) - 1}")
-        matches = [r for r in info.ranks if r.rank == rank]
-        if not matches:
-            raise InputError(f"{ckpt.root}: no rank {rank}; ranks are 0..{len(info.ranks) - 1}")
-        spec = matches[0]
-    elif rank not in (None, 0):
-        raise InputError(f"{ckpt.root}: not rank-sharded; there is no rank {rank}")
+    spec: RankSpec | None = info.rank_spec(rank, str(ckpt.root))
     global_scales = None
     if spec is not None:  # a1/a2 are maxima over every rank's experts, as the converter computed them
         a1 = max(float(ckpt.files_for(r).read(f"{info.prefix}.w13_input_scale").max()) for r in info.ranks)

@@ -424,17 +424,7 @@ class _Context:
         self.targets: dict[str, _Target] = {}
         for prefix, entry in layout["layers"].items():
             info = LayerInfo.from_dict(prefix, entry, gated, tp)
-            spec = None
-            if info.ranks:
-                if rank is None:
-                    raise InputError(f"layout: rank-sharded ({len(info.ranks)} ranks); pass rank=0..{len(info.ranks) - 1}")
-                matches = [r for r in info.ranks if r.rank == rank]
-                if not matches:
-                    raise InputError(f"layout: no rank {rank}; ranks are 0..{len(info.ranks) - 1}")
-                spec = matches[0]
-            elif rank not in (None, 0):
-                raise InputError(f"layout: not rank-sharded; there is no rank {rank}")
-            self.targets[prefix] = _Target(info, spec)
+            self.targets[prefix] = _Target(info, info.rank_spec(rank, "layout"))
 
     # -- names
 

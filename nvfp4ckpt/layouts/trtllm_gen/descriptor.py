@@ -15,6 +15,7 @@ from ... import __version__
 from ...source.architectures import expert_roles
 from ...source.formats import DESCRIPTOR_KEY, FORMATS
 from ...io.json_input import Fields
+from ...errors import InputError
 from ...quant import GROUP_SIZE
 from .transform import EPILOGUE_TILE_M, LAYOUT_NAME, LAYOUT_VERSION
 from .ranks import RankSpec
@@ -95,6 +96,19 @@ class LayerInfo:
 
     def tensor_names(self, source_format: str) -> list[str]:
         return [f"{self.prefix}.{n}" for n in canonical_names(source_format)]
+
+    def rank_spec(self, rank: int | None, where: str) -> RankSpec | None:
+        """The ``--tp/--ep`` rank a reader asked for (None for whole output), or a one-line error naming ``where``."""
+        if not self.ranks:
+            if rank not in (None, 0):
+                raise InputError(f"{where}: not rank-sharded; there is no rank {rank}")
+            return None
+        if rank is None:
+            raise InputError(f"{where}: rank-sharded checkpoint ({len(self.ranks)} ranks); pass rank=0..{len(self.ranks) - 1}")
+        matches = [r for r in self.ranks if r.rank == rank]
+        if not matches:
+            raise InputError(f"{where}: no rank {rank}; ranks are 0..{len(self.ranks) - 1}")
+        return matches[0]
 
     def to_dict(self) -> dict:
         """The descriptor's ``layers[prefix]`` entry (ranks are added by the writer of rank-sharded output)."""
