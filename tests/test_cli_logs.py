@@ -99,3 +99,15 @@ def test_example_reports_progress(tmp_path):
     write_example(tmp_path / "ex", progress=lambda label, done, total: ticks.append((label, done, total)))
     assert ticks and ticks[-1][1] == ticks[-1][2] > 0
     assert all(a[1] <= b[1] for a, b in zip(ticks, ticks[1:]))
+
+
+def test_mismatched_source_is_said_once(example_factory, tmp_path, capsys):
+    """A --source of the other format: one line saying so, not a list of every tensor name that differs."""
+    dst = tmp_path / "dst"
+    convert_checkpoint(example_factory("qwen3_moe", "modelopt"), dst)
+    other = example_factory("qwen3_moe", "compressed-tensors")
+    assert main(["verify", str(dst), "--source", str(other), "--skip", "numerics", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    layout = next(c for c in report["checks"] if c["name"] == "layout")
+    assert layout["status"] == "fail" and len(layout["problems"]) == 1
+    assert "converted from modelopt" in layout["problems"][0] and "compared byte for byte" not in layout["summary"]

@@ -35,6 +35,12 @@ def check_layout(
     shapes are checked here then)."""
     problems: list[str] = []
     compared = compared or {}
+    if src.format.name != ckpt.source_format:  # every tensor name would differ: say why once, not 150 times
+        return CheckResult(
+            "layout", "fail", "not compared: --source is not the checkpoint this was converted from",
+            [f"{src.root}: a {src.format.name} checkpoint, but {ckpt.root} was converted from {ckpt.source_format}; "
+             "pass the source it was converted from"],
+        )  # fmt: skip
     src_layers = {l.prefix: l for l in src.layers}
     if set(src_layers) != {l.prefix for l in ckpt.layers}:
         problems.append(
@@ -66,7 +72,8 @@ def check_layout(
     for name in ckpt.files.tensors:
         if name not in owned and name not in src.files.tensors:
             problems.append(f"{name}: not in the source and not a canonical MoE tensor")
-    summary = f"{len(ckpt.layers)} MoE layers un-shuffled and {len(carried)} carried-over tensors compared byte for byte"
+    compared_what = f"{len(ckpt.layers)} MoE layers un-shuffled and {len(carried)} carried-over tensors compared byte for byte"
+    summary = f"{len(problems)} differences found ({compared_what})" if problems else compared_what
     return CheckResult("layout", "fail" if problems else "pass", summary, problems)
 
 
