@@ -69,3 +69,16 @@ def test_missing_extra_is_one_line(tmp_path, command, extra):
     assert len(lines) == 1, proc.stderr
     assert f"pip install 'nvfp4ckpt[{extra}]'" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "tp").exists() and not (tmp_path / "back").exists()
+
+
+def test_engine_registry_matches_the_entry_points():
+    """``ENGINES`` says where each plugin is found; the installed package metadata must agree (a plugin whose entry
+    point is missing would never be loaded by its engine)."""
+    from importlib.metadata import entry_points
+
+    from nvfp4ckpt.engines import ENGINES
+
+    assert set(ENGINES) == {"sglang", "vllm"}
+    for engine in ENGINES.values():
+        found = {ep.name: ep.value for ep in entry_points(group=engine.entry_point_group)}
+        assert found.get("nvfp4ckpt") == engine.plugin, (engine.name, found)

@@ -556,7 +556,8 @@ def run_gsm8k(
     """
     from .._lazy import require
 
-    require("torch"), require("transformers")  # one-line error naming the extra, before any work
+    for package in ("torch", "transformers"):  # one-line error naming the extra, before any work
+        require(package)
     from . import model_runner as mr
 
     start = time.perf_counter()

@@ -97,15 +97,7 @@ class CheckpointFiles:
 
     def pread_into(self, info: TensorInfo, buf: memoryview, offset: int = 0) -> None:
         """Read ``len(buf)`` bytes of a tensor starting ``offset`` bytes into it."""
-        fd = self._fd(info.file)
-        pos = info.begin + offset
-        view = buf.cast("B") if buf.format != "B" else buf
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise CorruptFileError(f"{info.file}: tensor {info.name!r} is truncated; re-download the checkpoint")
-            done += n
+        pread_exact(self._fd(info.file), buf, info.begin + offset, f"{info.file}: tensor {info.name!r}")
 
     def read_into(self, name: str, out: Array) -> None:
         """Read a tensor's bytes into ``out``, a contiguous preallocated numpy array or CPU torch tensor
@@ -170,6 +162,17 @@ class CheckpointFiles:
 
 _STAGE_BYTES = 64 * 1024 * 1024
 _STAGES: dict = {}  # torch.device -> two (pinned buffer, event) pairs
+
+
+def pread_exact(fd: int, buf: memoryview, offset: int, what: str) -> None:
+    """Fill ``buf`` from ``offset`` of ``fd`` (pread loops until done); a file that ends first is truncated."""
+    view = buf.cast("B") if buf.format != "B" else buf
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CorruptFileError(f"{what} is truncated; re-download the checkpoint")
+        done += n
 
 
 def _staging_buffers(dev: torch.device) -> list:

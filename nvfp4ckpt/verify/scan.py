@@ -24,6 +24,7 @@ import numpy as np
 from .._lazy import torch
 
 from ..io import CheckpointFiles, TensorInfo, byte_view, torch_dtype
+from ..io.reader import pread_exact
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
 from ..layouts.trtllm_gen.descriptor import LayerInfo
 from ..progress import TickFn
@@ -136,7 +137,7 @@ def scan_checkpoint(
                     col, short = hit
                     tensor = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
                     view = byte_view(tensor)
-                    _pread_all(fd, view, info.begin)
+                    pread_exact(fd, view, info.begin, f"{info.file}: tensor {info.name!r}")
                     digest.update(view)
                     progress(info.nbytes)
                     with lock:
@@ -180,15 +181,6 @@ class _NoHash:
         return ""
 
 
-def _pread_all(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += n
-
-
 def _hash_range(fd: int, begin: int, end: int, buf: bytearray, digest, progress: Callable[[int], None]) -> int:
     view = memoryview(buf)
     pos = begin
@@ -214,7 +206,7 @@ def _hash_and_compare(
     off = 0
     while off < info.nbytes:
         n = min(len(buf), info.nbytes - off)
-        _pread_all(fd, view[:n], info.begin + off)
+        pread_exact(fd, view[:n], info.begin + off, f"{info.file}: tensor {info.name!r}")
         digest.update(view[:n])
         progress(n)
         if problem is None:
