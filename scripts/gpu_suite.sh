@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything nvfp4ckpt runs on the lent H200, in one command (see docs/benchmarks.md for the results).
-# Usage on the device machine, from the repo root, with .whl carried:  bash scripts/gpu_suite.sh [OUT]
+# Usage on the device machine, from the repo root, with .whl carried:  [STAGE=a,b] bash scripts/gpu_suite.sh [OUT]
+# Stages: tests families bench load reload outlier verifyspeed convert gsm8k (STAGE=all runs the first five).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/out}}
 mkdir -p "$out"
@@ -9,10 +10,11 @@ export PYTHONPATH=$PWD/.devsite:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)" | tee -a "$out/gpu.txt"
 stage=${STAGE:-all}
-if [[ $stage == all || $stage == tests ]]; then
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layout.py tests/test_triton_moe.py tests/test_convert.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+want() { [[ ,$stage, == *,$1,* ]] || { [[ $stage == all ]] && [[ " tests families bench load reload " == *" $1 "* ]]; }; }
+if want tests; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layout.py tests/test_triton_moe.py tests/test_convert.py tests/test_verify.py tests/test_gsm8k.py 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
 fi
-if [[ $stage == all || $stage == families ]]; then
+if want families; then
   # every registered family, both formats: convert, then verify on the GPU with the default backend
   # (Triton for SwiGLU experts, torch on CUDA for Nemotron-H's relu2) and the Triton backend in W4A16 too
   for arch in $(python3 -c "from nvfp4ckpt.source import architectures as a; print(' '.join(x.name for x in a.registered()))"); do
@@ -24,21 +26,21 @@ if [[ $stage == all || $stage == families ]]; then
     done
   done 2>&1 | tee "$out/gpu_families.txt"
 fi
-if [[ $stage == all || $stage == bench ]]; then
+if want bench; then
   python3 scripts/bench_triton_moe.py --json "$out/bench_triton_moe.json" 2>&1 | tee "$out/bench_triton_moe.md"
 fi
-if [[ $stage == all || $stage == load ]]; then
+if want load; then
   python3 scripts/bench_load.py --workdir /tmp/bl --json "$out/bench_load.json" 2>&1 | tail -20 | tee "$out/bench_load.md"
   # verify of one DeepSeek-V3-sized layer with the Triton backend: total time and the share spent reading files
   python3 -m nvfp4ckpt verify /tmp/bl/dst --source /tmp/bl/src --backend triton --json-out "$out/verify_ds.json" 2>&1 | tail -25 | tee "$out/verify_ds.txt"
 fi
-if [[ $stage == all || $stage == reload ]]; then
+if want reload; then
   # in-place RL weight updates (docs/reload.md): the CUDA test, then the issue-13 benchmark, device and host sources
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_live_update.py 2>&1 | tail -5 | tee "$out/gpu_live_tests.txt"
   python3 scripts/bench_reload.py --device cuda --json "$out/bench_reload_h200.json" 2>&1 | tee "$out/bench_reload_h200.md"
   python3 scripts/bench_reload.py --device cuda --source-device cpu --json "$out/bench_reload_h200_hostsrc.json" 2>&1 | tee "$out/bench_reload_h200_hostsrc.md"
 fi
-if [[ $stage == convert ]]; then
+if want convert; then
   # conversion throughput on the H200 host's 16 cores (CPU transform and --device cuda), against cp -r && sync
   python3 scripts/bench_convert.py --workdir /tmp/bc --layers 6 --repeats 2 --workers 1 4 --rss-layers --json "$out/bench_convert_h200.json" 2>&1 | tee "$out/bench_convert_h200.md"
   # a larger checkpoint (16 layers, about 9 GB): the fixed start-up weighs less
@@ -53,9 +55,21 @@ for dev in ("cpu", "cuda"):
     print(f"convert --device {dev}: {time.perf_counter() - t:.2f} s")
 PY
 fi
-if [[ $stage == gsm8k ]]; then
+if want gsm8k; then
   # tiny example end to end with the Triton backend; then runner timings (tiny and Qwen3-30B-A3B-shaped, 4 layers)
   python3 -m nvfp4ckpt example /tmp/g/src -q --overwrite && python3 -m nvfp4ckpt convert /tmp/g/src /tmp/g/dst -q --overwrite
   timeout 150 python3 -m nvfp4ckpt verify /tmp/g/dst --source /tmp/g/src --gsm8k --gsm8k-data .gsm8k --num-questions 16 --max-new-tokens 64 --backend triton --json-out "$out/verify_gsm8k_tiny.json" 2>&1 | tail -30 | tee "$out/verify_gsm8k_tiny.txt"
   timeout 330 python3 scripts/bench_gsm8k.py --data .gsm8k --models tiny,qwen3-30b-a3b --layers 4 --num-questions 16 --max-new-tokens 64 --batch-size 16 --json "$out/bench_gsm8k.json" 2>&1 | tail -30 | tee "$out/bench_gsm8k.md"
+fi
+if want outlier; then
+  # issue 16's Triton outlier: per-pair kernel / GPU reference / CPU reference, tile variants; the GPU test on the
+  # benchmark's exact data; the benchmark's decode rows with the CPU reference beside the GPU one
+  timeout 200 python3 scripts/triton_outlier_gpu.py --tokens 16 64 --json "$out/outlier.json" 2>&1 | tee "$out/outlier.txt"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_moe.py -k bench_cases 2>&1 | tail -15 | tee "$out/outlier_test.txt"
+fi
+if want verifyspeed; then
+  # issue 16 on the H200 host: verify of one DeepSeek-V3-sized layer against sha256sum + cat, warm and cold
+  [[ -d /tmp/bl/dst ]] || python3 scripts/bench_load.py --workdir /tmp/bl --json "$out/bench_load.json" 2>&1 | tail -12 | tee "$out/bench_load.md"
+  timeout 240 python3 scripts/bench_verify.py --src /tmp/bl/src --dst /tmp/bl/dst --rounds 3 --json "$out/bench_verify_h200_warm.json" 2>&1 | tee "$out/bench_verify_h200_warm.md"
+  timeout 200 python3 scripts/bench_verify.py --src /tmp/bl/src --dst /tmp/bl/dst --rounds 2 --cold --json "$out/bench_verify_h200_cold.json" 2>&1 | tee "$out/bench_verify_h200_cold.md"
 fi
