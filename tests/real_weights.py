@@ -236,3 +236,31 @@ def perplexity(model, tokenizer, text: str = HELD_OUT_TEXT) -> float:
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     return float(torch.exp(loss.float()))
+
+
+# GSM8K's train split (the workspace's shared copy, else the one in tests/data) gives the calibration text: real
+# English with numbers, disjoint from the test questions and from the few-shot examples (train 0-7).
+_SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+GSM8K_DATA = _SHARED_GSM8K if (_SHARED_GSM8K / "train.jsonl").is_file() else Path(__file__).resolve().parent / "data" / "gsm8k"
+CALIB_FIRST = 100  # train problems from this index on
+
+
+def calibration_texts(data: Path = GSM8K_DATA, count: int = 64) -> list[str]:
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()[CALIB_FIRST : CALIB_FIRST + count]
+    rows = [json.loads(line) for line in lines]
+    return [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows]
+
+
+def quantize(bf16: Path, out: Path, fmt: str, calib_batches: int = 4, batch_size: int = 4, seq_len: int = 64) -> Path:
+    """NVFP4 checkpoint of the bf16 folder by the real producer of ``fmt`` ("modelopt" or "compressed-tensors"),
+    calibrated on ``calib_batches`` batches of GSM8K train text; the tokenizer files are copied beside."""
+    from transformers import AutoTokenizer
+
+    from tests.producers import make_compressed_tensors_checkpoint, make_modelopt_checkpoint
+
+    make = {"modelopt": make_modelopt_checkpoint, "compressed-tensors": make_compressed_tensors_checkpoint}[fmt]
+    tok = AutoTokenizer.from_pretrained(bf16)
+    batches = calibration_batches(tok, calibration_texts(), batch_size, seq_len)[:calib_batches]
+    make(Path(out), "mixtral", source=Path(bf16), calibration=batches)
+    copy_tokenizer(Path(bf16), Path(out))
+    return Path(out)
