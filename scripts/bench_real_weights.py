@@ -11,6 +11,9 @@ quantized to NVFP4 by the real producers (tests/real_weights.py, tests/producers
                     missing), then the answers of the two producers' models compared with each other. Prints one
                     JSON object (and writes --json): per format agreement, identical completions, accuracies,
                     seconds; the per-question answers are in --json.
+    bf16 WORK       the same GSM8K prompts on the unquantized upcycled model (WORK/bf16, plain transformers, float32
+                    on CPU): its accuracy, and how often each producer's NVFP4 source agrees with it (reads the
+                    per-question answers of a ``gsm8k --json`` run, --against).
     pack WORK CARRY split WORK/<format> (the sources only: convert runs where they land) into files of at most
                     --chunk-mb MB with a sha256 manifest, to carry to a machine without PyPI.
     unpack CARRY WORK  put the chunks back together (checked against the manifest).
@@ -40,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nvfp4ckpt import convert_checkpoint  # noqa: E402
-from nvfp4ckpt.eval.gsm8k import answers_agree, run_gsm8k  # noqa: E402
+from nvfp4ckpt.eval.gsm8k import STOP_STRINGS, Answer, answers_agree, build_prompts, load_gsm8k, run_gsm8k, score_completion  # noqa: E402
 
 FORMATS = ("modelopt", "compressed-tensors")
 _SHARED = REPO.parent / "shared" / "data" / "gsm8k"
@@ -116,6 +119,43 @@ def gsm8k(work: Path, formats: tuple[str, ...], args) -> dict:
     return out
 
 
+def bf16(work: Path, args) -> dict:
+    """Accuracy of the unquantized model on the gsm8k run's prompts, and its agreement with each NVFP4 source."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nvfp4ckpt.eval import model_runner as mr
+
+    train, test = load_gsm8k(args.data)
+    prompts, _ = build_prompts(train, test, num_shots=args.num_shots, num_questions=args.num_questions)
+    root = work / "bf16"
+    t = time.perf_counter()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype).to(args.device).eval()
+    loaded = mr.LoadedModel("bf16", root, model, mr.load_tokenizer(root), torch.device(args.device), "none", "none", "hf",
+                            "mixtral", [], time.perf_counter() - t)  # fmt: skip
+    gens, seconds = mr.generate(
+        loaded, [p.text for p in prompts], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        stop_strings=STOP_STRINGS, eos_token_ids=mr.eos_ids(root, loaded.tokenizer),
+    )  # fmt: skip
+    answers = [score_completion(g.text, p.target, g.num_tokens, g.finish) for p, g in zip(prompts, gens)]
+    out: dict = {
+        "num_questions": len(prompts),
+        "accuracy": 100.0 * sum(a.correct for a in answers) / len(answers),
+        "invalid": sum(a.answer is None for a in answers),
+        "seconds": round(seconds, 1),
+        "dtype": str(dtype),
+    }
+    if args.against and args.against.is_file():
+        runs = json.loads(args.against.read_text())["questions"]
+        for fmt, qs in runs.items():
+            by_id = {q["id"]: Answer(**q["source"]) for q in qs}
+            pairs = [(a, by_id[p.id]) for p, a in zip(prompts, answers) if p.id in by_id]
+            out[f"agreement_with_{fmt}_source"] = sum(answers_agree(a, b) for a, b in pairs) / max(1, len(pairs))
+    out["questions"] = [{"id": p.id, "target": p.target, **vars(a)} for p, a in zip(prompts, answers)]
+    return out
+
+
 def pack(work: Path, carry: Path, formats: tuple[str, ...], chunk_mb: int) -> dict:
     carry.mkdir(parents=True, exist_ok=True)
     blob = carry / "rw.tar"
@@ -168,15 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--calib-batches", type=int, default=4)
     g = sub.add_parser("gsm8k")
     g.add_argument("work", type=Path)
-    g.add_argument("--data", type=Path, default=DATA)
-    g.add_argument("--num-questions", type=int, default=64)
-    g.add_argument("--num-shots", type=int, default=5)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--backend", default="torch")
-    g.add_argument("--device", default="cpu")
     g.add_argument("--act", default="nvfp4")
     g.add_argument("--routing", default="auto")
+    r = sub.add_parser("bf16")
+    r.add_argument("work", type=Path)
+    r.add_argument("--against", type=Path, help="the --json of a gsm8k run with the same question settings")
+    for s in (g, r):
+        s.add_argument("--data", type=Path, default=DATA)
+        s.add_argument("--num-questions", type=int, default=64)
+        s.add_argument("--num-shots", type=int, default=5)
+        s.add_argument("--max-new-tokens", type=int, default=256)
+        s.add_argument("--batch-size", type=int, default=64)
+        s.add_argument("--device", default="cpu")
     k = sub.add_parser("pack")
     k.add_argument("work", type=Path)
     k.add_argument("carry", type=Path)
@@ -184,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("unpack")
     u.add_argument("carry", type=Path)
     u.add_argument("work", type=Path)
-    for s in (b, g, k):
+    for s in (b, g, r, k):
         s.add_argument("--formats", default=",".join(FORMATS), help="comma list of modelopt, compressed-tensors")
         s.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -193,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         out = build(args.work, formats, args.experts, args.top_k, args.calib_batches)
     elif args.cmd == "gsm8k":
         out = gsm8k(args.work, formats, args)
+    elif args.cmd == "bf16":
+        out = bf16(args.work, args)
     elif args.cmd == "pack":
         out = pack(args.work, args.carry, formats, args.chunk_mb)
     else:

@@ -118,3 +118,27 @@ def test_convert_and_verify_against_the_producer_checkpoint(real_source, fmt, tm
     for q in g["questions"]:
         assert q["converted"]["completion"] == q["source"]["completion"]
         assert q["converted"]["completion"].strip()  # a real model writes something, not padding
+
+
+def test_pack_and_unpack_round_trip_for_the_gpu_carry(tmp_path):
+    """scripts/bench_real_weights.py pack/unpack: what the GPU run gets is the source folder byte for byte, and a
+    damaged chunk is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_real_weights", Path(__file__).resolve().parents[1] / "scripts" / "bench_real_weights.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    work = tmp_path / "work"
+    (work / "modelopt").mkdir(parents=True)
+    payload = torch.randint(0, 256, (2_500_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    (work / "modelopt" / "model.safetensors").write_bytes(payload)
+    (work / "modelopt" / "config.json").write_text("{}")
+    manifest = bench.pack(work, tmp_path / "carry", ("modelopt",), chunk_mb=1)
+    assert len(manifest["chunks"]) == 3 and all(c["bytes"] <= 1_000_000 for c in manifest["chunks"])
+    bench.unpack(tmp_path / "carry", tmp_path / "back")
+    assert (tmp_path / "back" / "modelopt" / "model.safetensors").read_bytes() == payload
+    chunk = tmp_path / "carry" / manifest["chunks"][1]["name"]
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(SystemExit, match="sha256 differs"):
+        bench.unpack(tmp_path / "carry", tmp_path / "again")
