@@ -218,6 +218,22 @@ def tiny_model(arch: str = "qwen3_moe", seed: int = 0):
     return model
 
 
+def _pretrained(source: Path):
+    """A bf16 model folder, loaded as ModelOpt's export expects it (``config.architectures`` set)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    model.eval()
+    return model
+
+
+def _tokenizer(source: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
 def calibration_batches(seed: int = 0) -> list:
     """Random token-id batches, each a LongTensor [CALIB_BATCH_SIZE, CALIB_SEQ_LEN]."""
     import torch
@@ -245,8 +261,14 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def make_compressed_tensors_checkpoint(out_dir: Path, arch: str = "qwen3_moe", seed: int = 0) -> Path:
+def make_compressed_tensors_checkpoint(
+    out_dir: Path, arch: str = "qwen3_moe", seed: int = 0, *, source: Path | None = None, calibration: list | None = None
+) -> Path:
     """Write a compressed-tensors ``nvfp4-pack-quantized`` checkpoint, made by llm-compressor.
+
+    ``source``: a bf16 Hugging Face folder to quantize instead of the tiny random model (``arch``/``seed`` then
+    only name the registry snapshot / nothing); its tokenizer is the processor. ``calibration``: token-id batches
+    (LongTensor ``[B, S]``) instead of the random ones.
 
     Recipe: save the tiny bf16 model, load it back through
     ``llmcompressor.modeling.moe.linearize.load_quantizable_moe(AutoModelForCausalLM)`` (which
@@ -263,7 +285,8 @@ def make_compressed_tensors_checkpoint(out_dir: Path, arch: str = "qwen3_moe", s
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    ids = torch.cat(calibration_batches(seed), dim=0)
+    batches = calibration if calibration is not None else calibration_batches(seed)
+    ids = torch.cat(batches, dim=0)
     dataset = Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
     )
@@ -280,17 +303,19 @@ def make_compressed_tensors_checkpoint(out_dir: Path, arch: str = "qwen3_moe", s
     try:
         # The bf16 source folder must outlive oneshot and save_pretrained: both read the original
         # config.json back from model.config.name_or_path.
-        with tempfile.TemporaryDirectory(prefix="nvfp4ckpt-bf16-") as src:
-            tiny_model(arch, seed).save_pretrained(src)
+        with tempfile.TemporaryDirectory(prefix="nvfp4ckpt-bf16-") as tmp:
+            src = str(source) if source is not None else tmp
+            if source is None:
+                tiny_model(arch, seed).save_pretrained(src)
             with load_quantizable_moe(AutoModelForCausalLM):
                 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
             oneshot(
                 model=model,
                 dataset=dataset,
                 recipe=recipe,
-                max_seq_length=CALIB_SEQ_LEN,
+                max_seq_length=ids.shape[1],
                 num_calibration_samples=len(ids),
-                processor=tiny_tokenizer(),
+                processor=tiny_tokenizer() if source is None else _tokenizer(source),
             )
             out_dir.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(out_dir, save_compressed=True)
@@ -319,8 +344,13 @@ def _restore_conversion_registry(snapshot) -> None:
     conversion_mapping.USER_REGISTERED_MAPPINGS.update(user)
 
 
-def make_modelopt_checkpoint(out_dir: Path, arch: str = "qwen3_moe", seed: int = 0) -> Path:
+def make_modelopt_checkpoint(
+    out_dir: Path, arch: str = "qwen3_moe", seed: int = 0, *, source: Path | None = None, calibration: list | None = None
+) -> Path:
     """Write a ModelOpt NVFP4 checkpoint (``hf_quant_config.json`` + ``quantization_config``).
+
+    ``source``/``calibration``: as for :func:`make_compressed_tensors_checkpoint` (a bf16 folder to quantize
+    instead of the tiny random model; real token batches instead of random ones).
 
     Recipe: ``mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, forward_loop)`` with the random token
     batches as calibration, then ``modelopt.torch.export.export_hf_checkpoint(model,
@@ -337,8 +367,8 @@ def make_modelopt_checkpoint(out_dir: Path, arch: str = "qwen3_moe", seed: int =
         from modelopt.torch.export import export_hf_checkpoint
 
     out_dir = Path(out_dir)
-    model = tiny_model(arch, seed)
-    batches = calibration_batches(seed)
+    model = tiny_model(arch, seed) if source is None else _pretrained(source)
+    batches = calibration if calibration is not None else calibration_batches(seed)
 
     def forward_loop(m):
         for batch in batches:
