@@ -5,7 +5,8 @@
 set -uo pipefail
 out=${1:-${OUT:-/tmp/out}}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite .whl/*.whl || exit 1
+# .devsite stays on a warm machine between calls: later calls need not carry .whl again
+[[ -d .devsite/flashinfer ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .devsite .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/.devsite:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)" | tee -a "$out/gpu.txt"
