@@ -162,13 +162,16 @@ def pack(work: Path, carry: Path, formats: tuple[str, ...], chunk_mb: int) -> di
     with tarfile.open(blob, "w") as tar:
         for fmt in formats:
             tar.add(work / fmt, arcname=fmt)
-    manifest = {"whole_sha256": _sha256(blob.read_bytes()), "chunks": []}
+    manifest = {"whole_sha256": "", "chunks": []}
+    whole = hashlib.sha256()  # hashed in the same pass that splits it (the blob is read once)
     size = chunk_mb * 1_000_000
     with open(blob, "rb") as f:
         for i, data in enumerate(iter(lambda: f.read(size), b"")):
             name = f"rw.tar.{i:02d}"
             (carry / name).write_bytes(data)
+            whole.update(data)
             manifest["chunks"].append({"name": name, "bytes": len(data), "sha256": _sha256(data)})
+    manifest["whole_sha256"] = whole.hexdigest()
     blob.unlink()
     (carry / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

