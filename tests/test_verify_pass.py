@@ -61,19 +61,26 @@ def test_each_file_is_read_once(converted, monkeypatch):
     assert seen.get(dst, 0) <= scalars
 
 
-def test_carried_tensor_difference_is_found_in_the_pass(converted, tmp_path):
-    src, good = converted()
-    dst = tmp_path / "carried"
+def _copy_with_bumped_embedding(good, dst, row: int, col: int) -> str:
+    """Copy ``good`` to ``dst`` with one element of the (carried-over) embedding changed, manifest kept
+    consistent: only the comparison with the source can see it. Returns the tensor's name."""
     shutil.copytree(good, dst)
     name = "model.embed_tokens.weight"
 
     def bump(t):
         if name in t:
-            t[name][3, 5] += 1
+            t[name][row, col] += 1
             return True
         return False
 
-    _rewrite(dst, bump)  # manifest kept consistent: only the comparison with the source can see it
+    _rewrite(dst, bump)
+    return name
+
+
+def test_carried_tensor_difference_is_found_in_the_pass(converted, tmp_path):
+    src, good = converted()
+    dst = tmp_path / "carried"
+    name = _copy_with_bumped_embedding(good, dst, 3, 5)
     report = verify_checkpoint(dst, source=src, checks=("structure", "layout"))
     status = {c.name: c for c in report.checks}
     assert status["structure"].status == "pass"
@@ -154,16 +161,7 @@ def test_cli_numerics_full_and_sample_in_json(converted, tmp_path, capsys):
 def test_no_hash_still_compares_in_the_pass(converted, tmp_path):
     src, good = converted()
     dst = tmp_path / "nohash"
-    shutil.copytree(good, dst)
-    name = "model.embed_tokens.weight"
-
-    def bump(t):
-        if name in t:
-            t[name][0, 0] += 1
-            return True
-        return False
-
-    _rewrite(dst, bump)
+    name = _copy_with_bumped_embedding(good, dst, 0, 0)
     report = verify_checkpoint(dst, source=src, checks=("structure", "layout"), hash_files=False)
     assert report.read_bytes > 0 and report.checks[0].status == "pass"
     assert report.checks[1].problems == [f"{name}: carried-over tensor differs from the source"]
