@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nvfp4ckpt.layouts.trtllm_gen import transform as kl  # noqa: E402
 from nvfp4ckpt.runtime import update as live_mod  # noqa: E402
+from nvfp4ckpt.runtime.update import views as live_views  # noqa: E402
 from nvfp4ckpt.layouts.trtllm_gen.descriptor import LayerInfo, build_descriptor, canonical_specs  # noqa: E402
 from nvfp4ckpt.io import torch_dtype  # noqa: E402
 
@@ -183,8 +184,8 @@ def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int
     meter = Meter(dev)
     rows: dict[str, dict] = {}
 
-    live_mod._maps.cache_clear()
-    live_mod._maps_on.cache_clear()
+    live_views._maps.cache_clear()
+    live_views._maps_on.cache_clear()
     t, m = meter.once(lambda: live_mod.update_live_(live, src, layout))
     rows["nvfp4ckpt update_live_, cold"] = {"s": t, "extra_bytes": m}
     t, m = meter.median(lambda: live_mod.update_live_(live, src, layout), repeats)

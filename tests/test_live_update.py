@@ -138,8 +138,9 @@ def test_update_equals_the_converted_seed(converted, arch, fmt):
 def test_torch_strided_path_gives_the_same_bytes(converted, monkeypatch, arch, fmt, tp):
     """The "strided" writer (the one GPUs use) on the CPU: the same bytes as the numpy path the CPU uses."""
     from nvfp4ckpt.runtime import update as live
+    from nvfp4ckpt.runtime.update import names, plan as planning, write
 
-    monkeypatch.setattr(live, "CPU_NUMPY", False)
+    monkeypatch.setattr(write, "CPU_NUMPY", False)
     _, conv_a = converted(arch, fmt, 0, tp=tp)
     src_b, conv_b = converted(arch, fmt, 1, tp=tp)
     for rank in range(tp):
@@ -147,9 +148,9 @@ def test_torch_strided_path_gives_the_same_bytes(converted, monkeypatch, arch, f
             r = rank if tp > 1 else None
             layer = load_moe_layer(conv_a, info.prefix, rank=r)
             named = layer_source(src_b, info.prefix)
-            ctx = live._Context(layer.descriptor, r)
-            plan = ctx.plan(info.prefix, ctx.group(named, False)[0][info.prefix], live._layer_live(layer), None)
-            assert live._path(plan, torch.device("cpu")) == "strided"  # really the path under test
+            ctx = names.Context(layer.descriptor, r)
+            plan = planning.plan_layer(ctx, info.prefix, ctx.group(named, False)[0][info.prefix], live._layer_live(layer), None)
+            assert write._path(plan, torch.device("cpu")) == "strided"  # really the path under test
             layer.update_(named)
             assert_layer_equals(layer, conv_b, rank if tp > 1 else None)
             assert layer.check_live(tensors=named).ok
@@ -179,7 +180,7 @@ def stacked_like_a_trainer(named: dict[str, torch.Tensor], prefix: str) -> dict[
 @pytest.mark.parametrize("numpy_on_cpu", [True, False])
 @pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)])
 def test_stacked_trainer_buffers_are_written_a_run_at_a_time(converted, monkeypatch, numpy_on_cpu, tp, ep):
-    from nvfp4ckpt.runtime import update as live
+    from nvfp4ckpt.runtime.update import write as live
 
     monkeypatch.setattr(live, "CPU_NUMPY", numpy_on_cpu)
     runs = []

@@ -1,0 +1,150 @@
+"""Parsing source names: which layer, expert, projection and kind a trainer's tensor is, under the descriptor's
+architecture and source format; grouping an update by layer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping
+
+from ..._lazy import torch
+from ...errors import BadTensorError, InputError, UnknownTensorError
+from ...layouts.trtllm_gen.descriptor import LayerInfo
+from ...layouts.trtllm_gen.ranks import RankSpec
+from ...quant import GROUP_SIZE
+from ...source import architectures
+from ...source.checkpoint import _match_fused
+from ...source.formats import FORMATS
+
+KINDS = ("weight", "weight_scale", "weight_global", "input_global")  # a projection's four source tensors
+
+SCALAR_KINDS = ("weight_global", "input_global")
+
+DEPENDENT = ("g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant")  # functions of a1/a2 and weight_scale_2
+
+_FUSED_ROLES = {"gate_up": ("gate", "up"), "down": ("down",)}
+
+_INPUT_SCALE_NAMES = ("w13_input_scale", "w2_input_scale", "w13_input_global_scale", "w2_input_global_scale")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One MoE layer as this rank holds it."""
+
+    info: LayerInfo
+    rank: RankSpec | None
+
+    @property
+    def e0(self) -> int:
+        return self.rank.expert_start if self.rank else 0
+
+    @property
+    def e1(self) -> int:
+        return self.rank.expert_end if self.rank else self.info.num_experts
+
+    @property
+    def i0(self) -> int:
+        return self.rank.inter_start if self.rank else 0
+
+    @property
+    def i1(self) -> int:
+        return self.rank.inter_end if self.rank else self.info.intermediate_size
+
+    @property
+    def i_pad(self) -> int:
+        return self.rank.intermediate_padded if self.rank else self.info.intermediate_padded
+
+    @property
+    def n_local(self) -> int:
+        return self.e1 - self.e0
+
+
+class Context:
+    """The descriptor's view of source names: format, architecture, layers (and this rank's share of each)."""
+
+    def __init__(self, layout: dict, rank: int | None) -> None:
+        if not isinstance(layout, dict) or "layers" not in layout or "source_format" not in layout:
+            raise InputError("layout: not a moe_kernel_layout descriptor (config['quantization_config']['moe_kernel_layout'])")
+        fmt_cls = FORMATS.get(layout["source_format"])
+        if fmt_cls is None:
+            raise InputError(f"layout: unknown source_format {layout['source_format']!r}")
+        self.fmt = fmt_cls(config_path=Path("config.json"), group_size=GROUP_SIZE)
+        self.arch = architectures.get(layout["architecture"])
+        parallel = layout.get("parallel") or {}
+        gated = layout.get("activation", "swiglu") != "relu2"
+        tp = int(parallel.get("tp", 1))
+        self.targets: dict[str, Target] = {}
+        for prefix, entry in layout["layers"].items():
+            info = LayerInfo.from_dict(prefix, entry, gated, tp)
+            self.targets[prefix] = Target(info, info.rank_spec(rank, "layout"))
+
+    def parse(self, name: str) -> tuple[str, int | None, str, str] | None:
+        """(layer prefix, expert or None for fused, role, kind), or None when ``name`` is no expert tensor."""
+        hit = _parse_name(self.arch.name, self.fmt.name, name)
+        if hit is None or hit[0] not in self.targets:
+            return None
+        if hit[1] is not None and hit[2] not in self.targets[hit[0]].info.roles:
+            return None
+        return hit
+
+    def group(self, named: Mapping[str, torch.Tensor], ignore_unknown: bool) -> tuple[dict[str, dict], list[str]]:
+        """Source tensors by layer: ``{"experts": {e: {role: {kind: t}}}, "fused": {role: {kind: t}}}``."""
+        grouped: dict[str, dict] = {}
+        ignored: list[str] = []
+        for name, tensor in named.items():
+            hit = self.parse(name)
+            if hit is None:
+                if ignore_unknown:
+                    ignored.append(name)
+                    continue
+                suffixes = ", ".join(self.fmt.suffixes.values())
+                raise UnknownTensorError(
+                    f"{name}: not an expert tensor of any MoE layer in the layout ({self.arch.name} naming, "
+                    f"{self.fmt.name} suffixes {suffixes}); pass only expert tensors (or ignore_unknown=True)"
+                )
+            if not isinstance(tensor, torch.Tensor):
+                raise BadTensorError(f"{name}: is a {type(tensor).__name__}, not a torch.Tensor")
+            if tensor.requires_grad:
+                tensor = tensor.detach()  # a trainer's parameters: only their bytes are read
+            prefix, expert, role, kind = hit
+            layer = grouped.setdefault(prefix, {"experts": {}, "fused": {}, "names": {}})
+            if expert is None:
+                layer["fused"].setdefault(role, {})[kind] = tensor
+            else:
+                if expert >= self.targets[prefix].info.num_experts:
+                    raise UnknownTensorError(f"{name}: expert {expert} but {prefix} has {self.targets[prefix].info.num_experts} experts")
+                layer["experts"].setdefault(expert, {}).setdefault(role, {})[kind] = tensor
+            layer["names"][(expert, role, kind)] = name
+        return grouped, ignored
+
+    def source_name(self, prefix: str, expert: int, role: str, kind: str) -> str:
+        info = self.targets[prefix].info
+        proj = info.proj_names.get(role, role) if not info.source_fused else _default_proj(self.arch, role)
+        return f"{prefix}.{expert}.{proj}.{self.fmt.suffixes[kind]}"
+
+
+
+@lru_cache(maxsize=1 << 16)
+def _parse_name(arch_name: str, fmt_name: str, name: str) -> tuple[str, int | None, str, str] | None:
+    """A source name as (module prefix, expert or None for fused, role, kind) under an architecture's naming and a
+    format's suffixes (cached: an RL run sends the same names every step)."""
+    arch, fmt = architectures.get(arch_name), FORMATS[fmt_name]
+    module, _, suffix = name.rpartition(".")
+    if arch.fused_prefix_pattern and fmt.fused_projections:
+        fused = _match_fused(fmt, re.compile(arch.fused_prefix_pattern), module, suffix)
+        if fused is not None:
+            return module, None, fused[0], fused[1]
+    kind = {fmt.weight_suffix: "weight", fmt.weight_scale_suffix: "weight_scale", fmt.weight_global_suffix: "weight_global",
+            fmt.input_global_suffix: "input_global"}.get(suffix)  # fmt: skip
+    hit = arch.match_expert(module)
+    if hit is None or kind is None:
+        return None
+    return hit[0], hit[1], hit[2], kind
+
+def _default_proj(arch: architectures.Architecture, role: str) -> str:
+    return next(p for p, r in arch.projections.items() if r == role)
+
+def _few(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
