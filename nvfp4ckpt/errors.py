@@ -101,6 +101,14 @@ class UnknownTensorError(InputError):
     """A tensor name is not an expert tensor of any MoE layer the layout descriptor lists."""
 
 
+class DuplicateTensorError(InputError):
+    """Two names in one update for the same expert tensor (``experts.1`` and ``experts.01``, ``w1`` and ``gate_proj``)."""
+
+
+class AliasedTensorError(BadTensorError):
+    """Live tensors that share memory with each other, or a source that shares memory with a live tensor."""
+
+
 class StaleScalarError(InputError):
     """An in-place update would leave a dependent scalar (g1_alphas, a1/a2, ...) inconsistent with the weights."""
 

@@ -30,9 +30,9 @@ from ...errors import InputError, LiveMismatchError
 from ...source.checkpoint import open_checkpoint
 from .check import _compare
 from .names import Context
-from .plan import plan_layer
+from .plan import check_aliasing, plan_layer
 from .results import LayerUpdate, LiveCheck, UpdateReport
-from .write import _write
+from .write import write_plans
 
 __all__ = ["LayerUpdate", "LiveCheck", "UpdateReport", "UpdateStream", "check_live", "check_live_", "update_live_"]
 
@@ -73,9 +73,8 @@ def _update_live(
         plan_layer(ctx, prefix, entries, live, (input_scale_maxima or {}).get(prefix), known=(known_inputs or {}).get(prefix))
         for prefix, entries in grouped.items()
     ]
-    copied = 0
-    for plan in plans:  # nothing is written before every layer has been validated
-        copied += _write(plan)
+    check_aliasing(plans)
+    copied = write_plans(plans)  # nothing is written before every layer has been validated
     return UpdateReport(
         layers={p.target.info.prefix: p.report for p in plans}, ignored=ignored, bytes_copied=copied,
         seconds=time.perf_counter() - start,

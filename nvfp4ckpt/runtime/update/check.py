@@ -6,7 +6,8 @@ from ..._lazy import torch
 from .plan import Plan, _stored_rows, _stored_targets
 from .results import LiveCheck
 from .views import KERNEL_NAMES, _Maps, _dst_flat, _expert_views, _local_experts, _sources_of, _src_words, _views, _views_of
-from .write import _path
+from . import table
+from .write import _path, uses_table
 
 def _compare(plan: Plan) -> LiveCheck:
     live, t, info = plan.live, plan.target, plan.target.info
@@ -16,9 +17,16 @@ def _compare(plan: Plan) -> LiveCheck:
     # Pass 1: a difference flag per (expert, source matrix) and, for padded layers, per (expert, tensor) for the
     # padding. On a GPU the flags stay on the device until one read-back (no synchronization per expert).
     checks: list[tuple] = []
+    tabled = uses_table(plan)
+    if tabled:  # one compare launch per kernel tensor; flags stay on the device until the read-back below
+        order = {name: k for k, name in enumerate(KERNEL_NAMES)}
+        for g in table.groups([plan]):
+            flags = table.launch(g, check=True)
+            checks += [(m.expert, g.name, m.half, m.key, (flags, k)) for k, m in enumerate(g.matrices)]
+        checks.sort(key=lambda c: (c[0], order[c[1]], c[2]))
     for x in _local_experts(plan):
-        src = _views_of(plan, x)
-        for name, tensor in parts:
+        src = _views_of(plan, x) if (padded or not tabled) else None
+        for name, tensor in parts if not tabled else ():
             dst = tensor[x].view(torch.uint8)
             for half, key in _sources_of(plan, name):
                 checks.append((x, name, half, key, _differs(paths[name], name, dst, half, src[key])))
@@ -69,6 +77,12 @@ def _differs(path: str, name: str, dst: torch.Tensor, half: int, src: torch.Tens
     return (d != s).any()
 
 def _read_flags(flags: list) -> list[bool]:
+    """Flags as bools: a bool, a device flag, or (a table launch's per-matrix counts, index); one read-back per
+    table launch and one per device for the rest."""
+    counts = {id(f[0]): f[0] for f in flags if isinstance(f, tuple)}
+    if counts:
+        host = {k: v.cpu().tolist() for k, v in counts.items()}
+        flags = [bool(host[id(f[0])][f[1]]) if isinstance(f, tuple) else f for f in flags]
     tensors = [f for f in flags if isinstance(f, torch.Tensor)]
     if not tensors:
         return [bool(f) for f in flags]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..._lazy import torch
-from ...errors import BadTensorError, InputError, UnknownTensorError
+from ...errors import BadTensorError, DuplicateTensorError, InputError, UnknownTensorError
 from ...layouts.trtllm_gen.descriptor import LayerInfo
 from ...layouts.trtllm_gen.ranks import RankSpec
 from ...quant import GROUP_SIZE
@@ -104,12 +104,15 @@ class Context:
                     f"{name}: not an expert tensor of any MoE layer in the layout ({self.arch.name} naming, "
                     f"{self.fmt.name} suffixes {suffixes}); pass only expert tensors (or ignore_unknown=True)"
                 )
-            if not isinstance(tensor, torch.Tensor):
-                raise BadTensorError(f"{name}: is a {type(tensor).__name__}, not a torch.Tensor")
+            _check_dense(name, tensor)
             if tensor.requires_grad:
                 tensor = tensor.detach()  # a trainer's parameters: only their bytes are read
             prefix, expert, role, kind = hit
             layer = grouped.setdefault(prefix, {"experts": {}, "fused": {}, "names": {}})
+            other = layer["names"].get((expert, role, kind))
+            if other is not None:
+                what = f"expert {expert} {role} {kind}" if expert is not None else f"fused {role} {kind}"
+                raise DuplicateTensorError(f"{other} and {name}: two names for {prefix} {what}; send each tensor once")
             if expert is None:
                 layer["fused"].setdefault(role, {})[kind] = tensor
             else:
@@ -148,3 +151,27 @@ def _default_proj(arch: architectures.Architecture, role: str) -> str:
 
 def _few(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_dense(name: str, t) -> None:
+    """Refuse what an update cannot read as plain bytes, before anything is written: not a tensor, a DTensor (FSDP2's
+    sharded parameters: gathering is a collective the caller must run on every rank, so it is not done here), other
+    wrapper subclasses, sparse, nested or quantized tensors, and tensors without storage (the meta device)."""
+    if not isinstance(t, torch.Tensor):
+        raise BadTensorError(f"{name}: is a {type(t).__name__}, not a torch.Tensor")
+    kind = type(t)
+    if kind.__name__ == "DTensor":
+        raise BadTensorError(f"{name}: is a DTensor (sharded, e.g. by FSDP2); send t.full_tensor() (a collective: call it on every rank)")
+    if t.layout != torch.strided or t.is_nested or t.is_quantized:
+        layout = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
+        raise BadTensorError(f"{name}: is a {layout} tensor; send a dense one (t.to_dense() or t.dequantize())")
+    if t.device.type == "meta":
+        raise BadTensorError(f"{name}: is on the meta device (it has no data); send the materialized tensor")
+    if kind is not torch.Tensor and not isinstance(t, torch.nn.Parameter) and _is_wrapper(t):
+        raise BadTensorError(f"{name}: is a {kind.__name__} (a tensor subclass whose bytes are not its own); send a plain torch.Tensor")
+
+
+def _is_wrapper(t) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: PLC0415
+
+    return is_traceable_wrapper_subclass(t)

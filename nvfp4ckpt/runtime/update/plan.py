@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from ..._lazy import torch
-from ...errors import BadTensorError, InputError, MissingTensorError, StaleScalarError
+from ...errors import AliasedTensorError, BadTensorError, InputError, MissingTensorError, StaleScalarError
 from ...io import torch_dtype
 from ...layouts.trtllm_gen.descriptor import canonical_specs
 from ...layouts.trtllm_gen.scalars import kernel_scalars
@@ -302,3 +302,48 @@ def _stored_targets(plan: Plan, name: str, t: torch.Tensor) -> tuple[list[int], 
     every = name in _INPUT_SCALE_NAMES and t.shape[0] == info.num_experts and info.num_experts != t0.n_local
     picked = [(k, e) for k, e in enumerate(plan.supplied) if every or t0.e0 <= e < t0.e1]
     return [e if every else e - t0.e0 for _, e in picked], [k for k, _ in picked], [e for _, e in picked]
+
+
+def check_aliasing(plans: list[Plan]) -> None:
+    """Refuse live tensors that share bytes with each other (two scalars as views of one buffer: a write to one would
+    change the other) and sources that share bytes with a live tensor (the update would read what it has already
+    overwritten). Compares byte extents per device, so separate views of one allocation are fine."""
+    spans: list[tuple] = []
+    for plan in plans:
+        for short, t in plan.live.items():
+            spans.append((t.device, *_extent(t), f"live {plan.target.info.prefix}.{short}"))
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    for a, b in zip(spans, spans[1:]):
+        if a[0] == b[0] and b[1] < a[2]:
+            raise AliasedTensorError(f"{a[3]} and {b[3]}: share memory; pass each canonical tensor as its own storage")
+    by_device: dict = {}
+    for device, start, end, name in spans:
+        by_device.setdefault(device, []).append((start, end, name))
+    for plan in plans:
+        for key, t in _sources(plan):
+            for start, end, name in by_device.get(t.device, ()):
+                s0, s1 = _extent(t)
+                if s0 < end and start < s1:
+                    source = plan.names.get(key, f"{plan.target.info.prefix} {key}")
+                    raise AliasedTensorError(f"{source}: shares memory with {name}; pass a copy of the source (t.clone())")
+
+
+def _sources(plan: Plan):
+    """(name key, tensor) of every source tensor the plan reads."""
+    if plan.fused is not None:
+        for role, kinds in plan.fused.items():
+            for kind, t in kinds.items():
+                yield (None, role, kind), t
+        return
+    for e, roles in plan.experts.items():
+        for role, kinds in roles.items():
+            for kind, t in kinds.items():
+                yield (e, role, kind), t
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte] that ``t`` can read."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()

@@ -3,23 +3,67 @@ strided torch copies, index maps for padded layers, Triton on CUDA) and the stor
 
 from __future__ import annotations
 
+import importlib.util
+from functools import lru_cache
+
 from ..._lazy import torch
+from . import table
 from ...layouts.trtllm_gen import transform as kernel_layout
 from .plan import Plan, _stored_rows, _stored_targets
 from .views import KERNEL_NAMES, _Maps, _dst_flat, _dst_view, _local_experts, _sources_of, _src_view, _src_words, _views, _views_of
 
+# Four ways to move the bytes, the same bytes each way (tests/test_live_update*.py check all four):
+# - "table": CUDA (or the CPU under TRITON_INTERPRET=1 in tests), per-expert sources: one Triton launch per kernel
+#   tensor for every expert of every layer in the update, from a device table of source addresses (update/table.py).
+# - "numpy": CPU, no padding: the converter's per-expert numpy copies (layout.w13_rows_into, ...), strided views on
+#   both sides; single-threaded and without the GIL (torch's OpenMP split of copies this small stalls on busy cores).
+# - "strided": other devices, no padding: the same views in torch, one copy kernel per source tensor (a run of
+#   experts at once for views of one stacked buffer: fused Llama-4 tensors).
+# - "index": padded layers or sizes the views do not tile: the cached index maps, with index_copy_.
 CPU_NUMPY = True  # tests switch it off to run the "strided" path on the CPU
+CPU_TABLE = False  # tests switch it on to run the "table" path on the CPU (under TRITON_INTERPRET=1)
+STAGE_ALL = False  # tests switch it on to stage every source as if it were on another device
+
+
+@lru_cache(maxsize=1)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def uses_table(plan: Plan) -> bool:
+    """Whether the plan's weights and block scales go through the Triton table path."""
+    devices = {plan.live[n].device.type for n in KERNEL_NAMES if n in plan.live}
+    if not devices or not table.supported(plan):
+        return False
+    if devices == {"cuda"}:
+        return _have_triton()
+    return devices == {"cpu"} and CPU_TABLE
+
+
+def write_plans(plans: list[Plan]) -> int:
+    """Write every validated plan (one launch per kernel tensor kind for all table-path plans); returns source bytes."""
+    tabled = [p for p in plans if uses_table(p)]
+    copied = 0
+    for g in table.groups(tabled):
+        table.launch(g, check=False, stage_all=STAGE_ALL)
+        copied += sum(m.rows * m.cols for m in g.matrices)
+    for plan in plans:
+        copied += _write(plan, kernel_tensors=not any(p is plan for p in tabled))
+    return copied
 
 def _path(plan: Plan, device: torch.device) -> str:
     t, info = plan.target, plan.target.info
+    if uses_table(plan):
+        return "table"
     if not info.gated or (info.hidden_padded, t.i_pad) != (info.hidden_size, t.i1 - t.i0):
         return "index"
     return "numpy" if device.type == "cpu" and CPU_NUMPY else "strided"
 
-def _write(plan: Plan) -> int:
+def _write(plan: Plan, kernel_tensors: bool = True) -> int:
+    """Write one plan: its weights and block scales (unless the table path did) and its scalars."""
     live, info = plan.live, plan.target.info
     copied = 0
-    for name in (n for n in KERNEL_NAMES if n in live):
+    for name in (n for n in KERNEL_NAMES if n in live and kernel_tensors):
         tensor = live[name]
         path = _path(plan, tensor.device)
         maps = plan.maps.to(tensor.device) if path == "index" else None
