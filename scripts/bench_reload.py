@@ -209,8 +209,22 @@ def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int
     identical &= all(torch.equal(u8(engine_out[k]), u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
     del stacked, engine_out
 
+    ours_again = {k: live[f"{PREFIX}.{k}"].clone() for k in KERNEL}
     t, m = meter.median(lambda: live_mod.check_live(live, src, layout), repeats)
     rows["nvfp4ckpt check_live"] = {"s": t, "extra_bytes": m}
+
+    if dev.type == "cuda":  # a trainer's host tensors: pinned and pageable, against host-to-device floors
+        for pinned in (True, False):
+            host = {n: (t.cpu().pin_memory() if pinned else t.cpu()) for n, t in src.items()}
+            t, m = meter.median(lambda: live_mod.update_live_(live, host, layout), repeats)
+            rows[f"nvfp4ckpt update_live_, warm, {'pinned' if pinned else 'pageable'} host sources"] = {"s": t, "extra_bytes": m}
+            identical &= all(torch.equal(u8(ours_again[k]), u8(live[f"{PREFIX}.{k}"])) for k in KERNEL)
+            buf = torch.ones(layer_bytes, dtype=torch.uint8).pin_memory() if pinned else torch.ones(layer_bytes, dtype=torch.uint8)
+            dst = torch.empty(layer_bytes, dtype=torch.uint8, device=dev)
+            t, m = meter.median(lambda: dst.copy_(buf, non_blocking=pinned), repeats)
+            rows[f"host-to-device floor: one layer-sized copy from {'pinned' if pinned else 'pageable'} memory"] = {"s": t, "extra_bytes": m}
+            del host, buf, dst
+        rows["CUDA graph capture of update_live_ (fixed source addresses)"] = {"s": float("nan"), "extra_bytes": 0, "note": _capture(live, src, layout)}
 
     flat = torch.zeros(layer_bytes, dtype=torch.uint8, device=dev)  # touched: page faults are not the copy's cost
     t, m = meter.median(lambda: copy_per_tensor(src, flat), repeats)
@@ -224,6 +238,84 @@ def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int
         "source_device": str(src_dev or dev),
         "identical_bytes": identical, "rows": rows,
     }  # fmt: skip
+
+
+def _capture(live: dict, src: dict, layout: dict) -> str:
+    """Whether update_live_ itself can be captured in a CUDA graph (it reads the global scales on the host: no)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            live_mod.update_live_(live, src, layout)
+    except Exception as exc:  # noqa: BLE001  (the capture's failure is the finding)
+        torch.cuda.synchronize()
+        return f"not capturable: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return "captured"
+
+
+def bench_model(shape: str, layers: int, dev: torch.device, repeats: int) -> dict:
+    """Every MoE layer of a model of this shape at once: the model-level update_live_, UpdateStream fed one tensor at a
+    time, and the sum of the per-layer floors (one layer-sized copy each)."""
+    arch, e, h, i = SHAPES[shape]
+    prefixes = [PREFIX.replace("layers.3", f"layers.{n}") for n in range(layers)]
+    one = descriptor(arch, e, h, i)
+    layout = dict(one, layers={p: one["layers"][PREFIX] for p in prefixes})
+    live: dict[str, torch.Tensor] = {}
+    src: dict[str, torch.Tensor] = {}
+    for n, p in enumerate(prefixes):
+        live |= {k.replace(PREFIX, p): v for k, v in make_live(e, h, i, dev).items()}
+        src |= {k.replace(PREFIX, p): v for k, v in make_source(e, h, i, dev, seed=n).items()}
+    layer_bytes = sum(live[f"{PREFIX.replace('layers.3', 'layers.0')}.{k}"].numel() for k in KERNEL)
+    meter = Meter(dev)
+    rows: dict[str, dict] = {}
+    t, m = meter.median(lambda: live_mod.update_live_(live, src, layout), repeats)
+    rows["model-level update_live_, warm"] = {"s": t, "extra_bytes": m}
+
+    def stream() -> None:
+        s = live_mod.UpdateStream(live, layout)
+        for name, tensor in src.items():
+            s.add({name: tensor})
+        s.finish()
+
+    t, m = meter.median(stream, repeats)
+    rows["UpdateStream, one tensor per add()"] = {"s": t, "extra_bytes": m}
+    a = torch.zeros(layer_bytes, dtype=torch.uint8, device=dev)
+    b = torch.ones(layer_bytes, dtype=torch.uint8, device=dev)
+    t, m = meter.median(lambda: a.copy_(b), repeats)
+    rows["floor: one layer-sized copy x layers"] = {"s": t * layers, "extra_bytes": m}
+    return {"shape": shape, "layers": layers, "model_bytes": layer_bytes * layers, "rows": rows,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}  # fmt: skip
+
+
+def model_table(r: dict) -> str:
+    floor = r["rows"]["floor: one layer-sized copy x layers"]["s"]
+    out = [f"### {r['shape']}, {r['layers']} MoE layers ({r['model_bytes'] / 1e9:.2f} GB), {r['device']}", "",
+           "| method | time ms | x sum of layer floors | extra peak memory MB |", "|---|---|---|---|"]  # fmt: skip
+    for name, row in r["rows"].items():
+        out.append(f"| {name} | {row['s'] * 1e3:.1f} | {row['s'] / floor:.2f}x | {row['extra_bytes'] / 1e6:.1f} |")
+    return "\n".join(out)
+
+
+def host_overhead(shape: str, experts: int | None, repeats: int) -> dict:
+    """The table path's host work alone (validation, scalars, the address table), on the CPU with the launches
+    replaced by nothing: what a GPU update costs the host before any byte moves."""
+    from nvfp4ckpt.runtime.kernels import layout_write
+    from nvfp4ckpt.runtime.update import write
+
+    arch, e_full, h, i = SHAPES[shape]
+    e = experts or e_full
+    cpu = torch.device("cpu")
+    src, layout, live = make_source(e, h, i, cpu, seed=1), descriptor(arch, e, h, i), make_live(e, h, i, cpu)
+    write.CPU_TABLE, real = True, layout_write.launch
+    layout_write.launch = lambda *a, **k: None
+    try:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            live_mod.update_live_(live, src, layout)
+            times.append(time.perf_counter() - t)
+    finally:
+        write.CPU_TABLE, layout_write.launch = False, real
+    return {"shape": shape, "experts": e, "source_tensors": len(src), "host_s": statistics.median(times)}
 
 
 def table(r: dict) -> str:
@@ -240,7 +332,7 @@ def table(r: dict) -> str:
     for name, row in r["rows"].items():
         out.append(
             f"| {name} | {row['s'] * 1e3:.1f} | {row['s'] / floor:.2f}x | {row['extra_bytes'] / 1e6:.1f} | "
-            f"{100 * row['extra_bytes'] / r['layer_bytes']:.1f}% |"
+            f"{100 * row['extra_bytes'] / r['layer_bytes']:.1f}% |" + (f" {row['note']}" if "note" in row else "")
         )
     return "\n".join(out)
 
@@ -254,7 +346,15 @@ def main() -> int:
     ap.add_argument("--source-device", help="where the trainer's tensors are (default: --device); e.g. cpu with --device cuda")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); torch's default otherwise")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model-layers", type=int, help="also update every MoE layer of a model of --shape at once (e.g. 48)")
+    ap.add_argument("--host-overhead", action="store_true", help="only time the GPU path's host work (runs on the CPU)")
     args = ap.parse_args()
+    if args.host_overhead:
+        for shape in args.shape or sorted(SHAPES, reverse=True):
+            r = host_overhead(shape, args.experts, args.repeats)
+            print(f"{shape}: {r['experts']} experts, {r['source_tensors']} source tensors: host work {r['host_s'] * 1e3:.2f} ms "
+                  f"({r['host_s'] / r['source_tensors'] * 1e6:.2f} us per source tensor)", flush=True)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -263,9 +363,14 @@ def main() -> int:
         r = bench_shape(shape, args.experts, dev, args.repeats, torch.device(args.source_device) if args.source_device else None)
         results.append(r)
         print(table(r) + "\n", flush=True)
+    if args.model_layers:
+        for shape in args.shape or ["qwen3-30b-a3b"]:
+            r = bench_model(shape, args.model_layers, dev, args.repeats)
+            results.append(r)
+            print(model_table(r) + "\n", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    return 0 if all(r["identical_bytes"] for r in results) else 1
+    return 0 if all(r.get("identical_bytes", True) for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything nvfp4ckpt runs on the lent H200, in one command (see docs/benchmarks.md for the results).
 # Usage on the device machine, from the repo root, with .whl carried:  [STAGE=a,b] bash scripts/gpu_suite.sh [OUT]
-# Stages: tests families bench load reload outlier verifyspeed convert gsm8k (STAGE=all runs the first five).
+# Stages: tests families bench load reload outlier verifyspeed convert gsm8k sync (STAGE=all runs the first five).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/out}}
 mkdir -p "$out"
@@ -40,6 +40,15 @@ if want reload; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_live_update.py 2>&1 | tail -5 | tee "$out/gpu_live_tests.txt"
   python3 scripts/bench_reload.py --device cuda --json "$out/bench_reload_h200.json" 2>&1 | tee "$out/bench_reload_h200.md"
   python3 scripts/bench_reload.py --device cuda --source-device cpu --json "$out/bench_reload_h200_hostsrc.json" 2>&1 | tee "$out/bench_reload_h200_hostsrc.md"
+fi
+if want sync; then
+  # issues 20/21 (RL weight sync at copy speed): the CUDA tests of the update paths (Triton table path byte-exact on
+  # CUDA, pointers, CUDA-graph replay, host and cross-device sources, bf16 updates), then the benchmark: both layer
+  # shapes with GPU sources (per-expert, stacked, pinned/pageable host, cold/warm, check_live, graph capture), the
+  # 48-layer Qwen3-30B-A3B model through update_live_ and UpdateStream, and the bf16 update against fp4_quantize + loop
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_live_update.py tests/test_live_update_table.py tests/test_live_update_bf16.py 2>&1 | tail -8 | tee "$out/gpu_sync_tests.txt"
+  python3 scripts/bench_reload.py --device cuda --model-layers 48 --json "$out/bench_sync.json" 2>&1 | tee "$out/bench_sync.md"
+  python3 scripts/bench_reload.py --device cuda --bf16 --json "$out/bench_sync_bf16.json" 2>&1 | tee "$out/bench_sync_bf16.md"
 fi
 if want convert; then
   # conversion throughput on the H200 host's 16 cores (CPU transform and --device cuda), against cp -r && sync

@@ -157,18 +157,30 @@ def _check_dense(name: str, t) -> None:
     """Refuse what an update cannot read as plain bytes, before anything is written: not a tensor, a DTensor (FSDP2's
     sharded parameters: gathering is a collective the caller must run on every rank, so it is not done here), other
     wrapper subclasses, sparse, nested or quantized tensors, and tensors without storage (the meta device)."""
-    if not isinstance(t, torch.Tensor):
-        raise BadTensorError(f"{name}: is a {type(t).__name__}, not a torch.Tensor")
     kind = type(t)
-    if kind.__name__ == "DTensor":
-        raise BadTensorError(f"{name}: is a DTensor (sharded, e.g. by FSDP2); send t.full_tensor() (a collective: call it on every rank)")
-    if t.layout != torch.strided or t.is_nested or t.is_quantized:
+    if kind is not _Tensor():  # subclasses: nn.Parameter is fine, wrappers (DTensor, ...) hold no bytes of their own
+        if not isinstance(t, _Tensor()):
+            raise BadTensorError(f"{name}: is a {kind.__name__}, not a torch.Tensor")
+        if kind.__name__ == "DTensor":
+            raise BadTensorError(f"{name}: is a DTensor (sharded, e.g. by FSDP2); send t.full_tensor() (a collective: call it on every rank)")
+        if _is_wrapper(t):
+            raise BadTensorError(f"{name}: is a {kind.__name__} (a tensor subclass whose bytes are not its own); send a plain torch.Tensor")
+    if t.layout is not _STRIDED[0] or t.is_nested or t.is_quantized:
         layout = "nested" if t.is_nested else "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
         raise BadTensorError(f"{name}: is a {layout} tensor; send a dense one (t.to_dense() or t.dequantize())")
-    if t.device.type == "meta":
+    if t.is_meta:
         raise BadTensorError(f"{name}: is on the meta device (it has no data); send the materialized tensor")
-    if kind is not torch.Tensor and not isinstance(t, torch.nn.Parameter) and _is_wrapper(t):
-        raise BadTensorError(f"{name}: is a {kind.__name__} (a tensor subclass whose bytes are not its own); send a plain torch.Tensor")
+
+
+_STRIDED: list = []
+
+
+def _Tensor():
+    """torch.Tensor (and torch.strided) bound once: these checks run once per source tensor."""
+    if not _STRIDED:
+        _STRIDED.append(torch.strided)
+        _STRIDED.append(torch.Tensor)
+    return _STRIDED[1]
 
 
 def _is_wrapper(t) -> bool:

@@ -3,6 +3,7 @@ the dependent scalars (a1/a2 decisions). Nothing here writes a live byte."""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -316,16 +317,19 @@ def check_aliasing(plans: list[Plan]) -> None:
     for a, b in zip(spans, spans[1:]):
         if a[0] == b[0] and b[1] < a[2]:
             raise AliasedTensorError(f"{a[3]} and {b[3]}: share memory; pass each canonical tensor as its own storage")
-    by_device: dict = {}
+    starts: dict = {}  # device -> sorted live spans (disjoint now): one bisect per source
     for device, start, end, name in spans:
-        by_device.setdefault(device, []).append((start, end, name))
+        starts.setdefault(device, []).append((start, end, name))
     for plan in plans:
         for key, t in _sources(plan):
-            for start, end, name in by_device.get(t.device, ()):
-                s0, s1 = _extent(t)
-                if s0 < end and start < s1:
-                    source = plan.names.get(key, f"{plan.target.info.prefix} {key}")
-                    raise AliasedTensorError(f"{source}: shares memory with {name}; pass a copy of the source (t.clone())")
+            live_spans = starts.get(t.device)
+            if not live_spans:
+                continue
+            s0, s1 = _extent(t)
+            k = bisect.bisect_right(live_spans, (s1,)) - 1  # the last live span starting before the source ends
+            if k >= 0 and live_spans[k][1] > s0:
+                source = plan.names.get(key, f"{plan.target.info.prefix} {key}")
+                raise AliasedTensorError(f"{source}: shares memory with {live_spans[k][2]}; pass a copy of the source (t.clone())")
 
 
 def _sources(plan: Plan):
@@ -343,7 +347,11 @@ def _sources(plan: Plan):
 
 def _extent(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, one past the last byte] that ``t`` can read."""
+    start = t.data_ptr()
+    if t.dim() == 2:  # the common case, without the generic loop
+        (n, c), (s, u) = t.shape, t.stride()
+        return start, start + ((n - 1) * s + (c - 1) * u + 1) * t.element_size() if n and c else start
     if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
+        return start, start
     span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
-    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+    return start, start + span * t.element_size()
