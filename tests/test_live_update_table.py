@@ -208,3 +208,8 @@ def test_cpu_live_with_cuda_sources_and_cuda_live_with_host_sources(converted):
     gpu_live.update_({n: t.pin_memory() for n, t in named.items()})
     gpu_live_cpu = type("L", (), {"prefix": PREFIX, "tensors": {k: v.cpu() for k, v in gpu_live.tensors.items()}})()
     assert_layer_equals(gpu_live_cpu, conv_b)
+
+
+def test_warmup_runs_every_common_variant_without_touching_memory():
+    """warmup() launches the four common kernel variants over an empty table (nothing is read or written)."""
+    layout_write.warmup("cpu")  # under the interpreter here; on CUDA it compiles them

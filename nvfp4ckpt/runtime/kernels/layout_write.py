@@ -136,3 +136,15 @@ def launch(
         _scales_kernel[grid](*args, UNIT=_UNIT_DTYPES[unit], WORDS=unit == 4, CHECK=check, BLOCK_R=block_r, BLOCK_C=block_c)
     else:
         _rows_kernel[grid](*args, UNIT=_UNIT_DTYPES[unit], CHECK=check, BLOCK_R=block_r, BLOCK_C=block_c)
+
+
+def warmup(device: torch.device | str) -> None:
+    """Compile (or load from Triton's cache) the common variants once per process: 8-byte weight rows and 4-byte
+    scale words, write and compare. Shapes are runtime values, so no later update compiles again for a new shape."""
+    device = torch.device(device)
+    table = torch.zeros((1, FIELDS), dtype=torch.int64, device=device)  # zero rows: every access is masked off
+    row_map = torch.zeros(1, dtype=torch.int32, device=device)
+    flags = torch.zeros(1, dtype=torch.int32, device=device)
+    for scales, unit in ((False, 8), (True, 4)):
+        for check in (None, flags):
+            launch(table, row_map, 1, unit, scales, check)

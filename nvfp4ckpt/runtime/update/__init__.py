@@ -34,7 +34,18 @@ from .plan import check_aliasing, plan_layer
 from .results import LayerUpdate, LiveCheck, UpdateReport
 from .write import write_plans
 
-__all__ = ["LayerUpdate", "LiveCheck", "UpdateReport", "UpdateStream", "check_live", "check_live_", "update_live_"]
+__all__ = ["LayerUpdate", "LiveCheck", "UpdateReport", "UpdateStream", "check_live", "check_live_", "update_live_", "warmup"]
+
+
+def warmup(device: torch.device | str = "cuda") -> None:
+    """Load the GPU write and compare kernels for ``device`` now (an engine's start-up), so that the first update is
+    not charged for compiling them. Without Triton, or on the CPU, nothing to do."""
+    from .write import _have_triton  # noqa: PLC0415
+
+    if torch.device(device).type == "cuda" and _have_triton():
+        from ..kernels.layout_write import warmup as load  # noqa: PLC0415
+
+        load(device)
 
 
 def update_live_(

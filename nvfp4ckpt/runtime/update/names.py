@@ -108,6 +108,8 @@ class Context:
             if tensor.requires_grad:
                 tensor = tensor.detach()  # a trainer's parameters: only their bytes are read
             prefix, expert, role, kind = hit
+            if kind in ("weight", "dense"):
+                kind = _weight_kind(name, tensor, kind, expert)
             layer = grouped.setdefault(prefix, {"experts": {}, "fused": {}, "names": {}})
             other = layer["names"].get((expert, role, kind))
             if other is not None:
@@ -139,8 +141,10 @@ def _parse_name(arch_name: str, fmt_name: str, name: str) -> tuple[str, int | No
         fused = _match_fused(fmt, re.compile(arch.fused_prefix_pattern), module, suffix)
         if fused is not None:
             return module, None, fused[0], fused[1]
-    kind = {fmt.weight_suffix: "weight", fmt.weight_scale_suffix: "weight_scale", fmt.weight_global_suffix: "weight_global",
-            fmt.input_global_suffix: "input_global"}.get(suffix)  # fmt: skip
+    # "weight" is also the unquantized weight's suffix: ModelOpt's packed weight shares it (told apart by dtype in
+    # group()), compressed-tensors packs into "weight_packed"
+    kind = {"weight": "dense", fmt.weight_suffix: "weight", fmt.weight_scale_suffix: "weight_scale",
+            fmt.weight_global_suffix: "weight_global", fmt.input_global_suffix: "input_global"}.get(suffix)  # fmt: skip
     hit = arch.match_expert(module)
     if hit is None or kind is None:
         return None
@@ -187,3 +191,20 @@ def _is_wrapper(t) -> bool:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass  # noqa: PLC0415
 
     return is_traceable_wrapper_subclass(t)
+
+
+_FLOATS: list = []
+
+
+def _weight_kind(name: str, t, kind: str, expert: int | None) -> str:
+    """"dense" for an unquantized (bf16/fp16/fp32) weight, "weight" for a packed one; refuse what is neither."""
+    if not _FLOATS:
+        _FLOATS.extend((torch.bfloat16, torch.float16, torch.float32))
+    if t.dtype in _FLOATS:
+        if expert is None:
+            raise BadTensorError(f"{name}: unquantized fused (Llama-4 gate_up_proj/down_proj) experts are not supported; "
+                                 "send per-expert weights (experts.N.gate_proj.weight, ...) or the fused NVFP4 tensors")  # fmt: skip
+        return "dense"
+    if kind == "dense":
+        raise BadTensorError(f"{name}: is {t.dtype}; an unquantized expert weight must be bfloat16, float16 or float32")
+    return kind

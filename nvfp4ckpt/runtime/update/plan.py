@@ -13,6 +13,7 @@ from ...io import torch_dtype
 from ...layouts.trtllm_gen.descriptor import canonical_specs
 from ...layouts.trtllm_gen.scalars import kernel_scalars
 from ...source.formats import QuantFormat
+from . import dense
 from .names import _FUSED_ROLES, _INPUT_SCALE_NAMES, DEPENDENT, KINDS, SCALAR_KINDS, Context, Target, _few
 from .results import LayerUpdate
 from .views import _Maps, _maps
@@ -34,6 +35,7 @@ class Plan:
     names: dict = field(default_factory=dict)  # (expert, role, kind) -> source name, as given
     unchecked: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # per-plan memo (source views of each expert)
+    dense: dict = field(default_factory=dict)  # global expert -> role -> unquantized weight (quantized when written)
 
     @property
     def maps(self) -> _Maps:
@@ -55,6 +57,7 @@ def plan_layer(
     n13 = len(roles) - 1
     e_glob = info.num_experts
     fused = entries["fused"] or None
+    dense_experts: dict = {}
     if fused is not None:
         _check_fused(ctx, target, fused)
         # one global scale per fused tensor: every expert gets it
@@ -64,7 +67,11 @@ def plan_layer(
         ]).unsqueeze(0).expand(e_glob, -1, -1)  # fmt: skip
         supplied = list(range(e_glob))
     else:
-        _check_experts(ctx, target, entries)
+        dense_experts = dense.split(ctx, prefix, entries)
+        if dense_experts:
+            dense.global_scales(ctx, prefix, entries, dense_experts)
+            dense.fill_input_scales(ctx, prefix, entries, dense_experts, live)
+        _check_experts(ctx, target, entries, dense_experts)
         supplied = sorted(entries["experts"])
         raw_all = _gather_scalars([[[entries["experts"][e][r][k] for k in SCALAR_KINDS] for r in roles] for e in supplied])
     _check_scalar_values(ctx, prefix, raw_all, supplied, roles, entries["names"], fused is not None)
@@ -145,7 +152,8 @@ def plan_layer(
     )
     experts = {e: entries["experts"][e] for e in supplied if target.e0 <= e < target.e1} if fused is None else {}
     plan = Plan(target, ctx.fmt, live_t, experts, fused, updated_rows, raw_all, supplied, scalar_rows, scalars,
-                 report, dict(entries["names"]), unchecked)  # fmt: skip
+                 report, dict(entries["names"]), unchecked,
+                 dense={e: w for e, w in dense_experts.items() if target.e0 <= e < target.e1})  # fmt: skip
     local = [sup_idx[x + target.e0] for x in updated_rows]
     report.stored = {k: v[local].contiguous() for k, v in _stored_rows(plan).items()}
     report.input_scales = dict(zip(supplied, zip(inp_sup[:, :n13].amax(1).tolist(), inp_sup[:, n13].tolist()))) if supplied else {}
@@ -180,14 +188,15 @@ def _live_tensors(ctx: Context, target: Target, live: Mapping[str, torch.Tensor]
     return out
 
 
-def _check_experts(ctx: Context, target: Target, entries: dict) -> None:
+def _check_experts(ctx: Context, target: Target, entries: dict, dense_experts: Mapping = {}) -> None:  # noqa: B006
     info = target.info
     h, i = info.hidden_size, info.intermediate_size
     want = {"gate": (i, h), "up": (i, h), "down": (h, i)}
     scalar_dtype = torch_dtype(info.scalar_dtype)
     for e in sorted(entries["experts"]):
         roles = entries["experts"][e]
-        missing = [(r, k) for r in info.roles for k in KINDS if k not in roles.get(r, {})]
+        kinds = SCALAR_KINDS if e in dense_experts else KINDS  # dense experts: weights checked by dense.split
+        missing = [(r, k) for r in info.roles for k in kinds if k not in roles.get(r, {})]
         if missing:
             names = [ctx.source_name(info.prefix, e, r, k) for r, k in missing]
             only_scalars = all(k in SCALAR_KINDS for _, k in missing)
@@ -197,7 +206,8 @@ def _check_experts(ctx: Context, target: Target, entries: dict) -> None:
         for r in info.roles:
             n, k = want[r]
             for kind, dtype, shape in (("weight", torch.uint8, (n, k // 2)), ("weight_scale", torch.float8_e4m3fn, (n, k // 16))):
-                _expect(entries["names"][(e, r, kind)], roles[r][kind], dtype, shape)
+                if e not in dense_experts:
+                    _expect(entries["names"][(e, r, kind)], roles[r][kind], dtype, shape)
             for kind in SCALAR_KINDS:
                 _expect_scalar(entries["names"][(e, r, kind)], roles[r][kind], scalar_dtype)
 
@@ -244,11 +254,13 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 
 def _gather_scalars(nested: list) -> torch.Tensor:
     """[U][roles][2] scalar tensors -> one CPU tensor [U, roles, 2] (one device->host transfer per device)."""
-    flat = [t.reshape(()) for per_e in nested for per_r in per_e for t in per_r]  # detached by group()
+    flat = [t for per_e in nested for per_r in per_e for t in per_r]  # detached by group(); one value each (checked)
     if not flat:
         return torch.empty((0, 0, 2))
-    devices = {t.device for t in flat}
-    stacked = torch.stack(flat).cpu() if len(devices) == 1 else torch.stack([t.cpu() for t in flat])
+    try:  # the common case: one device, one shape ([] or [1]): one stack, one transfer
+        stacked = torch.stack(flat).cpu()
+    except RuntimeError:  # mixed devices or shapes
+        stacked = torch.stack([t.reshape(()).cpu() for t in flat])
     return stacked.reshape(len(nested), len(nested[0]), 2)
 
 def _rows_of(live_t: dict, w13: str, w2: str, target: Target, e_glob: int) -> tuple[torch.Tensor, str] | None:
