@@ -81,21 +81,8 @@ def quantize_modelopt(
     ModelOpt writes ``weight_scale_2 = 0``, NaN block scales and all codes 0x7 there, which no engine can use
     (see docs/producer-quant.md). A zero gate next to a non-zero up is fine (block scales 1.0, codes 0).
     """
-    if divide_like not in ("cpu", "cuda"):
-        raise ValueError(f"divide_like must be 'cpu' or 'cuda', not {divide_like!r}")
     ws = _batched(weights)
-    amax = _group_amax(ws).float()  # exact: the max of the weights, in any dtype
-    if divide_like == "cpu":  # quant_utils -> NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer
-        ws2 = amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX)
-    else:  # PyTorch CUDA's div_true_kernel for a CPU-scalar divisor: a * (float)(1.0 / b)
-        ws2 = amax * torch.full_like(amax, 1.0 / (E2M1_MAX * E4M3_MAX))
-    zero = (ws2 == 0).nonzero().flatten().tolist()
-    if zero:
-        raise ValueError(
-            f"expert(s) {_ids(zero)}: every weight of the projection group is 0 (amax 0, or so small that "
-            "weight_scale_2 = amax/2688 underflows to 0); ModelOpt 0.47.0 would export weight_scale_2 = 0 with "
-            "NaN block scales for it"
-        )
+    ws2 = _modelopt_ws2(ws, divide_like)
     ws2_x6 = ws2 * E2M1_MAX  # ModelOpt: per_block_amax / (E2M1_MAX * weights_scaling_factor_2)
     out = []
     for w in ws:
@@ -129,11 +116,7 @@ def quantize_compressed_tensors(weights: Sequence[torch.Tensor]) -> list[Quantiz
     """
     ws = _batched(weights)
     dtype = ws[0].dtype
-    amax = _group_amax(ws)  # in the weight dtype, as the observers keep min/max
-    # compressed_tensors.quantization.utils.helpers.generate_gparam: 448 * 6 / clamp(amax, finfo.tiny), where
-    # `python float / tensor` is Tensor.__rtruediv__ = reciprocal() * float, each rounded to the weight dtype.
-    gs = amax.clamp(min=torch.finfo(dtype).tiny).reciprocal() * (E4M3_MAX * E2M1_MAX)
-    gs = torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0).float()
+    gs = _ct_global_scale(ws)
     six = torch.full((), E2M1_MAX, dtype=torch.float32, device=gs.device)
     out = []
     for w in ws:
@@ -153,6 +136,45 @@ def quantize_compressed_tensors(weights: Sequence[torch.Tensor]) -> list[Quantiz
             scales[lo:hi] = scale
         out.append(QuantizedProjection(packed, scales, gs.clone()))
     return out
+
+
+def global_scale_modelopt(weights: Sequence[torch.Tensor], *, divide_like: Literal["cpu", "cuda"] = "cpu") -> torch.Tensor:
+    """Only the ``weight_scale_2`` (float32 ``[E]``) that :func:`quantize_modelopt` gives the same group: one
+    reduction over the weights, no quantization (the in-place update decides its scalars with it first)."""
+    return _modelopt_ws2(_batched(weights), divide_like)
+
+
+def global_scale_compressed_tensors(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Only the ``weight_global_scale`` (float32 ``[E]``) that :func:`quantize_compressed_tensors` gives the group."""
+    return _ct_global_scale(_batched(weights))
+
+
+def _modelopt_ws2(ws: list[torch.Tensor], divide_like: str) -> torch.Tensor:
+    if divide_like not in ("cpu", "cuda"):
+        raise ValueError(f"divide_like must be 'cpu' or 'cuda', not {divide_like!r}")
+    amax = _group_amax(ws).float()  # exact: the max of the weights, in any dtype
+    if divide_like == "cpu":  # quant_utils -> NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer
+        ws2 = amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX)
+    else:  # PyTorch CUDA's div_true_kernel for a CPU-scalar divisor: a * (float)(1.0 / b)
+        ws2 = amax * torch.full_like(amax, 1.0 / (E2M1_MAX * E4M3_MAX))
+    zero = (ws2 == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(
+            f"expert(s) {_ids(zero)}: every weight of the projection group is 0 (amax 0, or so small that "
+            "weight_scale_2 = amax/2688 underflows to 0); ModelOpt 0.47.0 would export weight_scale_2 = 0 with "
+            "NaN block scales for it"
+        )
+    return ws2
+
+
+def _ct_global_scale(ws: list[torch.Tensor]) -> torch.Tensor:
+    dtype = ws[0].dtype
+    amax = _group_amax(ws)  # in the weight dtype, as the observers keep min/max
+    # compressed_tensors.quantization.utils.helpers.generate_gparam: 448 * 6 / clamp(amax, finfo.tiny), where
+    # `python float / tensor` is Tensor.__rtruediv__ = reciprocal() * float, each rounded to the weight dtype.
+    gs = amax.clamp(min=torch.finfo(dtype).tiny).reciprocal() * (E4M3_MAX * E2M1_MAX)
+    gs = torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0).float()
+    return gs
 
 
 def _batched(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..._lazy import torch
 from .plan import Plan, _stored_rows, _stored_targets
 from .results import LiveCheck
 from .views import KERNEL_NAMES, _Maps, _dst_flat, _expert_views, _local_experts, _sources_of, _src_words, _views, _views_of
-from . import table
+from . import dense, table
 from .write import _path, uses_table
 
 def _compare(plan: Plan) -> LiveCheck:
+    if plan.dense:  # unquantized sources: compare with their quantization (as the update would write it)
+        device = next((plan.live[n].device for n in KERNEL_NAMES if n in plan.live), torch.device("cpu"))
+        q = dense.quantized_sources(plan, device)
+        experts = {e: ({r: {**kinds, **q[e][r]} for r, kinds in roles.items()} if e in q else roles) for e, roles in plan.experts.items()}
+        plan = dataclasses.replace(plan, experts=experts, dense={}, cache={})
     live, t, info = plan.live, plan.target, plan.target.info
     padded = (info.hidden_padded, t.i_pad) != (info.hidden_size, t.i1 - t.i0)
     parts = [(name, live[name]) for name in KERNEL_NAMES if name in live]

@@ -205,6 +205,6 @@ def _weight_kind(name: str, t, kind: str, expert: int | None) -> str:
             raise BadTensorError(f"{name}: unquantized fused (Llama-4 gate_up_proj/down_proj) experts are not supported; "
                                  "send per-expert weights (experts.N.gate_proj.weight, ...) or the fused NVFP4 tensors")  # fmt: skip
         return "dense"
-    if kind == "dense":
-        raise BadTensorError(f"{name}: is {t.dtype}; an unquantized expert weight must be bfloat16, float16 or float32")
+    if kind == "dense" or t.dtype != torch.uint8:
+        raise BadTensorError(f"{name}: is {t.dtype}; an expert weight is uint8 (packed NVFP4) or bfloat16, float16, float32 (unquantized)")
     return kind

@@ -95,8 +95,10 @@ class UpdateStream:
             complete = all(k in entries["fused"].get(r, {}) for r in _FUSED_ROLES for k in KINDS)
             return (complete, list(held) if complete else [])
         names = entries["names"]
-        full = [e for e, roles in entries["experts"].items() if all(k in roles.get(r, {}) for r in info.roles for k in KINDS)]
-        ready = [names[(e, r, k)] for e in full for r in info.roles for k in KINDS]
+        full = [e for e, roles in entries["experts"].items()
+                if all(k in roles.get(r, {}) for r in info.roles for k in KINDS)
+                or all("dense" in roles.get(r, {}) for r in info.roles)]  # unquantized: input scales optional
+        ready = [names[(e, r, k)] for e in full for r in info.roles for k in (*KINDS, "dense") if (e, r, k) in names]
         return len(set(full) | self.applied.get(prefix, set())) == info.num_experts, ready
 
     def _apply(self, prefix: str, names: list[str], defer: bool) -> list[UpdateReport]:

@@ -56,7 +56,9 @@ def supported(plan: Plan) -> bool:
     stacked strided copies handle), every source row-contiguous and dense."""
     if plan.fused is not None:
         return False
-    for roles in plan.experts.values():
+    for e, roles in plan.experts.items():
+        if e in plan.dense:  # quantized into contiguous chunks when written
+            continue
         for kinds in roles.values():
             for kind in ("weight", "weight_scale"):
                 t = kinds[kind]

@@ -3,11 +3,12 @@ strided torch copies, index maps for padded layers, Triton on CUDA) and the stor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from functools import lru_cache
 
 from ..._lazy import torch
-from . import table
+from . import dense, table
 from ...layouts.trtllm_gen import transform as kernel_layout
 from .plan import Plan, _stored_rows, _stored_targets
 from .views import KERNEL_NAMES, _Maps, _dst_flat, _dst_view, _local_experts, _sources_of, _src_view, _src_words, _views, _views_of
@@ -41,15 +42,37 @@ def uses_table(plan: Plan) -> bool:
 
 
 def write_plans(plans: list[Plan]) -> int:
-    """Write every validated plan (one launch per kernel tensor kind for all table-path plans); returns source bytes."""
-    tabled = [p for p in plans if uses_table(p)]
+    """Write every validated plan; returns the source bytes written. Table-path plans share one launch per kernel
+    tensor; unquantized experts are quantized a chunk at a time and each chunk written like NVFP4 sources."""
+    tabled = {id(p) for p in plans if uses_table(p)}
+    base = {id(p): _without_dense(p) for p in plans}
     copied = 0
-    for g in table.groups(tabled):
+    for g in table.groups([base[id(p)] for p in plans if id(p) in tabled]):
         table.launch(g, check=False, stage_all=STAGE_ALL)
         copied += sum(m.rows * m.cols for m in g.matrices)
     for plan in plans:
-        copied += _write(plan, kernel_tensors=not any(p is plan for p in tabled))
+        device = next((plan.live[n].device for n in KERNEL_NAMES if n in plan.live), None)
+        for sub in dense.quantized_chunks(plan, sorted(plan.dense), device) if device is not None else ():
+            if id(plan) in tabled:
+                for g in table.groups([sub]):
+                    table.launch(g, check=False, stage_all=STAGE_ALL)
+            else:
+                _write(sub, scalars=False)
+        if id(plan) not in tabled:
+            copied += _write(base[id(plan)], scalars=False)
+        copied += sum(t.numel() * t.element_size() for e in plan.dense for t in plan.dense[e].values())
+        _write(plan, kernel_tensors=False)  # scalars, and the report's list of written tensors
     return copied
+
+
+def _without_dense(plan: Plan) -> Plan:
+    """The plan's NVFP4 experts only (its dense experts are written from quantized chunks)."""
+    if not plan.dense:
+        return plan
+    keep = [x for x in plan.updated_rows if x + plan.target.e0 not in plan.dense]
+    experts = {e: roles for e, roles in plan.experts.items() if e not in plan.dense}
+    return dataclasses.replace(plan, experts=experts, updated_rows=keep, cache={}, dense={})
+
 
 def _path(plan: Plan, device: torch.device) -> str:
     t, info = plan.target, plan.target.info
@@ -59,7 +82,7 @@ def _path(plan: Plan, device: torch.device) -> str:
         return "index"
     return "numpy" if device.type == "cpu" and CPU_NUMPY else "strided"
 
-def _write(plan: Plan, kernel_tensors: bool = True) -> int:
+def _write(plan: Plan, kernel_tensors: bool = True, scalars: bool = True) -> int:
     """Write one plan: its weights and block scales (unless the table path did) and its scalars."""
     live, info = plan.live, plan.target.info
     copied = 0
@@ -84,8 +107,9 @@ def _write(plan: Plan, kernel_tensors: bool = True) -> int:
             dst = tensor[rows].view(torch.uint8)
             for half, key in _sources_of(plan, name):
                 copied += _put(path, maps, name, dst, half, src[key])
-    written = _write_scalars(plan) | ({n for n in KERNEL_NAMES if n in live} if _local_experts(plan) else set())
-    plan.report.written = sorted(f"{info.prefix}.{n}" for n in written)
+    if scalars:
+        written = _write_scalars(plan) | ({n for n in KERNEL_NAMES if n in live} if _local_experts(plan) else set())
+        plan.report.written = sorted(f"{info.prefix}.{n}" for n in written)
     return copied
 
 def _chunks(plan: Plan, name: str, path: str, device: torch.device):

@@ -1,0 +1,191 @@
+"""In-place updates from UNQUANTIZED expert weights (issue 21): the bf16 weights a trainer holds, quantized as the
+source's producer quantizes them, must leave the live layer byte for byte equal to the producer's checkpoint after
+`convert`. The checkpoints are made here by the real producers (nvidia-modelopt, llm-compressor) from the same
+seeded bf16 model whose weights the update then sends.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvfp4ckpt import convert_checkpoint
+from nvfp4ckpt.errors import BadTensorError, InputError, StaleScalarError
+from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
+from nvfp4ckpt.runtime import load_moe_layer
+from nvfp4ckpt.runtime.update import UpdateStream, update_live_
+from tests import producers
+from tests.conftest import u8
+from tests.test_live_update import assert_layer_equals, assert_untouched, layer_source, snapshot
+
+# the table path under Triton's interpreter (see tests/test_live_update_table.py)
+_SAVED = os.environ.get("TRITON_INTERPRET")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+import triton.experimental.gluon  # noqa: E402,F401
+
+import nvfp4ckpt.runtime.kernels.layout_write as layout_write  # noqa: E402
+
+layout_write = importlib.reload(layout_write)
+if _SAVED is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _SAVED
+
+KEEP = ("w13_input_scale", "w2_input_scale", "w13_input_global_scale", "w2_input_global_scale")  # calibration
+_MADE: dict = {}
+
+
+def made(arch: str, fmt: str, tmp: Path) -> tuple[dict, Path, Path]:
+    """(bf16 state dict of the seeded model, producer checkpoint, its conversion), made once per module."""
+    key = (arch, fmt)
+    if key not in _MADE:
+        state = {k: v.detach().clone() for k, v in producers.tiny_model(arch, 0).state_dict().items()}
+        make = producers.make_modelopt_checkpoint if fmt == "modelopt" else producers.make_compressed_tensors_checkpoint
+        src = make(tmp / f"{arch}-{fmt}", arch, 0)
+        convert_checkpoint(src, tmp / f"{arch}-{fmt}-c")
+        _MADE[key] = (state, src, tmp / f"{arch}-{fmt}-c")
+    return _MADE[key]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("bf16")
+
+
+def bf16_experts(state: dict, layer_prefix: str, info, experts=None) -> dict[str, torch.Tensor]:
+    """The trainer's unquantized expert weights of one layer under the source checkpoint's names."""
+    layer = int(layer_prefix.split(".layers.")[1].split(".")[0])
+    fused = state[f"model.layers.{layer}.mlp.experts.gate_up_proj"]  # [E, 2I, H], gate rows first
+    down = state[f"model.layers.{layer}.mlp.experts.down_proj"]  # [E, H, I]
+    i = fused.shape[1] // 2
+    names = info.proj_names
+    out = {}
+    for e in range(fused.shape[0]) if experts is None else experts:
+        out[f"{layer_prefix}.{e}.{names['gate']}.weight"] = fused[e, :i].clone()
+        out[f"{layer_prefix}.{e}.{names['up']}.weight"] = fused[e, i:].clone()
+        out[f"{layer_prefix}.{e}.{names['down']}.weight"] = down[e].clone()
+    return out
+
+
+def scramble(layer, seed: int = 7) -> None:
+    """Random bytes in every live tensor except the input scales (calibration, which a weight update keeps)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in layer.tensors.items():
+        if name not in KEEP:
+            u8(t).copy_(torch.randint(0, 256, (u8(t).numel(),), dtype=torch.uint8, generator=g).view(u8(t).shape))
+    for name in ("w13_weight_scale_2", "w2_weight_scale_2", "g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"):
+        if name in layer.tensors:
+            layer.tensors[name].uniform_(0.5, 2.0, generator=g)  # positive and finite, but wrong
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_bf16_update_equals_the_producers_checkpoint(tmp, arch, fmt):
+    state, src, conv = made(arch, fmt, tmp)
+    ckpt = open_converted(conv)
+    for info in ckpt.layers:
+        layer = load_moe_layer(conv, info.prefix)
+        ptrs = {k: v.data_ptr() for k, v in layer.tensors.items()}
+        scramble(layer)
+        named = bf16_experts(state, info.prefix, info)
+        assert all(t.dtype == torch.bfloat16 for t in named.values())
+        report = layer.update_(named)
+        assert {k: v.data_ptr() for k, v in layer.tensors.items()} == ptrs
+        assert_layer_equals(layer, conv)  # weights, block scales, global and per-expert scales, derived scalars
+        assert report.layers[info.prefix].experts == list(range(info.num_experts))
+        assert layer.check_live(source=src).ok
+        assert layer.check_live(tensors=named).ok
+
+
+@pytest.mark.slow
+def test_bf16_and_nvfp4_experts_mixed_and_streamed(tmp, monkeypatch):
+    """Some experts unquantized, others as the producer's NVFP4 tensors; one tensor per add() through a stream; and
+    the Triton table path (interpreter on the CPU) for the quantized chunks."""
+    from nvfp4ckpt.runtime.update import dense, write
+
+    state, src, conv = made("qwen3_moe", "compressed-tensors", tmp)
+    info = open_converted(conv).layers[-1]
+    nvfp4 = {n: t for n, t in layer_source(src, info.prefix).items() if n.startswith(tuple(f"{info.prefix}.{e}." for e in (0, 3, 5)))}
+    bf16 = bf16_experts(state, info.prefix, info, [e for e in range(info.num_experts) if e not in (0, 3, 5)])
+    layer = load_moe_layer(conv, info.prefix)
+    scramble(layer)
+    layer.update_({**nvfp4, **bf16})
+    assert_layer_equals(layer, conv)
+
+    monkeypatch.setattr(dense, "CHUNK_FRACTION", 0.0)  # one expert per quantized chunk
+    monkeypatch.setattr(write, "CPU_TABLE", True)
+    scramble(layer, seed=8)
+    live = {f"{info.prefix}.{k}": v for k, v in layer.tensors.items()}
+    stream = UpdateStream(live, layer.descriptor)
+    for name, t in {**bf16, **nvfp4}.items():
+        stream.add({name: t})
+    stream.finish()
+    assert_layer_equals(layer, conv)
+
+
+def _layer(tmp, fmt="modelopt"):
+    state, src, conv = made("qwen3_moe", fmt, tmp)
+    info = open_converted(conv).layers[-1]
+    layer = load_moe_layer(conv, info.prefix)
+    return state, info, layer, snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+
+
+@pytest.mark.slow
+def test_bf16_refusals_write_nothing(tmp):
+    state, info, layer, before, ptrs = _layer(tmp)
+    named = bf16_experts(state, info.prefix, info)
+    p = info.prefix
+    gate, down = f"{p}.6.gate_proj.weight", f"{p}.7.down_proj.weight"
+    cases = [
+        ("shape", BadTensorError, rf"{down}: is \[\d+, \d+\]; the layer's down weight", {**named, down: named[down][:, :64]}),
+        ("nan", BadTensorError, rf"{gate}.*NaN.*refused", {**named, gate: named[gate].clone().index_fill_(0, torch.tensor([3]), float("nan"))}),
+        ("inf", BadTensorError, rf"{down}.*infinite", {**named, down: named[down].clone().fill_(float("inf"))}),
+        ("all zero (ModelOpt writes NaN scales)", BadTensorError, r"every weight .* is 0", {**named, down: torch.zeros_like(named[down])}),
+        ("int dtype", BadTensorError, rf"{down}: is torch.int16", {**named, down: named[down].to(torch.int16)}),
+        ("not whole", InputError, r"expert 7 has unquantized weights for gate, up but not", {k: v for k, v in named.items() if k != down}),
+    ]
+    for what, error, pattern, bad in cases:
+        with pytest.raises(error, match=pattern) as exc:
+            layer.update_(bad)
+        assert "\n" not in str(exc.value), what
+        assert_untouched(layer, before, ptrs)
+
+
+@pytest.mark.slow
+def test_bf16_all_zero_expert_under_compressed_tensors_is_what_llm_compressor_writes(tmp):
+    """llm-compressor writes an all-zero projection as global scale 1.0, block scales 0.125, codes 0: so does the update."""
+    state, info, layer, _, _ = _layer(tmp, "compressed-tensors")
+    named = bf16_experts(state, info.prefix, info)
+    down = f"{info.prefix}.2.down_proj.weight"
+    named[down] = torch.zeros_like(named[down])
+    layer.update_(named)
+    w2 = layer.tensors["w2_weight"][2]
+    assert int(u8(w2).count_nonzero()) == 0
+    assert torch.equal(layer.tensors["w2_weight_global_scale"][2].reshape(()), torch.tensor(1.0))
+    assert bool((layer.tensors["w2_weight_scale"][2].float() == 0.125).all())
+
+
+@pytest.mark.slow
+def test_bf16_without_live_input_scales_needs_them_supplied(tmp):
+    """Input scales come from calibration: without them live (a plugin that keeps other forms) they must be sent."""
+    state, info, layer, before, ptrs = _layer(tmp)
+    named = bf16_experts(state, info.prefix, info, [1])
+    live = {f"{info.prefix}.{k}": v for k, v in layer.tensors.items() if k not in KEEP}
+    maxima = {info.prefix: (float(layer.tensors["w13_input_scale"].max()), float(layer.tensors["w2_input_scale"].max()))}
+    with pytest.raises(StaleScalarError, match=r"expert 1 is sent unquantized without .*input_scale.*send them"):
+        update_live_(live, named, layer.descriptor, input_scale_maxima=maxima)
+    assert_untouched(layer, before, ptrs)
+    w13_in, w2_in = layer.tensors["w13_input_scale"][1], layer.tensors["w2_input_scale"][1]
+    for r, v in (("gate_proj", w13_in[0]), ("up_proj", w13_in[1]), ("down_proj", w2_in)):
+        named[f"{info.prefix}.1.{r}.input_scale"] = v.clone()
+    update_live_(live, named, layer.descriptor, input_scale_maxima=maxima)
+    got = {k: u8(v) for k, v in layer.tensors.items()}
+    want = open_converted(made("qwen3_moe", "modelopt", tmp)[2]).read_layer(info)
+    for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):
+        assert torch.equal(got[name][1], u8(want[name])[1]), name
