@@ -637,3 +637,34 @@ def test_moe_layer_under_another_name_is_refused(example_factory, tmp_path):
     qc = plugin.Nvfp4TrtllmConfig.from_config(cfg["quantization_config"])
     with pytest.raises(plugin.InputError, match=r"SGLang names MoE layer 'model.layers.0.block_sparse_moe.experts', the checkpoint 'model.layers.0.mlp.experts'"):
         _build(qc, cfg, "model.layers.0.block_sparse_moe.experts")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_custom_weight_loader_takes_bf16_expert_weights(tmp_path_factory, fmt):
+    """update_weights_from_tensor through the plugin's loader with a trainer's unquantized (bf16) expert weights:
+    quantized as the producer does, the live layer equals the plugin layer loaded from the producer's converted
+    checkpoint (real ModelOpt / llm-compressor output of the same bf16 model), in the same storage."""
+    from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
+    from tests.test_live_update_bf16 import bf16_experts, made
+
+    state, src, conv = made("qwen3_moe", fmt, tmp_path_factory.mktemp("sglang-bf16"))
+    prefix = _prefixes(conv)[0]
+    layer = _plugin_layer(conv, prefix)
+    expected = _payload(_plugin_layer(conv, prefix), 256)
+    model = torch.nn.Module()
+    model.add_module("experts", layer)
+    ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
+    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
+        u8(getattr(layer, name).data).fill_(0x11)  # stale weights, to be replaced
+    named = bf16_experts(state, prefix, open_converted(conv).layer(prefix))
+    forwarded: list[str] = []
+    model.load_weights = lambda pairs: forwarded.extend(n for n, _ in pairs)
+    _begin_weight_update(model)
+    plugin.load_weights(model, list(named.items()))
+    _end_weight_update(model)
+    assert forwarded == []
+    assert_same_payload(_payload(layer, 256), expected)
+    layout = _cfg(conv)["quantization_config"]["moe_kernel_layout"]
+    check_live_(plugin.live_tensors(model), src, layout, input_scale_maxima=plugin.input_scale_maxima(model))
+    assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs

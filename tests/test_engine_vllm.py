@@ -665,3 +665,31 @@ def test_entry_point_registers_through_vllm(converted):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "QUANT nvfp4_trtllm" in out.stdout, out.stdout + out.stderr
     assert "LOADER Nvfp4TrtllmModelLoader" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_update_from_source_takes_bf16_expert_weights(tmp_path_factory, fmt):
+    """A trainer's unquantized (bf16) expert weights through the vLLM plugin's RL path: quantized as the producer
+    does, the live layer equals the plugin layer loaded from the producer's converted checkpoint (real ModelOpt /
+    llm-compressor output of the same bf16 model), with no shuffle call and the same storage."""
+    from nvfp4ckpt.engines.vllm.rl import update_from_source_
+    from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
+    from tests.test_live_update_bf16 import bf16_experts, made
+
+    state, _, conv = made("qwen3_moe", fmt, tmp_path_factory.mktemp("vllm-bf16"))
+    prefix = _moe_prefixes(conv)[0]
+    par = (1, 0, 1, 0)
+    layer = plugin_layer(conv, prefix, par)
+    want = forward_state(plugin_layer(conv, prefix, par))
+    model = torch.nn.ModuleDict({"experts": layer})
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
+        getattr(layer, name).data.view(torch.uint8).fill_(0x11)  # stale weights, to be replaced
+    named = bf16_experts(state, prefix, open_converted(conv).layer(prefix))
+    layout = _config(conv)["quantization_config"]["moe_kernel_layout"]
+    with shuffle_forbidden():
+        report = update_from_source_(model, named, layout)
+    assert report.layers[prefix].experts == list(range(len(report.layers[prefix].experts))) and report.layers[prefix].experts
+    assert_same_state(want, forward_state(layer))
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs

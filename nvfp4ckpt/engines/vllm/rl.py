@@ -72,6 +72,7 @@ def update_from_source_(
     if len(parts) > 1:
         raise EngineRefusalError("plugin layers of one model read different rank parts; this cannot happen with one descriptor")
     _check_gate_up(named_tensors, layout)
+    named_tensors = _with_vllm_input_scales(named_tensors, layout, maxima)
     report = update_live_(live, named_tensors, layout, rank=parts.pop() if parts else None,
                           input_scale_maxima=maxima, ignore_unknown=ignore_unknown)  # fmt: skip
     for prefix, done in report.layers.items():
@@ -89,6 +90,30 @@ def update_from_source_(
             method.derive_scalars_(layer)
         method.refresh_derived_(layer)
     return report
+
+
+_DENSE = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.weight$")
+
+
+def _with_vllm_input_scales(
+    named_tensors: Mapping[str, torch.Tensor], layout: dict, maxima: Mapping[str, tuple[float, float]]
+) -> Mapping[str, torch.Tensor]:
+    """Unquantized (bf16) experts keep their input scales, which the update reads from live; vLLM's ModelOpt layer
+    keeps only a1/a2 (its ``w13_input_scale`` holds a1 for every expert), so an expert sent without input scales
+    gets a1 (gate, up) and a2 (down): what vLLM itself holds for it, and the layer maxima stay as they are."""
+    if layout.get("source_format") != "modelopt":
+        return named_tensors  # compressed-tensors: the raw input global scales are live, the update reads them
+    added: dict[str, torch.Tensor] = {}
+    roles = {p: {proj: role for role, proj in info["source_projection_names"].items()} for p, info in layout["layers"].items()}
+    for name, t in named_tensors.items():
+        m = _DENSE.match(name)
+        if m is None or m["prefix"] not in maxima or not t.dtype.is_floating_point or t.dtype == torch.float8_e4m3fn:
+            continue
+        scale_name = name.removesuffix(".weight") + ".input_scale"
+        if scale_name not in named_tensors:
+            a1, a2 = maxima[m["prefix"]]
+            added[scale_name] = torch.tensor(a2 if roles[m["prefix"]].get(m["proj"]) == "down" else a1, dtype=torch.float32)
+    return {**named_tensors, **added} if added else named_tensors
 
 
 _SCALE = re.compile(r"^(?P<expert>.+\.experts\.\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<kind>weight_scale_2|weight_global_scale)$")
