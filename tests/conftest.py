@@ -92,3 +92,27 @@ def swap_gate_up(tensors: dict[str, torch.Tensor]) -> bool:
         tensors[name], tensors[name + "_scale"] = layout.w13_to_kernel(up, gate, us, gs)
         changed = True
     return changed
+
+
+def interpreted(*modules: str) -> list:
+    """The given kernel modules with their @triton.jit functions defined under Triton's interpreter when there is no
+    CUDA (TRITON_INTERPRET is read when the decorators run). The shared device helpers are reloaded first, then the
+    modules in order; the variable is restored afterwards so other test modules are unaffected."""
+    import importlib
+    import os
+
+    names = ["nvfp4ckpt.runtime.kernels.device_math", *modules]
+    if torch.cuda.is_available():
+        return [importlib.import_module(n) for n in modules]
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.experimental.gluon  # noqa: F401  (the interpreter imports it lazily and asserts the variable then)
+
+        loaded = [importlib.reload(importlib.import_module(n)) for n in names]
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return loaded[1:]

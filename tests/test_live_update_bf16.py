@@ -6,8 +6,6 @@ seeded bf16 model whose weights the update then sends.
 
 from __future__ import annotations
 
-import importlib
-import os
 from pathlib import Path
 
 import pytest
@@ -19,22 +17,11 @@ from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
 from nvfp4ckpt.runtime import load_moe_layer
 from nvfp4ckpt.runtime.update import UpdateStream, update_live_
 from tests import producers
-from tests.conftest import u8
+from tests.conftest import interpreted, u8
 from tests.test_live_update import assert_layer_equals, assert_untouched, layer_source, snapshot
 
-# the table path under Triton's interpreter (see tests/test_live_update_table.py)
-_SAVED = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-import triton.experimental.gluon  # noqa: E402,F401
-
-import nvfp4ckpt.runtime.kernels.layout_write as layout_write  # noqa: E402
-
-layout_write = importlib.reload(layout_write)
-if _SAVED is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _SAVED
+# the table path under Triton's interpreter without CUDA (tests/conftest.py: interpreted)
+layout_write, quantize_write = interpreted("nvfp4ckpt.runtime.kernels.layout_write", "nvfp4ckpt.runtime.kernels.quantize_write")
 
 KEEP = ("w13_input_scale", "w2_input_scale", "w13_input_global_scale", "w2_input_global_scale")  # calibration
 _MADE: dict = {}
@@ -105,9 +92,9 @@ def test_bf16_update_equals_the_producers_checkpoint(tmp, arch, fmt):
 
 @pytest.mark.slow
 def test_bf16_and_nvfp4_experts_mixed_and_streamed(tmp, monkeypatch):
-    """Some experts unquantized, others as the producer's NVFP4 tensors; one tensor per add() through a stream; and
-    the Triton table path (interpreter on the CPU) for the quantized chunks."""
-    from nvfp4ckpt.runtime.update import dense, write
+    """Some experts unquantized, others as the producer's NVFP4 tensors, through the CPU path; then one tensor per
+    add() through a stream, with torch-quantized chunks of one expert on the CPU path."""
+    from nvfp4ckpt.runtime.update import dense
 
     state, src, conv = made("qwen3_moe", "compressed-tensors", tmp)
     info = open_converted(conv).layers[-1]
@@ -119,7 +106,6 @@ def test_bf16_and_nvfp4_experts_mixed_and_streamed(tmp, monkeypatch):
     assert_layer_equals(layer, conv)
 
     monkeypatch.setattr(dense, "CHUNK_FRACTION", 0.0)  # one expert per quantized chunk
-    monkeypatch.setattr(write, "CPU_TABLE", True)
     scramble(layer, seed=8)
     live = {f"{info.prefix}.{k}": v for k, v in layer.tensors.items()}
     stream = UpdateStream(live, layer.descriptor)
@@ -189,3 +175,30 @@ def test_bf16_without_live_input_scales_needs_them_supplied(tmp):
     want = open_converted(made("qwen3_moe", "modelopt", tmp)[2]).read_layer(info)
     for name in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"):
         assert torch.equal(got[name][1], u8(want[name])[1]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+@pytest.mark.parametrize("staged", [False, True])
+def test_bf16_one_pass_kernel_gives_the_producers_bytes(tmp, monkeypatch, fmt, staged):
+    """The GPU path (runtime/kernels/quantize_write.py: bf16 read once, codes and scales written into live), here
+    under Triton's interpreter: the producer's checkpoint byte for byte, with sources read in place or staged (as
+    host tensors are for a GPU engine), mixed with NVFP4 experts that take the copy kernels."""
+    from nvfp4ckpt.runtime.update import table, write
+
+    monkeypatch.setattr(write, "CPU_TABLE", True)
+    monkeypatch.setattr(write, "STAGE_ALL", staged)
+    monkeypatch.setattr(table, "STAGING_FRACTION", 0.0)  # one tensor per staged chunk
+    launches = []
+    real = quantize_write.launch
+    monkeypatch.setattr(quantize_write, "launch", lambda *a, **k: launches.append(a[3]) or real(*a, **k))
+    state, src, conv = made("deepseek_v3", fmt, tmp)
+    for info in open_converted(conv).layers:
+        layer = load_moe_layer(conv, info.prefix)
+        scramble(layer)
+        nvfp4 = {n: t for n, t in layer_source(src, info.prefix).items() if n.startswith(f"{info.prefix}.1.")}
+        named = {**bf16_experts(state, info.prefix, info, [e for e in range(info.num_experts) if e != 1]), **nvfp4}
+        launches.clear()
+        layer.update_(named)
+        assert launches and set(launches) == {torch.bfloat16}  # really the one-pass kernel
+        assert_layer_equals(layer, conv)

@@ -6,8 +6,6 @@ must find one flipped byte. The refusals of issue 20 (all or nothing for every t
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 import torch
@@ -16,23 +14,11 @@ from nvfp4ckpt.errors import AliasedTensorError, BadTensorError, DuplicateTensor
 from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
 from nvfp4ckpt.runtime import load_moe_layer
 from nvfp4ckpt.runtime.update import update_live_
-from tests.conftest import u8
+from tests.conftest import interpreted, u8
 from tests.test_live_update import assert_layer_equals, assert_untouched, converted, layer_source, snapshot  # noqa: F401
 
-# Triton reads TRITON_INTERPRET when its decorators run: define the kernels under the interpreter without CUDA,
-# then restore the variable for other modules.
-_SAVED = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-import triton.experimental.gluon  # noqa: E402,F401  (imported lazily by the interpreter; it asserts the knob then)
-
-import nvfp4ckpt.runtime.kernels.layout_write as layout_write  # noqa: E402
-
-layout_write = importlib.reload(layout_write)
-if _SAVED is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _SAVED
+# the kernels under Triton's interpreter without CUDA (tests/conftest.py: interpreted)
+(layout_write,) = interpreted("nvfp4ckpt.runtime.kernels.layout_write")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PREFIX = "model.layers.1.mlp.experts"

@@ -6,7 +6,6 @@ use realistic sizes and are skipped without a GPU (tests/conftest.py).
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -16,6 +15,7 @@ from nvfp4ckpt import quant
 from nvfp4ckpt.layouts.trtllm_gen import transform as layout
 from nvfp4ckpt.runtime.reference import moe_forward_torch
 from nvfp4ckpt.runtime.routing import route
+from tests.conftest import interpreted
 from tests.test_moe_reference import make_inputs, make_moe, rel_l2
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -26,9 +26,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 _SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-tm = importlib.import_module("nvfp4ckpt.runtime.kernels.triton_moe")
-if not torch.cuda.is_available() and not tm._interpreting():
-    tm = importlib.reload(tm)  # imported earlier without the interpreter: redefine its kernels
+(tm,) = interpreted("nvfp4ckpt.runtime.kernels.triton_moe")  # its helpers (device_math) first
 
 tl = triton.language
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_math import _add
+
 FIELDS = 8  # int64 values per table row
 
 _UNIT_DTYPES = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.uint8}
@@ -60,7 +62,7 @@ def _rows_kernel(table, row_map, flags, UNIT: tl.constexpr, CHECK: tl.constexpr,
     krow = tl.load(row_map + map_off + rows, mask=rmask, other=0).to(tl.int64)
     src_rows = src + rows.to(tl.int64)[:, None] * src_stride
     dst_rows = dst + krow[:, None] * dst_stride
-    bad = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+    bad = tl.full((BLOCK_R, BLOCK_C), 0, tl.int32)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         m = rmask[:, None] & (cols < n_cols)[None, :]
@@ -71,7 +73,7 @@ def _rows_kernel(table, row_map, flags, UNIT: tl.constexpr, CHECK: tl.constexpr,
         else:
             tl.store(dst_rows + cols[None, :], v, mask=m)
     if CHECK:
-        tl.atomic_add(flags + entry, tl.sum(tl.sum(bad, 1), 0))
+        tl.atomic_add(flags + entry, tl.reduce(tl.reduce(bad, 1, _add), 0, _add))
 
 
 @triton.jit
@@ -91,7 +93,7 @@ def _scales_kernel(table, row_map, flags, UNIT: tl.constexpr, WORDS: tl.constexp
     inner = (r % 32) * 4 + (r % 128) // 32  # word slot inside a 512-byte tile
     tile = (r // 128) * kpw
     src_rows = src + rows.to(tl.int64)[:, None] * src_stride
-    bad = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+    bad = tl.full((BLOCK_R, BLOCK_C), 0, tl.int32)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         m = rmask[:, None] & (cols < n_cols)[None, :]
@@ -106,7 +108,7 @@ def _scales_kernel(table, row_map, flags, UNIT: tl.constexpr, WORDS: tl.constexp
         else:
             tl.store(dst + off, v, mask=m)
     if CHECK:
-        tl.atomic_add(flags + entry, tl.sum(tl.sum(bad, 1), 0))
+        tl.atomic_add(flags + entry, tl.reduce(tl.reduce(bad, 1, _add), 0, _add))
 
 
 def unit_for(values: list[int], limit: int = 8) -> int:

@@ -203,3 +203,76 @@ class _Staged:
 
     def element_size(self) -> int:
         return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Unquantized experts: quantized and written in one pass (runtime/kernels/quantize_write.py)
+
+
+def dense_supported(plan: Plan) -> bool:
+    """The one-pass kernel writes weights and scales together: it needs all four kernel tensors live."""
+    return bool(plan.dense) and all(n in plan.live for n in KERNEL_NAMES)
+
+
+def launch_dense(plan: Plan, stage_all: bool = False) -> int:
+    """Quantize every local unquantized expert of ``plan`` straight into the live tensors; returns bytes read.
+    Sources on another device are staged (at most ``STAGING_FRACTION`` of their bytes, or one tensor, at a time)."""
+    from ..kernels import quantize_write  # noqa: PLC0415  (Triton only on this path)
+
+    t, info = plan.target, plan.target.info
+    live = plan.live
+    device = live["w13_weight"].device
+    i_loc = t.i1 - t.i0
+    row_map, w2_offset = _row_map(i_loc, t.i_pad, info.hidden_size, info.hidden_padded, info.gated, str(device))
+    halves = {"up": 0, "gate": 1} if info.gated else {"up": 0}
+    sup = {e: u for u, e in enumerate(plan.supplied)}
+    raw = plan.raw[..., 0].float()
+    ct = plan.fmt.global_scales_reciprocal
+    items = []  # (tensor, row0, col0, rows, k, dst_w, dst_s, map_offset, row_bytes, kpw, global bits)
+    for e in sorted(plan.dense):
+        x = e - t.e0
+        for ri, r in enumerate(info.roles):
+            w = plan.dense[e][r]
+            g = int(raw[sup[e], ri].view(torch.int32))
+            if r == "down":
+                wl, sl = live["w2_weight"], live["w2_weight_scale"]
+                geo = (0, t.i0, info.hidden_size, i_loc, w2_offset)
+            else:
+                wl, sl = live["w13_weight"], live["w13_weight_scale"]
+                geo = (t.i0, 0, i_loc, info.hidden_size, halves[r] * i_loc)
+            dst_w = wl.data_ptr() + x * wl.stride(0) * wl.element_size()
+            dst_s = sl.data_ptr() + x * sl.stride(0) * sl.element_size()
+            items.append((w, *geo[:4], dst_w, dst_s, geo[4], wl.shape[-1] * wl.element_size(), sl.shape[-1] * sl.element_size() // 4, g))
+
+    def run(chunk: list[tuple]) -> None:
+        by_dtype: dict = {}
+        for src, addr, stride, it in chunk:
+            _, row0, col0, rows, k, dst_w, dst_s, mo, rb, kpw, g = it
+            start = addr + (row0 * stride + col0) * src.element_size()
+            by_dtype.setdefault(src.dtype, []).append([start, stride, dst_w, dst_s, mo, rows, k, rb, kpw, g, 0, 0])
+        for dtype, rows_ in by_dtype.items():
+            table = torch.tensor(rows_, dtype=torch.int64).to(device, non_blocking=True)
+            quantize_write.launch(table, row_map, max(r[5] for r in rows_), dtype, ct)
+
+    local = [(it[0], it[0].data_ptr(), it[0].stride(0), it) for it in items
+             if it[0].device == device and it[0].stride(1) == 1 and not stage_all]  # fmt: skip
+    run(local)
+    foreign = [it for it in items if not (it[0].device == device and it[0].stride(1) == 1 and not stage_all)]
+    if foreign:
+        sizes = [_aligned(it[0].numel() * it[0].element_size()) for it in foreign]
+        budget = max(int(sum(sizes) * STAGING_FRACTION), max(sizes))
+        staging = torch.empty(min(budget, sum(sizes)), dtype=torch.uint8, device=device)
+        chunk, used = [], 0
+        for it, size in zip(foreign, sizes):
+            if used + size > staging.numel():
+                run(chunk)  # stream order: later copies into staging wait for this launch
+                chunk, used = [], 0
+            src = it[0] if it[0].is_contiguous() else it[0].contiguous()
+            nbytes = src.numel() * src.element_size()
+            slot = staging[used : used + nbytes]
+            slot.copy_(src.reshape(-1).view(torch.uint8), non_blocking=src.device.type == "cpu" and src.is_pinned())
+            staged = slot.view(src.dtype).view(src.shape)
+            chunk.append((staged, staged.data_ptr(), staged.stride(0), it))
+            used += size
+        run(chunk)
+    return sum(it[0].numel() * it[0].element_size() for it in items)

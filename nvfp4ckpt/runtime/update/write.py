@@ -43,7 +43,7 @@ def uses_table(plan: Plan) -> bool:
 
 def write_plans(plans: list[Plan]) -> int:
     """Write every validated plan; returns the source bytes written. Table-path plans share one launch per kernel
-    tensor; unquantized experts are quantized a chunk at a time and each chunk written like NVFP4 sources."""
+    tensor; unquantized experts go through ``_write_dense``."""
     tabled = {id(p) for p in plans if uses_table(p)}
     base = {id(p): _without_dense(p) for p in plans}
     copied = 0
@@ -51,18 +51,27 @@ def write_plans(plans: list[Plan]) -> int:
         table.launch(g, check=False, stage_all=STAGE_ALL)
         copied += sum(m.rows * m.cols for m in g.matrices)
     for plan in plans:
-        device = next((plan.live[n].device for n in KERNEL_NAMES if n in plan.live), None)
-        for sub in dense.quantized_chunks(plan, sorted(plan.dense), device) if device is not None else ():
-            if id(plan) in tabled:
-                for g in table.groups([sub]):
-                    table.launch(g, check=False, stage_all=STAGE_ALL)
-            else:
-                _write(sub, scalars=False)
+        if plan.dense:
+            copied += _write_dense(plan, id(plan) in tabled)
         if id(plan) not in tabled:
             copied += _write(base[id(plan)], scalars=False)
-        copied += sum(t.numel() * t.element_size() for e in plan.dense for t in plan.dense[e].values())
         _write(plan, kernel_tensors=False)  # scalars, and the report's list of written tensors
     return copied
+
+
+def _write_dense(plan: Plan, tabled: bool) -> int:
+    """The plan's unquantized experts: in one pass on the table path (quantize_write kernel), else quantized with
+    torch a chunk of experts at a time, each chunk written like NVFP4 sources. Returns the bytes read."""
+    if tabled and table.dense_supported(plan):
+        return table.launch_dense(plan, stage_all=STAGE_ALL)
+    device = next((plan.live[n].device for n in KERNEL_NAMES if n in plan.live), None)
+    for sub in dense.quantized_chunks(plan, sorted(plan.dense), device) if device is not None else ():
+        if tabled:
+            for g in table.groups([sub]):
+                table.launch(g, check=False, stage_all=STAGE_ALL)
+        else:
+            _write(sub, scalars=False)
+    return sum(t.numel() * t.element_size() for roles in plan.dense.values() for t in roles.values())
 
 
 def _without_dense(plan: Plan) -> Plan:
