@@ -4,6 +4,15 @@ per-expert loop and a plain copy of the same bytes.
 
     python scripts/bench_reload.py [--device cpu|cuda] [--shape qwen3-30b-a3b --shape deepseek-v3] [--experts N]
                                    [--repeats 5] [--threads N] [--source-device cpu] [--json out.json]
+                                   [--model-layers 48] [--bf16] [--host-overhead]
+
+``--model-layers N``: also every MoE layer of an N-layer model of the shape at once (model-level update_live_ and
+UpdateStream fed one tensor per add(), against the sum of the per-layer floors). ``--bf16``: unquantized sources
+(issue 21) in both source formats, against the engine refit path (FlashInfer's fp4_quantize per expert + the
+shuffle loop) and the memory floor (bf16 read + FP4 written). ``--host-overhead``: only the GPU path's host work,
+timed on the CPU with the launches stubbed out. On CUDA the NVFP4 run also times pinned and pageable host sources
+against host-to-device copies of the same bytes, records whether update_live_ can be captured in a CUDA graph, and
+loads the Triton kernels first (``warmup()``; its time is a row of its own).
 
 Per shape, with ModelOpt per-expert source tensors (random valid NVFP4 bytes, on --device, as a trainer holds them)
 and live kernel-layout tensors already allocated on --device:
@@ -70,10 +79,10 @@ def descriptor(arch: str, e: int, h: int, i: int) -> dict:
     return build_descriptor(source_format="modelopt", architecture=arch, routing={}, layers=[info], config_had_quantization_config=True)
 
 
-def make_live(e: int, h: int, i: int, dev: torch.device) -> dict[str, torch.Tensor]:
+def make_live(e: int, h: int, i: int, dev: torch.device, fmt: str = "modelopt") -> dict[str, torch.Tensor]:
     return {
         name: torch.zeros(shape, dtype=torch_dtype(dtype), device=dev)
-        for name, dtype, shape in canonical_specs(PREFIX, e, h, i, "modelopt", "F32")
+        for name, dtype, shape in canonical_specs(PREFIX, e, h, i, fmt, "F32")
     }
 
 
@@ -325,11 +334,11 @@ def host_overhead(shape: str, experts: int | None, repeats: int) -> dict:
 
 
 def table(r: dict) -> str:
-    floor = r["rows"]["copy floor: one layer-sized Tensor.copy_"]["s"]
+    floor = r["rows"][r.get("floor_key", "copy floor: one layer-sized Tensor.copy_")]["s"]
     scaled = "" if r["experts"] == r["experts_full"] else f", {r['experts']} of its {r['experts_full']} experts"
     out = [
         f"### {r['shape']} layer shape ({r['layer_bytes'] / 1e9:.3f} GB of kernel tensors{scaled}), {r['device']} "
-        f"(sources on {r['source_device']}), "
+        f"(sources on {r['source_device']}{', bf16 sources, ' + r['format'] + ' layout' if 'format' in r else ''}), "
         f"{r['torch_threads']} torch threads; bytes identical across methods: {r['identical_bytes']}",
         "",
         "| method | time ms | x layer copy floor | extra peak memory MB | extra memory % of layer |",
@@ -343,6 +352,96 @@ def table(r: dict) -> str:
     return "\n".join(out)
 
 
+def make_bf16_source(e: int, h: int, i: int, dev: torch.device, seed: int, fmt: str) -> dict[str, torch.Tensor]:
+    """A trainer's unquantized experts (bf16, N(0, 0.02)); ModelOpt: plus each expert's input scales (live ones are
+    kept otherwise, as compressed-tensors' raw input global scales are here)."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for x in range(e):
+        for proj, (n, k) in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+            out[f"{PREFIX}.{x}.{proj}.weight"] = (torch.randn((n, k), generator=g, device=dev) * 0.02).to(torch.bfloat16)
+            if fmt == "modelopt":
+                out[f"{PREFIX}.{x}.{proj}.input_scale"] = torch.tensor(2e-3, dtype=torch.float32, device=dev)
+    return out
+
+
+def flashinfer_refit(src: dict[str, torch.Tensor], live: dict[str, torch.Tensor], e: int, dev: torch.device, cache: dict) -> str:
+    """What an engine's online NVFP4 refit does: FlashInfer's fp4_quantize per expert and projection (global scale
+    2688/amax), then the per-expert shuffle loop. Falls back to nvfp4ckpt.producer_quant where fp4_quantize does not
+    run (it needs a Blackwell GPU); returns which quantizer ran."""
+    from nvfp4ckpt import producer_quant
+
+    try:
+        from flashinfer import fp4_quantize
+    except ImportError:
+        fp4_quantize = None
+    quantized: dict[str, torch.Tensor] = {}
+    which = "flashinfer.fp4_quantize"
+    for x in range(e):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            w = src[f"{PREFIX}.{x}.{proj}.weight"]
+            gs = (448.0 * 6.0) / w.float().abs().amax()
+            try:
+                if fp4_quantize is None:
+                    raise RuntimeError("no flashinfer")
+                packed, sf = fp4_quantize(w, gs, 16, False, False)
+                scale = sf.view(torch.float8_e4m3fn).reshape(w.shape[0], -1)
+            except Exception:  # noqa: BLE001  (SM90: no FP4 conversion instructions)
+                which = "nvfp4ckpt.producer_quant (fp4_quantize does not run on this GPU)"
+                (q,) = producer_quant.quantize_compressed_tensors([w])
+                packed, scale = q.weight[0], q.weight_scale[0]
+            quantized[f"{PREFIX}.{x}.{proj}.weight"] = packed.view(torch.uint8)
+            quantized[f"{PREFIX}.{x}.{proj}.weight_scale"] = scale
+    engine_loop(quantized, live, e, dev, cache)
+    return which
+
+
+def bench_bf16(shape: str, experts: int | None, dev: torch.device, repeats: int, fmt: str) -> dict:
+    """Unquantized (bf16) sources: update_live_ (quantize + layout in one pass on CUDA) against the path it replaces
+    (fp4_quantize per expert + the per-expert shuffle loop) and the memory floor (bf16 bytes read plus FP4 bytes
+    written, at the device copy bandwidth). The GPU bytes are checked against the CPU path on two experts."""
+    arch, e_full, h, i = SHAPES[shape]
+    e = experts or e_full
+    src = make_bf16_source(e, h, i, dev, 3, fmt)
+    layout = dict(descriptor(arch, e, h, i), source_format=fmt)
+    live = make_live(e, h, i, dev, fmt)
+    for name, t in live.items():
+        if name.endswith("input_global_scale"):
+            t.fill_(500.0)  # calibration, kept by a weight update
+        elif name.endswith("input_scale"):
+            t.fill_(1 / 500)
+    meter = Meter(dev)
+    rows: dict[str, dict] = {}
+    if dev.type == "cuda":
+        live_mod.warmup(dev)
+    t, m = meter.once(lambda: live_mod.update_live_(live, src, layout))
+    rows["nvfp4ckpt update_live_ from bf16, cold"] = {"s": t, "extra_bytes": m}
+    t, m = meter.median(lambda: live_mod.update_live_(live, src, layout), repeats)
+    rows["nvfp4ckpt update_live_ from bf16, warm"] = {"s": t, "extra_bytes": m}
+    two = {n: v.cpu() for n, v in src.items() if n.startswith((f"{PREFIX}.0.", f"{PREFIX}.1."))}
+    cpu_layout = dict(descriptor(arch, 2, h, i), source_format=fmt)
+    cpu_live = {k: v[:2].cpu().clone() if v.dim() and v.shape[0] == e else v.cpu().clone() for k, v in live.items()}
+    live_mod.update_live_(cpu_live, two, cpu_layout)
+    identical = all(torch.equal(u8(cpu_live[f"{PREFIX}.{k}"]), u8(live[f"{PREFIX}.{k}"][:2].cpu())) for k in KERNEL)
+    cache: dict = {}
+    which = flashinfer_refit(src, live, e, dev, cache)
+    t, m = meter.median(lambda: flashinfer_refit(src, live, e, dev, cache), repeats)
+    rows[f"engine refit: {which} + per-expert shuffle loop, warm"] = {"s": t, "extra_bytes": m}
+    bf16_bytes = sum(v.numel() * v.element_size() for n, v in src.items() if n.endswith(".weight"))
+    fp4_bytes = sum(live[f"{PREFIX}.{k}"].numel() for k in KERNEL)
+    moved = (bf16_bytes + fp4_bytes) // 2  # a copy of n bytes reads n and writes n
+    a = torch.zeros(moved, dtype=torch.uint8, device=dev)
+    b = torch.ones(moved, dtype=torch.uint8, device=dev)
+    t, m = meter.median(lambda: a.copy_(b), repeats)
+    rows["memory floor: bf16 read + FP4 written, at copy bandwidth"] = {"s": t, "extra_bytes": m}
+    return {
+        "shape": shape, "experts": e, "experts_full": e_full, "hidden": h, "intermediate": i, "layer_bytes": fp4_bytes,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(),
+        "source_device": str(dev), "format": fmt, "identical_bytes": identical, "rows": rows,
+        "floor_key": "memory floor: bf16 read + FP4 written, at copy bandwidth",
+    }  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -354,6 +453,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--model-layers", type=int, help="also update every MoE layer of a model of --shape at once (e.g. 48)")
     ap.add_argument("--host-overhead", action="store_true", help="only time the GPU path's host work (runs on the CPU)")
+    ap.add_argument("--bf16", action="store_true", help="unquantized bf16 sources (issue 21) instead of NVFP4 ones")
     args = ap.parse_args()
     if args.host_overhead:
         for shape in args.shape or sorted(SHAPES, reverse=True):
@@ -366,6 +466,12 @@ def main() -> int:
     dev = torch.device(args.device)
     results = []
     for shape in args.shape or sorted(SHAPES, reverse=True):
+        if args.bf16:
+            for fmt in ("modelopt", "compressed-tensors"):
+                r = bench_bf16(shape, args.experts, dev, args.repeats, fmt)
+                results.append(r)
+                print(table(r) + "\n", flush=True)
+            continue
         r = bench_shape(shape, args.experts, dev, args.repeats, torch.device(args.source_device) if args.source_device else None)
         results.append(r)
         print(table(r) + "\n", flush=True)

@@ -37,6 +37,10 @@ class UpdateStream:
         self.ignore_unknown = ignore_unknown
         self.max_pending_bytes = max_pending_bytes
         self.pending: dict[str, dict[str, torch.Tensor]] = {}  # layer prefix -> source name -> tensor
+        # per layer, kept up to date by add() so that each call costs what it adds (not what is held):
+        self.slots: dict[str, dict[int | None, dict[tuple[str, str], str]]] = {}  # expert (None: fused) -> (role, kind) -> name
+        self.full: dict[str, set[int | None]] = {}  # held experts that are complete
+        self.covered: dict[str, set[int]] = {}  # experts complete or applied
         self.applied: dict[str, set[int]] = {}  # layer prefix -> experts applied by this stream so far
         self.known: dict[str, dict[int, tuple[float, float]]] = {}  # their input scales: later a1/a2 decisions see them
         self.ignored: list[str] = []
@@ -49,11 +53,19 @@ class UpdateStream:
         for prefix, entries in grouped.items():
             held = self.pending.setdefault(prefix, {})
             held.update({name: named_tensors[name] for name in entries["names"].values()})
+            slots = self.slots.setdefault(prefix, {})
+            touched = set()
+            for (expert, role, kind), name in entries["names"].items():
+                slots.setdefault(expert, {})[(role, kind)] = name
+                touched.add(expert)
+            for expert in touched:
+                if self._is_full(prefix, slots[expert], expert):
+                    self.full.setdefault(prefix, set()).add(expert)
+                    self.covered.setdefault(prefix, set()).update(self._experts_of(prefix, expert))
         done = []
         for prefix in list(grouped):
-            ready = self._complete(prefix)
-            if ready is not None and ready[0]:
-                done += self._apply(prefix, ready[1], defer=False)  # the (rest of the) whole layer
+            if len(self.covered.get(prefix, ())) == self.ctx.targets[prefix].info.num_experts and self.full.get(prefix):
+                done += self._apply(prefix, self._full_names(prefix), defer=False)  # the (rest of the) whole layer
         if self.max_pending_bytes is not None and self.pending_bytes > self.max_pending_bytes:
             done += self.flush()
         return done
@@ -62,9 +74,8 @@ class UpdateStream:
         """Apply every complete expert now (those whose a1/a2 cannot be determined yet keep waiting)."""
         done = []
         for prefix in list(self.pending):
-            ready = self._complete(prefix)
-            if ready is not None and ready[1]:
-                done += self._apply(prefix, ready[1], defer=True)
+            if self.full.get(prefix):
+                done += self._apply(prefix, self._full_names(prefix), defer=True)
         return done
 
     def finish(self) -> list[UpdateReport]:
@@ -83,23 +94,20 @@ class UpdateStream:
     def pending_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for held in self.pending.values() for t in held.values())
 
-    def _complete(self, prefix: str) -> tuple[bool, list[str]] | None:
-        """(whether every expert of the layer not yet applied is held and complete, names of the complete experts'
-        tensors)."""
-        held = self.pending.get(prefix)
-        if not held:
-            return None
-        entries = self.ctx.group(held, False)[0][prefix]
-        info = self.ctx.targets[prefix].info
-        if entries["fused"]:
-            complete = all(k in entries["fused"].get(r, {}) for r in _FUSED_ROLES for k in KINDS)
-            return (complete, list(held) if complete else [])
-        names = entries["names"]
-        full = [e for e, roles in entries["experts"].items()
-                if all(k in roles.get(r, {}) for r in info.roles for k in KINDS)
-                or all("dense" in roles.get(r, {}) for r in info.roles)]  # unquantized: input scales optional
-        ready = [names[(e, r, k)] for e in full for r in info.roles for k in (*KINDS, "dense") if (e, r, k) in names]
-        return len(set(full) | self.applied.get(prefix, set())) == info.num_experts, ready
+    def _is_full(self, prefix: str, slot: dict[tuple[str, str], str], expert: int | None) -> bool:
+        """Whether one held expert (or the fused tensors) is complete: every kind of every projection, or every
+        projection unquantized (their input scales are optional)."""
+        if expert is None:
+            return all((r, k) in slot for r in _FUSED_ROLES for k in KINDS)
+        roles = self.ctx.targets[prefix].info.roles
+        return all((r, k) in slot for r in roles for k in KINDS) or all((r, "dense") in slot for r in roles)
+
+    def _experts_of(self, prefix: str, expert: int | None) -> range | tuple[int]:
+        return range(self.ctx.targets[prefix].info.num_experts) if expert is None else (expert,)
+
+    def _full_names(self, prefix: str) -> list[str]:
+        slots = self.slots[prefix]
+        return [name for e in self.full[prefix] for name in slots[e].values()]
 
     def _apply(self, prefix: str, names: list[str], defer: bool) -> list[UpdateReport]:
         held = self.pending[prefix]
@@ -112,6 +120,10 @@ class UpdateStream:
             raise
         for n in names:
             del held[n]
+        applied_slots = {e for e in self.full.get(prefix, set()) if all(n not in held for n in self.slots[prefix][e].values())}
+        for e in applied_slots:
+            del self.slots[prefix][e]
+        self.full[prefix] = self.full.get(prefix, set()) - applied_slots
         if not held:
             del self.pending[prefix]
         done = report.layers.get(prefix)
