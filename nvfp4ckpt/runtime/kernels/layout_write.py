@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .device_math import _add
 
 FIELDS = 8  # int64 values per table row
 
@@ -47,6 +46,14 @@ class TableRow:
 
 
 @triton.jit
+def _count(flag, differs):
+    """Add the number of differing units to ``flag``: one atomic per differing unit and none where all agree (no
+    reduction, which Triton's interpreter runs element by element in Python)."""
+    where = flag + tl.full(differs.shape, 0, tl.int64)
+    tl.atomic_add(where, tl.full(differs.shape, 1, tl.int32), mask=differs)
+
+
+@triton.jit
 def _rows_kernel(table, row_map, flags, UNIT: tl.constexpr, CHECK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     entry = tl.program_id(0)
     t = table + entry * 8
@@ -62,18 +69,15 @@ def _rows_kernel(table, row_map, flags, UNIT: tl.constexpr, CHECK: tl.constexpr,
     krow = tl.load(row_map + map_off + rows, mask=rmask, other=0).to(tl.int64)
     src_rows = src + rows.to(tl.int64)[:, None] * src_stride
     dst_rows = dst + krow[:, None] * dst_stride
-    bad = tl.full((BLOCK_R, BLOCK_C), 0, tl.int32)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         m = rmask[:, None] & (cols < n_cols)[None, :]
         v = tl.load(src_rows + cols[None, :], mask=m, other=0)
         if CHECK:
             cur = tl.load(dst_rows + cols[None, :], mask=m, other=0)
-            bad += (cur != v).to(tl.int32)
+            _count(flags + entry, (cur != v) & m)
         else:
             tl.store(dst_rows + cols[None, :], v, mask=m)
-    if CHECK:
-        tl.atomic_add(flags + entry, tl.reduce(tl.reduce(bad, 1, _add), 0, _add))
 
 
 @triton.jit
@@ -93,7 +97,6 @@ def _scales_kernel(table, row_map, flags, UNIT: tl.constexpr, WORDS: tl.constexp
     inner = (r % 32) * 4 + (r % 128) // 32  # word slot inside a 512-byte tile
     tile = (r // 128) * kpw
     src_rows = src + rows.to(tl.int64)[:, None] * src_stride
-    bad = tl.full((BLOCK_R, BLOCK_C), 0, tl.int32)
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         m = rmask[:, None] & (cols < n_cols)[None, :]
@@ -104,11 +107,9 @@ def _scales_kernel(table, row_map, flags, UNIT: tl.constexpr, WORDS: tl.constexp
             off = (tile[:, None] + cols[None, :] // 4) * 512 + inner[:, None] * 4 + cols[None, :] % 4
         if CHECK:
             cur = tl.load(dst + off, mask=m, other=0)
-            bad += (cur != v).to(tl.int32)
+            _count(flags + entry, (cur != v) & m)
         else:
             tl.store(dst + off, v, mask=m)
-    if CHECK:
-        tl.atomic_add(flags + entry, tl.reduce(tl.reduce(bad, 1, _add), 0, _add))
 
 
 def unit_for(values: list[int], limit: int = 8) -> int:

@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .device_math import _max, _round_to_e4m3, _to_bf16_rne
+from .device_math import _round_to_e4m3, _to_bf16_rne
+
+_MAX = tl.standard._elementwise_max
 
 FIELDS = 12
 _SRC = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -78,7 +80,8 @@ def _quantize_kernel(table, row_map, SRC: tl.constexpr, CT: tl.constexpr, BLOCK_
         m = rmask[:, None, None] & (col < k)
         ev = tl.load(src_rows + col, mask=m, other=0.0).to(tl.float32)
         od = tl.load(src_rows + col + 1, mask=m, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.reduce(tl.abs(ev), 2, _max), tl.reduce(tl.abs(od), 2, _max))  # [BLOCK_R, NB], exact
+        # triton's own max combiner: a numpy reduction under the interpreter (a custom one runs per element)
+        amax = tl.maximum(tl.reduce(tl.abs(ev), 2, _MAX), tl.reduce(tl.abs(od), 2, _MAX))  # [BLOCK_R, NB], exact
         if CT:
             local = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
             if SRC == tl.bfloat16:
