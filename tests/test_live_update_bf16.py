@@ -19,10 +19,12 @@ from nvfp4ckpt.runtime.update import UpdateStream, update_live_
 from tests import producers
 from tests.conftest import interpreted, u8
 from tests.test_live_update import assert_layer_equals, assert_untouched, layer_source, snapshot
+from tests.test_live_update_table import on_cpu
 
 # the table path under Triton's interpreter without CUDA (tests/conftest.py: interpreted)
 layout_write, quantize_write = interpreted("nvfp4ckpt.runtime.kernels.layout_write", "nvfp4ckpt.runtime.kernels.quantize_write")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the one-pass kernel: compiled on CUDA, interpreted here
 KEEP = ("w13_input_scale", "w2_input_scale", "w13_input_global_scale", "w2_input_global_scale")  # calibration
 _MADE: dict = {}
 
@@ -66,8 +68,9 @@ def scramble(layer, seed: int = 7) -> None:
         if name not in KEEP:
             u8(t).copy_(torch.randint(0, 256, (u8(t).numel(),), dtype=torch.uint8, generator=g).view(u8(t).shape))
     for name in ("w13_weight_scale_2", "w2_weight_scale_2", "g1_alphas", "g1_scale_c", "g2_alphas", "w13_input_scale_quant"):
-        if name in layer.tensors:
-            layer.tensors[name].uniform_(0.5, 2.0, generator=g)  # positive and finite, but wrong
+        if name in layer.tensors:  # positive and finite, but wrong
+            t = layer.tensors[name]
+            t.copy_(torch.empty(t.shape, dtype=t.dtype).uniform_(0.5, 2.0, generator=g))
 
 
 @pytest.mark.slow
@@ -194,11 +197,37 @@ def test_bf16_one_pass_kernel_gives_the_producers_bytes(tmp, monkeypatch, fmt, s
     monkeypatch.setattr(quantize_write, "launch", lambda *a, **k: launches.append(a[3]) or real(*a, **k))
     state, src, conv = made("deepseek_v3", fmt, tmp)
     for info in open_converted(conv).layers:
-        layer = load_moe_layer(conv, info.prefix)
+        layer = load_moe_layer(conv, info.prefix, DEVICE)
         scramble(layer)
         nvfp4 = {n: t for n, t in layer_source(src, info.prefix).items() if n.startswith(f"{info.prefix}.1.")}
         named = {**bf16_experts(state, info.prefix, info, [e for e in range(info.num_experts) if e != 1]), **nvfp4}
         launches.clear()
         layer.update_(named)
         assert launches and set(launches) == {torch.bfloat16}  # really the one-pass kernel
-        assert_layer_equals(layer, conv)
+        assert_layer_equals(on_cpu(layer), conv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_one_pass_kernel_on_cuda_gives_the_cpu_bytes(example_factory, tmp_path, fmt):
+    """On CUDA the one-pass kernel (bf16 read once) writes exactly the bytes of the CPU path, which the tests above
+    hold to the real producers' checkpoints; host (pinned) and device sources, pointers unchanged."""
+    src = example_factory("qwen3_moe", fmt, 0)
+    convert_checkpoint(src, tmp_path / "c")
+    info = open_converted(tmp_path / "c").layers[-1]
+    g = torch.Generator().manual_seed(5)
+    h, i = info.hidden_size, info.intermediate_size
+    named = {}
+    for e in range(info.num_experts):
+        for r, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
+            named[f"{info.prefix}.{e}.{info.proj_names[r]}.weight"] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    cpu = load_moe_layer(tmp_path / "c", info.prefix)
+    cpu.update_(named)
+    for sources in ({n: t.cuda() for n, t in named.items()}, {n: t.pin_memory() for n, t in named.items()}):
+        gpu = load_moe_layer(tmp_path / "c", info.prefix, "cuda")
+        ptrs = {k: v.data_ptr() for k, v in gpu.tensors.items()}
+        gpu.update_(sources)
+        assert {k: v.data_ptr() for k, v in gpu.tensors.items()} == ptrs
+        for name, t in cpu.tensors.items():
+            assert torch.equal(u8(gpu.tensors[name].cpu()), u8(t)), name
+        assert gpu.check_live(tensors=sources).ok

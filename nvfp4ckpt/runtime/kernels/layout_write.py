@@ -16,12 +16,12 @@ column ``c``) lands at the 128x4 swizzle's offset (docs/layout.md):
 with ``KPW`` the padded scale columns / 4. In ``CHECK`` mode nothing is written: each table row's count of differing
 units is added to ``flags[row]`` (one read-back for the whole check).
 
-Table rows are ``FIELDS`` int64 values, see ``TableRow``. Runs under ``TRITON_INTERPRET=1`` on the CPU (tests).
+Table rows are ``FIELDS`` int64 values: the source matrix's address, its row stride (units), the address of its
+expert's live slice, the index of its first row in the row map, rows, units per source row, and for weights the live
+row stride (units), for scales KPW; one spare. Runs under ``TRITON_INTERPRET=1`` on the CPU (tests).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,18 +33,6 @@ FIELDS = 8  # int64 values per table row
 _UNIT_DTYPES = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.uint8}
 
 
-@dataclass(frozen=True)
-class TableRow:
-    src: int  # address of the source matrix's first element
-    src_stride: int  # source row stride, in units
-    dst: int  # address of the expert's slice of the live tensor
-    map_offset: int  # index of this matrix's first row in the row map
-    rows: int
-    cols: int  # units per source row
-    dst_stride: int  # weights: live row stride in units; scales: KPW (padded scale words per row / 4 bytes)
-    spare: int = 0
-
-
 @triton.jit
 def _count(flag, differs):
     """Add the number of differing units to ``flag``: one atomic per differing unit and none where all agree (no
@@ -54,7 +42,12 @@ def _count(flag, differs):
 
 
 @triton.jit
-def _rows_kernel(table, row_map, flags, UNIT: tl.constexpr, CHECK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scatter_kernel(
+    table, row_map, flags, UNIT: tl.constexpr, SCALES: tl.constexpr, WORDS: tl.constexpr, CHECK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_R source rows of one table row's matrix, BLOCK_C units at a time. Weights go to whole kernel
+    rows (``dst_stride`` units apart); scales to their 128x4-swizzled words (``WORDS``) or bytes."""
     entry = tl.program_id(0)
     t = table + entry * 8
     n_rows = tl.load(t + 4)
@@ -65,62 +58,27 @@ def _rows_kernel(table, row_map, flags, UNIT: tl.constexpr, CHECK: tl.constexpr,
     dst = tl.load(t + 2).to(tl.pointer_type(UNIT))
     map_off = tl.load(t + 3)
     n_cols = tl.load(t + 5)
-    dst_stride = tl.load(t + 6)
-    krow = tl.load(row_map + map_off + rows, mask=rmask, other=0).to(tl.int64)
-    src_rows = src + rows.to(tl.int64)[:, None] * src_stride
-    dst_rows = dst + krow[:, None] * dst_stride
-    for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = rmask[:, None] & (cols < n_cols)[None, :]
-        v = tl.load(src_rows + cols[None, :], mask=m, other=0)
-        if CHECK:
-            cur = tl.load(dst_rows + cols[None, :], mask=m, other=0)
-            _count(flags + entry, (cur != v) & m)
-        else:
-            tl.store(dst_rows + cols[None, :], v, mask=m)
-
-
-@triton.jit
-def _scales_kernel(table, row_map, flags, UNIT: tl.constexpr, WORDS: tl.constexpr, CHECK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    entry = tl.program_id(0)
-    t = table + entry * 8
-    n_rows = tl.load(t + 4)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
-    src = tl.load(t + 0).to(tl.pointer_type(UNIT))
-    src_stride = tl.load(t + 1)
-    dst = tl.load(t + 2).to(tl.pointer_type(UNIT))
-    map_off = tl.load(t + 3)
-    n_cols = tl.load(t + 5)
-    kpw = tl.load(t + 6)
-    r = tl.load(row_map + map_off + rows, mask=rmask, other=0).to(tl.int64)
-    inner = (r % 32) * 4 + (r % 128) // 32  # word slot inside a 512-byte tile
-    tile = (r // 128) * kpw
+    dst_stride = tl.load(t + 6)  # scales: KPW
+    r = tl.load(row_map + map_off + rows, mask=rmask, other=0).to(tl.int64)  # kernel row of each source row
+    inner = (r % 32) * 4 + (r % 128) // 32  # scales: word slot inside a 512-byte tile
+    tile = (r // 128) * dst_stride
     src_rows = src + rows.to(tl.int64)[:, None] * src_stride
     for c0 in range(0, n_cols, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         m = rmask[:, None] & (cols < n_cols)[None, :]
         v = tl.load(src_rows + cols[None, :], mask=m, other=0)
-        if WORDS:
-            off = (tile[:, None] + cols[None, :]) * 128 + inner[:, None]
+        if SCALES:
+            if WORDS:
+                off = (tile[:, None] + cols[None, :]) * 128 + inner[:, None]
+            else:
+                off = (tile[:, None] + cols[None, :] // 4) * 512 + inner[:, None] * 4 + cols[None, :] % 4
         else:
-            off = (tile[:, None] + cols[None, :] // 4) * 512 + inner[:, None] * 4 + cols[None, :] % 4
+            off = r[:, None] * dst_stride + cols[None, :]
         if CHECK:
             cur = tl.load(dst + off, mask=m, other=0)
             _count(flags + entry, (cur != v) & m)
         else:
             tl.store(dst + off, v, mask=m)
-
-
-def unit_for(values: list[int], limit: int = 8) -> int:
-    """The largest word size (8, 4, 2 or 1 bytes) that divides every address, stride and row length given."""
-    acc = 0
-    for v in values:
-        acc |= v
-    unit = limit
-    while unit > 1 and acc % unit:
-        unit //= 2
-    return unit
 
 
 def launch(
@@ -135,10 +93,9 @@ def launch(
     grid = (n, triton.cdiv(max_rows, block_r))
     check = flags is not None
     args = (table, row_map, flags if check else table)
-    if scales:
-        _scales_kernel[grid](*args, UNIT=_UNIT_DTYPES[unit], WORDS=unit == 4, CHECK=check, BLOCK_R=block_r, BLOCK_C=block_c)
-    else:
-        _rows_kernel[grid](*args, UNIT=_UNIT_DTYPES[unit], CHECK=check, BLOCK_R=block_r, BLOCK_C=block_c)
+    _scatter_kernel[grid](
+        *args, UNIT=_UNIT_DTYPES[unit], SCALES=scales, WORDS=scales and unit == 4, CHECK=check, BLOCK_R=block_r, BLOCK_C=block_c,
+    )  # fmt: skip
 
 
 def warmup(device: torch.device | str) -> None:
