@@ -138,3 +138,49 @@ def test_numerics_take_routing_from_the_source(pair, tmp_path):
     assert numerics.status == "fail", numerics
     good = verify_checkpoint(conv, source=src, checks=("numerics",), backend="torch", tokens=16, layers=["0"])
     assert good.passed
+
+
+# ---- Issue 24: the source quantization config revert writes back ------------------------------------------------
+
+
+def _source_quant(value):
+    def edit(cfg):
+        cfg["quantization_config"]["source_quantization_config"] = value
+
+    return edit
+
+
+SOURCE_QUANT = {
+    "fp8": {"quant_method": "modelopt", "quant_algo": "FP8", "group_size": 16},
+    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}},
+    "a string": "NVFP4",
+    "null": None,
+    "a list": [1],
+}
+
+
+@pytest.mark.parametrize("what", sorted(SOURCE_QUANT))
+def test_source_quantization_config_checked_against_source_format(pair, tmp_path, capsys, what):
+    src, conv = pair
+    bad = tamper(conv, tmp_path / "bad", lambda d: None, _source_quant(SOURCE_QUANT[what]))
+    for source in (None, src):
+        row = _descriptor_row(verify_checkpoint(bad, source=source, checks=("structure",)))
+        assert row.status == "fail", (what, source, row)
+        assert any("source_quantization_config" in p for p in row.problems), row.problems
+    code = main(["verify", str(bad), "--check", "structure", "--quiet"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and "source_quantization_config" in err, err
+    before = tree_digest(bad)
+    code = main(["revert", str(bad), str(tmp_path / "back")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code != 0 and "source_quantization_config" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "back").exists() and tree_digest(bad) == before
+
+
+def test_source_quantization_config_changed_within_nvfp4_only_the_source_reveals(pair, tmp_path):
+    src, conv = pair
+    cfg = json.loads((conv / "config.json").read_text())["quantization_config"]["source_quantization_config"]
+    bad = tamper(conv, tmp_path / "bad", lambda d: None, _source_quant({**cfg, "exclude_modules": ["lm_head"]}))
+    assert _descriptor_row(verify_checkpoint(bad, checks=("structure",))).status == "pass"
+    row = _descriptor_row(verify_checkpoint(bad, source=src, checks=("structure",)))
+    assert row.status == "fail" and any("exclude_modules" in p for p in row.problems), row.problems
