@@ -12,7 +12,7 @@ from ._lazy import torch
 from .source.checkpoint import natural_key
 from .layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from .layouts.trtllm_gen.descriptor import LayerInfo
-from .errors import InputError
+from .errors import DamagedCheckpointError, InputError
 from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
 from .io import PlannedTensor, torch_dtype
 from .verify.descriptor import add_descriptor_check
@@ -105,7 +105,7 @@ def _require_structure(ckpt: ConvertedCheckpoint) -> None:
     add_descriptor_check(result, ckpt, None)
     if result.status == "fail":
         more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
-        raise InputError(
+        raise DamagedCheckpointError(
             f"{ckpt.root}: fails the structure check: {result.problems[0]}{more}; run `nvfp4ckpt verify {ckpt.root}` "
             "for the list, and revert from an intact conversion"
         )

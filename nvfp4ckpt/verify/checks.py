@@ -36,7 +36,7 @@ from .descriptor import add_descriptor_check
 from .layout import check_layout, compare_layer, fast_compare_layer, unshuffled
 from .numerics import FULL, LayerNumerics, NumericsSample, check_layer_numerics
 from .scan import scan_checkpoint
-from .structure import check_structure, manifest_names
+from .structure import check_structure, manifest_names, tensors_damaged
 
 
 class Check(str, Enum):
@@ -106,6 +106,12 @@ def verify_checkpoint(
         return structure_error_report(path, exc)
     src = open_checkpoint(source) if source is not None else None
     selected = _select_layers(ckpt, layers)
+    if tensors_damaged(ckpt):  # a damaged checkpoint fails the structure check (exit 1); nothing else can read it
+        report.checks.append(check_structure(ckpt, hash_files and "structure" in checks))
+        add_descriptor_check(report.checks[-1], ckpt, src)
+        report.checks.extend(CheckResult(c, "skip", "the structure check failed") for c in checks if c != "structure")
+        report.seconds = time.perf_counter() - start
+        return report
     tick = progress or (lambda stage, done, total: None)
     do_layout = "layout" in checks and src is not None
     do_numerics = "numerics" in checks
