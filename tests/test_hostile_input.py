@@ -396,3 +396,63 @@ def test_generation_config_eos_of_any_type(tmp_path):
     (tmp_path / "generation_config.json").write_text("[" * 5000 + "]" * 5000)
     with pytest.raises(Exception, match="nested"):
         eos_ids(tmp_path, tok)
+
+
+# ---- Issue 24: lenient safetensors headers ----------------------------------------------------------------------
+
+
+def _edit_header_json(path: Path, edit) -> None:
+    """Rewrite a shard's header through json (the data bytes stay where they are)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    data = raw[8 + n :]
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+
+
+def _same_size_pair(header: dict) -> tuple[str, str]:
+    """Two tensors of equal byte size, the first not the last in the file (so shifting onto it stays inside)."""
+    entries = sorted(((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__"))
+    last_end = entries[-1][0][1]
+    by_size: dict[int, list[str]] = {}
+    for (b, e), k in entries:
+        if e - b >= 2 and e + 1 <= last_end:
+            by_size.setdefault(e - b, []).append(k)
+    pair = next(v for v in by_size.values() if len(v) >= 2)
+    return pair[0], pair[1]
+
+
+@pytest.mark.parametrize("shift", [0, 1, -1])
+def test_overlapping_data_offsets_are_refused(qwen, tmp_path, capsys, shift):
+    shard = sorted(qwen.glob("*.safetensors"))[0]
+    names = []
+
+    def overlap(header):
+        a, b = _same_size_pair(header)
+        begin, end = header[a]["data_offsets"]
+        shift_ok = shift if begin + shift >= 0 else 1
+        header[b]["data_offsets"] = [begin + shift_ok, end + shift_ok]
+        names.extend([a, b])
+
+    _edit_header_json(shard, overlap)
+    err = assert_fails(capsys, qwen, tmp_path, shard.name, "overlap")
+    assert names[0] in err or names[1] in err
+
+
+def test_tensor_missing_from_the_index_is_refused(qwen, tmp_path, capsys):
+    index_path = qwen / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "model.norm.weight"
+    assert index["weight_map"].pop(name)
+    index_path.write_text(json.dumps(index))
+    assert_fails(capsys, qwen, tmp_path, repr(name), "weight_map", "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\n", "\x7f"])
+def test_control_character_in_a_tensor_name_is_refused(qwen, tmp_path, capsys, bad):
+    shard = sorted(qwen.glob("*.safetensors"))[0]
+    _edit_header_json(shard, lambda h: h.__setitem__(f"model.norm.weight{bad}x", h.pop(next(k for k in h if k != "__metadata__"))))
+    assert_fails(capsys, qwen, tmp_path, shard.name, "control character")
