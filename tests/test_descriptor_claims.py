@@ -184,3 +184,21 @@ def test_source_quantization_config_changed_within_nvfp4_only_the_source_reveals
     assert _descriptor_row(verify_checkpoint(bad, checks=("structure",))).status == "pass"
     row = _descriptor_row(verify_checkpoint(bad, source=src, checks=("structure",)))
     assert row.status == "fail" and any("exclude_modules" in p for p in row.problems), row.problems
+
+
+@pytest.mark.parametrize(
+    "edit_config,needle",
+    [
+        (lambda c: c.__setitem__("hidden_size", 512), "field hidden_size is 512"),
+        (lambda c: c.__setitem__("moe_intermediate_size", 64), "field moe_intermediate_size is 64"),
+        (lambda c: c.__setitem__("num_hidden_layers", 1), "field num_hidden_layers is 1"),
+        (lambda c: c.__setitem__("mlp_only_layers", [0]), "decoder layer 0 dense"),
+    ],
+)
+def test_converted_config_disagreeing_with_the_layers_fails_verify(pair, tmp_path, capsys, edit_config, needle):
+    src, conv = pair
+    bad = tamper(conv, tmp_path / "bad", lambda d: None, edit_config)
+    row = _descriptor_row(verify_checkpoint(bad, checks=("structure",)))
+    assert row.status == "fail" and any(needle in p for p in row.problems), row.problems
+    code = main(["revert", str(bad), str(tmp_path / "back")])
+    assert code == 1 and needle in " ".join(capsys.readouterr().err.split())

@@ -456,3 +456,53 @@ def test_control_character_in_a_tensor_name_is_refused(qwen, tmp_path, capsys, b
     shard = sorted(qwen.glob("*.safetensors"))[0]
     _edit_header_json(shard, lambda h: h.__setitem__(f"model.norm.weight{bad}x", h.pop(next(k for k in h if k != "__metadata__"))))
     assert_fails(capsys, qwen, tmp_path, shard.name, "control character")
+
+
+# ---- Issue 24: config.json disagreeing with the tensors; layer indices --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes,needles",
+    [
+        ({"hidden_size": 512}, ["field hidden_size is 512", "experts.0.gate_proj.weight", "hidden size of 256"]),
+        ({"moe_intermediate_size": 256}, ["field moe_intermediate_size is 256", "intermediate size of 128"]),
+        ({"num_hidden_layers": 1}, ["field num_hidden_layers is 1", "model.layers.1.mlp.experts.0", "decoder layer 1"]),
+        ({"mlp_only_layers": [1]}, ["mlp_only_layers", "decoder layer 1 dense", "model.layers.1.mlp.experts.0"]),
+        ({"decoder_sparse_step": 2}, ["decoder_sparse_step", "decoder layer 0 dense", "model.layers.0.mlp.experts.0"]),
+    ],
+)
+def test_config_disagreeing_with_the_tensors_is_refused(qwen, tmp_path, capsys, changes, needles):
+    _config(qwen, **changes)
+    assert_fails(capsys, qwen, tmp_path, "config.json", *needles)
+
+
+def test_first_k_dense_replace_over_a_moe_layer_is_refused(ds, tmp_path, capsys):
+    _config(ds, first_k_dense_replace=2)
+    assert_fails(capsys, ds, tmp_path, "first_k_dense_replace", "decoder layer 1 dense", "model.layers.1.mlp.experts.0")
+
+
+def test_mixtral_expert_size_is_intermediate_size(example_factory, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(example_factory("mixtral", "modelopt"), src)
+    _config(src, intermediate_size=256)
+    assert_fails(capsys, src, tmp_path, "field intermediate_size is 256", "block_sparse_moe.experts.0.w1.weight")
+
+
+def test_mtp_layer_after_the_decoder_is_accepted(ds, tmp_path, capsys):
+    # DeepSeek-V3/GLM checkpoints carry the multi-token-prediction layer as model.layers.<num_hidden_layers>
+    _config(ds, num_hidden_layers=2, num_nextn_predict_layers=1)
+    code, err = run_cli(capsys, "convert", str(ds), str(tmp_path / "dst"), "--quiet")
+    assert code == 0, err
+
+
+def _rename_layers(root: Path, old: str, new: str) -> None:
+    from tests.test_errors import rewrite
+
+    rewrite(root, lambda t: [t.__setitem__(k.replace(old, new), t.pop(k)) for k in list(t) if old in k])
+
+
+@pytest.mark.parametrize("spelled", ["01", "\u0661", "\uff11"])  # leading zero, Arabic-Indic one, full-width one
+def test_layer_index_spelled_oddly_is_refused(qwen, tmp_path, capsys, spelled):
+    _rename_layers(qwen, "model.layers.1.", f"model.layers.{spelled}.")
+    assert_fails(capsys, qwen, tmp_path, f"spells its decoder layer as {spelled!r}", "layers.1")
+

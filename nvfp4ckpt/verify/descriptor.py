@@ -20,7 +20,7 @@ from ..layouts.trtllm_gen.transform import EPILOGUE_TILE_M, MoEDims
 from ..errors import InputError
 from ..io.json_input import Fields
 from ..source import architectures
-from ..source.checkpoint import SourceCheckpoint
+from ..source.checkpoint import SourceCheckpoint, config_tensor_problems
 from ..source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
 from .report import CheckResult
 
@@ -106,6 +106,14 @@ def _config_problems(ckpt: ConvertedCheckpoint) -> list[str]:
     except InputError as exc:
         return [f"config.json: cannot derive the routing ({exc})"]
     problems = []
+    text_fields = Fields(text, "config.json", "text_config" if text is not ckpt.config else "")
+    try:  # sizes and MoE layers config.json states, against the layers the descriptor and the tensors hold
+        problems.extend(config_tensor_problems(
+            arch, text_fields,
+            [(l.prefix, l.hidden_size, l.intermediate_size, f"{l.prefix}.w13_weight") for l in ckpt.layers],
+        ))  # fmt: skip
+    except InputError as exc:
+        problems.append(str(exc))
     if d.get("architecture") != arch.name:
         problems.append(f"descriptor architecture {d.get('architecture')!r}; config.json's model_type gives {arch.name!r}")
     problems.extend(f"descriptor {p.replace('the source gives', 'config.json gives')}" for p in _differences(d.get("routing"), routing, "routing"))
