@@ -506,3 +506,15 @@ def test_layer_index_spelled_oddly_is_refused(qwen, tmp_path, capsys, spelled):
     _rename_layers(qwen, "model.layers.1.", f"model.layers.{spelled}.")
     assert_fails(capsys, qwen, tmp_path, f"spells its decoder layer as {spelled!r}", "layers.1")
 
+
+# ---- Issue 24: a source entry named like an output file --------------------------------------------------------
+
+
+def test_source_folder_named_like_an_output_file(qwen, tmp_path, capsys):
+    name = "model.safetensors"  # a folder next to the index; the output is one shard of that name
+    (qwen / name).mkdir()
+    (qwen / name / "readme.txt").write_text("x")
+    for _ in range(2):  # the same one line, before anything is written, every time
+        err = assert_fails(capsys, qwen, tmp_path, repr(str(qwen / name)), "named like the output's", "move it out")
+        assert "partial" not in err
+

@@ -34,7 +34,7 @@ from ..io import (
 from ..progress import Progress, ProgressFn
 from .destination import destination_lock
 from .safe_paths import destination_path, make_folders
-from .install import copy_other_files, fsync_dir, install, write_json
+from .install import copy_other_files, fsync_dir, install, other_files, write_json
 from .journal import JOURNAL_NAME, _Journal, check_sources_unchanged, job_fingerprint, open_partial, partial_folder, source_stats
 
 
@@ -107,6 +107,7 @@ def write_checkpoint(
     total_bytes = sum(t.nbytes for t in job.planned)
     sources = source_stats(job.source.root)
     fingerprint = job_fingerprint(job, shard_plans)
+    _refuse_name_clashes(job, shard_plans)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst = destination_path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +178,7 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
                 entry = write_json(folder / INDEX_NAME, index)
                 files.append({**entry, "name": prefix + entry["name"]})
         files.append(write_json(tmp / "config.json", job.config))
-        files.extend(copy_other_files(job.source.root, tmp, job.skip_files | {"config.json", INDEX_NAME, MANIFEST_NAME}))
+        files.extend(copy_other_files(job.source.root, tmp, _copied_skip(job)))
         files.sort(key=lambda f: f["name"])
         # Everything has been read: a source rewritten meanwhile may have given a mix of old and new bytes.
         check_sources_unchanged(job.source.root, sources)
@@ -211,6 +212,33 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
     reader.shutdown(wait=True)
     report(Progress("done", len(all_groups), len(all_groups), total_bytes, total_bytes))
     return WriteResult(files, sorted(reused))
+
+
+def _copied_skip(job: CheckpointJob) -> set[str]:
+    return job.skip_files | {"config.json", INDEX_NAME, MANIFEST_NAME}
+
+
+def _refuse_name_clashes(job: CheckpointJob, shard_plans: dict[str, list[ShardPlan]]) -> None:
+    """A source entry that would be copied under a name the output writes itself (a folder ``model.safetensors/``
+    next to an index, when the output is one shard) is refused before anything is written: the run would
+    otherwise fail at the end, inside the partial folder, and every rerun the same way."""
+    written = {"config.json", MANIFEST_NAME} if job.manifest_fields is not None else {"config.json"}
+    for part, plans in shard_plans.items():
+        top = part.split("/", 1)[0] if part else None
+        if top:
+            written.add(top)
+            continue
+        written.update(p.filename for p in plans)
+        if len(plans) > 1:
+            written.add(INDEX_NAME)
+    root = job.source.root
+    for rel in other_files(root, _copied_skip(job)):
+        if rel.parts[0] in written:
+            raise InputError(
+                f"{str(root / rel.parts[0])!r}: the source holds a {'folder' if len(rel.parts) > 1 else 'file'} named "
+                f"like the output's {rel.parts[0]!r}, which nvfp4ckpt writes itself; move it out of the source folder "
+                "and rerun"
+            )
 
 
 def _shard_name(part: str, plan: ShardPlan) -> str:
