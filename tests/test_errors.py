@@ -265,3 +265,25 @@ def test_read_only_source_and_odd_paths(example_factory, tmp_path, capsys):
         for f in src.iterdir():
             if not f.is_symlink():
                 os.chmod(f, stat.S_IRUSR | stat.S_IWUSR)
+
+
+# ---- Issue 24: a newline (or any control character) in a path never splits the one-line error --------------------
+
+
+@pytest.mark.parametrize("odd", ["new\nline", "tab\there", "cr\rret", "nul\x01ctl"])
+def test_control_characters_in_paths_keep_errors_on_one_line(example_factory, tmp_path, capsys, odd):
+    src = copy_ckpt(example_factory(), tmp_path / f"src {odd}")
+    _edit_config(src, lambda c: c["quantization_config"].update(quant_algo="FP8"))
+    for args in (
+        ["convert", str(src), str(tmp_path / f"dst {odd}")],
+        ["convert", str(tmp_path / f"missing {odd}"), str(tmp_path / "dst")],
+        ["verify", str(src)],
+        ["revert", str(src), str(tmp_path / "back")],
+        ["inspect", str(tmp_path / f"missing {odd}")],
+    ):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 and err.endswith("\n") and err.startswith("Error:"), (args, err)
+        assert "\r" not in err and "\t" not in err and "\x01" not in err
+        assert repr(odd)[1:-1] in err, (args, err)  # the name, escaped as Python writes it
