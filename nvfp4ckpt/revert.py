@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._args import Args
 from ._lazy import torch
 
 from .source.checkpoint import natural_key
@@ -55,6 +56,13 @@ def revert_checkpoint(
 ) -> RevertResult:
     """Write the source-format checkpoint of a converted one (per-expert names, original scalars)."""
     start = time.perf_counter()
+    a = Args("revert_checkpoint")
+    a.path("src", src)
+    a.path("dst", dst)
+    a.bool("overwrite", overwrite, "--overwrite")
+    a.size("max_shard_size", max_shard_size, "--max-shard-size")
+    a.callable("progress", progress)
+    a.bool("resume", resume, "--resume")
     max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_converted(src)
     fmt = FORMATS.get(ckpt.source_format)

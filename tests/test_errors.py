@@ -287,3 +287,52 @@ def test_control_characters_in_paths_keep_errors_on_one_line(example_factory, tm
         assert err.count("\n") == 1 and err.endswith("\n") and err.startswith("Error:"), (args, err)
         assert "\r" not in err and "\t" not in err and "\x01" not in err
         assert repr(odd)[1:-1] in err, (args, err)  # the name, escaped as Python writes it
+
+
+# ---- Issue 24: the library API checks its arguments as the CLI does ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"device": None}, "device=None (--device)"),
+        ({"workers": 1.5}, "workers=1.5 (--workers)"),
+        ({"workers": 0}, "workers=0 (--workers)"),
+        ({"workers": True}, "workers=True"),
+        ({"overwrite": "no"}, "overwrite='no' (--overwrite)"),
+        ({"resume": 1}, "resume=1 (--resume)"),
+        ({"tp": "2"}, "tp='2' (--tp)"),
+        ({"ep": 0}, "ep=0 (--ep)"),
+        ({"max_shard_size": None}, "max_shard_size=None"),
+        ({"progress": "yes"}, "progress='yes'"),
+    ],
+)
+def test_convert_checkpoint_checks_its_arguments(src, tmp_path, kwargs, needle):
+    from nvfp4ckpt.errors import InputError
+
+    before = tree_digest(src)
+    with pytest.raises(InputError) as info:
+        convert_checkpoint(src, tmp_path / "dst", **kwargs)
+    assert str(info.value).startswith("convert_checkpoint: ") and needle in str(info.value), str(info.value)
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
+    assert tree_digest(src) == before
+
+
+def test_revert_and_verify_check_their_arguments(src, tmp_path):
+    from nvfp4ckpt import revert_checkpoint, verify_checkpoint
+    from nvfp4ckpt.errors import InputError
+
+    conv = tmp_path / "conv"
+    convert_checkpoint(src, conv)
+    for kwargs, needle in (({"overwrite": "no"}, "overwrite='no'"), ({"resume": None}, "resume=None")):
+        with pytest.raises(InputError, match=f"revert_checkpoint: {needle}"):
+            revert_checkpoint(conv, tmp_path / "back", **kwargs)
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".back*"))
+    for kwargs, needle in (
+        ({"tokens": 1.5}, "tokens=1.5 (--tokens)"), ({"seed": -1}, "seed=-1 (--seed)"), ({"checks": "structure"}, "checks='structure'"),
+        ({"hash_files": "no"}, "hash_files='no'"), ({"layers": 0}, "layers=0"), ({"device": 0}, "device=0"),
+    ):  # fmt: skip
+        with pytest.raises(InputError) as info:
+            verify_checkpoint(conv, **kwargs)
+        assert needle in str(info.value), str(info.value)
+    assert main(["convert", str(src), str(tmp_path / "cli"), "--workers", "1", "--quiet"]) == 0  # the CLI's own values pass
