@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
+import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,6 +112,7 @@ def write_checkpoint(
     _refuse_name_clashes(job, shard_plans)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst = destination_path(dst)
+    check_free_space(job, dst, shard_plans)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with destination_lock(dst):
         # Under the lock, so two runs into one DST cannot both pass the emptiness check.
@@ -212,6 +215,51 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
     reader.shutdown(wait=True)
     report(Progress("done", len(all_groups), len(all_groups), total_bytes, total_bytes))
     return WriteResult(files, sorted(reused))
+
+
+NO_SPACE_CHECK_ENV = "NVFP4CKPT_NO_SPACE_CHECK"
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path`` (its nearest existing
+    folder): ``statvfs``'s ``f_bavail``."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _tree_size(folder: Path) -> int:
+    if folder.is_symlink() or not folder.is_dir():
+        return 0
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def check_free_space(job: CheckpointJob, dst: Path, shard_plans: dict[str, list[ShardPlan]]) -> None:
+    """Refuse, before anything is written, a destination whose file system cannot hold the output: filling it
+    first would fail late and leave a partial folder that cannot be finished there. The output needs its tensor
+    bytes, headers (estimated from the names) and the copied files; a partial folder of an earlier run counts as
+    free (its finished shards are reused with ``--resume``, otherwise it is removed). ``NVFP4CKPT_NO_SPACE_CHECK=1``
+    skips it, for file systems whose free space statvfs does not tell (compression, deduplication)."""
+    if os.environ.get(NO_SPACE_CHECK_ENV, "") not in ("", "0"):
+        return
+    tensors = sum(t.nbytes for t in job.planned)
+    shards = sum(len(p) for p in shard_plans.values())
+    # each tensor's header entry and index line (name, dtype, shape, offsets), a manifest/journal line per shard
+    headers = sum(2 * len(t.name) + 160 for t in job.planned) + 512 * shards + 64 * 1024
+    root = job.source.root
+    copied = sum((root / rel).stat().st_size for rel in other_files(root, _copied_skip(job)))
+    need = tensors + headers + copied + len(json.dumps(job.config, indent=2))
+    try:
+        free = free_bytes(dst.parent) + _tree_size(partial_folder(dst))
+    except OSError:
+        return  # no statvfs here: the writer still reports a full disk when it happens
+    if need > free:
+        raise DiskFullError(
+            f"{str(dst.parent)!r}: not enough free space for the output: it needs about {format_size(need)} and "
+            f"the file system has {format_size(free)} free ({format_size(need - free)} missing); free space there "
+            "or choose a destination on another file system"
+        )
 
 
 def _copied_skip(job: CheckpointJob) -> set[str]:
