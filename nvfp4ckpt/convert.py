@@ -15,7 +15,7 @@ from pathlib import Path
 from . import layouts
 from ._args import Args
 from .errors import InputError
-from .io import Array, PlannedTensor
+from .io import Array, PlannedTensor, format_size
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
 from .output.destination import refuse_output_names
 from .runtime.device import parse_device
@@ -122,6 +122,7 @@ def convert_checkpoint(
         config=_output_config(ckpt, descriptor),
         max_shard_bytes=max_bytes,
         manifest_fields={"tool": "nvfp4ckpt", "layout": descriptor["layout"], "layout_version": descriptor["layout_version"]},
+        options={"--max-shard-size": format_size(max_bytes), "--tp": tp, "--ep": ep, "--pad-hidden": pad_hidden},
     )
     if workers is not None and workers < 1:
         raise InputError("--workers must be at least 1")

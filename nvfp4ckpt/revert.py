@@ -15,7 +15,7 @@ from .layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from .layouts.trtllm_gen.descriptor import LayerInfo
 from .errors import DamagedCheckpointError, InputError
 from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
-from .io import PlannedTensor, torch_dtype
+from .io import PlannedTensor, format_size, torch_dtype
 from .verify.descriptor import add_descriptor_check
 from .verify.structure import check_structure
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
@@ -98,6 +98,7 @@ def revert_checkpoint(
         max_shard_bytes=max_bytes,
         manifest_fields=None,
         skip_files={"ranks"},
+        options={"--max-shard-size": format_size(max_bytes)},
     )
     written = write_checkpoint(job, dst_path, progress, overwrite=overwrite, resume=resume)
     return RevertResult(

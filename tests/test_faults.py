@@ -416,7 +416,7 @@ def test_resume_refused_when_source_or_options_changed(src, tmp_path, monkeypatc
     code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", "200KB", "--resume")
     assert code == 2 and err.startswith("Error:") and len(err.splitlines()) == 1
     assert "source or options changed since the interrupted run" in err and "rerun without --resume" in err
-    assert "options or nvfp4ckpt version changed" in err
+    assert '--max-shard-size was "100.00 KB", now "200.00 KB"' in err  # which option, from what to what
     assert tree_digest(partial_folder(dst)) == partial and not dst.exists()
 
     tokenizer = src / "tokenizer_config.json"
@@ -427,6 +427,42 @@ def test_resume_refused_when_source_or_options_changed(src, tmp_path, monkeypatc
     assert tree_digest(partial_folder(dst)) == partial and not dst.exists()
     with pytest.raises(ResumeMismatchError):
         convert_checkpoint(src, dst, max_shard_size=SHARD, resume=True)
+
+
+@pytest.mark.parametrize(
+    "first,second,needle",
+    [
+        ([], ["--tp", "2"], "--tp was 1, now 2"),
+        ([], ["--pad-hidden", "256"], "--pad-hidden was 128, now 256"),
+        (["--ep", "2"], ["--tp", "2"], "--ep was 2, now 1; --tp was 1, now 2"),
+    ],
+)
+def test_resume_names_the_option_that_changed(src, tmp_path, monkeypatch, capsys, first, second, needle):
+    """Issue 24: a refused --resume says which option changed from what to what, not just "options changed"."""
+    dst = tmp_path / "dst"
+    interrupt_after_journal(monkeypatch, dst, KeyboardInterrupt())
+    code, _ = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD, *first)
+    assert code == 130
+    monkeypatch.undo()
+    partial = tree_digest(partial_folder(dst))
+    code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD, "--resume", *second)
+    assert code == 2 and err.startswith("Error:") and len(err.splitlines()) == 1, err
+    assert needle in err and "rerun without --resume" in err, err
+    assert tree_digest(partial_folder(dst)) == partial and not dst.exists()
+
+
+def test_resume_names_a_changed_version(src, tmp_path, monkeypatch, capsys):
+    import nvfp4ckpt.output.journal as journal
+
+    dst = tmp_path / "dst"
+    interrupt_after_journal(monkeypatch, dst, KeyboardInterrupt())
+    monkeypatch.setattr(journal, "__version__", "0.0.9")
+    monkeypatch.setattr("nvfp4ckpt.output.writer.job_fingerprint", lambda job, plans: "old")
+    code, _ = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD)
+    assert code == 130
+    monkeypatch.undo()
+    code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD, "--resume")
+    assert code == 2 and "the interrupted run was nvfp4ckpt 0.0.9, this is" in err, err
 
 
 # ----------------------------------------------------------------------------------------------

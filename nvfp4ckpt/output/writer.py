@@ -74,6 +74,7 @@ class CheckpointJob:
     manifest_fields: dict | None = None  # None: write no manifest
     part_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # extra header metadata per part
     skip_files: set[str] = field(default_factory=set)  # top-level names not to copy from the source folder
+    options: dict = field(default_factory=dict)  # the run's options as given (``--tp``: 2): named when --resume refuses
 
 
 @dataclass
@@ -119,7 +120,7 @@ def write_checkpoint(
         if dst.exists() and any(dst.iterdir()) and not overwrite:
             raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
         tmp = partial_folder(dst)
-        reused = open_partial(tmp, fingerprint, sources, job.source.root, resume, report)
+        reused = open_partial(tmp, fingerprint, sources, job.source.root, resume, report, job.options)
         return _write_locked(job, dst, tmp, shard_plans, reused, sources, groups, total_bytes, report, workers)
 
 
