@@ -202,3 +202,19 @@ def test_converted_config_disagreeing_with_the_layers_fails_verify(pair, tmp_pat
     assert row.status == "fail" and any(needle in p for p in row.problems), row.problems
     code = main(["revert", str(bad), str(tmp_path / "back")])
     assert code == 1 and needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_modelopt_section_deferring_to_hf_quant_config_passes(tmp_path):
+    """A ModelOpt source whose config.json section says nothing (``{}``) and whose hf_quant_config.json says NVFP4:
+    convert carries ``{}`` as the source section, and verify detects it as convert did (hf_quant_config.json)."""
+    from nvfp4ckpt import write_example
+
+    src = tmp_path / "src"
+    write_example(src, format="modelopt", arch="qwen3_moe", seed=0, shards=1)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {}
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(src, tmp_path / "conv")
+    for source in (None, src):
+        assert verify_checkpoint(tmp_path / "conv", source=source, checks=("structure",)).passed
+    assert main(["revert", str(tmp_path / "conv"), str(tmp_path / "back"), "--quiet"]) == 0

@@ -9,7 +9,6 @@ compared field by field (only ``tool_version`` may differ)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..layouts import DEFAULT_LAYOUT, get as get_layout
@@ -129,9 +128,6 @@ def _config_problems(ckpt: ConvertedCheckpoint) -> list[str]:
     return problems
 
 
-_NOWHERE = Path("/nonexistent/nvfp4ckpt")  # detection reads only the section given (no hf_quant_config.json)
-
-
 def source_quantization_section(config: dict) -> Any:
     """What revert writes back as the source's ``quantization_config``: the wrapped form's
     ``source_quantization_config``, or (written before the wrapped form) the section without the descriptor."""
@@ -154,10 +150,14 @@ def source_quantization_problems(ckpt: ConvertedCheckpoint) -> list[str]:
             f"{where} is {_short(section)}; the descriptor's source_format {claimed!r} needs its NVFP4 quantization "
             "config (revert writes it back into the source)"
         ]
+    named = _format_named_by(section)
+    if named is not None and named != claimed:
+        return [f"{where} is a {named} config, but the descriptor's source_format is {claimed!r}"]
     found = None
     try:
         for name, fmt in FORMATS.items():
-            if fmt.detect(_NOWHERE, {"quantization_config": section}) is not None:
+            # as convert detected it: ModelOpt's section may defer to hf_quant_config.json (copied alongside)
+            if fmt.detect(ckpt.root, {"quantization_config": section}) is not None:
                 found = name
                 break
     except InputError as exc:
@@ -167,6 +167,14 @@ def source_quantization_problems(ckpt: ConvertedCheckpoint) -> list[str]:
         what = f"a {found} config" if found else "no NVFP4 quantization config"
         return [f"{where} is {what}, but the descriptor's source_format is {claimed!r}"]
     return []
+
+
+def _format_named_by(section: dict) -> str | None:
+    """The source format a quantization section names by itself (ModelOpt may also say it in hf_quant_config.json)."""
+    method = section.get("quant_method")
+    if "quant_algo" in section or method == "modelopt":
+        return "modelopt"
+    return method if method in FORMATS else None
 
 
 def source_problems(ckpt: ConvertedCheckpoint, src: SourceCheckpoint) -> list[str]:
