@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layouts
+from ._args import Args
 from .errors import InputError
-from .io import Array, PlannedTensor
+from .io import Array, PlannedTensor, format_size
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
 from .output.destination import refuse_output_names
 from .runtime.device import parse_device
@@ -73,6 +74,19 @@ def convert_checkpoint(
     interrupted run into the same DST, reusing its finished shards (see ``output.write_checkpoint``). ``pad_hidden``:
     the hidden size is zero-padded to a multiple of it (128, the kernel's need; 256 for vLLM, which pads to 256)."""
     start = time.perf_counter()
+    a = Args("convert_checkpoint")
+    a.path("src", src)
+    a.path("dst", dst)
+    a.bool("overwrite", overwrite, "--overwrite")
+    a.size("max_shard_size", max_shard_size, "--max-shard-size")
+    a.str("device", device, "--device")
+    a.str("revision", revision, "--revision", optional=True)
+    a.callable("progress", progress)
+    a.int("workers", workers, "--workers", lo=1, hi=1024, optional=True)
+    a.int("tp", tp, "--tp", lo=1, hi=1 << 16)
+    a.int("ep", ep, "--ep", lo=1, hi=1 << 16)
+    a.bool("resume", resume, "--resume")
+    a.int("pad_hidden", pad_hidden, "--pad-hidden", lo=1)
     max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_checkpoint(src, revision)
     dst_path = Path(dst).expanduser()
@@ -108,6 +122,7 @@ def convert_checkpoint(
         config=_output_config(ckpt, descriptor),
         max_shard_bytes=max_bytes,
         manifest_fields={"tool": "nvfp4ckpt", "layout": descriptor["layout"], "layout_version": descriptor["layout_version"]},
+        options={"--max-shard-size": format_size(max_bytes), "--tp": tp, "--ep": ep, "--pad-hidden": pad_hidden},
     )
     if workers is not None and workers < 1:
         raise InputError("--workers must be at least 1")

@@ -45,6 +45,14 @@ class CorruptFileError(InputError):
     """A safetensors file or index is unreadable, truncated or inconsistent."""
 
 
+class DamagedCheckpointError(CorruptFileError):
+    """A converted checkpoint (nvfp4ckpt's own output, recognised by its descriptor) is damaged: a file, rank folder
+    or tensor missing, a shard truncated or corrupt, the manifest missing or wrong. A failed check, not bad usage:
+    exit 1 wherever it is found (verify, revert's structure check, reading it mid-run)."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
 class AlreadyConvertedError(InputError):
     """The source already carries the nvfp4ckpt layout descriptor."""
 

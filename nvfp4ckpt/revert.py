@@ -7,14 +7,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._args import Args
 from ._lazy import torch
 
 from .source.checkpoint import natural_key
 from .layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from .layouts.trtllm_gen.descriptor import LayerInfo
-from .errors import InputError
+from .errors import DamagedCheckpointError, InputError
 from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
-from .io import PlannedTensor, torch_dtype
+from .io import PlannedTensor, format_size, torch_dtype
 from .verify.descriptor import add_descriptor_check
 from .verify.structure import check_structure
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
@@ -55,6 +56,13 @@ def revert_checkpoint(
 ) -> RevertResult:
     """Write the source-format checkpoint of a converted one (per-expert names, original scalars)."""
     start = time.perf_counter()
+    a = Args("revert_checkpoint")
+    a.path("src", src)
+    a.path("dst", dst)
+    a.bool("overwrite", overwrite, "--overwrite")
+    a.size("max_shard_size", max_shard_size, "--max-shard-size")
+    a.callable("progress", progress)
+    a.bool("resume", resume, "--resume")
     max_bytes = max_shard_bytes(max_shard_size)
     ckpt = open_converted(src)
     fmt = FORMATS.get(ckpt.source_format)
@@ -90,6 +98,7 @@ def revert_checkpoint(
         max_shard_bytes=max_bytes,
         manifest_fields=None,
         skip_files={"ranks"},
+        options={"--max-shard-size": format_size(max_bytes)},
     )
     written = write_checkpoint(job, dst_path, progress, overwrite=overwrite, resume=resume)
     return RevertResult(
@@ -105,7 +114,7 @@ def _require_structure(ckpt: ConvertedCheckpoint) -> None:
     add_descriptor_check(result, ckpt, None)
     if result.status == "fail":
         more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
-        raise InputError(
+        raise DamagedCheckpointError(
             f"{ckpt.root}: fails the structure check: {result.problems[0]}{more}; run `nvfp4ckpt verify {ckpt.root}` "
             "for the list, and revert from an intact conversion"
         )

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from nvfp4ckpt import __version__
 from nvfp4ckpt.cli import main
 
@@ -58,3 +60,34 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 def test_console_script_version():
     out = subprocess.run([sys.executable, "-m", "nvfp4ckpt", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"nvfp4ckpt {__version__}"
+
+
+# ---- Issue 24: a usage error is one line, as the README promises, in the tool's words ----------------------------
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["verify", "{dst}", "--tokens", "1e9"], ["--tokens '1e9' is not a whole number from 1 to 65536", "nvfp4ckpt verify --help"]),
+        (["verify", "{dst}", "--tokens", "0"], ["--tokens '0' is not a whole number from 1 to 65536"]),
+        (["verify", "{dst}", "--seed", "-1"], ["--seed '-1' is not a whole number from 0 to"]),
+        (["verify", "{dst}", "--tolerance", "-1"], ["--tolerance '-1' is not a number >= 0"]),
+        (["example", "{dst}", "--format", "gptq"], ["--format 'gptq' is not one of 'modelopt', 'compressed-tensors'", "nvfp4ckpt example --help"]),
+        (["verify", "{dst}", "--check", "speed"], ["--check 'speed' is not one of 'structure', 'layout', 'numerics', 'gsm8k'"]),
+        (["convert", "{dst}"], ["Missing argument 'dst'", "nvfp4ckpt convert --help"]),
+        (["convert", "{dst}", "{dst}2", "--workers", "x"], ["--workers 'x' is not a whole number >= 1", "nvfp4ckpt convert --help"]),
+        (["convert", "{dst}", "{dst}2", "--bogus"], ["No such option: --bogus", "nvfp4ckpt convert --help"]),
+        (["verify", "{dst}", "--tokens"], ["Option '--tokens' requires an argument", "nvfp4ckpt verify --help"]),
+        (["frob"], ["No such command 'frob'", "nvfp4ckpt --help"]),
+        (["version"], ["nvfp4ckpt --version"]),
+    ],
+)
+def test_usage_errors_are_one_line_in_the_tools_words(tmp_path, capsys, args, needles):
+    code = main([a.replace("{dst}", str(tmp_path / "x")) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("Error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+    for leak in ("Value error", "Input should", "Usage:", "Try '", "╭", "pydantic"):
+        assert leak not in err, err

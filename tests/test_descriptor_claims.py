@@ -106,7 +106,7 @@ def test_tampering_fails_verify_with_and_without_source_and_revert_refuses(pair,
     before = tree_digest(bad)
     code = main(["revert", str(bad), str(tmp_path / "back")])
     err = " ".join(capsys.readouterr().err.split())
-    assert code == 2 and "fails the structure check" in err, err
+    assert code == 1 and "fails the structure check" in err, err  # a damaged checkpoint: a failed check
     assert not (tmp_path / "back").exists() and tree_digest(bad) == before
 
 
@@ -138,3 +138,83 @@ def test_numerics_take_routing_from_the_source(pair, tmp_path):
     assert numerics.status == "fail", numerics
     good = verify_checkpoint(conv, source=src, checks=("numerics",), backend="torch", tokens=16, layers=["0"])
     assert good.passed
+
+
+# ---- Issue 24: the source quantization config revert writes back ------------------------------------------------
+
+
+def _source_quant(value):
+    def edit(cfg):
+        cfg["quantization_config"]["source_quantization_config"] = value
+
+    return edit
+
+
+SOURCE_QUANT = {
+    "fp8": {"quant_method": "modelopt", "quant_algo": "FP8", "group_size": 16},
+    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}},
+    "a string": "NVFP4",
+    "null": None,
+    "a list": [1],
+}
+
+
+@pytest.mark.parametrize("what", sorted(SOURCE_QUANT))
+def test_source_quantization_config_checked_against_source_format(pair, tmp_path, capsys, what):
+    src, conv = pair
+    bad = tamper(conv, tmp_path / "bad", lambda d: None, _source_quant(SOURCE_QUANT[what]))
+    for source in (None, src):
+        row = _descriptor_row(verify_checkpoint(bad, source=source, checks=("structure",)))
+        assert row.status == "fail", (what, source, row)
+        assert any("source_quantization_config" in p for p in row.problems), row.problems
+    code = main(["verify", str(bad), "--check", "structure", "--quiet"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and "source_quantization_config" in err, err
+    before = tree_digest(bad)
+    code = main(["revert", str(bad), str(tmp_path / "back")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code != 0 and "source_quantization_config" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "back").exists() and tree_digest(bad) == before
+
+
+def test_source_quantization_config_changed_within_nvfp4_only_the_source_reveals(pair, tmp_path):
+    src, conv = pair
+    cfg = json.loads((conv / "config.json").read_text())["quantization_config"]["source_quantization_config"]
+    bad = tamper(conv, tmp_path / "bad", lambda d: None, _source_quant({**cfg, "exclude_modules": ["lm_head"]}))
+    assert _descriptor_row(verify_checkpoint(bad, checks=("structure",))).status == "pass"
+    row = _descriptor_row(verify_checkpoint(bad, source=src, checks=("structure",)))
+    assert row.status == "fail" and any("exclude_modules" in p for p in row.problems), row.problems
+
+
+@pytest.mark.parametrize(
+    "edit_config,needle",
+    [
+        (lambda c: c.__setitem__("hidden_size", 512), "field hidden_size is 512"),
+        (lambda c: c.__setitem__("moe_intermediate_size", 64), "field moe_intermediate_size is 64"),
+        (lambda c: c.__setitem__("num_hidden_layers", 1), "field num_hidden_layers is 1"),
+        (lambda c: c.__setitem__("mlp_only_layers", [0]), "decoder layer 0 dense"),
+    ],
+)
+def test_converted_config_disagreeing_with_the_layers_fails_verify(pair, tmp_path, capsys, edit_config, needle):
+    src, conv = pair
+    bad = tamper(conv, tmp_path / "bad", lambda d: None, edit_config)
+    row = _descriptor_row(verify_checkpoint(bad, checks=("structure",)))
+    assert row.status == "fail" and any(needle in p for p in row.problems), row.problems
+    code = main(["revert", str(bad), str(tmp_path / "back")])
+    assert code == 1 and needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_modelopt_section_deferring_to_hf_quant_config_passes(tmp_path):
+    """A ModelOpt source whose config.json section says nothing (``{}``) and whose hf_quant_config.json says NVFP4:
+    convert carries ``{}`` as the source section, and verify detects it as convert did (hf_quant_config.json)."""
+    from nvfp4ckpt import write_example
+
+    src = tmp_path / "src"
+    write_example(src, format="modelopt", arch="qwen3_moe", seed=0, shards=1)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {}
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert_checkpoint(src, tmp_path / "conv")
+    for source in (None, src):
+        assert verify_checkpoint(tmp_path / "conv", source=source, checks=("structure",)).passed
+    assert main(["revert", str(tmp_path / "conv"), str(tmp_path / "back"), "--quiet"]) == 0

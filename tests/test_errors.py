@@ -265,3 +265,74 @@ def test_read_only_source_and_odd_paths(example_factory, tmp_path, capsys):
         for f in src.iterdir():
             if not f.is_symlink():
                 os.chmod(f, stat.S_IRUSR | stat.S_IWUSR)
+
+
+# ---- Issue 24: a newline (or any control character) in a path never splits the one-line error --------------------
+
+
+@pytest.mark.parametrize("odd", ["new\nline", "tab\there", "cr\rret", "nul\x01ctl"])
+def test_control_characters_in_paths_keep_errors_on_one_line(example_factory, tmp_path, capsys, odd):
+    src = copy_ckpt(example_factory(), tmp_path / f"src {odd}")
+    _edit_config(src, lambda c: c["quantization_config"].update(quant_algo="FP8"))
+    for args in (
+        ["convert", str(src), str(tmp_path / f"dst {odd}")],
+        ["convert", str(tmp_path / f"missing {odd}"), str(tmp_path / "dst")],
+        ["verify", str(src)],
+        ["revert", str(src), str(tmp_path / "back")],
+        ["inspect", str(tmp_path / f"missing {odd}")],
+    ):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 and err.endswith("\n") and err.startswith("Error:"), (args, err)
+        assert "\r" not in err and "\t" not in err and "\x01" not in err
+        assert repr(odd)[1:-1] in err, (args, err)  # the name, escaped as Python writes it
+
+
+# ---- Issue 24: the library API checks its arguments as the CLI does ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"device": None}, "device=None (--device)"),
+        ({"workers": 1.5}, "workers=1.5 (--workers)"),
+        ({"workers": 0}, "workers=0 (--workers)"),
+        ({"workers": True}, "workers=True"),
+        ({"overwrite": "no"}, "overwrite='no' (--overwrite)"),
+        ({"resume": 1}, "resume=1 (--resume)"),
+        ({"tp": "2"}, "tp='2' (--tp)"),
+        ({"ep": 0}, "ep=0 (--ep)"),
+        ({"max_shard_size": None}, "max_shard_size=None"),
+        ({"progress": "yes"}, "progress='yes'"),
+    ],
+)
+def test_convert_checkpoint_checks_its_arguments(src, tmp_path, kwargs, needle):
+    from nvfp4ckpt.errors import InputError
+
+    before = tree_digest(src)
+    with pytest.raises(InputError) as info:
+        convert_checkpoint(src, tmp_path / "dst", **kwargs)
+    assert str(info.value).startswith("convert_checkpoint: ") and needle in str(info.value), str(info.value)
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
+    assert tree_digest(src) == before
+
+
+def test_revert_and_verify_check_their_arguments(src, tmp_path):
+    from nvfp4ckpt import revert_checkpoint, verify_checkpoint
+    from nvfp4ckpt.errors import InputError
+
+    conv = tmp_path / "conv"
+    convert_checkpoint(src, conv)
+    for kwargs, needle in (({"overwrite": "no"}, "overwrite='no'"), ({"resume": None}, "resume=None")):
+        with pytest.raises(InputError, match=f"revert_checkpoint: {needle}"):
+            revert_checkpoint(conv, tmp_path / "back", **kwargs)
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".back*"))
+    for kwargs, needle in (
+        ({"tokens": 1.5}, "tokens=1.5 (--tokens)"), ({"seed": -1}, "seed=-1 (--seed)"), ({"checks": "structure"}, "checks='structure'"),
+        ({"hash_files": "no"}, "hash_files='no'"), ({"layers": 0}, "layers=0"), ({"device": 0}, "device=0"),
+    ):  # fmt: skip
+        with pytest.raises(InputError) as info:
+            verify_checkpoint(conv, **kwargs)
+        assert needle in str(info.value), str(info.value)
+    assert main(["convert", str(src), str(tmp_path / "cli"), "--workers", "1", "--quiet"]) == 0  # the CLI's own values pass

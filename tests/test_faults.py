@@ -166,7 +166,10 @@ def test_disk_full_real_tmpfs_then_resume(src, tmp_path, reference):
         mount -t tmpfs -o size=2m tmpfs {mnt}
         head -c 1200000 /dev/zero > {mnt}/filler
         cd {REPO}
-        {sys.executable} -m nvfp4ckpt convert {src} {mnt}/dst --max-shard-size {SHARD} 2> {out}/first.err
+        {sys.executable} -m nvfp4ckpt convert {src} {mnt}/dst --max-shard-size {SHARD} 2> {out}/checked.err
+        echo $? > {out}/checked.rc
+        ls -A {mnt} > {out}/after-checked
+        NVFP4CKPT_NO_SPACE_CHECK=1 {sys.executable} -m nvfp4ckpt convert {src} {mnt}/dst --max-shard-size {SHARD} 2> {out}/first.err
         echo $? > {out}/first.rc
         ls -A {mnt} > {out}/after-first
         rm {mnt}/filler
@@ -179,6 +182,11 @@ def test_disk_full_real_tmpfs_then_resume(src, tmp_path, reference):
     before = tree_digest(src)
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"}
     subprocess.run(["unshare", "-rm", "sh", "-c", script], check=True, env=env, timeout=300)
+    # the free-space check refuses up front, writing nothing; without it (a file system statvfs misreports) the
+    # disk fills mid-run, and the partial folder is kept for --resume
+    checked_err = " ".join((out / "checked.err").read_text().split())
+    assert (out / "checked.rc").read_text().strip() == "2" and "not enough free space" in checked_err, checked_err
+    assert (out / "after-checked").read_text().split() == ["filler"]
     first_err = " ".join((out / "first.err").read_text().split())
     assert (out / "first.rc").read_text().strip() == "2", first_err
     assert "no space left on device" in first_err and "--resume" in first_err and ".dst.nvfp4ckpt-partial/" in first_err
@@ -188,6 +196,51 @@ def test_disk_full_real_tmpfs_then_resume(src, tmp_path, reference):
     assert (out / "after-resume").read_text().split() == ["dst"]
     assert tree_digest(out / "dst") == reference()
     assert tree_digest(src) == before
+
+
+def _free(monkeypatch, nbytes: int) -> None:
+    import nvfp4ckpt.output.writer as writer
+
+    monkeypatch.setattr(writer, "free_bytes", lambda path: nbytes)
+
+
+def test_free_space_checked_before_anything_is_written(src, tmp_path, monkeypatch, capsys, reference):
+    """Issue 24: a file system too small for the output is refused up front, saying how much is missing; nothing
+    is left behind, and the same command succeeds once there is room (free-space query patched)."""
+    before = tree_digest(src)
+    dst = tmp_path / "dst"
+    _free(monkeypatch, 300_000)
+    code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD)
+    assert code == 2 and err.startswith("Error:") and len(err.splitlines()) == 1, err
+    assert "not enough free space" in err and "missing" in err and repr(str(tmp_path)) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial folder, no lock, no DST
+    assert tree_digest(src) == before
+    _free(monkeypatch, 10**12)
+    code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD, "--quiet")
+    assert code == 0, err
+    assert tree_digest(dst) == reference()
+
+
+def test_free_space_counts_the_partial_folder_of_an_earlier_run(src, tmp_path, monkeypatch, capsys, reference):
+    dst = tmp_path / "dst"
+    interrupt_after_journal(monkeypatch, dst, KeyboardInterrupt(), shards=6)
+    code, _ = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD)
+    assert code == 130
+    monkeypatch.undo()
+    kept = sum(p.stat().st_size for p in partial_folder(dst).rglob("*") if p.is_file())
+    total = sum(v for v in [sum(p.stat().st_size for p in src.rglob("*") if p.is_file())])
+    _free(monkeypatch, total + (2 << 20) - kept)  # enough only with the partial folder's bytes counted
+    result = resume_cli(capsys, src, dst)
+    assert result["shards_reused"] >= 1 and tree_digest(dst) == reference()
+
+
+def test_revert_checks_free_space_too(src, tmp_path, monkeypatch, capsys):
+    conv = tmp_path / "conv"
+    convert_checkpoint(src, conv)
+    _free(monkeypatch, 1000)
+    code, err = run_cli(capsys, "revert", str(conv), str(tmp_path / "back"))
+    assert code == 2 and "not enough free space" in err, err
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".back*"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +416,7 @@ def test_resume_refused_when_source_or_options_changed(src, tmp_path, monkeypatc
     code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", "200KB", "--resume")
     assert code == 2 and err.startswith("Error:") and len(err.splitlines()) == 1
     assert "source or options changed since the interrupted run" in err and "rerun without --resume" in err
-    assert "options or nvfp4ckpt version changed" in err
+    assert '--max-shard-size was "100.00 KB", now "200.00 KB"' in err  # which option, from what to what
     assert tree_digest(partial_folder(dst)) == partial and not dst.exists()
 
     tokenizer = src / "tokenizer_config.json"
@@ -374,6 +427,42 @@ def test_resume_refused_when_source_or_options_changed(src, tmp_path, monkeypatc
     assert tree_digest(partial_folder(dst)) == partial and not dst.exists()
     with pytest.raises(ResumeMismatchError):
         convert_checkpoint(src, dst, max_shard_size=SHARD, resume=True)
+
+
+@pytest.mark.parametrize(
+    "first,second,needle",
+    [
+        ([], ["--tp", "2"], "--tp was 1, now 2"),
+        ([], ["--pad-hidden", "256"], "--pad-hidden was 128, now 256"),
+        (["--ep", "2"], ["--tp", "2"], "--ep was 2, now 1; --tp was 1, now 2"),
+    ],
+)
+def test_resume_names_the_option_that_changed(src, tmp_path, monkeypatch, capsys, first, second, needle):
+    """Issue 24: a refused --resume says which option changed from what to what, not just "options changed"."""
+    dst = tmp_path / "dst"
+    interrupt_after_journal(monkeypatch, dst, KeyboardInterrupt())
+    code, _ = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD, *first)
+    assert code == 130
+    monkeypatch.undo()
+    partial = tree_digest(partial_folder(dst))
+    code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD, "--resume", *second)
+    assert code == 2 and err.startswith("Error:") and len(err.splitlines()) == 1, err
+    assert needle in err and "rerun without --resume" in err, err
+    assert tree_digest(partial_folder(dst)) == partial and not dst.exists()
+
+
+def test_resume_names_a_changed_version(src, tmp_path, monkeypatch, capsys):
+    import nvfp4ckpt.output.journal as journal
+
+    dst = tmp_path / "dst"
+    interrupt_after_journal(monkeypatch, dst, KeyboardInterrupt())
+    monkeypatch.setattr(journal, "__version__", "0.0.9")
+    monkeypatch.setattr("nvfp4ckpt.output.writer.job_fingerprint", lambda job, plans: "old")
+    code, _ = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD)
+    assert code == 130
+    monkeypatch.undo()
+    code, err = run_cli(capsys, "convert", str(src), str(dst), "--max-shard-size", SHARD, "--resume")
+    assert code == 2 and "the interrupted run was nvfp4ckpt 0.0.9, this is" in err, err
 
 
 # ----------------------------------------------------------------------------------------------

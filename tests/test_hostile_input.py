@@ -396,3 +396,125 @@ def test_generation_config_eos_of_any_type(tmp_path):
     (tmp_path / "generation_config.json").write_text("[" * 5000 + "]" * 5000)
     with pytest.raises(Exception, match="nested"):
         eos_ids(tmp_path, tok)
+
+
+# ---- Issue 24: lenient safetensors headers ----------------------------------------------------------------------
+
+
+def _edit_header_json(path: Path, edit) -> None:
+    """Rewrite a shard's header through json (the data bytes stay where they are)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    data = raw[8 + n :]
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+
+
+def _same_size_pair(header: dict) -> tuple[str, str]:
+    """Two tensors of equal byte size, the first not the last in the file (so shifting onto it stays inside)."""
+    entries = sorted(((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__"))
+    last_end = entries[-1][0][1]
+    by_size: dict[int, list[str]] = {}
+    for (b, e), k in entries:
+        if e - b >= 2 and e + 1 <= last_end:
+            by_size.setdefault(e - b, []).append(k)
+    pair = next(v for v in by_size.values() if len(v) >= 2)
+    return pair[0], pair[1]
+
+
+@pytest.mark.parametrize("shift", [0, 1, -1])
+def test_overlapping_data_offsets_are_refused(qwen, tmp_path, capsys, shift):
+    shard = sorted(qwen.glob("*.safetensors"))[0]
+    names = []
+
+    def overlap(header):
+        a, b = _same_size_pair(header)
+        begin, end = header[a]["data_offsets"]
+        shift_ok = shift if begin + shift >= 0 else 1
+        header[b]["data_offsets"] = [begin + shift_ok, end + shift_ok]
+        names.extend([a, b])
+
+    _edit_header_json(shard, overlap)
+    err = assert_fails(capsys, qwen, tmp_path, shard.name, "overlap")
+    assert names[0] in err or names[1] in err
+
+
+def test_tensor_missing_from_the_index_is_refused(qwen, tmp_path, capsys):
+    index_path = qwen / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "model.norm.weight"
+    assert index["weight_map"].pop(name)
+    index_path.write_text(json.dumps(index))
+    assert_fails(capsys, qwen, tmp_path, repr(name), "weight_map", "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\n", "\x7f"])
+def test_control_character_in_a_tensor_name_is_refused(qwen, tmp_path, capsys, bad):
+    shard = sorted(qwen.glob("*.safetensors"))[0]
+    _edit_header_json(shard, lambda h: h.__setitem__(f"model.norm.weight{bad}x", h.pop(next(k for k in h if k != "__metadata__"))))
+    assert_fails(capsys, qwen, tmp_path, shard.name, "control character")
+
+
+# ---- Issue 24: config.json disagreeing with the tensors; layer indices --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes,needles",
+    [
+        ({"hidden_size": 512}, ["field hidden_size is 512", "experts.0.gate_proj.weight", "hidden size of 256"]),
+        ({"moe_intermediate_size": 256}, ["field moe_intermediate_size is 256", "intermediate size of 128"]),
+        ({"num_hidden_layers": 1}, ["field num_hidden_layers is 1", "model.layers.1.mlp.experts.0", "decoder layer 1"]),
+        ({"mlp_only_layers": [1]}, ["mlp_only_layers", "decoder layer 1 dense", "model.layers.1.mlp.experts.0"]),
+        ({"decoder_sparse_step": 2}, ["decoder_sparse_step", "decoder layer 0 dense", "model.layers.0.mlp.experts.0"]),
+    ],
+)
+def test_config_disagreeing_with_the_tensors_is_refused(qwen, tmp_path, capsys, changes, needles):
+    _config(qwen, **changes)
+    assert_fails(capsys, qwen, tmp_path, "config.json", *needles)
+
+
+def test_first_k_dense_replace_over_a_moe_layer_is_refused(ds, tmp_path, capsys):
+    _config(ds, first_k_dense_replace=2)
+    assert_fails(capsys, ds, tmp_path, "first_k_dense_replace", "decoder layer 1 dense", "model.layers.1.mlp.experts.0")
+
+
+def test_mixtral_expert_size_is_intermediate_size(example_factory, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(example_factory("mixtral", "modelopt"), src)
+    _config(src, intermediate_size=256)
+    assert_fails(capsys, src, tmp_path, "field intermediate_size is 256", "block_sparse_moe.experts.0.w1.weight")
+
+
+def test_mtp_layer_after_the_decoder_is_accepted(ds, tmp_path, capsys):
+    # DeepSeek-V3/GLM checkpoints carry the multi-token-prediction layer as model.layers.<num_hidden_layers>
+    _config(ds, num_hidden_layers=2, num_nextn_predict_layers=1)
+    code, err = run_cli(capsys, "convert", str(ds), str(tmp_path / "dst"), "--quiet")
+    assert code == 0, err
+
+
+def _rename_layers(root: Path, old: str, new: str) -> None:
+    from tests.test_errors import rewrite
+
+    rewrite(root, lambda t: [t.__setitem__(k.replace(old, new), t.pop(k)) for k in list(t) if old in k])
+
+
+@pytest.mark.parametrize("spelled", ["01", "\u0661", "\uff11"])  # leading zero, Arabic-Indic one, full-width one
+def test_layer_index_spelled_oddly_is_refused(qwen, tmp_path, capsys, spelled):
+    _rename_layers(qwen, "model.layers.1.", f"model.layers.{spelled}.")
+    assert_fails(capsys, qwen, tmp_path, f"spells its decoder layer as {spelled!r}", "layers.1")
+
+
+# ---- Issue 24: a source entry named like an output file --------------------------------------------------------
+
+
+def test_source_folder_named_like_an_output_file(qwen, tmp_path, capsys):
+    name = "model.safetensors"  # a folder next to the index; the output is one shard of that name
+    (qwen / name).mkdir()
+    (qwen / name / "readme.txt").write_text("x")
+    for _ in range(2):  # the same one line, before anything is written, every time
+        err = assert_fails(capsys, qwen, tmp_path, repr(str(qwen / name)), "named like the output's", "move it out")
+        assert "partial" not in err
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,80 @@ def test_revert_output_symlinks(src, tmp_path, capsys):
     (tmp_path / ".back.nvfp4ckpt-partial").symlink_to(src, target_is_directory=True)
     _refused(capsys, src, "revert", str(conv), str(tmp_path / "back"), needle="partial folder is a symbolic link")
     assert tree_digest(conv) == before
+
+
+# ---- Issue 24: output paths an option names (verify --json-out) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verified_pair(tmp_path_factory):
+    from nvfp4ckpt import write_example
+
+    src = tmp_path_factory.mktemp("jo-src") / "src"
+    write_example(src, format="modelopt", arch="qwen3_moe", seed=0, shards=2)
+    conv = tmp_path_factory.mktemp("jo-conv") / "conv"
+    convert_checkpoint(src, conv)
+    return src, conv
+
+
+def _json_out_refused(capsys, verified_pair, target: Path, needle: str, *extra: str, verify_after: bool = True) -> None:
+    src, conv = verified_pair
+    before_src, before_conv = tree_digest(src), tree_digest(conv)
+    existed = os.path.lexists(target)
+    code, err = _cli(capsys, "verify", str(conv), "--check", "structure", "--source", str(src), "--json-out", str(target), *extra)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("Error:") and "--json-out" in err, err
+    assert needle in " ".join(err.split()), err
+    assert tree_digest(src) == before_src and tree_digest(conv) == before_conv
+    assert os.path.lexists(target) == existed
+    if verify_after:
+        assert main(["verify", str(conv), "--check", "structure", "--quiet"]) == 0  # nothing unlisted was added
+
+
+@pytest.mark.parametrize("name", ["config.json", "verify.json", "nvfp4ckpt_manifest.json"])
+def test_json_out_inside_the_checkpoint_is_refused(verified_pair, capsys, name):
+    _json_out_refused(capsys, verified_pair, verified_pair[1] / name, "inside the checkpoint")
+
+
+def test_json_out_onto_a_source_shard_is_refused(verified_pair, capsys):
+    shard = sorted(verified_pair[0].glob("*.safetensors"))[0]
+    _json_out_refused(capsys, verified_pair, shard, "inside the source")
+
+
+def test_json_out_symlink_is_refused(verified_pair, capsys, tmp_path):
+    link = tmp_path / "report.json"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    link.symlink_to(victim)
+    _json_out_refused(capsys, verified_pair, link, "symbolic link")
+    assert victim.read_text() == "keep"
+
+
+def test_json_out_into_a_missing_folder_fails_before_any_work(verified_pair, capsys, tmp_path, monkeypatch):
+    cli_verify = sys.modules["nvfp4ckpt.cli.verify"]
+
+    def never(*a, **k):
+        raise AssertionError("verify ran before the output path was checked")
+
+    monkeypatch.setattr(cli_verify, "verify_checkpoint", never)
+    _json_out_refused(capsys, verified_pair, tmp_path / "no" / "such" / "r.json", "does not exist", verify_after=False)
+
+
+def test_gsm8k_data_missing_fails_before_any_work(verified_pair, capsys, tmp_path, monkeypatch):
+    cli_verify = sys.modules["nvfp4ckpt.cli.verify"]
+
+    monkeypatch.setattr(cli_verify, "verify_checkpoint", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    src, conv = verified_pair
+    code, err = _cli(capsys, "verify", str(conv), "--gsm8k", "--baseline-accuracy", "50", "--gsm8k-data", str(tmp_path / "nope"))
+    assert code == 2 and "--gsm8k-data" in err and len(err.splitlines()) == 1, err
+
+
+def test_json_out_written_atomically_over_a_hard_link(verified_pair, capsys, tmp_path):
+    src, conv = verified_pair
+    outside = tmp_path / "copy.safetensors"
+    shard = sorted(src.glob("*.safetensors"))[0]
+    os.link(shard, outside)  # a hard link to a source shard, outside the source: the report replaces the name only
+    before = tree_digest(src)
+    assert main(["verify", str(conv), "--check", "structure", "--quiet", "--json-out", str(outside)]) == 0
+    assert tree_digest(src) == before
+    assert outside.read_text().startswith("{") and (outside.stat().st_mode & 0o777) == 0o644

@@ -221,3 +221,62 @@ def test_triton_backend_catches_swapped_gate_up(converted, tmp_path):
     _rewrite(dst, swap_gate_up)
     report = verify_checkpoint(dst, source=src, checks=("numerics",), backend="triton", tokens=48)
     assert not report.passed and all(n.rel_l2 > 0.1 for n in report.numerics)
+
+
+# ---- Issue 24: one rule for damaged checkpoints: a failed check, exit 1, wherever it is found ---------------------
+
+
+def _drop_rank_folder(dst: Path) -> None:
+    shutil.rmtree(dst / "ranks" / "rank-001")
+
+
+def _truncate_shard(dst: Path) -> None:
+    f = sorted(dst.rglob("*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _drop_manifest(dst: Path) -> None:
+    (dst / "nvfp4ckpt_manifest.json").unlink()
+
+
+def _drop_canonical_tensor(dst: Path) -> None:
+    _rewrite(dst, lambda t: t.pop("model.layers.1.mlp.experts.w2_weight_scale", None) is not None)
+
+
+def _reshape_canonical_tensor(dst: Path) -> None:
+    name = "model.layers.1.mlp.experts.w2_weight"
+    _rewrite(dst, lambda t: name in t and t.__setitem__(name, t[name][:, :-1].contiguous()) is None)
+
+
+def _corrupt_config(dst: Path) -> None:
+    (dst / "config.json").write_text("{not json")
+
+
+DAMAGE = {
+    "rank folder missing": (_drop_rank_folder, {"tp": 2}),
+    "shard truncated": (_truncate_shard, {}),
+    "manifest missing": (_drop_manifest, {}),
+    "canonical tensor missing": (_drop_canonical_tensor, {}),
+    "canonical tensor of the wrong shape": (_reshape_canonical_tensor, {}),
+    "config.json unreadable": (_corrupt_config, {}),
+}
+
+
+@pytest.mark.parametrize("what", sorted(DAMAGE))
+def test_a_damaged_checkpoint_is_a_failed_check_everywhere(example_factory, tmp_path, capsys, what):
+    damage, kw = DAMAGE[what]
+    src = example_factory("qwen3_moe", "modelopt")
+    dst = tmp_path / "conv"
+    convert_checkpoint(src, dst, **kw)
+    damage(dst)
+    runs = [["--check", "structure"], ["--no-hash"], ["--source", src, "--no-hash"], []]
+    if what != "manifest missing":  # damage that stops the tensors being read fails even a numerics-only run
+        runs.append(["--check", "numerics"])
+    for args in runs:
+        code, _, err = run(capsys, "verify", dst, "--quiet", "--tokens", "8", *args)
+        assert code == 1, (what, args, err)
+        assert err.startswith("Error: structure check failed") and len(err.splitlines()) == 1, (what, args, err)
+        assert "Traceback" not in err
+    code, _, err = run(capsys, "revert", dst, tmp_path / "back")
+    assert code == 1 and err.startswith("Error:") and "Traceback" not in err, (what, err)
+    assert not (tmp_path / "back").exists()

@@ -16,7 +16,7 @@ import typer
 from .. import __version__
 from ..errors import EXIT_USAGE, Interrupted, InterruptedRun
 from ..io import format_size
-from ._errors import debug_enabled, format_error
+from ._errors import debug_enabled, format_error, usage_message
 from ._output import Output
 from .convert import CONVERT_EXAMPLES, convert
 from .example import EXAMPLE_EXAMPLES, example
@@ -120,10 +120,12 @@ def _main(argv: list[str] | None) -> int:
         Output().error(INTERRUPTED)
         return 130
     except Exception as exc:  # noqa: BLE001 - the single place errors become messages
-        if _is_usage_error(exc):  # bad flags or arguments, from typer's parser
-            exc.show()  # type: ignore[attr-defined]
+        if _is_usage_error(exc):  # bad flags or arguments, from typer's parser: one line, as every error
+            commands = tuple(c.name or c.callback.__name__ for c in app.registered_commands if c.callback)
+            message = usage_message(exc, commands, sys.argv[1:] if argv is None else argv)
             if "No such command 'version'" in str(exc):
-                Output().hint("the version is printed by: nvfp4ckpt --version")
+                message += "; the version is printed by: nvfp4ckpt --version"
+            Output().error(message)
             return EXIT_USAGE
         known = format_error(exc)
         if known is None:

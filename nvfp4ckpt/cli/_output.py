@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,16 @@ class CountColumn(ProgressColumn):
         return Text(f"{format_size(task.completed)}/{format_size(task.total or 0)}{rate}", style="dim")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(message: str) -> str:
+    """A message as one line whatever the paths and names in it hold: a newline, tab or other control character
+    (a folder named ``a<newline>b``) is shown escaped, as Python writes it in a string (``a\\nb``), so the message
+    stays one line and says exactly which name it means."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
+
+
 @dataclass
 class Output:
     json_mode: bool = False
@@ -61,10 +72,10 @@ class Output:
 
     def error(self, message: str) -> None:
         # escape: messages name tensors and extras in brackets ("nvfp4ckpt[torch]"), which are not markup
-        self.err.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
+        self.err.print(f"[bold red]Error:[/] {escape(one_line(message))}", soft_wrap=True)
 
     def hint(self, message: str) -> None:
-        self.err.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
+        self.err.print(f"[dim]{escape(one_line(message))}[/]", soft_wrap=True)
 
     @property
     def show_progress(self) -> bool:

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_CHECK_FAILED
+from ..output.safe_paths import check_output_file, write_output_file
 from ..runtime.backends import Act, Backend
 from ..verify import CHECKS, Check, CheckResult, VerifyReport, verify_checkpoint
 from ._options import JsonOpt, QuietOpt
@@ -52,6 +53,9 @@ def verify(
     """Prove a converted checkpoint is kernel-ready. Exit 0 pass, 1 a check failed, 2 usage or input error."""
     path = dst
     out = Output(json_mode=json, quiet=quiet)
+    if json_out is not None:  # checked before any work: a bad path fails now, not after the whole run
+        protected = {"the checkpoint": Path(dst), **({"the source": Path(source)} if source else {})}
+        json_out = check_output_file(json_out, "--json-out", {k: v for k, v in protected.items() if v.exists()})
     skipped = {c.value for c in skip or []}
     requested = [c.value for c in check or []]
     backend, act = backend.value, act.value  # plain strings from here on (reports, JSON)
@@ -63,6 +67,10 @@ def verify(
         from ..eval.gsm8k import validate_options
 
         validate_options(source, tolerance, baseline_accuracy, min_accuracy, min_agreement)
+        if gsm8k_data is not None:  # read now (kilobytes to megabytes): a bad --gsm8k-data fails before the run
+            from ..eval.gsm8k import load_gsm8k
+
+            load_gsm8k(gsm8k_data, need_train=num_shots > 0)
     gsm8k_report = None
     with out.progress() as bar:
         tasks: dict[str, int] = {}
@@ -100,7 +108,7 @@ def verify(
     if gsm8k_report is not None:
         data["gsm8k"] = gsm8k_report.to_dict()
     if json_out is not None:
-        Path(json_out).write_text(jsonlib.dumps(data, indent=2) + "\n")
+        write_output_file(json_out, (jsonlib.dumps(data, indent=2) + "\n").encode())
     out.result(data)
     if report.numerics:
         table = Table("MoE layer", "backend", "rel-L2", "cosine", "max abs", "close", "ok", title="numerics", title_justify="left")

@@ -4,6 +4,7 @@ up front (so a corrupt or truncated file fails before any output is written)."""
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,5 +138,26 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CorruptFileError(
                 f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}; the file is truncated, re-download it"
             )
+        if _BAD_NAME.search(name) or not name:
+            raise CorruptFileError(
+                f"{path}: tensor name {name!r} is empty or holds a control character (NUL, newline, ...); the file is "
+                "corrupt, re-export it"
+            )
         tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+    _refuse_overlaps(path, tensors, data_start)
     return tensors, metadata
+
+
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0/C1 control characters: no real tensor name has one
+
+
+def _refuse_overlaps(path: Path, tensors: dict[str, TensorInfo], start: int) -> None:
+    """No two tensors may share a byte (the safetensors library refuses such a file): two names over the same
+    bytes would be converted as two tensors, and a write to one would change the other."""
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CorruptFileError(
+                f"{path}: tensors {n0!r} and {n1!r} overlap (data_offsets [{b0 - start}, {e0 - start}] and "
+                f"[{b1 - start}, {e1 - start}]); the file is corrupt, re-export it"
+            )

@@ -59,6 +59,14 @@ class CheckpointFiles:
         if self.index is None:
             return
         weight_map: dict[str, str] = self.index["weight_map"]
+        unlisted = sorted(n for n in self.tensors if n not in weight_map)
+        if unlisted:  # a loader driven by the index never sees it: converting it anyway would change the model
+            info = self.tensors[unlisted[0]]
+            more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+            raise CorruptFileError(
+                f"{info.file}: tensor {unlisted[0]!r}{more} is stored there but missing from the weight_map of "
+                f"{self.root / INDEX_NAME}; the index is stale or corrupt, re-download the checkpoint"
+            )
         for name, fname in weight_map.items():
             info = self.tensors.get(name)
             if info is None or info.file.name != fname:

@@ -43,8 +43,8 @@ def write_json(path: Path, data: dict) -> dict:
     return {"name": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
-def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dict]:
-    """Tokenizer, generation config, code, ...: every file that is not a weight shard."""
+def other_files(src: Path, skip_top_level: set[str]) -> list[Path]:
+    """The files ``copy_other_files`` copies, relative to ``src``."""
     out = []
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
@@ -52,6 +52,15 @@ def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dic
             continue
         if rel.name.endswith(".safetensors") or rel.parts[0] in skip_top_level:
             continue
+        out.append(rel)
+    return out
+
+
+def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dict]:
+    """Tokenizer, generation config, code, ...: every file that is not a weight shard."""
+    out = []
+    for rel in other_files(src, skip_top_level):
+        path = src / rel
         target = dst / rel
         make_folders(dst, target.parent)
         digest = hashlib.sha256()

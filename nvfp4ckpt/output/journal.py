@@ -126,11 +126,15 @@ class _Journal:
 
 
 def open_partial(
-    tmp: Path, fingerprint: str, sources: dict[str, list[int]], source_root: Path, resume: bool, report: ProgressFn
+    tmp: Path, fingerprint: str, sources: dict[str, list[int]], source_root: Path, resume: bool, report: ProgressFn,
+    options: dict | None = None,
 ) -> dict[str, dict]:
-    """Set up the partial folder; returns the finished shards to reuse (name -> entry), empty unless resuming."""
+    """Set up the partial folder; returns the finished shards to reuse (name -> entry), empty unless resuming.
+    ``options``: the run's options as the user gave them (``--tp``: 2, ...), kept in the journal so a refused
+    ``--resume`` can say which one changed, from what to what."""
     journal = _Journal(tmp / JOURNAL_NAME)
-    header = {"journal": JOURNAL_VERSION, "fingerprint": fingerprint, "sources": sources}
+    header = {"journal": JOURNAL_VERSION, "fingerprint": fingerprint, "sources": sources, "tool": __version__,
+              "options": options or {}}  # fmt: skip
     refuse_link(tmp, "partial folder")  # a planted symlink (say, to the source) is never written through
     if tmp.exists() and resume:
         _refuse_links_inside(tmp)
@@ -155,7 +159,7 @@ def open_partial(
     if old_header.get("fingerprint") != fingerprint or old_header.get("sources") != sources:
         old_sources = old_header.get("sources") if isinstance(old_header.get("sources"), dict) else {}
         changed = sorted(set(old_sources) ^ set(sources) | {n for n in sources if old_sources.get(n) != sources[n]})
-        what = f"{source_root / changed[0]} changed" if changed else "options or nvfp4ckpt version changed"
+        what = f"{source_root / changed[0]} changed" if changed else _what_changed(old_header, header)
         raise ResumeMismatchError(
             f"{tmp}: source or options changed since the interrupted run ({what}); rerun without --resume"
         )
@@ -172,6 +176,29 @@ def open_partial(
             path.unlink()
     journal.start(header, list(reused.values()))
     return reused
+
+
+def _what_changed(old: dict, new: dict) -> str:
+    """Which option (or the nvfp4ckpt version) differs from the interrupted run's, from what to what."""
+    before = old.get("options") if isinstance(old.get("options"), dict) else None
+    after = new["options"]
+    if before is not None:
+        diffs = [
+            f"{name} was {_shown(before.get(name))}, now {_shown(after.get(name))}"
+            for name in sorted(set(before) | set(after))
+            if before.get(name) != after.get(name)
+        ]
+        if diffs:
+            return "; ".join(diffs)
+    if old.get("tool") != new["tool"]:
+        return f"the interrupted run was nvfp4ckpt {old.get('tool') or 'of an older version'}, this is {new['tool']}"
+    if before is None:
+        return "options or nvfp4ckpt version changed (the interrupted run's journal does not record which)"
+    return "the output plan changed with the same options (the source's config.json or headers)"
+
+
+def _shown(value: object) -> str:
+    return "unset" if value is None else json.dumps(value)
 
 
 def _refuse_links_inside(tmp: Path) -> None:

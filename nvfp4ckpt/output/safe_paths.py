@@ -59,3 +59,68 @@ def aside_folder(dst: Path) -> Path:
     """A fresh private folder next to DST to move an old DST into before the rename (``mkdtemp`` makes it
     with exclusive creation, so nothing planted can be its name)."""
     return Path(tempfile.mkdtemp(prefix=f".{dst.name}.nvfp4ckpt-old-", dir=dst.parent))
+
+
+def check_output_file(path: str | Path, option: str, protected: dict[str, Path]) -> Path:
+    """An output file an option names (``--json-out``), checked before any work is done: its folder exists and is
+    writable, it is not a symbolic link or anything but a plain file, and it lies outside every ``protected``
+    folder (name -> folder: the checkpoint verified, its source). Writing into a checkpoint would replace one of
+    its files (config.json, a shard) or add one the manifest does not list, so every later verify would fail.
+    Returns the path made absolute."""
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    shown = f"{option} {str(path)!r}"
+    if not p.name:
+        raise InputError(f"{shown}: is a folder; pass a file name")
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise InputError(f"{shown}: cannot use it ({exc.strerror}); pass another file") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(
+            f"{shown}: is a symbolic link (to {os.readlink(p)!r}); nvfp4ckpt never writes through a link it did not "
+            "make; remove it or pass another file"
+        )
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{shown}: exists and is not a plain file; pass a file name")
+    parent = p.parent
+    if not parent.is_dir():
+        raise InputError(f"{shown}: the folder {str(parent)!r} does not exist; create it first or pass another file")
+    real = parent.resolve() / p.name
+    for what, root in protected.items():
+        try:
+            r = Path(root).expanduser().resolve()
+        except OSError:
+            continue
+        if real == r or r in real.parents:
+            raise InputError(
+                f"{shown}: is inside {what} {str(root)!r}; writing there would change the checkpoint (replace one of "
+                "its files or add one its manifest does not list); write the report outside it"
+            )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{shown}: cannot write to the folder {str(parent)!r} (permission denied); pass another file")
+    return p
+
+
+def write_output_file(path: Path, data: bytes) -> None:
+    """Write a file checked by ``check_output_file``: a new private temporary file next to it (exclusive, so
+    nothing planted is written through), fsynced, then renamed over ``path``. The rename replaces whatever name
+    is there (a link planted meanwhile is replaced, never followed; a hard link's other names keep their bytes)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nvfp4ckpt-tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, 0o644)  # a report, readable as any file the tool writes (mkstemp makes it 0600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
+import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from ..io import (
 from ..progress import Progress, ProgressFn
 from .destination import destination_lock
 from .safe_paths import destination_path, make_folders
-from .install import copy_other_files, fsync_dir, install, write_json
+from .install import copy_other_files, fsync_dir, install, other_files, write_json
 from .journal import JOURNAL_NAME, _Journal, check_sources_unchanged, job_fingerprint, open_partial, partial_folder, source_stats
 
 
@@ -72,6 +74,7 @@ class CheckpointJob:
     manifest_fields: dict | None = None  # None: write no manifest
     part_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # extra header metadata per part
     skip_files: set[str] = field(default_factory=set)  # top-level names not to copy from the source folder
+    options: dict = field(default_factory=dict)  # the run's options as given (``--tp``: 2): named when --resume refuses
 
 
 @dataclass
@@ -107,15 +110,17 @@ def write_checkpoint(
     total_bytes = sum(t.nbytes for t in job.planned)
     sources = source_stats(job.source.root)
     fingerprint = job_fingerprint(job, shard_plans)
+    _refuse_name_clashes(job, shard_plans)
     report(Progress("plan", 0, len(groups), 0, total_bytes))
     dst = destination_path(dst)
+    check_free_space(job, dst, shard_plans)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with destination_lock(dst):
         # Under the lock, so two runs into one DST cannot both pass the emptiness check.
         if dst.exists() and any(dst.iterdir()) and not overwrite:
             raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
         tmp = partial_folder(dst)
-        reused = open_partial(tmp, fingerprint, sources, job.source.root, resume, report)
+        reused = open_partial(tmp, fingerprint, sources, job.source.root, resume, report, job.options)
         return _write_locked(job, dst, tmp, shard_plans, reused, sources, groups, total_bytes, report, workers)
 
 
@@ -177,7 +182,7 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
                 entry = write_json(folder / INDEX_NAME, index)
                 files.append({**entry, "name": prefix + entry["name"]})
         files.append(write_json(tmp / "config.json", job.config))
-        files.extend(copy_other_files(job.source.root, tmp, job.skip_files | {"config.json", INDEX_NAME, MANIFEST_NAME}))
+        files.extend(copy_other_files(job.source.root, tmp, _copied_skip(job)))
         files.sort(key=lambda f: f["name"])
         # Everything has been read: a source rewritten meanwhile may have given a mix of old and new bytes.
         check_sources_unchanged(job.source.root, sources)
@@ -211,6 +216,78 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
     reader.shutdown(wait=True)
     report(Progress("done", len(all_groups), len(all_groups), total_bytes, total_bytes))
     return WriteResult(files, sorted(reused))
+
+
+NO_SPACE_CHECK_ENV = "NVFP4CKPT_NO_SPACE_CHECK"
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path`` (its nearest existing
+    folder): ``statvfs``'s ``f_bavail``."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _tree_size(folder: Path) -> int:
+    if folder.is_symlink() or not folder.is_dir():
+        return 0
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def check_free_space(job: CheckpointJob, dst: Path, shard_plans: dict[str, list[ShardPlan]]) -> None:
+    """Refuse, before anything is written, a destination whose file system cannot hold the output: filling it
+    first would fail late and leave a partial folder that cannot be finished there. The output needs its tensor
+    bytes, headers (estimated from the names) and the copied files; a partial folder of an earlier run counts as
+    free (its finished shards are reused with ``--resume``, otherwise it is removed). ``NVFP4CKPT_NO_SPACE_CHECK=1``
+    skips it, for file systems whose free space statvfs does not tell (compression, deduplication)."""
+    if os.environ.get(NO_SPACE_CHECK_ENV, "") not in ("", "0"):
+        return
+    tensors = sum(t.nbytes for t in job.planned)
+    shards = sum(len(p) for p in shard_plans.values())
+    # each tensor's header entry and index line (name, dtype, shape, offsets), a manifest/journal line per shard
+    headers = sum(2 * len(t.name) + 160 for t in job.planned) + 512 * shards + 64 * 1024
+    root = job.source.root
+    copied = sum((root / rel).stat().st_size for rel in other_files(root, _copied_skip(job)))
+    need = tensors + headers + copied + len(json.dumps(job.config, indent=2))
+    try:
+        free = free_bytes(dst.parent) + _tree_size(partial_folder(dst))
+    except OSError:
+        return  # no statvfs here: the writer still reports a full disk when it happens
+    if need > free:
+        raise DiskFullError(
+            f"{str(dst.parent)!r}: not enough free space for the output: it needs about {format_size(need)} and "
+            f"the file system has {format_size(free)} free ({format_size(need - free)} missing); free space there "
+            "or choose a destination on another file system"
+        )
+
+
+def _copied_skip(job: CheckpointJob) -> set[str]:
+    return job.skip_files | {"config.json", INDEX_NAME, MANIFEST_NAME}
+
+
+def _refuse_name_clashes(job: CheckpointJob, shard_plans: dict[str, list[ShardPlan]]) -> None:
+    """A source entry that would be copied under a name the output writes itself (a folder ``model.safetensors/``
+    next to an index, when the output is one shard) is refused before anything is written: the run would
+    otherwise fail at the end, inside the partial folder, and every rerun the same way."""
+    written = {"config.json", MANIFEST_NAME} if job.manifest_fields is not None else {"config.json"}
+    for part, plans in shard_plans.items():
+        top = part.split("/", 1)[0] if part else None
+        if top:
+            written.add(top)
+            continue
+        written.update(p.filename for p in plans)
+        if len(plans) > 1:
+            written.add(INDEX_NAME)
+    root = job.source.root
+    for rel in other_files(root, _copied_skip(job)):
+        if rel.parts[0] in written:
+            raise InputError(
+                f"{str(root / rel.parts[0])!r}: the source holds a {'folder' if len(rel.parts) > 1 else 'file'} named "
+                f"like the output's {rel.parts[0]!r}, which nvfp4ckpt writes itself; move it out of the source folder "
+                "and rerun"
+            )
 
 
 def _shard_name(part: str, plan: ShardPlan) -> str:

@@ -90,6 +90,11 @@ class Architecture:
     hf_renames: tuple[tuple[str, str], ...] = ()
     # Why the transformers-based model runner (verify --gsm8k) cannot run this family, if it cannot.
     runner_unsupported: str | None = None
+    # The config field holding one expert's intermediate size (checked against the tensors when present).
+    expert_intermediate_key: str = "moe_intermediate_size"
+    # The config fields ``layer_kinds`` reads to say which decoder layers are MoE (named when they disagree with the
+    # tensors); num_hidden_layers is always checked as well.
+    layer_kind_fields: tuple[str, ...] = ()
 
     @property
     def gated(self) -> bool:
@@ -353,6 +358,7 @@ QWEN3_MOE = register(
         description="Qwen3-MoE: every layer MoE, softmax top-k renormalized, no shared expert",
         names=ModelNames(attention_kind="gqa_qk_norm"),
         layer_kinds=_qwen_layer_kinds,
+        layer_kind_fields=("mlp_only_layers", "decoder_sparse_step"),
         example_config=lambda: {
             **_TINY_COMMON,
             "architectures": ["Qwen3MoeForCausalLM"],
@@ -398,6 +404,7 @@ DEEPSEEK_V3 = register(
         description="DeepSeek-V3/R1: dense first layers, shared experts, sigmoid grouped top-k with correction bias",
         names=ModelNames(shared_expert="shared_experts", attention_kind="mla"),
         layer_kinds=_first_k_dense,
+        layer_kind_fields=("first_k_dense_replace",),
         example_config=lambda: {
             **_TINY_COMMON,
             "architectures": ["DeepseekV3ForCausalLM"],
@@ -425,6 +432,7 @@ MIXTRAL = register(
         router_suffix="gate.weight",
         routing=_mixtral_routing,
         description="Mixtral: block_sparse_moe.experts.{w1,w3,w2}, softmax top-k renormalized",
+        expert_intermediate_key="intermediate_size",
         names=ModelNames(block="block_sparse_moe", projections=("w1", "w3", "w2")),
         example_config=lambda: {
             **_TINY_COMMON,
@@ -452,6 +460,7 @@ QWEN2_MOE = register(
         description="Qwen1.5/Qwen2-MoE: softmax top-k (renormalized only with norm_topk_prob), shared expert with a sigmoid gate",
         names=ModelNames(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate", qkv_bias=True),
         layer_kinds=_qwen_layer_kinds,
+        layer_kind_fields=("mlp_only_layers", "decoder_sparse_step"),
         example_config=lambda: {
             **_TINY_COMMON,
             "architectures": ["Qwen2MoeForCausalLM"],
@@ -483,6 +492,7 @@ QWEN3_NEXT = register(
         description="Qwen3-Next / Qwen3.5 MoE: hybrid linear/full attention, many experts renormalized, gated shared expert",
         names=ModelNames(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate", attention_kind="gqa_qk_norm"),
         layer_kinds=_qwen_layer_kinds,
+        layer_kind_fields=("mlp_only_layers", "decoder_sparse_step"),
         example_config=lambda: {
             **_TINY_COMMON,
             "architectures": ["Qwen3NextForCausalLM"],
@@ -514,6 +524,7 @@ GLM4_MOE = register(
         description="GLM-4.5/4.6/4.7: DeepSeek-V3-style MoE (sigmoid + correction bias, shared expert, dense first layers), GQA attention",
         names=ModelNames(shared_expert="shared_experts", attention_kind="gqa"),
         layer_kinds=_first_k_dense,
+        layer_kind_fields=("first_k_dense_replace",),
         example_config=lambda: {
             **_TINY_COMMON,
             "architectures": ["Glm4MoeForCausalLM"],
@@ -541,6 +552,7 @@ KIMI_K2 = register(
         description="Kimi-K2 / K2-Thinking: DeepSeek-V3 architecture (MLA, 384 experts, one group), its own model_type",
         names=ModelNames(shared_expert="shared_experts", attention_kind="mla"),
         layer_kinds=_first_k_dense,
+        layer_kind_fields=("first_k_dense_replace",),
         example_config=lambda: {
             **DEEPSEEK_V3.example_config(),
             "architectures": ["DeepseekV3ForCausalLM"],
@@ -563,6 +575,7 @@ MINIMAX_M2 = register(
         router_suffix="gate.weight",
         routing=_minimax_m2_routing,
         description="MiniMax-M2: block_sparse_moe.experts.{w1,w3,w2}, sigmoid top-k with a routing bias, renormalized",
+        expert_intermediate_key="intermediate_size",
         names=ModelNames(block="block_sparse_moe", projections=("w1", "w3", "w2"), attention_kind="gqa_full_qk_norm"),
         example_config=lambda: {
             **_TINY_COMMON,
@@ -595,6 +608,8 @@ LLAMA4 = register(
             embed="language_model.model.embed_tokens", final_norm="language_model.model.norm", lm_head="language_model.lm_head",
         ),
         layer_kinds=_llama4_layer_kinds,
+        layer_kind_fields=("interleave_moe_layer_step",),
+        expert_intermediate_key="intermediate_size",
         example_config=lambda: {
             "architectures": ["Llama4ForConditionalGeneration"],
             "model_type": "llama4",
@@ -630,6 +645,7 @@ NEMOTRON_H = register(
             attention="mixer", embed="backbone.embeddings", final_norm="backbone.norm_f",
         ),
         layer_kinds=_nemotron_h_layer_kinds,
+        layer_kind_fields=("hybrid_override_pattern",),
         runner_unsupported=(
             "transformers' Nemotron-H mixer is not a router + experts block the runner can replace (hybrid Mamba, "
             "non-gated relu2 experts)"

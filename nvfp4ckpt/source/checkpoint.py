@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import architectures
 from .architectures import Architecture, Routing
-from ..errors import BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
+from ..errors import BadFieldError, BadTensorError, HubError, InputError, MissingTensorError, NoMoELayersError, UnsupportedArchitectureError
 from .formats import QuantFormat, detect_format
 from ..io import CheckpointFiles, TensorInfo, read_json
 from ..io.json_input import Fields
@@ -131,7 +131,89 @@ def open_checkpoint(src: str | Path, revision: str | None = None) -> SourceCheck
             raise BadTensorError(
                 f"{root}: {layer.prefix} has {layer.num_experts} experts but config.json says {routing.num_experts}"
             )
+    problems = config_tensor_problems(
+        arch, text_cfg, [(l.prefix, l.hidden_size, l.intermediate_size, _first_weight(l)) for l in layers]
+    )
+    if problems:
+        raise BadFieldError(f"{problems[0]}; fix config.json or the tensors")
     return SourceCheckpoint(root, config, fmt, arch, files, layers, routing, excluded)
+
+
+def _first_weight(layer: SourceMoELayer) -> str:
+    entry = layer.fused or layer.experts[0]
+    return entry["gate_up" if layer.fused else ("gate" if layer.gated else "up")].weight
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.([^.]+)\.")
+
+
+def decoder_layer_index(prefix: str) -> int | None:
+    """The decoder layer number in an expert prefix (``model.layers.3.mlp.experts`` -> 3); None for a prefix with
+    no ``layers.N`` (or a multi-token-prediction module, ``mtp.layers.N``, numbered apart from the decoder)."""
+    m = _LAYER_INDEX.search(prefix)
+    before = prefix[: m.start()] if m is not None else ""
+    if m is None or before == "mtp" or before.endswith(".mtp"):
+        return None
+    text = m.group(1)
+    return int(text) if re.fullmatch(r"0|[1-9][0-9]*", text, re.ASCII) else None
+
+
+def check_layer_spelling(prefix: str, where: str, name: str) -> None:
+    """A layer number with leading zeros (``layers.01``) or in non-ASCII digits is refused, as expert numbers are:
+    engines, verify ``--layers`` and revert name layers by their plain number."""
+    m = _LAYER_INDEX.search(prefix)
+    if m is None:
+        return
+    text = m.group(1)
+    if text.isdigit() and not re.fullmatch(r"0|[1-9][0-9]*", text, re.ASCII):
+        raise BadTensorError(
+            f"{where}: tensor {name!r} spells its decoder layer as {text!r}; nvfp4ckpt needs plain ASCII layer numbers "
+            f"(layers.{int(text)}, not layers.{text}); rename the tensors"
+        )
+
+
+def config_tensor_problems(
+    arch: Architecture, cfg: Fields, layers: list[tuple[str, int, int, str]]
+) -> list[str]:
+    """Where ``config.json`` disagrees with the expert tensors (each given as prefix, hidden size, intermediate size
+    and a tensor to name): ``hidden_size``, the expert intermediate size, ``num_hidden_layers`` and the fields that
+    say which layers are MoE. Only the fields present are checked; a layer is MoE if it has expert tensors."""
+    problems: list[str] = []
+    where = cfg.where + (f" ({cfg.at})" if cfg.at else "")
+    for key, index in (("hidden_size", 1), (arch.expert_intermediate_key, 2)):
+        if cfg.has(key):
+            value = cfg.int(key, lo=1)
+            for layer in layers:
+                if layer[index] != value:
+                    what = "hidden size" if index == 1 else "expert intermediate size"
+                    problems.append(
+                        f"{where}: field {key} is {value}, but tensor {layer[3]!r} gives a {what} of {layer[index]}"
+                    )
+                    break
+    if not cfg.has("num_hidden_layers"):
+        return problems
+    n = cfg.int("num_hidden_layers", lo=1, hi=1 << 16)
+    extra = cfg.int("num_nextn_predict_layers", 0, lo=0, hi=1 << 16)  # DeepSeek/GLM MTP layers follow the decoder's
+    try:
+        kinds = arch.layer_kinds(cfg)
+    except BadFieldError as exc:
+        if "is missing" not in str(exc):
+            raise
+        kinds = []
+    fields = ", ".join(arch.layer_kind_fields) or "num_hidden_layers"
+    for prefix, _, _, name in layers:
+        i = decoder_layer_index(prefix)
+        if i is None:
+            continue
+        if i >= n + extra:
+            problems.append(
+                f"{where}: field num_hidden_layers is {n}, but tensor {name!r} is an expert of decoder layer {i}"
+            )
+        elif i < len(kinds) and kinds[i] != "moe":
+            problems.append(
+                f"{where}: {fields} make decoder layer {i} {kinds[i]}, but tensor {name!r} is an expert of it"
+            )
+    return problems
 
 
 def natural_key(name: str) -> list:
@@ -152,6 +234,7 @@ def find_moe_layers(
         module, _, suffix = name.rpartition(".")
         fused_hit = _match_fused(fmt, fused_re, module, suffix)
         if fused_hit is not None:
+            check_layer_spelling(module, str(files.info(name).file), name)
             proj, kind = fused_hit
             fused[module].setdefault(proj, {})[kind] = name
             continue
@@ -159,6 +242,7 @@ def find_moe_layers(
         if hit is None:
             continue
         prefix, expert, role = hit
+        check_layer_spelling(prefix, str(files.info(name).file), name)
         spelled = module[len(prefix) + 1 :].split(".", 1)[0]
         if spelled != str(expert):  # "07": revert writes "7", and "7" may be there too (one would be dropped)
             raise BadTensorError(

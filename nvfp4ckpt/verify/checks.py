@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 
+from .._args import Args
 from ..source.checkpoint import open_checkpoint
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint, open_converted
 from ..layouts.trtllm_gen.descriptor import LayerInfo
@@ -36,7 +37,7 @@ from .descriptor import add_descriptor_check
 from .layout import check_layout, compare_layer, fast_compare_layer, unshuffled
 from .numerics import FULL, LayerNumerics, NumericsSample, check_layer_numerics
 from .scan import scan_checkpoint
-from .structure import check_structure, manifest_names
+from .structure import check_structure, manifest_names, tensors_damaged
 
 
 class Check(str, Enum):
@@ -93,6 +94,7 @@ def verify_checkpoint(
     sample ``numerics_sample``, default ``NumericsSample()``). ``workers``: reader threads of the single pass
     (default 2; see ``scan.default_workers``)."""
     start = time.perf_counter()
+    _check_args(path, source, checks, backend, act, layers, tokens, seed, hash_files, device, progress, numerics_full, workers)
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise InputError(f"unknown check(s) {unknown}; choose from {', '.join(CHECKS)}")
@@ -106,6 +108,12 @@ def verify_checkpoint(
         return structure_error_report(path, exc)
     src = open_checkpoint(source) if source is not None else None
     selected = _select_layers(ckpt, layers)
+    if tensors_damaged(ckpt):  # a damaged checkpoint fails the structure check (exit 1); nothing else can read it
+        report.checks.append(check_structure(ckpt, hash_files and "structure" in checks))
+        add_descriptor_check(report.checks[-1], ckpt, src)
+        report.checks.extend(CheckResult(c, "skip", "the structure check failed") for c in checks if c != "structure")
+        report.seconds = time.perf_counter() - start
+        return report
     tick = progress or (lambda stage, done, total: None)
     do_layout = "layout" in checks and src is not None
     do_numerics = "numerics" in checks
@@ -203,6 +211,24 @@ def verify_checkpoint(
         )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_args(path, source, checks, backend, act, layers, tokens, seed, hash_files, device, progress, numerics_full, workers) -> None:
+    """The library call checked as the CLI checks its options (``nvfp4ckpt._args``)."""
+    a = Args("verify_checkpoint")
+    a.path("path", path)
+    a.path("source", source, "--source", optional=True)
+    a.strings("checks", checks, "--check")
+    a.str("backend", backend, "--backend")
+    a.str("act", act, "--act")
+    a.strings("layers", layers, "--layers", optional=True)
+    a.int("tokens", tokens, "--tokens", lo=1, hi=MAX_TOKENS)
+    a.int("seed", seed, "--seed", lo=0, hi=2**63 - 1)
+    a.bool("hash_files", hash_files, "--no-hash")
+    a.str("device", device, "--device", optional=True)
+    a.callable("progress", progress)
+    a.bool("numerics_full", numerics_full, "--numerics-full", optional=True)
+    a.int("workers", workers, None, lo=1, hi=1024, optional=True)
 
 
 def _select_layers(ckpt: ConvertedCheckpoint, layers: list[str] | None) -> list[LayerInfo]:

@@ -19,7 +19,8 @@ from ..layouts.trtllm_gen.transform import EPILOGUE_TILE_M, MoEDims
 from ..errors import InputError
 from ..io.json_input import Fields
 from ..source import architectures
-from ..source.checkpoint import SourceCheckpoint
+from ..source.checkpoint import SourceCheckpoint, config_tensor_problems
+from ..source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
 from .report import CheckResult
 
 # Fields only the source can confirm (shown in the report when there is no --source). Without it, routing and
@@ -84,6 +85,7 @@ def self_consistency_problems(ckpt: ConvertedCheckpoint) -> list[str]:
             if stored != want:
                 problems.append(f"{layer.prefix}: {what}_size_padded {stored}, the layout pads {size} to {want}")
     problems.extend(_config_problems(ckpt))
+    problems.extend(source_quantization_problems(ckpt))
     owned = {n for layer in ckpt.layers for n in layer.tensor_names(ckpt.source_format)}
     suffixes = tuple("." + n for n in (*KERNEL_TENSORS, *SCALAR_TENSORS, *canonical_names(ckpt.source_format)))
     for files in (ckpt.files, *ckpt.rank_files.values()):
@@ -103,6 +105,14 @@ def _config_problems(ckpt: ConvertedCheckpoint) -> list[str]:
     except InputError as exc:
         return [f"config.json: cannot derive the routing ({exc})"]
     problems = []
+    text_fields = Fields(text, "config.json", "text_config" if text is not ckpt.config else "")
+    try:  # sizes and MoE layers config.json states, against the layers the descriptor and the tensors hold
+        problems.extend(config_tensor_problems(
+            arch, text_fields,
+            [(l.prefix, l.hidden_size, l.intermediate_size, f"{l.prefix}.w13_weight") for l in ckpt.layers],
+        ))  # fmt: skip
+    except InputError as exc:
+        problems.append(str(exc))
     if d.get("architecture") != arch.name:
         problems.append(f"descriptor architecture {d.get('architecture')!r}; config.json's model_type gives {arch.name!r}")
     problems.extend(f"descriptor {p.replace('the source gives', 'config.json gives')}" for p in _differences(d.get("routing"), routing, "routing"))
@@ -118,6 +128,55 @@ def _config_problems(ckpt: ConvertedCheckpoint) -> list[str]:
     return problems
 
 
+def source_quantization_section(config: dict) -> Any:
+    """What revert writes back as the source's ``quantization_config``: the wrapped form's
+    ``source_quantization_config``, or (written before the wrapped form) the section without the descriptor."""
+    qcfg = config.get("quantization_config")
+    if not isinstance(qcfg, dict):
+        return None
+    if SOURCE_QUANT_KEY in qcfg:
+        return qcfg[SOURCE_QUANT_KEY]
+    return {k: v for k, v in qcfg.items() if k != DESCRIPTOR_KEY}
+
+
+def source_quantization_problems(ckpt: ConvertedCheckpoint) -> list[str]:
+    """The source quantization config revert writes back must be an NVFP4 config of the descriptor's
+    ``source_format`` (a tamperer's FP8, string or null section would be written into the "source")."""
+    claimed = ckpt.descriptor.get("source_format")
+    where = f"config.json quantization_config.{SOURCE_QUANT_KEY}"
+    section = source_quantization_section(ckpt.config)
+    if not isinstance(section, dict):
+        return [
+            f"{where} is {_short(section)}; the descriptor's source_format {claimed!r} needs its NVFP4 quantization "
+            "config (revert writes it back into the source)"
+        ]
+    named = _format_named_by(section)
+    if named is not None and named != claimed:
+        return [f"{where} is a {named} config, but the descriptor's source_format is {claimed!r}"]
+    found = None
+    try:
+        for name, fmt in FORMATS.items():
+            # as convert detected it: ModelOpt's section may defer to hf_quant_config.json (copied alongside)
+            if fmt.detect(ckpt.root, {"quantization_config": section}) is not None:
+                found = name
+                break
+    except InputError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        return [f"{where}: {reason} (the descriptor's source_format is {claimed!r})"]
+    if found != claimed:
+        what = f"a {found} config" if found else "no NVFP4 quantization config"
+        return [f"{where} is {what}, but the descriptor's source_format is {claimed!r}"]
+    return []
+
+
+def _format_named_by(section: dict) -> str | None:
+    """The source format a quantization section names by itself (ModelOpt may also say it in hf_quant_config.json)."""
+    method = section.get("quant_method")
+    if "quant_algo" in section or method == "modelopt":
+        return "modelopt"
+    return method if method in FORMATS else None
+
+
 def source_problems(ckpt: ConvertedCheckpoint, src: SourceCheckpoint) -> list[str]:
     d = ckpt.descriptor
     layout = get_layout(DEFAULT_LAYOUT)
@@ -131,7 +190,13 @@ def source_problems(ckpt: ConvertedCheckpoint, src: SourceCheckpoint) -> list[st
     except Exception as exc:  # noqa: BLE001 - the split the descriptor claims does not fit the source
         return [f"parallel: tp={tp} ep={ep} does not fit the source ({exc})"]
     want = layout.checkpoint_descriptor(src, ranks if tp * ep > 1 else None, tp, ep)
-    return [f"descriptor {p}" for p in _differences(d, want, "")]
+    problems = [f"descriptor {p}" for p in _differences(d, want, "")]
+    # convert writes the source's own section (or, with only hf_quant_config.json, the flat form of it)
+    qcfg = src.config.get("quantization_config")
+    want_q = qcfg if isinstance(qcfg, dict) else src.format.flat_quantization_config()
+    got_q = source_quantization_section(ckpt.config)
+    problems.extend(f"config.json {p}" for p in _differences(got_q, want_q, f"quantization_config.{SOURCE_QUANT_KEY}"))
+    return problems
 
 
 def _differences(got: Any, want: Any, path: str) -> list[str]:

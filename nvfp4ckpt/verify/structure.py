@@ -32,25 +32,38 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True, digests:
         if header_desc != desc:
             problems.append(f"{fname}: header metadata '{METADATA_KEY}' differs from config.json's descriptor")
     for layer in ckpt.layers:
-        for rank in layer.ranks or (None,):
-            experts = rank.num_experts if rank else layer.num_experts
-            inter = rank.intermediate_padded if rank else layer.intermediate_padded
-            where = f"{rank.part}: " if rank else ""
-            files = ckpt.files_for(rank)
-            for name, dtype, shape in canonical_specs(
-                layer.prefix, experts, layer.hidden_padded, inter, ckpt.source_format, layer.scalar_dtype, layer.gated
-            ):
-                info = files.tensors.get(name)
-                if info is None:
-                    problems.append(f"{where}{name}: missing")
-                elif info.dtype != dtype or info.shape != shape:
-                    problems.append(f"{where}{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
+        problems.extend(layer_tensor_problems(ckpt, layer))
         if not problems:
             problems.extend(_scalar_problems(ckpt, layer))
     problems.extend(_manifest_problems(ckpt.root, hash_files, digests or {}))
     n_layers = len(ckpt.layers)
     what = f"{n_layers} MoE layers, {len(ckpt.files.files)} shards" + ("" if hash_files else " (sha256 skipped)")
     return CheckResult("structure", "fail" if problems else "pass", what, problems)
+
+
+def layer_tensor_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:
+    """Every canonical tensor of the layer present with its dtype and shape (headers only, nothing read)."""
+    problems = []
+    for rank in layer.ranks or (None,):
+        experts = rank.num_experts if rank else layer.num_experts
+        inter = rank.intermediate_padded if rank else layer.intermediate_padded
+        where = f"{rank.part}: " if rank else ""
+        files = ckpt.files_for(rank)
+        for name, dtype, shape in canonical_specs(
+            layer.prefix, experts, layer.hidden_padded, inter, ckpt.source_format, layer.scalar_dtype, layer.gated
+        ):
+            info = files.tensors.get(name)
+            if info is None:
+                problems.append(f"{where}{name}: missing")
+            elif info.dtype != dtype or info.shape != shape:
+                problems.append(f"{where}{name}: {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}")
+    return problems
+
+
+def tensors_damaged(ckpt: ConvertedCheckpoint) -> bool:
+    """A canonical tensor missing or of the wrong dtype/shape: the checkpoint cannot be read as a layout at all
+    (layout and numerics would fail on the shapes), only the structure check can report it."""
+    return any(layer_tensor_problems(ckpt, layer) for layer in ckpt.layers)
 
 
 def _scalar_problems(ckpt: ConvertedCheckpoint, layer: LayerInfo) -> list[str]:

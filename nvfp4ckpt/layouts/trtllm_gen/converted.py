@@ -10,7 +10,7 @@ from ..._lazy import torch
 
 from ...source.checkpoint import resolve_source
 from .descriptor import LayerInfo, descriptor_from_config
-from ...errors import BadFieldError, CorruptFileError, InputError
+from ...errors import BadFieldError, CorruptFileError, DamagedCheckpointError, InputError, MissingTensorError
 from ...io import CheckpointFiles, read_json
 from ...io.json_input import Fields
 from ...source.formats import DESCRIPTOR_KEY, FORMATS
@@ -98,8 +98,39 @@ class ConvertedCheckpoint:
         return {"w31": w31, "s31": s31, "down": down, "down_scale": down_s, "padding_zero": torch.tensor(zero), **scalars}
 
 
+class ConvertedFiles(CheckpointFiles):
+    """A converted checkpoint's files: a tensor missing or a shard found truncated while reading it is damage to
+    nvfp4ckpt's own output (``DamagedCheckpointError``, exit 1), as the structure check reports it."""
+
+    def info(self, name: str):
+        try:
+            return super().info(name)
+        except MissingTensorError as exc:
+            raise DamagedCheckpointError(f"{exc}; the converted checkpoint is damaged, convert again") from None
+
+    def pread_into(self, info, buf: memoryview, offset: int = 0) -> None:
+        try:
+            super().pread_into(info, buf, offset)
+        except DamagedCheckpointError:
+            raise
+        except CorruptFileError as exc:
+            raise DamagedCheckpointError(str(exc)) from None
+
+
 def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCheckpoint:
+    """A converted checkpoint. Not one at all (no descriptor, an unsupported layout): ``InputError`` (exit 2). One
+    that is damaged (unreadable config or descriptor, a shard or rank folder missing, truncated or corrupt):
+    ``DamagedCheckpointError`` (exit 1, what verify reports as a failed structure check)."""
     root = resolve_source(path, revision)
+    try:
+        return _open_converted(root)
+    except DamagedCheckpointError:
+        raise
+    except CorruptFileError as exc:
+        raise DamagedCheckpointError(str(exc)) from None
+
+
+def _open_converted(root: Path) -> ConvertedCheckpoint:
     config_path = root / "config.json"
     if not config_path.is_file():
         raise InputError(f"{root}: no config.json; pass a folder written by `nvfp4ckpt convert`")
@@ -121,8 +152,14 @@ def open_converted(path: str | Path, revision: str | None = None) -> ConvertedCh
         layers, parts = _read_descriptor(Fields(descriptor, str(config_path), f"quantization_config.{DESCRIPTOR_KEY}"))
     except BadFieldError as exc:  # a converted checkpoint whose descriptor is damaged: the structure check fails
         raise CorruptFileError(str(exc)) from None
-    rank_files = {part: CheckpointFiles(root / part) for part in parts}
-    return ConvertedCheckpoint(root, config, descriptor, CheckpointFiles(root), layers, rank_files)
+    for part in parts:
+        if not (root / part).is_dir() or (root / part).is_symlink():
+            raise CorruptFileError(
+                f"{root / part}: the rank folder the descriptor lists is missing (or not a folder); the converted "
+                "checkpoint is incomplete, restore the folder or convert again"
+            )
+    rank_files = {part: ConvertedFiles(root / part) for part in parts}
+    return ConvertedCheckpoint(root, config, descriptor, ConvertedFiles(root), layers, rank_files)
 
 
 _RANK_PART = re.compile(r"ranks/rank-[0-9]{3,6}")
