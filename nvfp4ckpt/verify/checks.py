@@ -122,7 +122,7 @@ def verify_checkpoint(
             # Without a source the reference is the converted weights un-shuffled: the torch backend runs that very
             # computation, so it would report rel-L2 0 whatever the bytes say (a kernel backend still checks that
             # the kernel reads the stored layout as the un-shuffle does).
-            with_itself = [p for p, l in ((l.prefix, l) for l in selected) if p in plan and for_layer(backend, chosen, l.gated) == "torch"]
+            with_itself = [l.prefix for l in selected if l.prefix in plan and for_layer(backend, chosen, l.gated) == "torch"]
             plan = {p: r for p, r in plan.items() if p not in with_itself}
         report.numerics_sample = {
             "full": full,
