@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything nvfp4ckpt runs on the lent H200, in one command (see docs/benchmarks.md for the results).
 # Usage on the device machine, from the repo root, with .whl carried:  [STAGE=a,b] bash scripts/gpu_suite.sh [OUT]
-# Stages: tests families bench load reload outlier verifyspeed convert gsm8k sync (STAGE=all runs the first five).
+# Stages: tests families bench load reload outlier verifyspeed convert gsm8k sync verify (STAGE=all runs the first five).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/out}}
 mkdir -p "$out"
@@ -17,7 +17,7 @@ if want tests; then
 fi
 if want families; then
   # every registered family, both formats: convert, then verify on the GPU with the default backend
-  # (Triton for SwiGLU experts, torch on CUDA for Nemotron-H's relu2) and the Triton backend in W4A16 too
+  # (Triton, SwiGLU and Nemotron-H's relu2 alike) and the Triton backend in W4A16 too
   for arch in $(python3 -c "from nvfp4ckpt.source import architectures as a; print(' '.join(x.name for x in a.registered()))"); do
     for fmt in modelopt compressed-tensors; do
       python3 -m nvfp4ckpt example /tmp/f/$arch-$fmt --arch $arch --format $fmt -q --overwrite \
@@ -85,4 +85,13 @@ if want verifyspeed; then
   [[ -d /tmp/bl/dst ]] || python3 scripts/bench_load.py --workdir /tmp/bl --json "$out/bench_load.json" 2>&1 | tail -12 | tee "$out/bench_load.md"
   timeout 240 python3 scripts/bench_verify.py --src /tmp/bl/src --dst /tmp/bl/dst --rounds 3 --json "$out/bench_verify_h200_warm.json" 2>&1 | tee "$out/bench_verify_h200_warm.md"
   timeout 200 python3 scripts/bench_verify.py --src /tmp/bl/src --dst /tmp/bl/dst --rounds 2 --cold --json "$out/bench_verify_h200_cold.json" 2>&1 | tee "$out/bench_verify_h200_cold.md"
+fi
+if want verify; then
+  # issue 22 (verify tells the truth): the GPU reference with every TF32 switch forced (NVIDIA_TF32_OVERRIDE=1,
+  # allow_tf32, set_float32_matmul_precision("medium")) against the CPU one and the Triton kernel; the mutation tests
+  # on the Triton backend on the GPU; then the threshold data of every family and of Qwen3-30B-A3B-sized layers
+  # (whole output, worst token, worst (token, expert) pair, smallest lost pair, each mutation), see docs/verify.md
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_moe_reference.py tests/test_verify_mutations.py tests/test_verify.py 2>&1 | tail -15 | tee "$out/gpu_verify_tests.txt"
+  timeout 300 python3 scripts/verify_thresholds.py --json "$out/verify_thresholds_gpu.json" 2>&1 | tee "$out/verify_thresholds_gpu.md"
+  timeout 300 python3 scripts/verify_thresholds.py --shape qwen3-30b-a3b --layers 2 --formats modelopt --tokens 64 --json "$out/verify_thresholds_qwen3_gpu.json" 2>&1 | tee "$out/verify_thresholds_qwen3_gpu.md"
 fi

@@ -641,7 +641,7 @@ def test_golden_hidden_padded_to_256(tmp_path, fmt):
 def test_pad_hidden_must_be_a_multiple_of_128(example_factory, tmp_path):
     from nvfp4ckpt.errors import InputError
 
-    with pytest.raises(InputError, match=r"--pad-hidden 192: use a multiple of 128"):
+    with pytest.raises(InputError, match=r"--pad-hidden 192: choose 128 \(the kernel's need\), 256"):
         convert_checkpoint(example_factory("qwen3_moe", "modelopt"), tmp_path / "x", pad_hidden=192)
 
 

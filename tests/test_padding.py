@@ -83,3 +83,46 @@ def test_nonzero_padding_is_caught(tmp_path):
     save_file(t, f, metadata=meta)
     report = verify_checkpoint(tmp_path / "conv", source=src, checks=("layout",))
     assert report.checks[0].problems == ["model.layers.0.mlp.experts: padding bytes are not zero"]
+
+
+# convert --pad-hidden: every accepted value with a hidden size it really pads (and 512 on non-gated experts, where
+# vLLM and SGLang use it), through convert -> verify (with and without the source) -> revert, all by the CLI.
+PAD_HIDDEN_CASES = [
+    ("qwen3_moe", 192, 128, 256),
+    ("qwen3_moe", 192, 256, 256),
+    ("qwen3_moe", 384, 256, 512),
+    ("qwen3_moe", 192, 512, 512),
+    ("qwen3_moe", 640, 512, 1024),
+    ("nemotron_h", 192, 512, 512),
+]
+
+
+@pytest.mark.parametrize("arch,h,pad,h_pad", PAD_HIDDEN_CASES)
+def test_pad_hidden_convert_verify_revert(tmp_path, capsys, arch, h, pad, h_pad):
+    from nvfp4ckpt.cli import main
+
+    src, conv, back = tmp_path / "src", tmp_path / "conv", tmp_path / "back"
+    write_example(src, arch=arch, config_overrides={"hidden_size": h}, shards=1)
+    assert main(["convert", str(src), str(conv), "--pad-hidden", str(pad), "--quiet"]) == 0
+    desc = json.loads((conv / "config.json").read_text())["quantization_config"]["moe_kernel_layout"]
+    assert (desc["hidden_size"], desc["hidden_size_padded"]) == (h, h_pad) and f"(H, to {pad})" in desc["padding"]
+    out = load_dir(conv)
+    w13 = next(v for k, v in out.items() if k.endswith(".w13_weight"))
+    assert w13.shape[-1] == h_pad // 2
+    assert main(["verify", str(conv), "--source", str(src), "--tokens", "8", "--quiet"]) == 0
+    assert main(["verify", str(conv), "--quiet"]) == 0  # descriptor self-consistency reads the padding back
+    assert main(["revert", str(conv), str(back), "--quiet"]) == 0
+    source, reverted = load_dir(src), load_dir(back)
+    assert reverted.keys() == source.keys()
+    assert all(torch.equal(u8(reverted[k]), u8(source[k])) and reverted[k].shape == source[k].shape for k in source)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value", [192, 384, 1024])
+def test_pad_hidden_other_values_are_refused(example_factory, tmp_path, capsys, value):
+    from nvfp4ckpt.cli import main
+
+    assert main(["convert", str(example_factory()), str(tmp_path / "x"), "--pad-hidden", str(value)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--pad-hidden {value}: choose 128 (the kernel's need), 256" in err, err
+    assert not (tmp_path / "x").exists()

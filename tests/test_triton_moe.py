@@ -151,6 +151,38 @@ def test_triton_top1_bf16_output_and_invalid_ids():
     torch.testing.assert_close(ref2, ref)
 
 
+@pytest.mark.parametrize("act", ["nvfp4", "bf16"])
+def test_triton_relu2_matches_reference(act):
+    """Non-gated relu2 experts (Nemotron-H): w13 holds up only, shuffled without the gated interleave; the kernel
+    scales up by g1_alphas (= a1*ws2_up) and the intermediate relu(up)^2 by 1/a2. Same tolerances as SwiGLU
+    (measured 6.5e-8 nvfp4, 8.5e-8 bf16, fp32 output: no rounding flip here)."""
+    m = make_moe(num_experts=4, hidden=384, inter=256, seed=6)
+    x, ids, w = make_inputs(7, 4, 2, 384, seed=6)
+    a1 = float(x.float().abs().max()) / (6 * 448)
+    xq = quant.quantize_activations(x, 1.0 / a1)
+    inter_amax = max(
+        float(torch.relu(xq @ quant.dequantize(m["up"][e], m["up_scale"][e], m["ws2_up"][e]).T).square().abs().max())
+        for e in range(4)
+    )
+    a2 = inter_amax / (6 * 448)
+    ref = moe_forward_torch(
+        x, ids, w, None, m["up"], m["down"], None, m["up_scale"], m["down_scale"], None, m["ws2_up"], m["ws2_down"],
+        a1, a2, act=act,
+    )  # fmt: skip
+    w13, s13 = layout.w31_to_kernel(m["up"], m["up_scale"].view(torch.uint8), gated=False)
+    w2, s2 = layout.w2_to_kernel(m["down"], m["down_scale"])
+    args = (
+        x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE), w13.to(DEVICE), s13.to(DEVICE), w2.to(DEVICE), s2.to(DEVICE),
+        (a1 * m["ws2_up"]).to(DEVICE), (a1 * m["ws2_up"] / a2).to(DEVICE), (a2 * m["ws2_down"]).to(DEVICE),
+        torch.tensor(1.0 / a1, device=DEVICE),
+    )  # fmt: skip
+    out = tm.moe_forward_triton(*args, act=act, w2_input_scale_quant=1.0 / a2, out_dtype=torch.float32, gated=False)
+    err = rel_l2(out.cpu(), ref)
+    assert err < TOL["nvfp4" if act == "nvfp4" else "bf16_a2"], err
+    with pytest.raises(ValueError, match="need w2_input_scale_quant"):
+        tm.moe_forward_triton(*args, act=act, gated=False)
+
+
 def test_moe_align_invariants():
     gen = torch.Generator().manual_seed(11)
     num_experts, block_m = 6, 16

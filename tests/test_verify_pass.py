@@ -152,9 +152,10 @@ def test_cli_numerics_full_and_sample_in_json(converted, tmp_path, capsys):
     data = json.loads(out.read_text())
     # tiny examples have 8 experts: the default sample (2 layers, 8 experts) is all of them, and is said so
     assert data["numerics_sample"]["full"] is False and len(data["numerics_sample"]["layers"]) == 2
-    assert main(["verify", str(dst), "--numerics-full", "--tokens", "8", "--json-out", str(out)]) == 0
+    assert main(["verify", str(dst), "--source", str(src), "--numerics-full", "--tokens", "8", "--json-out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["numerics_sample"]["full"] is True and all(n["experts"] is None for n in data["numerics"])
+    assert data["numerics_sample"]["full"] is True and len(data["numerics"]) == 2
+    assert all(n["experts"] is None for n in data["numerics"])
     capsys.readouterr()
 
 

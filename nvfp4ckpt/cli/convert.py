@@ -26,7 +26,7 @@ def convert(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Threads reading and transforming layers ahead of the writer (default: cores minus 2, from 2 to 4). Output bytes do not depend on it.")] = None,
     tp: Annotated[int, typer.Option("--tp", min=1, help="MoE tensor parallelism: split each expert's intermediate size over T ranks.")] = 1,
     ep: Annotated[int, typer.Option("--ep", min=1, help="Expert parallelism: split the experts over P ranks (T*P rank folders).")] = 1,
-    pad_hidden: Annotated[int, typer.Option("--pad-hidden", min=128, help="Zero-pad the MoE hidden size to a multiple of this: 128 (the kernel's need) or 256 (what vLLM pads to; needed to serve with vLLM when H % 256 != 0).")] = 128,
+    pad_hidden: Annotated[int, typer.Option("--pad-hidden", min=128, help="Zero-pad the MoE hidden size to a multiple of this: 128 (the kernel's need), 256 (what vLLM pads to; needed to serve with vLLM when H % 256 != 0) or 512 (vLLM/SGLang with per-token activation scales on non-gated experts).")] = 128,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run into DST: keep its finished shards (re-hashed), write the rest. Without it a leftover partial folder is removed.")] = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,

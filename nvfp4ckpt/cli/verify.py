@@ -82,7 +82,7 @@ def verify(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done)
 
-        if selected:
+        if selected or not run_gsm8k_check:  # nothing selected and no GSM8K: verify_checkpoint refuses it
             report = verify_checkpoint(
                 path, source=source, checks=selected, backend=backend, act=act, layers=layer_list, tokens=tokens,
                 seed=seed, hash_files=not no_hash, device=device, progress=on_progress,
@@ -111,10 +111,10 @@ def verify(
         write_output_file(json_out, (jsonlib.dumps(data, indent=2) + "\n").encode())
     out.result(data)
     if report.numerics:
-        table = Table("MoE layer", "backend", "rel-L2", "cosine", "max abs", "close", "ok", title="numerics", title_justify="left")
+        table = Table("MoE layer", "backend", "reference", "rel-L2", "worst token", "cosine", "max abs", "close", "ok", title="numerics", title_justify="left")
         for r in report.numerics:
             table.add_row(
-                r.prefix, f"{r.backend}/{r.act}", f"{r.rel_l2:.3g}", f"{r.cosine:.6f}", f"{r.max_abs:.3g}",
+                r.prefix, f"{r.backend}/{r.act}", r.reference, f"{r.rel_l2:.3g}", f"{r.token_rel_l2:.3g}", f"{r.cosine:.6f}", f"{r.max_abs:.3g}",
                 f"{r.frac_close:.4f}", "[green]yes[/]" if r.passed else "[red]NO[/]",
             )  # fmt: skip
         sample = report.numerics_sample or {}

@@ -9,6 +9,8 @@ Backends (``trtllm``, ``triton``, ``torch``) and how ``auto`` picks one: ``runti
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from ..errors import InputError
 from ..source.checkpoint import SourceCheckpoint, SourceMoELayer
 from ..source.stacked import read_layer_source
 from .routing import read_router_bias
+
+
+_INTERPRETER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -177,11 +182,13 @@ class MoELayer:
         router_logits: torch.Tensor,
         backend: str = "auto",
         act: str = "nvfp4",
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """MoE output ``[T, H]`` (fp32 for torch, bf16 for the GPU backends); see ``runtime.backends``."""
+        """MoE output ``[T, H]`` (fp32 for torch, bf16 for the GPU backends unless ``out_dtype``: Triton also writes
+        fp32); see ``runtime.backends``."""
         from .backends import run_backend
 
-        return run_backend(self, hidden_states, router_logits, backend, act)
+        return run_backend(self, hidden_states, router_logits, backend, act, out_dtype)
 
     def forward_torch(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
         from .reference import moe_forward_torch
@@ -192,22 +199,30 @@ class MoELayer:
             s.ws2_gate, s.ws2_up, s.ws2_down, s.a1, s.a2, act=act,
         )  # fmt: skip
 
-    def forward_triton(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4") -> torch.Tensor:
-        if not self.gated:
-            raise InputError(
-                f"{self.prefix}: the Triton backend runs SwiGLU experts only, this layer is non-gated (relu2); "
-                "use --backend torch (or trtllm on Blackwell)"
-            )
-        if self.device.type != "cuda":
+    def forward_triton(self, hidden_states, topk_ids, topk_weights, act: str = "nvfp4", out_dtype=None) -> torch.Tensor:
+        from .backends import interpreting
+
+        if self.device.type != "cuda" and not interpreting():
             raise InputError("--backend triton needs a CUDA GPU (SM80 or newer); use --backend torch on CPU")
+        from .kernels import triton_moe
         from .kernels.triton_moe import moe_forward_triton
 
+        if self.device.type != "cuda" and not triton_moe._interpreting():
+            raise InputError(
+                "--backend triton on the CPU: the kernels were defined before TRITON_INTERPRET=1 was set; set it "
+                "before nvfp4ckpt's kernels are imported"
+            )
+
         t = self.tensors
-        out = moe_forward_triton(
-            self.pad_hidden(hidden_states), topk_ids, topk_weights, t["w13_weight"], t["w13_weight_scale"], t["w2_weight"],
-            t["w2_weight_scale"], t["g1_alphas"], t["g1_scale_c"], t["g2_alphas"], t["w13_input_scale_quant"], act,
-            w2_input_scale_quant=1.0 / (self.global_input_scales[1] if self.global_input_scales else float(t["w2_input_scale"].max())),
-        )  # fmt: skip
+        # Triton's interpreter patches triton.language module-wide while a kernel runs: one at a time (verify runs
+        # layers on a thread pool)
+        with _INTERPRETER_LOCK if self.device.type != "cuda" else contextlib.nullcontext():
+            out = moe_forward_triton(
+                self.pad_hidden(hidden_states), topk_ids, topk_weights, t["w13_weight"], t["w13_weight_scale"], t["w2_weight"],
+                t["w2_weight_scale"], t["g1_alphas"], t["g1_scale_c"], t["g2_alphas"], t["w13_input_scale_quant"], act,
+                w2_input_scale_quant=1.0 / (self.global_input_scales[1] if self.global_input_scales else float(t["w2_input_scale"].max())),
+                out_dtype=out_dtype or torch.bfloat16, gated=self.gated,
+            )  # fmt: skip
         return out[:, : self.hidden_size]
 
 

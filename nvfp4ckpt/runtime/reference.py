@@ -10,14 +10,18 @@ Per layer (H = hidden, I = intermediate, K = top_k):
    (``quant.quantize_activations(x, 1/a1)``). ``act="bf16"`` (W4A16): the hidden states are used as bf16 values.
 2. Weights are dequantized exactly: ``e2m1 * e4m3 * weight_scale_2`` (``quant.dequantize``; the e2m1*e4m3
    product is exact, the global multiplier rounds once in fp32).
-3. For every routed (token, expert) pair, in fp32: ``gate = x @ Wg^T``, ``up = x @ Wu^T``,
+3. For every routed (token, expert) pair: ``gate = x @ Wg^T``, ``up = x @ Wu^T`` (each dot product computed in
+   float64 and rounded once to fp32, see ``_gemm``),
    ``inter = up * silu(gate)`` (non-gated experts, ``gate=None``: ``inter = relu(up)^2``, Nemotron-H's relu2); then ``act="nvfp4"``: ``inter`` is quant-dequantized to NVFP4 with global scale
    ``1/a2`` (the static ``w2`` input scale, not a dynamic amax); ``act="bf16"``: ``inter`` is rounded to bf16.
-   ``y = inter @ Wd^T``.
+   ``y = inter @ Wd^T`` (float64, rounded to fp32).
 4. Finalize: ``out[t] = sum_k topk_weights[t, k] * y[t, k]``, summed in k order, fp32.
 
 The loop is over experts: the pairs routed to one expert are gathered and go through its GEMMs together.
 Expert ids outside ``[0, E)`` (e.g. experts of another EP rank) contribute nothing.
+
+Precision is pinned by the reference itself, whatever the caller's global settings: its GEMMs run in float64
+(``_gemm``), which no TF32 or reduced-precision switch touches, so CPU and GPU give the same values (docs/verify.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from ..quant import dequantize, quantize_activations
 
 __all__ = ["ACT_MODES", "moe_forward_torch"]
 
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` correctly rounded to fp32. float64 because fp32 GEMMs follow global switches the reference must
+    not inherit: ``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision`` (TF32 on CUDA, and
+    bf16 through oneDNN on AMX CPUs: 2.4e-3 rel-L2 per GEMM here) and ``NVIDIA_TF32_OVERRIDE=1``, which cuBLAS
+    reads once at init so no flag can undo it. Flipping the flags around the call instead would not cover the
+    latter and would race with the other threads of verify's pool; float64 changes no global state."""
+    return (a.double() @ b.double().T).float()
 
 
 def _scalar(v: torch.Tensor | float) -> float:
@@ -89,9 +102,9 @@ def moe_forward_torch(
         xe = x.index_select(0, pairs // top_k)
         w_up = dequantize(up[e], up_scale[e], ws2_up[e])
         w_down = dequantize(down[e], down_scale[e], ws2_down[e])
-        u = xe @ w_up.T
+        u = _gemm(xe, w_up)
         if gated:
-            g = xe @ dequantize(gate[e], gate_scale[e], ws2_gate[e]).T
+            g = _gemm(xe, dequantize(gate[e], gate_scale[e], ws2_gate[e]))
             inter = u * torch.nn.functional.silu(g)
         else:
             inter = torch.relu(u).square()
@@ -99,7 +112,7 @@ def moe_forward_torch(
             inter = quantize_activations(inter, 1.0 / a2f)
         else:
             inter = inter.to(torch.bfloat16).float()
-        y[pairs] = inter @ w_down.T
+        y[pairs] = _gemm(inter, w_down)
 
     weights = topk_weights.to(device=device, dtype=torch.float32)
     y = y.view(num_tokens, top_k, hidden)

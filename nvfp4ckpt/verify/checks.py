@@ -26,7 +26,7 @@ from ..layouts.trtllm_gen.descriptor import LayerInfo
 from ..progress import TickFn
 from .report import CheckResult, all_passed
 from ..errors import CorruptFileError, InputError
-from ..runtime.backends import check_choice, for_layer, resolve_backend
+from ..runtime.backends import BACKENDS, check_choice, for_layer, resolve_backend
 from ..runtime.device import parse_device
 
 MAX_TOKENS = 1 << 16  # enough for any threshold; more only allocates [tokens, hidden] activations per layer
@@ -119,17 +119,25 @@ def verify_checkpoint(
     do_numerics = "numerics" in checks
     dev = chosen = None
     plan: dict[str, range | None] = {}  # numerics: layer prefix -> sampled experts (None: all)
+    with_itself: list[str] = []  # layers whose numerics would compare the checkpoint with itself (not run)
     if do_numerics:
         dev = parse_device(device)  # one-line InputError for a device that is not usable here
         chosen = resolve_backend(backend, act, dev)
         full = numerics_full if numerics_full is not None else dev.type == "cuda"
         sample = FULL if full else (numerics_sample or NumericsSample())
         plan = {l.prefix: sample.pick_experts(l, seed) for l in sample.pick_layers(selected, seed, bool(layers))}
+        if src is None:
+            # Without a source the reference is the converted weights un-shuffled: the torch backend runs that very
+            # computation, so it would report rel-L2 0 whatever the bytes say (a kernel backend still checks that
+            # the kernel reads the stored layout as the un-shuffle does).
+            with_itself = [l.prefix for l in selected if l.prefix in plan and for_layer(backend, chosen, l.gated) == "torch"]
+            plan = {p: r for p, r in plan.items() if p not in with_itself}
         report.numerics_sample = {
             "full": full,
             "layers": list(plan),
             "experts": {p: (None if r is None else [r.start, r.stop]) for p, r in plan.items()},
         }
+    _refuse_empty_selection(checks, src is not None, do_numerics and not plan)
 
     # One pass over the files: hash, compare the layout, feed the numerics (see scan.py).
     hashing = "structure" in checks and hash_files
@@ -181,7 +189,9 @@ def verify_checkpoint(
             t0 = time.perf_counter()
             report.checks.append(check_layout(ckpt, src, tick, compared, scanned.carried_problems if scanned else None))
             report.checks[-1].seconds = time.perf_counter() - t0
-    if do_numerics:
+    if do_numerics and not plan:
+        report.checks.append(CheckResult("numerics", "skip", _ITSELF))
+    elif do_numerics:
         t0 = time.perf_counter()
         fed = sum(r.seconds for r in results.values())  # run inside the pass, on its threads
         todo = [l for l in selected if l.prefix in plan]
@@ -200,12 +210,16 @@ def verify_checkpoint(
             sizes = sorted({r.stop - r.start for r in plan.values() if r is not None})
             per_layer = f", experts {'/'.join(map(str, sizes))} of each" if sizes else ""
             sampled = f" (a seeded sample: {len(todo)} of {len(ckpt.layers)} MoE layers{per_layer}; --numerics-full for all)"
+        if src is None:  # what the comparison proves without the source's bytes
+            sampled += "; reference: the converted weights themselves (the kernel reads this layout as the un-shuffle does; whether the weights are the source's needs --source)"
+        if with_itself:
+            sampled += f"; {len(with_itself)} layer(s) on the torch backend not compared ({_ITSELF})"
         report.checks.append(
             CheckResult(
                 "numerics",
                 "fail" if bad else "pass",
                 f"{len(report.numerics) - len(bad)}/{len(report.numerics)} MoE layers within thresholds ({chosen}, act {act}){sampled}",
-                [f"{r.prefix}: rel-L2 {r.rel_l2:.3g}, cosine {r.cosine:.6f}, close {r.frac_close:.4f}" for r in bad],
+                [_numerics_problem(r) for r in bad],
                 seconds=time.perf_counter() - t0 + fed,
             )
         )
@@ -229,6 +243,38 @@ def _check_args(path, source, checks, backend, act, layers, tokens, seed, hash_f
     a.callable("progress", progress)
     a.bool("numerics_full", numerics_full, "--numerics-full", optional=True)
     a.int("workers", workers, None, lo=1, hi=1024, optional=True)
+
+
+def _numerics_problem(r: LayerNumerics) -> str:
+    th = BACKENDS[r.backend].thresholds[r.act]
+    token = "" if th.max_token_rel_l2 is None else f", worst token {r.worst_token} {r.token_rel_l2:.3g} (limit {th.max_token_rel_l2:g})"
+    return (
+        f"{r.prefix}: rel-L2 {r.rel_l2:.3g} (limit {th.max_rel_l2:g}){token}, cosine {r.cosine:.6f}, "
+        f"close {r.frac_close:.4f}"
+    )
+
+
+_ITSELF = (
+    "not run: without --source the torch backend's reference is the checkpoint itself (rel-L2 0 whatever the bytes); "
+    "give --source SRC, or run the Triton backend on a GPU"
+)
+
+
+def _refuse_empty_selection(checks: tuple[str, ...], has_source: bool, numerics_void: bool) -> None:
+    """A selection that checks nothing is a usage error, not a PASS."""
+    if "structure" in checks or ("layout" in checks and has_source) or ("numerics" in checks and not numerics_void):
+        return
+    if not checks:
+        raise InputError("no check selected (--check and --skip leave none); choose from " + ", ".join(CHECKS))
+    why = []
+    if "layout" in checks:
+        why.append("--check layout compares with the source: give --source SRC")
+    if "numerics" in checks:
+        why.append(
+            "--check numerics without --source would compare the checkpoint with itself on the torch backend (rel-L2 0 "
+            "whatever the bytes): give --source SRC, or run the Triton backend on a GPU"
+        )
+    raise InputError("nothing to check: " + "; ".join(why))
 
 
 def _select_layers(ckpt: ConvertedCheckpoint, layers: list[str] | None) -> list[LayerInfo]:

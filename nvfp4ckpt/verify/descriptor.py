@@ -15,6 +15,7 @@ from ..layouts import DEFAULT_LAYOUT, get as get_layout
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
 from ..layouts.trtllm_gen.descriptor import KERNEL_TENSORS, SCALAR_TENSORS, canonical_names
 from ..quant import GROUP_SIZE
+from ..layouts.trtllm_gen.shapes import HIDDEN_ALIGN, PAD_HIDDEN_CHOICES, pad_hidden_of
 from ..layouts.trtllm_gen.transform import EPILOGUE_TILE_M, MoEDims
 from ..errors import InputError
 from ..io.json_input import Fields
@@ -76,10 +77,17 @@ def self_consistency_problems(ckpt: ConvertedCheckpoint) -> list[str]:
     for key, want in fixed.items():
         if d.get(key) != want:
             problems.append(f"descriptor {key} is {d.get(key)!r}; layout version {d.get('layout_version')} writes {want!r}")
+    align = pad_hidden_of(d)
+    if align not in PAD_HIDDEN_CHOICES:
+        problems.append(
+            f"descriptor padding {_short(d.get('padding'))} names no hidden padding convert writes "
+            f"((H, to N) with N one of {', '.join(map(str, PAD_HIDDEN_CHOICES))})"
+        )
+        align = HIDDEN_ALIGN
     for layer in ckpt.layers:
         dims = MoEDims(layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.gated)
         for what, stored, size, want in (
-            ("hidden", layer.hidden_padded, layer.hidden_size, dims.hidden_padded),
+            ("hidden", layer.hidden_padded, layer.hidden_size, -(-layer.hidden_size // align) * align),
             ("intermediate", layer.intermediate_padded, layer.intermediate_size, dims.intermediate_padded),
         ):
             if stored != want:
@@ -189,7 +197,9 @@ def source_problems(ckpt: ConvertedCheckpoint, src: SourceCheckpoint) -> list[st
         }
     except Exception as exc:  # noqa: BLE001 - the split the descriptor claims does not fit the source
         return [f"parallel: tp={tp} ep={ep} does not fit the source ({exc})"]
-    want = layout.checkpoint_descriptor(src, ranks if tp * ep > 1 else None, tp, ep)
+    pad = pad_hidden_of(d)
+    pad = pad if pad in PAD_HIDDEN_CHOICES else HIDDEN_ALIGN  # a bad one is reported by self_consistency_problems
+    want = layout.checkpoint_descriptor(src, ranks if tp * ep > 1 else None, tp, ep, pad)
     problems = [f"descriptor {p}" for p in _differences(d, want, "")]
     # convert writes the source's own section (or, with only hf_quant_config.json, the flat form of it)
     qcfg = src.config.get("quantization_config")

@@ -16,11 +16,11 @@ from .converted import ConvertedCheckpoint, open_converted
 from .descriptor import header_metadata
 from .layer import checkpoint_descriptor, convert_layer, convert_layer_ranks, on_cpu
 from .ranks import rank_specs
-from .shapes import HIDDEN_ALIGN, check_pad_hidden, layer_specs, padded_dims
+from .shapes import HIDDEN_ALIGN, PAD_HIDDEN_CHOICES, check_pad_hidden, layer_specs, pad_hidden_of, padded_dims
 from .transform import LAYOUT_NAME as NAME
 from .transform import LAYOUT_VERSION as VERSION
 
 __all__ = [
     "NAME", "VERSION", "ConvertedCheckpoint", "checkpoint_descriptor", "convert_layer", "convert_layer_ranks",
-    "HIDDEN_ALIGN", "check_pad_hidden", "header_metadata", "layer_specs", "on_cpu", "open_converted", "padded_dims", "rank_specs",
+    "HIDDEN_ALIGN", "PAD_HIDDEN_CHOICES", "check_pad_hidden", "pad_hidden_of", "header_metadata", "layer_specs", "on_cpu", "open_converted", "padded_dims", "rank_specs",
 ]  # fmt: skip

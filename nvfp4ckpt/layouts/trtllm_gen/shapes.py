@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ...errors import InputError
 from ...io import PlannedTensor
 from ...source.checkpoint import SourceMoELayer
@@ -11,11 +13,26 @@ from .ranks import RankSpec
 
 
 HIDDEN_ALIGN = 128  # the kernel's need (block-scale rows of w2); vLLM pads H to 256 (convert --pad-hidden 256)
+# What an engine pads H to: the kernel's 128, vLLM's 256 (trtllm_nvfp4_hidden_alignment), and 512, which vLLM and
+# SGLang use for non-gated experts with per-token activation scales. Nothing else is written, so nothing else is
+# accepted (verify and revert read the value back from the descriptor's padding text).
+PAD_HIDDEN_CHOICES = (128, 256, 512)
+_PADDING_TEXT = re.compile(r"\(H, to (\d+)\)")
 
 
 def check_pad_hidden(pad_hidden: int) -> None:
-    if isinstance(pad_hidden, bool) or not isinstance(pad_hidden, int) or pad_hidden < HIDDEN_ALIGN or pad_hidden % HIDDEN_ALIGN:
-        raise InputError(f"--pad-hidden {pad_hidden}: use a multiple of {HIDDEN_ALIGN} (128; 256 for vLLM)")
+    if isinstance(pad_hidden, bool) or pad_hidden not in PAD_HIDDEN_CHOICES:
+        raise InputError(
+            f"--pad-hidden {pad_hidden}: choose 128 (the kernel's need), 256 (vLLM's padding) or 512 (vLLM/SGLang with "
+            "per-token activation scales on non-gated experts)"
+        )
+
+
+def pad_hidden_of(descriptor: dict) -> int | None:
+    """The ``--pad-hidden`` a converted checkpoint was written with: the ``(H, to N)`` of its descriptor's padding
+    text (None when the text names none)."""
+    found = _PADDING_TEXT.search(str(descriptor.get("padding", "")))
+    return int(found.group(1)) if found else None
 
 
 def padded_dims(layer: SourceMoELayer, pad_hidden: int = HIDDEN_ALIGN) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Fused NVFP4 MoE (SwiGLU experts) in Triton, reading weights in the TRT-LLM-gen kernel layout.
+"""Fused NVFP4 MoE (SwiGLU, or non-gated relu2 experts) in Triton, reading weights in the TRT-LLM-gen kernel layout.
 
 The weights are the outputs of ``nvfp4ckpt.layout.w13_to_kernel`` / ``w2_to_kernel``: rows shuffled in 32-row
 blocks, gate/up rows interleaved, e4m3 block scales 128x4-swizzled. They are never un-shuffled in torch: every
@@ -17,6 +17,9 @@ Numerics (the TRT-LLM-gen kernel's, as modelled by ``nvfp4ckpt.moe_torch.moe_for
 * GEMM1 epilogue: ``gate = acc_gate * g1_alphas[e]`` (= a1*ws2_gate), ``up = acc_up * g1_scale_c[e]``
   (= a1*ws2_up/a2), ``inter = up * silu(gate)``. ``inter`` is therefore already divided by ``a2`` and is
   quant-dequantized to NVFP4 with global scale 1 (stored as the exact fp16 ``e2m1 * block_scale``).
+* Non-gated experts (relu2, Nemotron-H; ``gated=False``): w13 holds up only, shuffled like w2 (no interleave);
+  ``up = acc * g1_alphas[e]`` (= a1*ws2_up), ``inter = relu(up)^2``, then ``inter * (1/a2)`` (``w2_input_scale_quant``,
+  required) is quantized with global scale 1, as above. In bf16 mode ``inter`` is rounded to bf16 as it is.
 * GEMM2 epilogue: ``y = acc * g2_alphas[e]`` (= a2*ws2_down), fp32.
 * Finalize: ``out[t] = sum_k topk_weights[t, k] * y[slot(t, k)]`` in k order (deterministic, no atomics on data).
 
@@ -340,6 +343,7 @@ def _gemm1_swiglu_kernel(
     TOP_K,
     ACT_NVFP4: tl.constexpr,
     HAS_INTER_SCALE: tl.constexpr,
+    GATED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -361,13 +365,17 @@ def _gemm1_swiglu_kernel(
 
     # Intermediate channels s of this program and their kernel rows (see module docstring).
     s = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    up_row = (s // 16) * 32 + (s % 16) // 2 + 16 * (s % 2)
+    if GATED:
+        up_row = (s // 16) * 32 + (s % 16) // 2 + 16 * (s % 2)
+    else:  # up rows only, shuffled like w2 (see GEMM2)
+        up_row = (s // 32) * 32 + (s % 4) * 8 + (s % 32) // 4
     gate_row = up_row + 8
 
     half_h = H // 2
     ks = H // 16  # scale columns
-    w_base = w_ptr + e64 * (2 * INTER) * half_h
-    s_base = s_ptr + e64 * (2 * INTER) * ks
+    rows = 2 * INTER if GATED else INTER
+    w_base = w_ptr + e64 * rows * half_h
+    s_base = s_ptr + e64 * rows * ks
     up_w_ptrs = w_base + up_row[:, None].to(tl.int64) * half_h
     gate_w_ptrs = w_base + gate_row[:, None].to(tl.int64) * half_h
     up_s_ptrs = s_base + _swizzled_row_offset(up_row, ks)[:, None]
@@ -385,10 +393,11 @@ def _gemm1_swiglu_kernel(
         col = _swizzled_col_offset(k0 // 16 + kc)[None, :]
         wu = tl.load(up_w_ptrs + (k0 // 2 + kb)[None, :])
         wu = _decode_fp4_tile(wu, tl.load(up_s_ptrs + col), BLOCK_I, BLOCK_K, ACT_NVFP4, FP4_ASM)
-        wg = tl.load(gate_w_ptrs + (k0 // 2 + kb)[None, :])
-        wg = _decode_fp4_tile(wg, tl.load(gate_s_ptrs + col), BLOCK_I, BLOCK_K, ACT_NVFP4, FP4_ASM)
         acc_up = _mma(a, wu, acc_up, DOT_F32)
-        acc_gate = _mma(a, wg, acc_gate, DOT_F32)
+        if GATED:
+            wg = tl.load(gate_w_ptrs + (k0 // 2 + kb)[None, :])
+            wg = _decode_fp4_tile(wg, tl.load(gate_s_ptrs + col), BLOCK_I, BLOCK_K, ACT_NVFP4, FP4_ASM)
+            acc_gate = _mma(a, wg, acc_gate, DOT_F32)
 
     gate_mul = tl.load(g1a_ptr + e)
     up_mul = tl.load(g1c_ptr + e)
@@ -401,9 +410,15 @@ def _gemm1_swiglu_kernel(
         up_mul = up_mul * in_scale
         if HAS_INTER_SCALE:
             up_mul = up_mul / tl.load(inter_scale_ptr)
-    gate = acc_gate * gate_mul
-    up = acc_up * up_mul
-    inter = up * (gate / (1.0 + tl.exp(-gate)))  # up * silu(gate)
+    if GATED:
+        gate = acc_gate * gate_mul
+        up = acc_up * up_mul
+        inter = up * (gate / (1.0 + tl.exp(-gate)))  # up * silu(gate)
+    else:  # relu2: g1_alphas (= a1*ws2_up) scales up; 1/a2 applies to relu(up)^2, not to up
+        up = tl.maximum(acc_up * gate_mul, 0.0)
+        inter = up * up
+        if ACT_NVFP4:
+            inter = inter * tl.load(inter_scale_ptr)
     if ACT_NVFP4:
         # Intermediate -> NVFP4 with global scale 1 (it is already divided by a2 through g1_scale_c).
         inter = tl.reshape(_nvfp4_qdq(tl.reshape(inter, (BLOCK_M, BLOCK_I // 16, 16)), 1.0), (BLOCK_M, BLOCK_I))
@@ -665,6 +680,7 @@ def moe_forward_triton(
     w2_input_scale_quant: torch.Tensor | float | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     config: MoETritonConfig | None = None,
+    gated: bool = True,
 ) -> torch.Tensor:
     """Fused NVFP4 MoE on kernel-layout weights. Returns ``[T, H]`` in ``out_dtype`` (bf16 or fp32).
 
@@ -675,6 +691,8 @@ def moe_forward_triton(
     ``layout.w2_to_kernel`` outputs. g1_alphas = a1*ws2_gate, g1_scale_c = a1*ws2_up/a2, g2_alphas = a2*ws2_down
     (fp32 ``[E]``), w13_input_scale_quant = 1/a1. ``w2_input_scale_quant`` (= 1/a2) is optional and only used
     in ``act="bf16"`` mode (see the module docstring). ``config`` overrides the tile heuristic.
+    ``gated=False``: non-gated relu2 experts, w13 ``[E, I, H/2]`` (``layout.w31_to_kernel(.., gated=False)``),
+    g1_alphas = a1*ws2_up; ``w2_input_scale_quant`` is then required in both modes.
     """
     if act not in ("nvfp4", "bf16"):
         raise ValueError(f"act must be 'nvfp4' or 'bf16', got {act!r}")
@@ -682,7 +700,9 @@ def moe_forward_triton(
         raise ValueError("out_dtype must be torch.bfloat16 or torch.float32")
     num_tokens, hidden = hidden_states.shape
     num_experts, two_i, half_h = w13_weight.shape
-    inter = two_i // 2
+    inter = two_i // 2 if gated else two_i
+    if not gated and w2_input_scale_quant is None:
+        raise ValueError("non-gated (relu2) experts need w2_input_scale_quant (1/a2)")
     if half_h * 2 != hidden:
         raise ValueError(f"w13_weight has {half_h * 2} inputs, hidden states have {hidden}")
     if tuple(w2_weight.shape) != (num_experts, hidden, inter // 2):
@@ -692,7 +712,7 @@ def moe_forward_triton(
         hidden,
         inter // 16,
     ):
-        raise ValueError("block scales must be [E, 2I, H/16] and [E, H, I/16]")
+        raise ValueError("block scales must be [E, 2I (I non-gated), H/16] and [E, H, I/16]")
     if inter % 64 or hidden % 128:
         raise ValueError(f"need I % 64 == 0 and H % 128 == 0 (unpadded kernel layout), got I={inter}, H={hidden}")
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
@@ -721,6 +741,8 @@ def moe_forward_triton(
     g2a = g2_alphas.to(device=device, dtype=torch.float32).contiguous()
     in_scale = _scalar_tensor(w13_input_scale_quant, device)
     has_inter_scale = act == "bf16" and w2_input_scale_quant is not None
+    if not gated:  # relu2 divides its intermediate by a2 in the GEMM1 epilogue (nvfp4); bf16 keeps it undivided
+        has_inter_scale = True
     inter_scale = _scalar_tensor(w2_input_scale_quant, device) if has_inter_scale else in_scale
     nvfp4 = act == "nvfp4"
 
@@ -742,7 +764,7 @@ def moe_forward_triton(
         a, w13, s13, g1a, g1c, in_scale, inter_scale, intermediate,
         routing.slot_pair, routing.tile_expert, routing.expert_end,
         hidden, inter, top_k,
-        ACT_NVFP4=nvfp4, HAS_INTER_SCALE=has_inter_scale,
+        ACT_NVFP4=nvfp4, HAS_INTER_SCALE=has_inter_scale, GATED=gated,
         BLOCK_M=cfg.block_m, BLOCK_I=cfg.block_i, BLOCK_K=cfg.block_k1,
         DOT_F32=_interpreting(), FP4_ASM=_use_fp4_asm(),
         num_warps=cfg.warps1, num_stages=cfg.stages1,
