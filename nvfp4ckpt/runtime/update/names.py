@@ -162,8 +162,8 @@ def _check_dense(name: str, t) -> None:
     sharded parameters: gathering is a collective the caller must run on every rank, so it is not done here), other
     wrapper subclasses, sparse, nested or quantized tensors, and tensors without storage (the meta device)."""
     kind = type(t)
-    if kind is not _Tensor():  # subclasses: nn.Parameter is fine, wrappers (DTensor, ...) hold no bytes of their own
-        if not isinstance(t, _Tensor()):
+    if kind is not _tensor_type():  # subclasses: nn.Parameter is fine, wrappers (DTensor, ...) hold no bytes of their own
+        if not isinstance(t, _tensor_type()):
             raise BadTensorError(f"{name}: is a {kind.__name__}, not a torch.Tensor")
         if kind.__name__ == "DTensor":
             raise BadTensorError(f"{name}: is a DTensor (sharded, e.g. by FSDP2); send t.full_tensor() (a collective: call it on every rank)")
@@ -179,7 +179,7 @@ def _check_dense(name: str, t) -> None:
 _STRIDED: list = []
 
 
-def _Tensor():
+def _tensor_type():
     """torch.Tensor (and torch.strided) bound once: these checks run once per source tensor."""
     if not _STRIDED:
         _STRIDED.append(torch.strided)

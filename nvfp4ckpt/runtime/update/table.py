@@ -44,7 +44,6 @@ class Group:
     row_map: torch.Tensor  # int32 on ``device``
     kpw: int  # scales: padded scale columns / 4 ; weights: live row bytes
     matrices: list[Matrix] = field(default_factory=list)
-    owners: list[int] = field(default_factory=list)  # index of the plan each matrix belongs to
 
     @property
     def scales(self) -> bool:
@@ -105,14 +104,13 @@ def _row_map(i_loc: int, i_pad: int, h: int, h_pad: int, gated: bool, device: st
 def groups(plans: list[Plan]) -> list[Group]:
     """Every matrix of the plans the table path takes, grouped into launches (kind, device, shape)."""
     out: dict[tuple, Group] = {}
-    for k, plan in enumerate(plans):
+    for plan in plans:
         for name in (n for n in KERNEL_NAMES if n in plan.live):
             device = plan.live[name].device
             row_map, kpw, ms = matrices(plan, name, device)
             key = (name, device, row_map.data_ptr(), kpw)
             g = out.setdefault(key, Group(name, device, row_map, kpw))
             g.matrices += ms
-            g.owners += [k] * len(ms)
     return list(out.values())
 
 
