@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nvfp4ckpt import convert_checkpoint, write_example  # noqa: E402
-from nvfp4ckpt.eval.gsm8k import STOP_STRINGS, answers_agree, build_prompts, load_gsm8k, score_completion  # noqa: E402
+from nvfp4ckpt.eval.gsm8k import STOP_STRINGS, agreement_rate, build_prompts, load_gsm8k, score_completion  # noqa: E402
 from nvfp4ckpt.eval.model_runner import eos_ids, generate, load_converted_model, load_source_model  # noqa: E402
 
 QWEN3_30B_A3B = {
@@ -161,7 +161,7 @@ def main() -> None:
             if ref is not None:
                 a = [score_completion(g.text, t) for g, t in zip(row["gens"], targets)]
                 b = [score_completion(g.text, t) for g, t in zip(ref["gens"], targets)]
-                row["agree"] = sum(answers_agree(x, y) for x, y in zip(a, b)) / len(a)
+                row["agree"] = agreement_rate(zip(a, b))  # over questions with an answer on either side
                 row["identical"] = sum(g.token_ids == h.token_ids for g, h in zip(row["gens"], ref["gens"])) / len(a)
             rows.append({"model": name, **row})
         if not args.work:
@@ -172,7 +172,7 @@ def main() -> None:
     print("| model | side | MoE backend | routing | load s | warm-up s | generate s | s/question | tokens/s | peak GiB | answers agree | identical |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        agree = f"{100 * r['agree']:.0f}%" if "agree" in r else ""
+        agree = (f"{100 * r['agree']:.0f}%" if r['agree'] is not None else "- (no answers)") if "agree" in r else ""
         same = f"{100 * r['identical']:.0f}%" if "identical" in r else ""
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] else ""
         print(f"| {r['model']} | {r['side']} | {r['backend']}/{args.act} | {r['routing']} | {r['load_s']:.1f} | "

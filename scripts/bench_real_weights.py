@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nvfp4ckpt import convert_checkpoint  # noqa: E402
-from nvfp4ckpt.eval.gsm8k import STOP_STRINGS, Answer, answers_agree, build_prompts, load_gsm8k, run_gsm8k, score_completion  # noqa: E402
+from nvfp4ckpt.eval.gsm8k import STOP_STRINGS, Answer, agreement_rate, build_prompts, load_gsm8k, run_gsm8k, score_completion  # noqa: E402
 
 FORMATS = ("modelopt", "compressed-tensors")
 _SHARED = REPO.parent / "shared" / "data" / "gsm8k"
@@ -111,8 +111,8 @@ def gsm8k(work: Path, formats: tuple[str, ...], args) -> dict:
         a, b = (reports[f] for f in FORMATS)
         pairs = list(zip(a.questions, b.questions))
         out["across_producers"] = {
-            "source_agreement": sum(answers_agree(x.source, y.source) for x, y in pairs) / len(pairs),
-            "converted_agreement": sum(answers_agree(x.converted, y.converted) for x, y in pairs) / len(pairs),
+            "source_agreement": agreement_rate((x.source, y.source) for x, y in pairs),
+            "converted_agreement": agreement_rate((x.converted, y.converted) for x, y in pairs),
             "source_identical": sum(x.source.completion == y.source.completion for x, y in pairs) / len(pairs),
         }
     out["questions"] = {fmt: [q.to_dict() for q in r.questions] for fmt, r in reports.items()}
@@ -151,7 +151,7 @@ def bf16(work: Path, args) -> dict:
         for fmt, qs in runs.items():
             by_id = {q["id"]: Answer(**q["source"]) for q in qs}
             pairs = [(a, by_id[p.id]) for p, a in zip(prompts, answers) if p.id in by_id]
-            out[f"agreement_with_{fmt}_source"] = sum(answers_agree(a, b) for a, b in pairs) / max(1, len(pairs))
+            out[f"agreement_with_{fmt}_source"] = agreement_rate(pairs)
     out["questions"] = [{"id": p.id, "target": p.target, **vars(a)} for p, a in zip(prompts, answers)]
     return out
 

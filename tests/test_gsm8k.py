@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,15 +20,19 @@ from nvfp4ckpt.cli import main
 from nvfp4ckpt.source.stacked import read_layer_source
 from nvfp4ckpt.errors import InputError
 from nvfp4ckpt.eval.gsm8k import (
+    CPU_THREADS,
     Answer,
+    Divergence,
     Gsm8kReport,
     QuestionResult,
     SideSummary,
+    agreement_rate,
     answers_agree,
     build_prompts,
     decide,
     extract_flexible,
     extract_strict,
+    first_divergence,
     load_gsm8k,
     numbers_equal,
     reference_answer,
@@ -37,6 +42,7 @@ from nvfp4ckpt.eval.gsm8k import (
 from nvfp4ckpt.eval.model_runner import (
     FusedExperts,
     FusedMoEBlock,
+    Generation,
     build_skeleton,
     load_converted_model,
     load_source_model,
@@ -154,11 +160,14 @@ def _answer(completion: str, target: str = "18") -> Answer:
 
 
 def test_agreement_rules():
-    assert answers_agree(_answer(" 18"), _answer(" it is 18.0"))
-    assert not answers_agree(_answer(" 18"), _answer(" 17"))
-    assert not answers_agree(_answer(" 18"), _answer(" none"))
-    assert answers_agree(_answer(" none"), _answer(" none"))  # both invalid: identical completions agree
-    assert not answers_agree(_answer(" none"), _answer(" nothing"))  # ... different ones do not
+    assert answers_agree(_answer(" 18"), _answer(" it is 18.0")) is True
+    assert answers_agree(_answer(" 18"), _answer(" 17")) is False
+    assert answers_agree(_answer(" 18"), _answer(" none")) is False
+    # both invalid: neither agreement nor disagreement of answers, whatever the completions (counted apart)
+    assert answers_agree(_answer(" none"), _answer(" none")) is None
+    assert answers_agree(_answer(" none"), _answer(" nothing")) is None
+    pairs = [(_answer(" 18"), _answer(" 18")), (_answer(" 18"), _answer(" 17")), (_answer(" x"), _answer(" y"))]
+    assert agreement_rate(pairs) == 0.5 and agreement_rate(pairs[2:]) is None
 
 
 def _report(conv_correct: list[bool], src_correct: list[bool] | None, baseline: float | None = None) -> Gsm8kReport:
@@ -193,6 +202,83 @@ def test_pass_fail_rules():
     assert checks == {"gsm8k-accuracy": "pass", "gsm8k-agreement": "skip"}
     checks = {c.name: c.status for c in decide(base, tolerance=0.25, min_accuracy=None, min_agreement=None)}
     assert checks["gsm8k-accuracy"] == "fail"
+
+
+def _generation(tokens: list[int], tops: list[list[tuple[int, float]]], eos: int | None = None) -> Generation:
+    """A completion with its recorded top logits: ``tops[step] = [(token, logit), ...]``, largest first."""
+    g = Generation("", tokens, "eos" if eos is not None else "length", eos)
+    g.top_ids = np.array([[t for t, _ in row] for row in tops])
+    g.top_logits = np.array([[v for _, v in row] for row in tops], dtype=np.float32)
+    return g
+
+
+def test_first_divergence_names_the_token_and_the_logits():
+    same = [[(5, 2.0), (7, 1.0)], [(9, 3.0), (5, 0.5)]]
+    assert first_divergence(_generation([5, 9], same), _generation([5, 9], same)) is None
+    conv = _generation([5, 7], [[(5, 2.0), (7, 1.0)], [(7, 1.5), (9, 1.25)]])
+    src = _generation([5, 9], [[(5, 2.0), (7, 1.0)], [(9, 1.5), (7, 1.25)]])
+    d = first_divergence(conv, src, text_of=lambda t: f"<{t}>")
+    assert (d.step, d.converted_token, d.source_token, d.converted_text, d.source_text) == (1, 7, 9, "<7>", "<9>")
+    assert (d.top_k, d.shared, d.max_logit_difference, d.converted_margin, d.source_margin) == (2, 2, 0.25, 0.25, 0.25)
+    assert d.describe() == (
+        "completions first differ at generated token 1: converted '<7>' (id 7), source '<9>' (id 9); logits there "
+        "differ by up to 0.25 over the 2 tokens in both sides' top 2; converted prefers its token by 0.25; source "
+        "prefers its token by 0.25"
+    )
+    # the token that ends a completion counts: an eos where the other side goes on is where they differ
+    ended = _generation([5], [same[0], [(0, 4.0), (9, 3.0)]], eos=0)
+    d = first_divergence(ended, _generation([5, 9], same))
+    assert (d.step, d.converted_token, d.source_token, d.max_logit_difference, d.source_margin) == (1, 0, 9, 0.0, None)
+    assert d.describe().endswith("converted prefers its token by 1; source: the converted token is not in its top 2")
+
+
+def _invalid_report(n: int) -> Gsm8kReport:
+    report = _report([False] * n, [False] * n)
+    for q in report.questions:
+        q.converted, q.source = _answer(" no number"), _answer(" none here")
+    return report
+
+
+def test_exact_agreement_needs_identical_completions():
+    report = _report([False] * 4, [False] * 4)  # both sides answer 17 to everything
+    report.exact = True
+    for q in report.questions:
+        q.identical = True
+    (check,) = [c for c in decide(report, tolerance=1.0, min_accuracy=None, min_agreement=1.0) if c.name == "gsm8k-agreement"]
+    assert check.status == "pass" and check.summary.startswith("4/4 completions token-identical")
+    q = report.questions[2]
+    q.identical, q.divergence = False, Divergence(3, 11, 12, "a", "b", 5, 5, 0.0125, 0.0025, 0.005)
+    (check,) = [c for c in decide(report, tolerance=1.0, min_accuracy=None, min_agreement=1.0) if c.name == "gsm8k-agreement"]
+    assert check.status == "fail" and check.problems == [
+        (
+            "question 2: completions first differ at generated token 3: converted 'a' (id 11), source 'b' (id 12); "
+            "logits there differ by up to 0.0125 over the 5 tokens in both sides' top 5; converted prefers its token "
+            "by 0.0025; source prefers its token by 0.005 (answers: converted '17', source '17')"
+        )
+    ]
+    # with a GPU kernel the same answers agree (rounding may change a token), and the divergence is still shown
+    report.exact = False
+    (check,) = [c for c in decide(report, tolerance=1.0, min_accuracy=None, min_agreement=0.8) if c.name == "gsm8k-agreement"]
+    assert check.status == "pass" and check.summary.startswith("100.0% of answers agree (minimum 80%)")
+
+
+def test_missing_answers_on_both_sides_are_counted_apart():
+    report = _invalid_report(3)
+    report.questions[0].source = _answer(" 18")
+    assert report.agreement == 0.0 and report.no_answer == 2
+    (check,) = [c for c in decide(report, tolerance=1.0, min_accuracy=None, min_agreement=0.8) if c.name == "gsm8k-agreement"]
+    assert check.status == "fail" and check.problems == ["question 0: converted answer None, source answer '18' (reference 18)"]
+    assert "answers agree on 0 of the 1 questions with an answer on either side, 2 without one on either side" in check.summary
+    # no answer anywhere (a random model): nothing to compare with a GPU kernel; identical completions still count
+    report = _invalid_report(3)
+    assert report.agreement is None and report.no_answer == 3
+    (check,) = [c for c in decide(report, tolerance=1.0, min_accuracy=None, min_agreement=0.8) if c.name == "gsm8k-agreement"]
+    assert check.status == "skip" and check.summary.startswith("no question has an answer on either side")
+    report.exact = True
+    for q in report.questions:
+        q.identical = True
+    (check,) = [c for c in decide(report, tolerance=1.0, min_accuracy=None, min_agreement=None) if c.name == "gsm8k-agreement"]
+    assert check.status == "pass" and check.summary.startswith("3/3 completions token-identical (minimum 100%")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,10 +411,10 @@ def test_runner_errors(pair, tmp_path):
         from nvfp4ckpt.eval.model_runner import resolve_routing
 
         resolve_routing("hf", "trtllm")
-    from nvfp4ckpt.eval.gsm8k import _apply_template
+    from nvfp4ckpt.eval.fresh import apply_template
 
     with pytest.raises(InputError, match="no chat template"):
-        _apply_template(load_tokenizer(dst), ["Question: 1+1?\nAnswer:"], True)
+        apply_template(load_tokenizer(dst), ["Question: 1+1?\nAnswer:"], True)
     bare = tmp_path / "bare"
     bare.mkdir()
     with pytest.raises(InputError, match="no tokenizer files .* pass --tokenizer PATH"):
@@ -404,9 +490,15 @@ def test_swapped_gate_and_up_fail_the_agreement_check(pair, tmp_path, capsys):
         capsys, "verify", dst, "--check", "gsm8k", "--source", src, "--gsm8k-data", DATA, "--num-shots", "2",
         "--num-questions", "4", "--max-new-tokens", "24", "--quiet", "--json-out", report_path,
     )  # fmt: skip
-    assert code == 1 and "gsm8k-agreement check failed: question" in err
-    status = {c["name"]: c["status"] for c in json.loads(report_path.read_text())["checks"]}
+    assert code == 1 and "gsm8k-agreement check failed: question 0: completions first differ at generated token" in err
+    data = json.loads(report_path.read_text())
+    status = {c["name"]: c["status"] for c in data["checks"]}
     assert status == {"gsm8k-accuracy": "pass", "gsm8k-agreement": "fail"}  # accuracy of a random model says nothing
+    # every question says where its completions part and what the logits were there
+    for q in data["gsm8k"]["questions"]:
+        d = q["divergence"]
+        assert not q["identical"] and d["top_k"] == 5 and d["converted_token"] != d["source_token"]
+        assert d["step"] < q["converted"]["num_tokens"] + 1
     # the same corruption also fails with a GPU kernel's looser default threshold (80%)
     report = run_gsm8k(dst, source=src, data=DATA, min_agreement=0.8, **FAST)
     assert not report.passed and report.agreement < 0.5 and report.identical == 0.0
@@ -421,6 +513,40 @@ def test_gsm8k_runs_after_the_other_checks(pair, capsys):
     )  # fmt: skip
     data = json.loads(out)
     assert code == 0 and [c["name"] for c in data["checks"]] == ["structure", "layout", "numerics", "gsm8k-accuracy", "gsm8k-agreement"]
+
+
+def _without_timings(value):
+    """A report with its wall-clock fields (seconds, tokens per second) left out: everything else must repeat."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if "seconds" not in k and "per_second" not in k}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@needs_data
+def test_verify_gsm8k_gives_the_same_report_every_time(pair, tmp_path, capsys):
+    """Issue #26: the same `verify --gsm8k` (structure, layout and numerics first, in the same process) gave
+    different verdicts on the same files, 2 runs in 8; each GSM8K side now runs in a fresh process."""
+    src, dst = pair()
+    reports = []
+    for n in range(3):
+        out = tmp_path / f"report{n}.json"
+        code, _, err = run(
+            capsys, "verify", dst, "--source", src, "--gsm8k", "--gsm8k-data", DATA, "--num-questions", "4",
+            "--num-shots", "2", "--max-new-tokens", "16", "--backend", "torch", "--quiet", "--json-out", out,
+        )  # fmt: skip
+        assert code == 0, err
+        reports.append(_without_timings(json.loads(out.read_text())))
+    assert reports[1] == reports[0] and reports[2] == reports[0]
+    data = reports[0]
+    assert [c["name"] for c in data["checks"]] == ["structure", "layout", "numerics", "gsm8k-accuracy", "gsm8k-agreement"]
+    g = data["gsm8k"]
+    assert g["exact"] is True and g["identical"] == 1.0 and all(q["divergence"] is None for q in g["questions"])
+    assert g["settings"]["numerics"] == {
+        "process": "fresh per side", "threads": CPU_THREADS, "deterministic_algorithms": True,
+        "float32_matmul_precision": "highest",
+    }  # fmt: skip
 
 
 @needs_data

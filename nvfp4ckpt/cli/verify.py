@@ -45,7 +45,7 @@ def verify(
     tolerance: Annotated[float, typer.Option("--tolerance", min=0, help="Allowed accuracy difference to the source or baseline, in points.", rich_help_panel="GSM8K")] = 1.0,
     baseline_accuracy: Annotated[float | None, typer.Option("--baseline-accuracy", help="Known source accuracy (percent, or a fraction <= 1) instead of running --source; the agreement check is then skipped.", rich_help_panel="GSM8K")] = None,
     min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="Pass when the converted accuracy is at least this (percent, or a fraction <= 1), whatever the reference.", rich_help_panel="GSM8K")] = None,
-    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Smallest fraction of questions whose answers agree with the source's (default 1.0 with --backend torch, 0.8 with a GPU kernel).", rich_help_panel="GSM8K")] = None,
+    min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="With --backend torch: smallest fraction of completions token-identical to the source's (default 1.0). With a GPU kernel: smallest fraction of the questions with an answer whose answers agree with the source's (default 0.8).", rich_help_panel="GSM8K")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder or Hub id, when the checkpoint has none.", rich_help_panel="GSM8K")] = None,
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap each prompt in the tokenizer's chat template (off: plain completion, as lm-eval/vLLM).", rich_help_panel="GSM8K")] = False,
     quiet: QuietOpt = False,
@@ -159,10 +159,11 @@ def _gsm8k_table(g) -> Table:
         )  # fmt: skip
     if g.baseline_accuracy is not None:
         table.add_row("baseline", "", f"{g.baseline_accuracy:.2f}%", "", "", "", "")
-    if g.agreement is not None:
-        se = g.difference_stderr
+    if g.source_side is not None:
+        agree = f"{100 * g.agreement:.1f}%" if g.agreement is not None else "- (no answers)"
         table.caption = (
-            f"answers agree on {100 * g.agreement:.1f}%, completions identical on {100 * (g.identical or 0):.1f}%; "
-            f"accuracy difference {g.converted.accuracy - g.source_side.accuracy:+.2f} ± {se:.2f} points (1 s.e.)"
+            f"completions identical on {100 * (g.identical or 0):.1f}%, answers agree on {agree} of the questions with "
+            f"an answer ({g.no_answer} without one on either side); accuracy difference "
+            f"{g.converted.accuracy - g.source_side.accuracy:+.2f} ± {g.difference_stderr:.2f} points (1 s.e.)"
         )
     return table

@@ -17,10 +17,16 @@ for the strict score):
   ``.`` removed, equals the reference string.
 
 Pass/fail: ``accuracy`` check: the converted flexible accuracy is within ``tolerance`` points of the source's
-(or of ``baseline_accuracy``), or at least ``min_accuracy``. ``agreement`` check (needs the source run): the
-fraction of questions where both sides give the same answer is at least ``min_agreement`` (default 100% with the
-torch backend, whose converted side is the same reference on the un-shuffled bytes, else 80%). Two answers
-without a number agree only when the completions are identical.
+(or of ``baseline_accuracy``), or at least ``min_accuracy``. ``agreement`` check (needs the source run):
+- torch backend (``Gsm8kReport.exact``): the converted side runs the source's own float32 reference on the
+  un-shuffled bytes, so the two sides compute the same numbers; at least ``min_agreement`` (default all) of the
+  completions must be token-identical, whatever the answers (a near-uniform random model included). A completion
+  that differs is reported with the first differing token and the two sides' logits there.
+- GPU kernels: at least ``min_agreement`` (default 80%) of the questions with an answer on either side get the same
+  answer. Questions without an answer on either side are counted apart (not a disagreement); with none answered
+  the check is skipped.
+Both sides run in fresh processes with the same pinned numerics (``eval/fresh.py``), so the same inputs and
+options give the same report.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ HUB_FILES = {"train": "main/train-00000-of-00001.parquet", "test": "main/test-00
 DEFAULT_MIN_AGREEMENT = 0.80
 EXACT_MIN_AGREEMENT = 1.0
 CACHE_ENV = "NVFP4CKPT_CACHE"
+# Torch CPU threads of each side's process on the CPU. One: the CPU runs tiny models, where a second thread saves
+# little, and on a busy machine two OpenMP threads wait on each other at every operator (4 questions of the tiny
+# model took 3 to 15 s with 2 threads on 2 shared cores, 0.3 s with one); one thread also splits no sum, so the
+# numbers do not depend on the machine's core count.
+CPU_THREADS = 1
 
 
 
@@ -311,26 +322,102 @@ class Answer:
 
 
 @dataclass
+class Divergence:
+    """Where two completions of the same prompt first differ: the same tokens before ``step`` (so the same
+    context on both sides) and a different choice at it, with the logits both sides saw there."""
+
+    step: int  # 0-based index of the generated token
+    converted_token: int | None  # None: that side had already ended
+    source_token: int | None
+    converted_text: str | None = None  # the token as text (None when no tokenizer was at hand)
+    source_text: str | None = None
+    top_k: int = 0  # logits recorded per step and side (model_runner.generate's top_logits)
+    shared: int = 0  # tokens among both sides' top_k at that step
+    max_logit_difference: float | None = None  # largest |converted - source| logit over those shared tokens
+    converted_margin: float | None = None  # converted logit of its token minus its logit of the source's token
+    source_margin: float | None = None  # source logit of its token minus its logit of the converted's token
+
+    def describe(self) -> str:
+        conv = f"{self.converted_text!r} (id {self.converted_token})" if self.converted_token is not None else "(ended)"
+        src = f"{self.source_text!r} (id {self.source_token})" if self.source_token is not None else "(ended)"
+        out = f"completions first differ at generated token {self.step}: converted {conv}, source {src}"
+        if not self.top_k:
+            return out
+        if self.max_logit_difference is not None:
+            out += (
+                f"; logits there differ by up to {self.max_logit_difference:.3g} over the {self.shared} tokens in both "
+                f"sides' top {self.top_k}"
+            )
+        else:
+            out += f"; no token is in both sides' top {self.top_k}"
+        if self.converted_token is None or self.source_token is None:
+            return out
+        for side, other, margin in (("converted", "source", self.converted_margin), ("source", "converted", self.source_margin)):
+            if margin is not None:
+                out += f"; {side} prefers its token by {margin:.3g}"
+            else:
+                out += f"; {side}: the {other} token is not in its top {self.top_k}"
+        return out
+
+
+def first_divergence(conv, src, text_of=None) -> Divergence | None:
+    """The first step where two ``model_runner.Generation`` of the same prompt differ (None: token-identical,
+    the token that ended them included). ``text_of``: token id -> text, for the report."""
+    a, b = conv.steps, src.steps
+    step = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if step is None:
+        if len(a) == len(b):
+            return None
+        step = min(len(a), len(b))
+    ta = a[step] if step < len(a) else None
+    tb = b[step] if step < len(b) else None
+    d = Divergence(step, ta, tb)
+    if text_of is not None:
+        d.converted_text = text_of(ta) if ta is not None else None
+        d.source_text = text_of(tb) if tb is not None else None
+    if conv.top_ids is None or src.top_ids is None or step >= min(len(conv.top_ids), len(src.top_ids)):
+        return d
+    cl = {int(t): float(v) for t, v in zip(conv.top_ids[step], conv.top_logits[step]) if t >= 0}
+    sl = {int(t): float(v) for t, v in zip(src.top_ids[step], src.top_logits[step]) if t >= 0}
+    shared = cl.keys() & sl.keys()
+    d.top_k, d.shared = conv.top_ids.shape[-1], len(shared)
+    d.max_logit_difference = max((abs(cl[t] - sl[t]) for t in shared), default=None)
+    if ta is not None and tb is not None:
+        d.converted_margin = cl[ta] - cl[tb] if ta in cl and tb in cl else None
+        d.source_margin = sl[tb] - sl[ta] if ta in sl and tb in sl else None
+    return d
+
+
+@dataclass
 class QuestionResult:
     id: int  # test-split index
     target: str
     converted: Answer
     source: Answer | None = None
-    identical: bool | None = None  # the same generated token ids on both sides (None: no source run)
+    identical: bool | None = None  # the same generated tokens on both sides, the ending one included (None: no source run)
+    divergence: Divergence | None = None  # where the two completions first differ (None: identical, or no source run)
 
     @property
     def agree(self) -> bool | None:
+        """Whether the two answers are the same number; None without a source run, and when neither side gave one."""
         return None if self.source is None else answers_agree(self.converted, self.source)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "agree": self.agree}
 
 
-def answers_agree(a: Answer, b: Answer) -> bool:
-    """Same extracted answer; two invalid answers agree only when the completions are identical."""
+def answers_agree(a: Answer, b: Answer) -> bool | None:
+    """Same extracted answer (compared as decimals); None when neither has one: two missing answers are not two
+    answers that agree, nor two that disagree (they are counted apart, as invalid on both sides)."""
     if a.answer is None and b.answer is None:
-        return a.completion == b.completion
+        return None
     return numbers_equal(a.answer, b.answer)
+
+
+def agreement_rate(pairs) -> float | None:
+    """Fraction of (answer, answer) pairs that agree, over the pairs where at least one side has an answer."""
+    flags = [f for f in (answers_agree(a, b) for a, b in pairs) if f is not None]
+    return sum(flags) / len(flags) if flags else None
 
 
 @dataclass
@@ -386,6 +473,9 @@ class Gsm8kReport:
     checks: list[CheckResult] = field(default_factory=list)  # gsm8k-accuracy, gsm8k-agreement
     questions: list[QuestionResult] = field(default_factory=list)
     seconds: float = 0.0
+    # True when the converted side runs the source's own float32 reference (--backend torch): the two sides then
+    # compute the same numbers, and agreement means token-identical completions (see ``decide``).
+    exact: bool = False
 
     @property
     def passed(self) -> bool:
@@ -399,9 +489,15 @@ class Gsm8kReport:
 
     @property
     def agreement(self) -> float | None:
-        """Fraction of questions whose answers agree (None without a source run)."""
+        """Fraction of questions whose answers agree, over those with an answer on at least one side (None without
+        a source run, or when no question has an answer on either side)."""
         flags = [q.agree for q in self.questions if q.agree is not None]
         return sum(flags) / len(flags) if flags else None
+
+    @property
+    def no_answer(self) -> int:
+        """Questions without an answer on either side (left out of ``agreement``)."""
+        return sum(q.source is not None and q.agree is None for q in self.questions)
 
     @property
     def identical(self) -> float | None:
@@ -421,17 +517,19 @@ class Gsm8kReport:
         return 100.0 * math.sqrt(var / n)
 
     def problems(self, check: str) -> list[str]:
-        """Details of a failed check: the questions whose answers disagree, or the accuracy gap."""
-        if check == "gsm8k-agreement":
-            out = []
-            for q in self.questions:
-                if q.agree is False:
-                    out.append(
-                        f"question {q.id}: converted answer {q.converted.answer!r}, source answer {q.source.answer!r} "
-                        f"(reference {q.target})"
-                    )
-            return out
-        return []
+        """Details of the agreement check: the questions whose completions differ (``exact``) or whose answers
+        disagree, each with where the completions first differ when that is known."""
+        if check != "gsm8k-agreement":
+            return []
+        out = []
+        for q in self.questions:
+            if self.exact and q.identical is False:
+                line = f"question {q.id}: " + (q.divergence.describe() if q.divergence else "completions differ")
+                out.append(line + f" (answers: converted {q.converted.answer!r}, source {q.source.answer!r})")
+            elif not self.exact and q.agree is False:
+                line = f"question {q.id}: converted answer {q.converted.answer!r}, source answer {q.source.answer!r} (reference {q.target})"
+                out.append(line + (f"; {q.divergence.describe()}" if q.divergence else ""))
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -443,7 +541,9 @@ class Gsm8kReport:
             "source_run": self.source_side.to_dict() if self.source_side else None,
             "baseline_accuracy": self.baseline_accuracy,
             "reference_accuracy": self.reference_accuracy,
+            "exact": self.exact,
             "agreement": self.agreement,
+            "no_answer": self.no_answer,
             "identical": self.identical,
             "difference_stderr": self.difference_stderr,
             "checks": [asdict(c) for c in self.checks],
@@ -478,17 +578,34 @@ def decide(
         parts.append(f"minimum {min_accuracy:.2f}%")
         ok.append(acc >= min_accuracy - 1e-9)
     checks.append(CheckResult("gsm8k-accuracy", "pass" if any(ok) else "fail", "; ".join(parts) or f"{acc:.2f}%"))
-    agreement = report.agreement
-    if agreement is None:
+    paired = [q for q in report.questions if q.source is not None]
+    if not paired:
         checks.append(CheckResult("gsm8k-agreement", "skip", "no source run (--baseline-accuracy given)"))
-    else:
-        need = min_agreement if min_agreement is not None else DEFAULT_MIN_AGREEMENT
-        summary = (
-            f"{100 * agreement:.1f}% of answers agree (minimum {100 * need:g}%), "
-            f"{100 * (report.identical or 0):.1f}% of completions identical"
-        )
-        status = "pass" if agreement >= need - 1e-12 else "fail"
-        checks.append(CheckResult("gsm8k-agreement", status, summary, report.problems("gsm8k-agreement")))
+        return checks
+    problems = report.problems("gsm8k-agreement")
+    answered = sum(q.agree is not None for q in paired)
+    answers = (
+        f"answers agree on {sum(q.agree is True for q in paired)} of the {answered} questions with an answer on "
+        f"either side, {report.no_answer} without one on either side"
+    )
+    if report.exact:
+        # The converted side runs the source's own arithmetic on the same bytes: any token that differs is a
+        # conversion error (or lost determinism), whatever the answers; a near-uniform random model included.
+        need = min_agreement if min_agreement is not None else EXACT_MIN_AGREEMENT
+        same = sum(bool(q.identical) for q in paired)
+        status = "pass" if same / len(paired) >= need - 1e-12 else "fail"
+        summary = f"{same}/{len(paired)} completions token-identical (minimum {100 * need:g}%, exact: torch backend); {answers}"
+        checks.append(CheckResult("gsm8k-agreement", status, summary, problems))
+        return checks
+    need = min_agreement if min_agreement is not None else DEFAULT_MIN_AGREEMENT
+    identical = f"{100 * (report.identical or 0):.1f}% of completions identical"
+    if report.agreement is None:
+        summary = f"no question has an answer on either side: no answers to compare; {identical}"
+        checks.append(CheckResult("gsm8k-agreement", "skip", summary))
+        return checks
+    status = "pass" if report.agreement >= need - 1e-12 else "fail"
+    summary = f"{100 * report.agreement:.1f}% of answers agree (minimum {100 * need:g}%): {answers}; {identical}"
+    checks.append(CheckResult("gsm8k-agreement", status, summary, problems))
     return checks
 
 
@@ -546,22 +663,29 @@ def run_gsm8k(
     min_agreement: float | None = None,
     stop_strings: tuple[str, ...] = STOP_STRINGS,
     progress: TickFn | None = None,
+    threads: int | None = None,
 ) -> Gsm8kReport:
     """Run GSM8K on the converted checkpoint and (unless ``baseline_accuracy``) on its source; see the module doc.
 
     Accuracies are percentages (``baseline_accuracy``/``min_accuracy`` also accept fractions <= 1). The source side
     runs the same transformers model with the un-converted expert tensors through the float32 torch reference, with
     the same routing mode as the converted side. ``min_agreement`` defaults to 1.0 with the torch backend and 0.8
-    otherwise.
+    otherwise. ``threads``: torch's CPU threads in both sides' processes (default 1 on the CPU: see
+    ``CPU_THREADS``; on a GPU, this process's count).
     """
     from .._lazy import require
 
     for package in ("torch", "transformers"):  # one-line error naming the extra, before any work
         require(package)
+    import torch
+
     from . import model_runner as mr
+    from .fresh import SideJob, run_side
 
     start = time.perf_counter()
     validate_options(source, tolerance, baseline_accuracy, min_accuracy, min_agreement)
+    if threads is not None and threads < 1:
+        raise InputError("threads must be at least 1")
     baseline_accuracy = normalize_accuracy(baseline_accuracy, "--baseline-accuracy")
     min_accuracy = normalize_accuracy(min_accuracy, "--min-accuracy")
     run_source = source is not None and baseline_accuracy is None
@@ -573,10 +697,17 @@ def run_gsm8k(
     train, test = load_gsm8k(data, need_train=num_shots > 0)
     prompts, shots = build_prompts(train, test, num_shots=num_shots, num_questions=num_questions, seed=seed)
     tick = progress or (lambda stage, done, total: None)
-
-    conv = mr.load_converted_model(converted, device=dev, backend=chosen, act=act, routing=mode, tokenizer=tokenizer)
-    texts = _apply_template(conv.tokenizer, [p.text for p in prompts], chat_template)
-    eos = mr.eos_ids(conv.path, conv.tokenizer)
+    conv_root = _converted_root(converted, tokenizer)
+    # Both sides: the same prompts, tokenizer, end-of-sequence ids, batches and numerics, each in a fresh process
+    # (eval/fresh.py says why), one after the other.
+    job = SideJob(
+        side="converted", path=str(conv_root), device=str(dev), backend=chosen, act=act, routing=mode,
+        tokenizer=str(tokenizer) if tokenizer else str(conv_root), eos_root=str(conv_root),
+        prompts=[p.text for p in prompts], chat_template=chat_template, max_new_tokens=max_new_tokens,
+        batch_size=batch, stop_strings=list(stop_strings),
+        threads=threads or (CPU_THREADS if dev.type == "cpu" else torch.get_num_threads()),
+    )  # fmt: skip
+    conv = run_side(job, tick)
     settings = {
         "num_shots": num_shots,
         "fewshot_train_ids": shots,
@@ -592,74 +723,80 @@ def run_gsm8k(
         "backend": chosen,
         "routing": mode,
         "act": act,
-        "tokenizer": str(tokenizer) if tokenizer else str(conv.path),
+        "tokenizer": job.tokenizer,
         "tolerance": tolerance,
         "min_accuracy": min_accuracy,
         "min_agreement": min_agreement if min_agreement is not None else (EXACT_MIN_AGREEMENT if chosen == "torch" else DEFAULT_MIN_AGREEMENT),
+        "numerics": conv.numerics,
         "versions": _versions(),
     }
-    conv_gens, conv_seconds = mr.generate(
-        conv, texts, max_new_tokens=max_new_tokens, batch_size=batch, stop_strings=stop_strings,
-        eos_token_ids=eos, progress=tick, stage="gsm8k converted",
-    )  # fmt: skip
-    conv_summary = _summary("converted", conv, prompts, conv_gens, conv_seconds)
-    conv_path = conv.path
-    conv.close()
-    del conv
-
     questions = [
-        QuestionResult(p.id, p.target, score_completion(g.text, p.target, g.num_tokens, g.finish)) for p, g in zip(prompts, conv_gens)
+        QuestionResult(p.id, p.target, score_completion(g.text, p.target, g.num_tokens, g.finish))
+        for p, g in zip(prompts, conv.generations)
     ]
     source_summary = None
     if run_source:
-        src = mr.load_source_model(source, device=dev, act=act, routing=mode, tokenizer=tokenizer or conv_path)
-        src_gens, src_seconds = mr.generate(
-            src, texts, max_new_tokens=max_new_tokens, batch_size=batch, stop_strings=stop_strings,
-            eos_token_ids=eos, progress=tick, stage="gsm8k source",
-        )  # fmt: skip
-        source_summary = _summary("source", src, prompts, src_gens, src_seconds)
-        src.close()
-        for q, g, cg in zip(questions, src_gens, conv_gens):
-            q.source = score_completion(g.text, q.target, g.num_tokens, g.finish)
-            q.identical = cg.token_ids == g.token_ids
-        del src
+        src = run_side(SideJob(**{**asdict(job), "side": "source", "path": str(source)}), tick)
+        source_summary = _summary("source", src, prompts)
+        pairs = list(zip(questions, conv.generations, src.generations))
+        for q, cg, sg in pairs:
+            q.source = score_completion(sg.text, q.target, sg.num_tokens, sg.finish)
+            q.identical = cg.steps == sg.steps
+        differing = [(q, cg, sg) for q, cg, sg in pairs if not q.identical]
+        text_of = _token_text(conv_root, tokenizer) if differing else None
+        for q, cg, sg in differing:
+            q.divergence = first_divergence(cg, sg, text_of)
     report = Gsm8kReport(
         path=str(converted),
         source=str(source) if source is not None else None,
         settings=settings,
-        converted=conv_summary,
+        converted=_summary("converted", conv, prompts),
         source_side=source_summary,
         baseline_accuracy=baseline_accuracy,
         questions=questions,
+        exact=chosen == "torch",
     )
     report.checks = decide(report, tolerance=tolerance, min_accuracy=min_accuracy, min_agreement=settings["min_agreement"])
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _apply_template(tok, texts: list[str], chat_template: bool) -> list[str]:
-    if not chat_template:
-        return texts
-    if not getattr(tok, "chat_template", None):
-        raise InputError("--chat-template: the tokenizer has no chat template")
-    return [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True) for t in texts]
+def _converted_root(converted: str | Path, tokenizer: str | Path | None) -> Path:
+    """The converted checkpoint's folder (a Hub id resolved once, here), after the checks that need no model: a
+    usage error then costs no worker process."""
+    from ..layouts.trtllm_gen.converted import open_converted
+    from .model_runner import check_runnable, check_tokenizer
+
+    ckpt = open_converted(converted)
+    check_tokenizer(ckpt.root, tokenizer)
+    check_runnable(ckpt.config, ckpt.root / "config.json")
+    return Path(ckpt.root)
 
 
-def _summary(side: str, loaded, prompts: list[Prompt], gens, seconds: float) -> SideSummary:
+def _token_text(conv_root: Path, tokenizer: str | Path | None):
+    """token id -> its text, with the tokenizer both sides used (only loaded when completions differ)."""
+    from .model_runner import load_tokenizer
+
+    tok = load_tokenizer(conv_root, tokenizer)
+    return lambda token: tok.decode([token], skip_special_tokens=False)
+
+
+def _summary(side: str, run, prompts: list[Prompt]) -> SideSummary:
+    gens = run.generations
     answers = [score_completion(g.text, p.target) for p, g in zip(prompts, gens)]
     return SideSummary(
         side=side,
-        path=str(loaded.path),
-        backend=loaded.backend,
-        routing=loaded.routing,
-        act=loaded.act,
+        path=str(run.path),
+        backend=run.backend,
+        routing=run.routing,
+        act=run.act,
         num_questions=len(prompts),
         correct=sum(a.correct for a in answers),
         strict_correct=sum(a.strict_correct for a in answers),
         invalid=sum(a.answer is None for a in answers),
         generated_tokens=sum(g.num_tokens for g in gens),
-        seconds=seconds,
-        load_seconds=loaded.load_seconds,
+        seconds=run.seconds,
+        load_seconds=run.load_seconds,
     )
 
 
@@ -688,18 +825,23 @@ def _versions() -> dict:
 
 
 __all__ = [
+    "CPU_THREADS",
     "Answer",
+    "Divergence",
     "Gsm8kReport",
     "Problem",
     "Prompt",
     "QuestionResult",
     "STOP_STRINGS",
     "SideSummary",
+    "agreement_rate",
+    "answers_agree",
     "build_prompts",
     "decide",
     "download_gsm8k",
     "extract_flexible",
     "extract_strict",
+    "first_divergence",
     "load_gsm8k",
     "numbers_equal",
     "reference_answer",

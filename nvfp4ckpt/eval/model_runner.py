@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -216,12 +217,8 @@ def load_tokenizer(root: Path, override: str | Path | None = None):
     """The tokenizer of the checkpoint folder, or of ``override`` (a folder or Hub id)."""
     from transformers import AutoTokenizer
 
+    check_tokenizer(root, override)
     where = override if override is not None else root
-    if override is None and not any((Path(root) / f).is_file() for f in TOKENIZER_FILES):
-        raise InputError(
-            f"{root}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); pass --tokenizer PATH "
-            "(the source model's folder or Hub id)"
-        )
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
     except Exception as exc:  # transformers raises OSError/ValueError/... for unusable folders
@@ -235,8 +232,18 @@ def load_tokenizer(root: Path, override: str | Path | None = None):
     return tok
 
 
-def build_skeleton(config: dict, where: Path) -> tuple[architectures.Architecture, nn.Module]:
-    """(architecture, model on the meta device) from a config.json dict, without its quantization_config."""
+def check_tokenizer(root: Path, override: str | Path | None = None) -> None:
+    """The one-line error for a checkpoint folder without tokenizer files (and no ``--tokenizer``)."""
+    if override is None and not any((Path(root) / f).is_file() for f in TOKENIZER_FILES):
+        raise InputError(
+            f"{root}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); pass --tokenizer PATH "
+            "(the source model's folder or Hub id)"
+        )
+
+
+def check_runnable(config: dict, where: Path) -> architectures.Architecture:
+    """The architecture of a config.json dict, or the one-line error for a model the runner cannot build (checked
+    before anything is loaded; transformers' own model types are checked by ``build_skeleton``)."""
     arch = architectures.for_config(config, str(where))
     if arch.runner_unsupported:
         raise UnsupportedArchitectureError(
@@ -248,6 +255,12 @@ def build_skeleton(config: dict, where: Path) -> tuple[architectures.Architectur
             f"{where}: a multimodal wrapper ({config.get('model_type')!r} around a text model) is not supported by the "
             "model runner; run the text model's checkpoint"
         )
+    return arch
+
+
+def build_skeleton(config: dict, where: Path) -> tuple[architectures.Architecture, nn.Module]:
+    """(architecture, model on the meta device) from a config.json dict, without its quantization_config."""
+    arch = check_runnable(config, where)
     import transformers
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -397,10 +410,40 @@ class Generation:
     text: str
     token_ids: list[int]
     finish: str  # "stop" (a stop string), "eos", or "length"
+    eos_token: int | None = None  # the end-of-sequence id that ended it (finish "eos"); not in token_ids
+    # With ``generate(..., top_logits=k)``: for every step in ``steps``, the k largest logits (float32, as greedy
+    # decoding saw them, largest first) and their token ids; arrays [len(steps), k].
+    top_ids: np.ndarray | None = field(default=None, repr=False, compare=False)
+    top_logits: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def steps(self) -> list[int]:
+        """Every token the model chose, the one that ended the completion included (an eos token too)."""
+        return self.token_ids + ([self.eos_token] if self.eos_token is not None else [])
+
+
+class _TopLogits:
+    """A logits processor (run after transformers' own, if any) that changes nothing and keeps each step's ``k``
+    largest logits, on the device until generation ends. Greedy decoding picks the first of them."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.values: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, ids = scores.float().topk(min(self.k, scores.shape[-1]), dim=-1)
+        self.values.append(values)
+        self.ids.append(ids)
+        return scores
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """([steps, batch, k] ids, [steps, batch, k] float32 logits)."""
+        return torch.stack(self.ids).cpu().numpy(), torch.stack(self.values).cpu().numpy()
 
 
 def generate(
@@ -413,13 +456,16 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     progress: TickFn | None = None,
     stage: str = "generate",
+    top_logits: int = 0,
 ) -> tuple[list[Generation], float]:
     """Greedy, batched (left padding, KV cache) generation; returns completions in prompt order and seconds spent.
 
     Prompts are batched longest first (less padding, and the largest batch runs first); every sequence stops at
-    its own eos or stop string.
+    its own eos or stop string. The batches (which prompts, how much padding) depend only on the prompts, the
+    tokenizer and ``batch_size``, so two models run with the same ones see the same batches. ``top_logits=k``:
+    keep the k largest logits of every step in each ``Generation`` (where two runs first differ, and by how much).
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if max_new_tokens < 1 or batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
@@ -443,15 +489,22 @@ def generate(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(loaded.device)
+        recorder = _TopLogits(top_logits) if top_logits > 0 else None
+        extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
         sync(loaded.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = loaded.model.generate(**enc, generation_config=gen_config, tokenizer=tok)
+            out = loaded.model.generate(**enc, generation_config=gen_config, tokenizer=tok, **extra)
         sync(loaded.device)
         seconds += time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :].tolist()
-        for i, ids in zip(idx, new):
-            results[i] = _finish(tok, ids, set(eos), stop_strings)
+        top = recorder.arrays() if recorder is not None else None
+        for row, (i, ids) in enumerate(zip(idx, new)):
+            gen = _finish(tok, ids, set(eos), stop_strings)
+            if top is not None:
+                n = len(gen.steps)
+                gen.top_ids, gen.top_logits = top[0][:n, row], top[1][:n, row]
+            results[i] = gen
         tick(stage, min(start + batch_size, len(order)), len(prompts))
     return [r for r in results if r is not None], seconds
 
@@ -473,10 +526,10 @@ def eos_ids(root: Path, tok) -> list[int]:
 
 
 def _finish(tok, ids: list[int], eos: set[int], stop_strings: Sequence[str]) -> Generation:
-    finish = "length"
+    finish, eos_token = "length", None
     for n, t in enumerate(ids):
         if t in eos:
-            ids, finish = ids[:n], "eos"
+            ids, finish, eos_token = ids[:n], "eos", t
             break
     text = tok.decode(ids, skip_special_tokens=False)
     hits = [text.find(s) for s in stop_strings if s and s in text]
@@ -491,7 +544,7 @@ def _finish(tok, ids: list[int], eos: set[int], stop_strings: Sequence[str]) -> 
             else:
                 lo = mid + 1
         return Generation(text[: min(hits)], ids[:lo], "stop")
-    return Generation(text, ids, finish)
+    return Generation(text, ids, finish, eos_token)
 
 
 __all__ = [
@@ -501,6 +554,8 @@ __all__ = [
     "LoadedModel",
     "ROUTING_MODES",
     "build_skeleton",
+    "check_runnable",
+    "check_tokenizer",
     "generate",
     "load_converted_model",
     "load_source_model",
