@@ -92,6 +92,8 @@ if want verify; then
   # on the Triton backend on the GPU; then the threshold data of every family and of Qwen3-30B-A3B-sized layers
   # (whole output, worst token, worst (token, expert) pair, smallest lost pair, each mutation), see docs/verify.md
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_moe_reference.py tests/test_verify_mutations.py tests/test_verify.py 2>&1 | tail -15 | tee "$out/gpu_verify_tests.txt"
-  timeout 300 python3 scripts/verify_thresholds.py --json "$out/verify_thresholds_gpu.json" 2>&1 | tee "$out/verify_thresholds_gpu.md"
-  timeout 300 python3 scripts/verify_thresholds.py --shape qwen3-30b-a3b --layers 2 --formats modelopt --tokens 64 --json "$out/verify_thresholds_qwen3_gpu.json" 2>&1 | tee "$out/verify_thresholds_qwen3_gpu.md"
+  python3 -m pytest -q -p no:cacheprovider tests/test_triton_moe.py -k relu2 2>&1 | tail -3 | tee -a "$out/gpu_verify_tests.txt"
+  timeout 200 python3 scripts/verify_reference_gpu.py 2>&1 | tee "$out/verify_reference_gpu.txt"
+  timeout 300 python3 scripts/verify_thresholds.py --acts nvfp4 bf16 --json "$out/verify_thresholds_gpu.json" 2>&1 | tee "$out/verify_thresholds_gpu.md"
+  timeout 300 python3 scripts/verify_thresholds.py --shape qwen3-30b-a3b --layers 4 --formats modelopt --seeds 0 1 2 3 --acts nvfp4 bf16 --backends triton --json "$out/verify_thresholds_qwen3_gpu.json" 2>&1 | tee "$out/verify_thresholds_qwen3_gpu.md"
 fi

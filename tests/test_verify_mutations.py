@@ -23,8 +23,8 @@ interpreted("nvfp4ckpt.runtime.kernels.triton_moe")
 
 # What the numerics check alone sees, per backend (scripts/verify_thresholds.py measures every family): the torch
 # backend repeats the reference's arithmetic, so any changed weight shows; the Triton kernel's own rounding noise
-# (a re-quantized intermediate block rounding the other way: 1.1e-3 on one token at Qwen3 sizes) is as large as
-# one e4m3 step of one block scale (1.4e-3 to 5.7e-3 on the worst token, every family), so only the exact checks see it.
+# (a re-quantized intermediate block rounding the other way: 5.6e-3 on one token at Qwen3 sizes, H100) is as large as
+# one e4m3 step of one block scale (1.4e-3 to 7.4e-3 on the worst token, every family), so only the exact checks see it.
 CAUGHT_BY_NUMERICS = {
     "torch": set(MUTATIONS),
     "triton": {"experts swapped", "gate/up swapped", "row misplaced"},
