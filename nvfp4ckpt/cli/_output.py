@@ -2,7 +2,7 @@
 
 Progress goes to stderr unless ``--quiet``: a Rich bar on a terminal, plain lines (``LogProgress``) in a log.
 ``--json`` changes stdout only: exactly one JSON document, the report or, on an error exit, an error object
-(``json_document``; docs/ci.md has the schema).
+(``json_document``; docs/cli-output.md has the schema).
 """
 
 from __future__ import annotations
