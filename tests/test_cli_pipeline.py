@@ -219,6 +219,13 @@ def test_plain_table_wraps_the_last_column_and_keeps_names_whole():
     assert all(len(l) <= LOG_LINE for l in lines if long_name not in l)
     assert any(l.strip() == long_name for l in lines)
     assert lines[2].startswith("structure  pass    word") and lines[3].startswith(" " * 19 + "word")
+    # leading cells wider than half a line: a last cell that fits stays beside them, one that does not goes below
+    wide = Table("MoE layer", "backend", "ok")
+    wide.add_row("model.layers.0.mlp.experts" * 3, "torch/nvfp4", "yes")
+    wide.add_row("m", "torch/nvfp4", "no " * 40)
+    lines = plain_table(wide)
+    assert lines[1].endswith("torch/nvfp4  yes") and lines[2].startswith("m ") and lines[2].endswith("torch/nvfp4")
+    assert lines[3].startswith("    no no") and lines[4] == "    no" and all(len(l) <= LOG_LINE for l in lines)
 
 
 # ---- small things ------------------------------------------------------------------------------------------------

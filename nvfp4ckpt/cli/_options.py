@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (no tables, no progress).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables: the result, or the error object of a failed run (docs/cli-output.md).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors; rely on the exit code.")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination folder.")]

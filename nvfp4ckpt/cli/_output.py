@@ -215,18 +215,18 @@ def plain_table(table: Table, width: int = LOG_LINE) -> list[str]:
     rows = list(zip(*cols))[(0 if table.show_header else 1) :]
     firsts = [[" ".join(cell.split("\n")) for cell in col] for col in cols[:-1]]
     widths = [max(len(cell) for cell in col) for col in firsts]
-    indent = sum(widths) + 2 * len(widths)
-    if indent > width // 2:  # long leading cells: the last column goes below, indented
-        indent = 4
+    aligned = sum(widths) + 2 * len(widths)  # where the last column starts
+    hanging = aligned <= width // 2  # else a last cell that does not fit beside goes below, indented by 4
     lines: list[str] = []
     if table.title:
         lines.append(_plain(table.title))
     for row in rows:
         lead = "  ".join(" ".join(cell.split("\n")).ljust(w) for cell, w in zip(row[:-1], widths))
         prefix = lead + "  " if lead else ""
-        if len(prefix) > indent:
+        indent = aligned
+        if not hanging and ("\n" in row[-1] or len(prefix) + len(row[-1]) > width):
             lines.append(lead.rstrip())
-            prefix = " " * indent
+            prefix, indent = "", 4
         for i, part in enumerate(row[-1].split("\n") or [""]):
             first = prefix.ljust(indent) if i == 0 else " " * indent
             wrapped = textwrap.wrap(
@@ -242,8 +242,8 @@ def plain_table(table: Table, width: int = LOG_LINE) -> list[str]:
 def _table_width(table: Table) -> int:
     from io import StringIO
 
-    probe = Console(file=StringIO(), width=LOG_WIDTH, highlight=False, color_system=None, soft_wrap=True)  # as make_console's
-    probe.print(table)
+    probe = Console(file=StringIO(), width=LOG_WIDTH, highlight=False, color_system=None)
+    probe.print(table)  # as Output.table prints it: the caption wrapped to the table's width
     return max((len(line.rstrip()) for line in probe.file.getvalue().splitlines()), default=0)  # type: ignore[attr-defined]
 
 
@@ -289,7 +289,7 @@ class Output:
         if self.json_mode or self.quiet:
             return
         if self.console.is_terminal or _table_width(table) <= LOG_LINE:
-            self.console.print(table)
+            self.console.print(table, soft_wrap=False)  # a caption wraps to the table's width, not the log's
             return
         for line in plain_table(table):
             self.console.print(line, markup=False, highlight=False)
