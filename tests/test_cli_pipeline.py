@@ -322,3 +322,20 @@ def test_output_object_prints_one_json_document_per_run(capsys):
     out.failure("structure check failed", 1)  # after the report: stderr only
     stdout, stderr = capsys.readouterr()
     assert json.loads(stdout)["exit_code"] == 1 and stderr.startswith("Error: structure check failed")
+
+
+def test_terminal_keeps_the_bar_and_quiet_prints_nothing():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from nvfp4ckpt.cli._output import BarProgress, NoProgress
+
+    screen = StringIO()
+    out = Output(err=Console(file=screen, force_terminal=True, width=100))
+    with out.progress() as view:
+        assert isinstance(view, BarProgress)
+        view.update("written", 1_500_000, 3_000_000, "B")
+        view.update("MoE layers", 1, 2)
+    with Output(quiet=True, err=Console(file=StringIO(), force_terminal=True)).progress() as view:
+        assert isinstance(view, NoProgress)

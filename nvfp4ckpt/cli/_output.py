@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import textwrap
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,17 +133,19 @@ class LogProgress:
         self.start = self.last = clock()
         self.tasks: dict[str, _Task] = {}
         self.lines = 0
+        self.lock = threading.Lock()  # verify's reader threads report bytes concurrently
 
     def update(self, label: str, done: float, total: float, unit: str = "") -> None:
-        now = self.clock()
-        task = self.tasks.get(label)
-        if task is None:
-            task = self.tasks[label] = _Task(unit, now, done)
-        task.done, task.total, task.changed = done, total, True
-        if now - self.last >= self.interval:
-            # The tasks still running, and any that moved since the last line (so each one's end is shown once).
-            parts = [self._describe(n, t, now) for n, t in self.tasks.items() if t.changed or t.done < t.total]
-            self._line("; ".join(parts), now)
+        with self.lock:
+            now = self.clock()
+            task = self.tasks.get(label)
+            if task is None:
+                task = self.tasks[label] = _Task(unit, now, done)
+            task.done, task.total, task.changed = done, total, True
+            if now - self.last >= self.interval:
+                # The tasks still running, and any that moved since the last line (so each one's end is shown once).
+                parts = [self._describe(n, t, now) for n, t in self.tasks.items() if t.changed or t.done < t.total]
+                self._line("; ".join(parts), now)
 
     def close(self) -> None:
         if self.lines and self.tasks:
