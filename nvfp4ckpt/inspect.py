@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AlreadyConvertedError, InputError, UnsupportedArchitectureError
+from .errors import InputError, UnsupportedArchitectureError
 from .io import CheckpointFiles, count, read_json
 from .layouts.trtllm_gen import transform as layout
 from .layouts.trtllm_gen.converted import open_converted

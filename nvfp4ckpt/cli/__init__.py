@@ -58,7 +58,7 @@ app.command(epilog=EXAMPLE_EXAMPLES, cls=HelpCommand)(example)
 app.command(epilog=CONVERT_EXAMPLES, cls=HelpCommand)(_naming_partial(convert))
 app.command(epilog=VERIFY_EXAMPLES, cls=HelpCommand)(verify)
 app.command(epilog=REVERT_EXAMPLES, cls=HelpCommand)(_naming_partial(revert))
-COMMANDS = ("inspect", "example", "convert", "verify", "revert")
+COMMANDS = tuple(c.name or c.callback.__name__ for c in app.registered_commands if c.callback)
 
 
 def _version(value: bool) -> None:
