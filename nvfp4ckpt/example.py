@@ -117,7 +117,7 @@ def write_example(
     if final_path.exists() and not final_path.is_dir():
         raise OutputExistsError(f"{final_path}: exists and is not a folder; pass another OUT")
     if final_path.exists() and any(final_path.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{final_path}: exists and is not empty; pass --overwrite to replace it")
+        raise OutputExistsError(f"{final_path}: exists and is not empty; pass overwrite=True to replace it")
     # Written into a partial folder next to OUT and renamed at the end, as convert does: an interrupted run
     # leaves no half-written OUT (a rerun removes the partial folder).
     out_path = final_path.with_name(f".{final_path.name}.nvfp4ckpt-example-partial")

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AlreadyConvertedError
-from .io import read_json
+from .errors import InputError, UnsupportedArchitectureError
+from .io import CheckpointFiles, count, read_json
 from .layouts.trtllm_gen import transform as layout
 from .layouts.trtllm_gen.converted import open_converted
 from .layouts.trtllm_gen.descriptor import descriptor_from_config
-from .source.checkpoint import SourceCheckpoint, open_checkpoint, resolve_source
+from .source import architectures
+from .source.checkpoint import SourceCheckpoint, find_moe_layers, open_checkpoint, resolve_source
+from .source.formats import detect_format
 
 
 @dataclass
@@ -42,6 +44,8 @@ class InspectReport:
     excluded_expert_modules: int = 0
     issues: list[str] = field(default_factory=list)
     descriptor: dict | None = None
+    model_type: str | None = None  # config.json's (its text_config's for a multimodal model)
+    family_known: bool = True  # False: no registered family has this model_type; convert refuses it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,9 +60,63 @@ def inspect_checkpoint(src: str | Path, revision: str | None = None) -> InspectR
             return _inspect_converted(root, descriptor)
     try:
         ckpt = open_checkpoint(root)
-    except AlreadyConvertedError:  # pragma: no cover - handled above
-        raise
+    except UnsupportedArchitectureError as exc:
+        return _inspect_unknown(root, str(exc))
     return _inspect_source(ckpt)
+
+
+def _model_type(config: dict) -> str | None:
+    text = config.get("text_config")
+    found = config.get("model_type")
+    if isinstance(text, dict) and isinstance(text.get("model_type"), str) and found not in _known_types():
+        found = text["model_type"]
+    return found if isinstance(found, str) else None
+
+
+def _known_types() -> set[str]:
+    return {t for a in architectures.registered() for t in a.model_types}
+
+
+def _inspect_unknown(root: Path, reason: str) -> InspectReport:
+    """A model_type no family covers: what can be told without one (the quantization format, the tensors, the expert
+    layers if their names follow a registered family's), the family marked unknown, and why convert refuses it."""
+    config = read_json(root / "config.json")
+    fmt = detect_format(root, config)  # not NVFP4 at all: that one-line error stands
+    files = CheckpointFiles(root)
+    if not files.tensors:
+        raise InputError(f"{root}: no *.safetensors files; only safetensors checkpoints are supported")
+    layers, like = [], None
+    for arch in architectures.registered():  # the expert tensors read with the first family whose naming fits
+        try:
+            found, _ = find_moe_layers(files, fmt, arch)
+        except InputError:
+            continue
+        if found:
+            layers, like = found, arch
+            break
+    summaries = [
+        LayerSummary(l.prefix, l.num_experts, l.hidden_size, l.intermediate_size, sum(files.info(n).nbytes for n in l.source_names()))
+        for l in layers
+    ]
+    model_type = _model_type(config)
+    issues = [f"unsupported family: {reason.partition(': ')[2] or reason}"]
+    if like is not None:
+        issues.append(f"the MoE layers above were read with {like.name}'s tensor names; sizes and routing are not checked")
+    return InspectReport(
+        path=str(root),
+        state="source",
+        format=fmt.name,
+        architecture="unknown",
+        routing={},
+        num_tensors=len(files.tensors),
+        total_bytes=sum(t.nbytes for t in files.tensors.values()),
+        num_files=len(files.files),
+        moe_layers=summaries,
+        expert_bytes=sum(l.bytes for l in summaries),
+        issues=issues,
+        model_type=model_type,
+        family_known=False,
+    )
 
 
 def _inspect_source(ckpt: SourceCheckpoint) -> InspectReport:
@@ -81,6 +139,7 @@ def _inspect_source(ckpt: SourceCheckpoint) -> InspectReport:
         moe_layers=layers,
         expert_bytes=expert_bytes,
         excluded_expert_modules=len(ckpt.excluded_expert_modules),
+        model_type=_model_type(ckpt.config),
     )
     report.issues = _source_issues(ckpt)
     return report
@@ -114,22 +173,22 @@ def _source_issues(ckpt: SourceCheckpoint) -> list[str]:
         differ_down += int(not (downs == downs[0]).all())
     if differ_ws2:
         issues.append(
-            f"gate and up weight global scales differ in {differ_ws2} experts: kept exact (the kernel scales the halves "
+            f"gate and up weight global scales differ in {count(differ_ws2, 'expert')}: kept exact (the kernel scales the halves "
             "separately through g1_alphas and g1_scale_c)"
         )
     if differ_input:
         issues.append(
-            f"{differ_input} MoE layers have per-expert gate/up input scales: the kernel quantizes hidden states once "
+            f"{count(differ_input, 'MoE layer')} {'has' if differ_input == 1 else 'have'} per-expert gate/up input scales: the kernel quantizes hidden states once "
             "with the layer maximum a1 (as SGLang and vLLM do)"
         )
     if differ_down:
         issues.append(
-            f"{differ_down} MoE layers have per-expert down_proj input scales: the kernel re-quantizes the "
+            f"{count(differ_down, 'MoE layer')} {'has' if differ_down == 1 else 'have'} per-expert down_proj input scales: the kernel re-quantizes the "
             "intermediate with the layer maximum a2 (g1_scale_c and g2_alphas carry it)"
         )
     if ckpt.excluded_expert_modules:
         issues.append(
-            f"{len(ckpt.excluded_expert_modules)} expert modules are excluded from quantization and are carried over unchanged"
+            f"{count(len(ckpt.excluded_expert_modules), 'expert module')} {'is' if len(ckpt.excluded_expert_modules) == 1 else 'are'} excluded from quantization and are carried over unchanged"
         )
     return issues
 
@@ -156,14 +215,14 @@ def _inspect_converted(root: Path, descriptor: dict) -> InspectReport:
     parallel = descriptor.get("parallel") or {}
     if ckpt.rank_files:
         issues.append(
-            f"rank-sharded for MoE tp={parallel.get('tp')} ep={parallel.get('ep')}: {len(ckpt.rank_files)} rank folders "
+            f"rank-sharded for MoE tp={parallel.get('tp')} ep={parallel.get('ep')}: {count(len(ckpt.rank_files), 'rank folder')} "
             "(ranks/rank-NNN/, rank = ep_rank * tp + tp_rank) hold the experts; other tensors are whole at the top level"
         )
     padded = [l for l in layers if (l.hidden_stored, l.intermediate_stored) != (l.hidden_size, l.intermediate_size)]
     if padded:
         l = padded[0]
         issues.append(
-            f"{len(padded)} MoE layers are stored zero-padded (e.g. {l.prefix}: H={l.hidden_size}, I={l.intermediate_size} "
+            f"{count(len(padded), 'MoE layer')} {'is' if len(padded) == 1 else 'are'} stored zero-padded (e.g. {l.prefix}: H={l.hidden_size}, I={l.intermediate_size} "
             f"stored as H={l.hidden_stored}, I={l.intermediate_stored}); padded values contribute exactly 0"
         )
     return InspectReport(

@@ -80,7 +80,12 @@ def test_unknown_family_says_what_is_missing(example_factory, tmp_path):
     cfg["model_type"] = "qwen4_moe"
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedArchitectureError, match=r"follow qwen3_moe's naming: .*add 'qwen4_moe' to that entry's model_types"):
-        inspect_checkpoint(src)
+        convert_checkpoint(src, tmp_path / "dst")
+    # inspect describes what it can instead of refusing (issue 25): the family unknown, the experts read by naming
+    report = inspect_checkpoint(src)
+    assert report.architecture == "unknown" and not report.family_known and report.model_type == "qwen4_moe"
+    assert len(report.moe_layers) == 2 and report.moe_layers[0].num_experts == 8 and report.format == "modelopt"
+    assert any("follow qwen3_moe's naming" in i for i in report.issues)
     # experts under a block name no family uses: nothing to suggest but a new entry
     for f in src.glob("*.safetensors"):
         save_file({k.replace(".mlp.experts.", ".ffn.experts."): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})

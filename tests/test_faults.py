@@ -132,7 +132,7 @@ def test_disk_full_patched_then_resume(src, tmp_path, monkeypatch, capsys, refer
     assert err.startswith("Error:") and len(err.splitlines()) == 1
     assert "no space left on device" in err and "--resume" in err and "free space on" in err
     assert ".dst.nvfp4ckpt-partial/model-00002-of-00013.safetensors" in err  # the shard being written
-    assert "keep the 1 finished shards" in err
+    assert "keep the 1 finished shard" in err and "rerun with --resume" in err
     assert_nothing_complete(dst)
     assert tree_digest(src) == before
     assert len(journal_entries(dst)) == 1

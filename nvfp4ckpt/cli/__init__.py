@@ -15,9 +15,10 @@ import typer
 
 from .. import __version__
 from ..errors import EXIT_USAGE, Interrupted, InterruptedRun
-from ..io import format_size
-from ._errors import debug_enabled, format_error, usage_message
-from ._output import Output
+from ..io import count, format_size
+from ._errors import debug_enabled, error_details, format_error, usage_message
+from ._options import HelpCommand, HelpGroup
+from ._output import Output, reset_run_state
 from .convert import CONVERT_EXAMPLES, convert
 from .example import EXAMPLE_EXAMPLES, example
 from .inspect import INSPECT_EXAMPLES, inspect
@@ -30,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion, as hf does
     pretty_exceptions_enable=False,
+    cls=HelpGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -44,18 +46,19 @@ def _naming_partial(command: Callable[..., None]) -> Callable[..., None]:
             command(*args, **kwargs)
         except InterruptedRun as exc:
             raise Interrupted(
-                f"interrupted; the partial output {exc.partial} ({format_size(exc.size)}, {exc.shards} finished "
-                "shards) is kept and never looks complete: rerun the same command with --resume to continue"
+                f"interrupted; the partial output {exc.partial} ({format_size(exc.size)}, {count(exc.shards, 'finished shard')}) "
+                "is kept and never looks complete: rerun the same command with --resume to continue"
             ) from None
 
     return run_command
 
 
-app.command(epilog=INSPECT_EXAMPLES)(inspect)
-app.command(epilog=EXAMPLE_EXAMPLES)(example)
-app.command(epilog=CONVERT_EXAMPLES)(_naming_partial(convert))
-app.command(epilog=VERIFY_EXAMPLES)(verify)
-app.command(epilog=REVERT_EXAMPLES)(_naming_partial(revert))
+app.command(epilog=INSPECT_EXAMPLES, cls=HelpCommand)(inspect)
+app.command(epilog=EXAMPLE_EXAMPLES, cls=HelpCommand)(example)
+app.command(epilog=CONVERT_EXAMPLES, cls=HelpCommand)(_naming_partial(convert))
+app.command(epilog=VERIFY_EXAMPLES, cls=HelpCommand)(verify)
+app.command(epilog=REVERT_EXAMPLES, cls=HelpCommand)(_naming_partial(revert))
+COMMANDS = tuple(c.name or c.callback.__name__ for c in app.registered_commands if c.callback)
 
 
 def _version(value: bool) -> None:
@@ -71,8 +74,22 @@ def _root(
     """Kernel-ready NVFP4 MoE checkpoints for FlashInfer's TRT-LLM-gen fused MoE."""
 
 
-# convert/revert keep their partial folder (next to DST, never complete-looking) for --resume.
-INTERRUPTED = "interrupted; no output was left behind that looks complete (convert and revert: rerun with --resume to continue)"
+# What Ctrl-C (or SIGTERM) leaves, per command. convert/revert keep their partial folder (next to DST, never
+# complete-looking) for --resume; when they had one, _naming_partial's message names it instead.
+INTERRUPTED = {
+    "convert": "interrupted; no output was left behind that looks complete: rerun the same command (with --resume to continue a kept partial folder)",
+    "revert": "interrupted; no output was left behind that looks complete: rerun the same command (with --resume to continue a kept partial folder)",
+    "example": "interrupted; no output was left behind that looks complete: rerun the same command",
+    "verify": "interrupted; verify stopped before its report (nothing was passed or failed, no --json-out file written): rerun it",
+    "inspect": "interrupted",
+}
+
+
+def _requested(argv: list[str]) -> tuple[str | None, bool]:
+    """The command named on the line and whether --json was asked for, read before parsing: an error exit (a bad
+    option included) prints its JSON error object too."""
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    return next((a for a in args if a in COMMANDS), None), "--json" in args
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -104,28 +121,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    command, json_mode = _requested(words)
+    out = Output(json_mode=json_mode, command=command)  # for the error exits: one line, and the --json object
+    interrupted = INTERRUPTED.get(command or "", "interrupted")
+    reset_run_state()
     try:
         # Non-standalone typer returns exit codes (130 after Ctrl-C) instead of raising them.
         code = app(args=argv, standalone_mode=False)
         if code == 130:
-            Output().error(INTERRUPTED)
+            out.failure(interrupted, 130, {"type": "KeyboardInterrupt"})
         if isinstance(code, int):
             return code
     except typer.Exit as exc:  # --help, --version, explicit exits
         return exc.exit_code
     except typer.Abort:
-        Output().error("aborted")
+        out.failure("aborted", 130, {"type": "Abort"})
         return 130
     except KeyboardInterrupt:
-        Output().error(INTERRUPTED)
+        out.failure(interrupted, 130, {"type": "KeyboardInterrupt"})
         return 130
     except Exception as exc:  # noqa: BLE001 - the single place errors become messages
         if _is_usage_error(exc):  # bad flags or arguments, from typer's parser: one line, as every error
-            commands = tuple(c.name or c.callback.__name__ for c in app.registered_commands if c.callback)
-            message = usage_message(exc, commands, sys.argv[1:] if argv is None else argv)
+            message = usage_message(exc, COMMANDS, words)
             if "No such command 'version'" in str(exc):
                 message += "; the version is printed by: nvfp4ckpt --version"
-            Output().error(message)
+            out.failure(message, EXIT_USAGE, {"type": "UsageError"})
             return EXIT_USAGE
         known = format_error(exc)
         if known is None:
@@ -133,7 +154,7 @@ def _main(argv: list[str] | None) -> int:
         if debug_enabled():  # the traceback, and still the command's exit code
             traceback.print_exc()
         message, code = known
-        Output().error(message)
+        out.failure(message, code, error_details(exc, message))
         return code
     return 0
 

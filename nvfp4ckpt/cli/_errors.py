@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+import re
+from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import EXIT_USAGE, Nvfp4CkptError
 
 DEBUG_ENV = "NVFP4CKPT_DEBUG"
 
+# Library messages name the library's arguments ("pass overwrite=True to replace it"); on the command line the
+# same hint names the option.
+CLI_WORDS = {"overwrite=True": "--overwrite", "resume=True": "--resume"}
+
+
+def cli_words(message: str) -> str:
+    for library, option in CLI_WORDS.items():
+        message = message.replace(library, option)
+    return message
+
+
 ERROR_MAPPINGS: dict[type[BaseException], Callable[[BaseException], tuple[str, int]]] = {
-    Nvfp4CkptError: lambda e: (str(e), e.exit_code),  # type: ignore[attr-defined]
+    Nvfp4CkptError: lambda e: (cli_words(str(e)), e.exit_code),  # type: ignore[attr-defined]
     PermissionError: lambda e: (f"{e.filename}: permission denied; check the folder's permissions", EXIT_USAGE),  # type: ignore[attr-defined]
     FileNotFoundError: lambda e: (f"{e.filename}: no such file or folder", EXIT_USAGE),  # type: ignore[attr-defined]
     OSError: lambda e: (f"{getattr(e, 'filename', '') or 'I/O'}: {e.strerror or e}; check free space and permissions", EXIT_USAGE),  # type: ignore[attr-defined]
@@ -24,6 +37,39 @@ def format_error(exc: BaseException) -> tuple[str, int] | None:
         if mapper is not None:
             return mapper(exc)
     return None
+
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".safetensors", ".parquet", ".txt", ".model", ".py", ".jinja")
+_TENSOR = re.compile(r"[A-Za-z_][\w]*(\.[\w]+)+")
+_QUOTED_TENSOR = re.compile(r"tensor '([^']+)'")
+
+
+def error_details(exc: BaseException, message: str) -> dict[str, Any]:
+    """The JSON error object's fields beside the message: the exception type, and the file and tensor the message
+    names. Messages start with what they are about ("<file or tensor>: what is wrong; what to do"), so that subject
+    is read from the message; a path is made absolute."""
+    details: dict[str, Any] = {"type": type(exc).__name__, "file": None, "tensor": None}
+    filename = getattr(exc, "filename", None)
+    if isinstance(exc, OSError) and filename:
+        details["file"] = os.path.abspath(os.fsdecode(filename))
+        return details
+    for subject in message.split(": ")[:2]:  # "<file>: <tensor>: ..." names both
+        if " " in subject.strip() or not subject:
+            break
+        if _looks_like_path(subject):
+            details["file"] = details["file"] or os.path.abspath(subject)
+        elif _TENSOR.fullmatch(subject) and details["tensor"] is None:
+            details["tensor"] = subject
+        else:
+            break
+    quoted = _QUOTED_TENSOR.search(message)
+    if details["tensor"] is None and quoted:
+        details["tensor"] = quoted.group(1)
+    return details
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or text.endswith(_FILE_SUFFIXES) or Path(text).exists()
 
 
 def debug_enabled() -> bool:

@@ -8,9 +8,8 @@ import typer
 from rich.table import Table
 
 from ..convert import DEFAULT_MAX_SHARD_SIZE, convert_checkpoint
-from ..progress import Progress
 from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt, RevisionOpt, SrcArg
-from ..io import format_size
+from ..io import count, format_size
 from ._output import Output
 
 CONVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt convert ./Qwen3-30B-A3B-NVFP4 ./Qwen3-30B-A3B-NVFP4-trtllm\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --quiet\n\n  nvfp4ckpt convert nvidia/DeepSeek-R1-NVFP4 ./r1-trtllm --max-shard-size 5GB --resume   # after a crash or a full disk"""
@@ -32,27 +31,11 @@ def convert(
     quiet: QuietOpt = False,
 ) -> None:
     """Pre-apply the TRT-LLM-gen shuffle and swizzle to every MoE layer of SRC and write DST."""
-    out = Output(json_mode=json, quiet=quiet)
-    with out.progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(p: Progress) -> None:
-            if p.stage == "notice":
-                if not quiet:
-                    out.hint(p.message)
-                return
-            if bar is None:
-                return
-            if p.stage == "plan":
-                tasks["layers"] = bar.add_task("MoE layers", total=p.layers_total)
-                tasks["bytes"] = bar.add_task("written", total=p.bytes_total, unit="B")
-            elif tasks:
-                bar.update(tasks["layers"], completed=p.layers_done)
-                bar.update(tasks["bytes"], completed=p.bytes_done)
-
+    out = Output(json_mode=json, quiet=quiet, command="convert")
+    with out.progress() as view:
         result = convert_checkpoint(
             src, dst, overwrite=overwrite, max_shard_size=max_shard_size, device=device, revision=revision,
-            progress=on_progress, workers=workers, tp=tp, ep=ep, resume=resume, pad_hidden=pad_hidden,
+            progress=out.writer_progress(view), workers=workers, tp=tp, ep=ep, resume=resume, pad_hidden=pad_hidden,
         )
     out.result(result.to_dict())
     reused = set(result.reused)
@@ -63,7 +46,7 @@ def convert(
         table.add_row(*row, *(["reused" if f["name"] in reused else ""] if resume else []))
     out.table(table)
     out.text(
-        f"converted {result.num_moe_layers} MoE layers ({result.architecture}, {result.source_format}) "
+        f"converted {count(result.num_moe_layers, 'MoE layer')} ({result.architecture}, {result.source_format}) "
         f"in {result.seconds:.2f} s, {format_size(result.bytes_written)} written"
-        + (f" ({len(reused)} shards reused from the interrupted run, not rewritten)" if resume else "")
+        + (f" ({count(len(reused), 'shard')} reused from the interrupted run, not rewritten)" if resume else "")
     )

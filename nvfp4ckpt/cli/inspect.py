@@ -12,7 +12,7 @@ from ..source import architectures
 from ..errors import InputError
 from ..inspect import inspect_checkpoint
 from ._options import JsonOpt, QuietOpt, RevisionOpt
-from ..io import format_size
+from ..io import count, format_size
 from ._output import Output
 
 INSPECT_EXAMPLES = (
@@ -31,7 +31,7 @@ def inspect(
     quiet: QuietOpt = False,
 ) -> None:
     """Describe a source or converted checkpoint without reading its weights (or list supported families)."""
-    out = Output(json_mode=json, quiet=quiet)
+    out = Output(json_mode=json, quiet=quiet, command="inspect")
     if families and src is not None:
         raise InputError(f"inspect {src} --families: pass either a checkpoint or --families, not both")
     if families:
@@ -51,13 +51,14 @@ def inspect(
     summary.add_column()
     summary.add_row("state", report.state)
     summary.add_row("format", report.format)
-    summary.add_row("architecture", report.architecture)
+    family = report.architecture if report.family_known else f"unknown (model_type {report.model_type!r})"
+    summary.add_row("architecture", family)
     r = report.routing
-    routing = f"{r.get('method')} top-{r.get('top_k')} of {r.get('num_experts')}"
+    routing = f"{r.get('method')} top-{r.get('top_k')} of {r.get('num_experts')}" if r else "unknown"
     if r.get("n_group"):
         routing += f", {r.get('n_group')} groups keep {r.get('topk_group')}, scale {r.get('routed_scaling_factor')}"
     summary.add_row("routing", routing)
-    summary.add_row("tensors", f"{report.num_tensors} in {report.num_files} files, {format_size(report.total_bytes)}")
+    summary.add_row("tensors", f"{report.num_tensors} in {count(report.num_files, 'file')}, {format_size(report.total_bytes)}")
     summary.add_row("MoE layers", f"{len(report.moe_layers)} ({format_size(report.expert_bytes)} of experts)")
     out.table(summary)
     ranked = any(layer.ranks for layer in report.moe_layers)

@@ -8,7 +8,7 @@ import typer
 
 from ..revert import DEFAULT_MAX_SHARD_SIZE, revert_checkpoint
 from ._options import JsonOpt, OutArg, OverwriteOpt, QuietOpt
-from ..io import format_size
+from ..io import count, format_size
 from ._output import Output
 
 REVERT_EXAMPLES = """Examples:\n\n  nvfp4ckpt revert ./qwen3-trtllm ./qwen3-modelopt"""
@@ -24,14 +24,14 @@ def revert(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the source-format checkpoint (ModelOpt or compressed-tensors, as recorded) back."""
-    output = Output(json_mode=json, quiet=quiet)
-    result = revert_checkpoint(
-        dst, out, overwrite=overwrite, max_shard_size=max_shard_size, resume=resume,
-        progress=lambda p: output.hint(p.message) if p.stage == "notice" and not quiet else None,
-    )
+    output = Output(json_mode=json, quiet=quiet, command="revert")
+    with output.progress() as view:
+        result = revert_checkpoint(
+            dst, out, overwrite=overwrite, max_shard_size=max_shard_size, resume=resume, progress=output.writer_progress(view)
+        )
     output.result(result.to_dict())
     total = sum(f["size"] for f in result.files)
     output.text(
-        f"reverted {result.num_moe_layers} MoE layers to {result.source_format} in {result.seconds:.2f} s "
+        f"reverted {count(result.num_moe_layers, 'MoE layer')} to {result.source_format} in {result.seconds:.2f} s "
         f"({format_size(total)}) at {result.destination}"
     )

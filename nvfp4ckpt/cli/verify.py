@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import EXIT_CHECK_FAILED
@@ -52,7 +53,7 @@ def verify(
 ) -> None:
     """Prove a converted checkpoint is kernel-ready. Exit 0 pass, 1 a check failed, 2 usage or input error."""
     path = dst
-    out = Output(json_mode=json, quiet=quiet)
+    out = Output(json_mode=json, quiet=quiet, command="verify")
     if json_out is not None:  # checked before any work: a bad path fails now, not after the whole run
         protected = {"the checkpoint": Path(dst), **({"the source": Path(source)} if source else {})}
         json_out = check_output_file(json_out, "--json-out", {k: v for k, v in protected.items() if v.exists()})
@@ -72,15 +73,10 @@ def verify(
 
             load_gsm8k(gsm8k_data, need_train=num_shots > 0)
     gsm8k_report = None
-    with out.progress() as bar:
-        tasks: dict[str, int] = {}
+    with out.progress() as view:
 
         def on_progress(stage: str, done: int, total: int) -> None:
-            if bar is None:
-                return
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
+            view.update(stage, done, total, _unit(stage))
 
         if selected or not run_gsm8k_check:  # nothing selected and no GSM8K: verify_checkpoint refuses it
             report = verify_checkpoint(
@@ -107,9 +103,10 @@ def verify(
     data = report.to_dict()
     if gsm8k_report is not None:
         data["gsm8k"] = gsm8k_report.to_dict()
+    code = 0 if report.passed else EXIT_CHECK_FAILED
     if json_out is not None:
-        write_output_file(json_out, (jsonlib.dumps(data, indent=2) + "\n").encode())
-    out.result(data)
+        write_output_file(json_out, (jsonlib.dumps(out.document(data, code), indent=2) + "\n").encode())
+    out.result(data, code)
     if report.numerics:
         table = Table("MoE layer", "backend", "reference", "rel-L2", "worst token", "cosine", "max abs", "close", "ok", title="numerics", title_justify="left")
         for r in report.numerics:
@@ -128,13 +125,8 @@ def verify(
     summary = Table("check", "status", "details", title=f"verify {report.path}", title_justify="left")
     for c in report.checks:
         colour = {"pass": "green", "fail": "red", "skip": "yellow"}[c.status]
-        summary.add_row(c.name, f"[{colour}]{c.status}[/]", c.summary)
+        summary.add_row(c.name, f"[{colour}]{c.status}[/]", _details(c))
     out.table(summary)
-    for c in report.checks:
-        for problem in c.problems[:20]:
-            out.text(f"[red]{c.name}:[/] {problem}")
-        if len(c.problems) > 20:
-            out.text(f"[red]{c.name}:[/] ... and {len(c.problems) - 20} more (see --json)")
     seconds = report.seconds + (gsm8k_report.seconds if gsm8k_report is not None else 0.0)
     out.text(f"{'[green]PASS' if report.passed else '[red]FAIL'}[/] in {seconds:.2f} s")
     if not report.passed:
@@ -142,6 +134,24 @@ def verify(
             first = next(c for c in report.checks if c.status == "fail")
             out.error(f"{first.name} check failed: {first.problems[0] if first.problems else first.summary}")
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+SHOWN_PROBLEMS = 20
+
+
+def _details(c: CheckResult) -> str:
+    """A check's summary with its problems under it, in its own row: a failure's reason sits with the failing check."""
+    lines = [escape(c.summary)] + [f"[red]{escape(p)}[/]" for p in c.problems[:SHOWN_PROBLEMS]]
+    if len(c.problems) > SHOWN_PROBLEMS:
+        lines.append(f"[red]... and {len(c.problems) - SHOWN_PROBLEMS} more (see --json)[/]")
+    return "\n".join(lines)
+
+
+def _unit(stage: str) -> str:
+    """What a verify stage counts: bytes read, questions answered, else MoE layers."""
+    if stage == "read and hash":
+        return "B"
+    return "questions" if stage.startswith("gsm8k") else "layers"
 
 
 def _gsm8k_table(g) -> Table:

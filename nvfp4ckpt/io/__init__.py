@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from .buffers import BufferPool, buffers_from, byte_view, out_buffer, scratch_buffer
 from .header import DTYPE_SIZE, INDEX_NAME, SINGLE_NAME, Array, TensorInfo, as_float32, dtype_name, read_header, torch_dtype
-from .plan import PlannedTensor, ShardPlan, encode_header, format_size, parse_size, plan_shards
+from .plan import PlannedTensor, ShardPlan, count, encode_header, format_duration, format_size, parse_size, plan_shards
 from .reader import CheckpointFiles, read_json
 from .sink import AsyncSink, ShardWriter, sha256_file
 
 __all__ = [
     "DTYPE_SIZE", "INDEX_NAME", "SINGLE_NAME", "Array", "AsyncSink", "BufferPool", "CheckpointFiles", "PlannedTensor",
-    "ShardPlan", "ShardWriter", "TensorInfo", "as_float32", "buffers_from", "byte_view", "dtype_name", "encode_header", "format_size",
+    "ShardPlan", "ShardWriter", "TensorInfo", "as_float32", "buffers_from", "byte_view", "dtype_name", "count", "encode_header", "format_duration", "format_size",
     "out_buffer", "parse_size", "plan_shards", "read_header", "read_json", "scratch_buffer", "sha256_file", "torch_dtype",
 ]  # fmt: skip

@@ -92,6 +92,21 @@ def format_size(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 file``, ``2 files``; ``count(1, "MoE layer")``. ``plural`` for nouns that do not take an ``s``."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds for people: '42 s', '7 min 05 s', '1 h 02 min'."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 MAX_SIZE = 1 << 60  # 1 EiB: a size option beyond it is a typo (or "inf")
 
 

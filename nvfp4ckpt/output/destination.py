@@ -44,7 +44,7 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> Path:
         if not d.is_dir():
             raise OutputExistsError(f"{dst}: exists and is not a folder; choose another destination")
         if any(d.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
+            raise OutputExistsError(f"{dst}: exists and is not empty; pass overwrite=True to replace it")
     return dst
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import ResumeMismatchError, SourceChangedError, UnsafePathError
-from ..io import ShardPlan, sha256_file
+from ..io import ShardPlan, count, sha256_file
 from ..io.sink import create_file, write_all
 from ..progress import Progress, ProgressFn
 from .install import fsync_dir
@@ -142,8 +142,8 @@ def open_partial(
         old = journal.read()
         finished = len(old[1]) if old else 0
         report(Progress("notice", message=(
-            f"{tmp}: removing the partial folder of an interrupted run ({finished} finished shards); "
-            "pass --resume to continue it instead"
+            f"{tmp}: removing the partial folder of an interrupted run ({count(finished, 'finished shard')}); "
+            "pass resume=True to continue it instead"
         )))  # fmt: skip
         shutil.rmtree(tmp)
     if not tmp.exists():
@@ -154,14 +154,14 @@ def open_partial(
         return {}
     old = journal.read()
     if old is None:
-        raise ResumeMismatchError(f"{tmp}: no readable journal of an interrupted run; rerun without --resume to start over")
+        raise ResumeMismatchError(f"{tmp}: no readable journal of an interrupted run; rerun without resume=True to start over")
     old_header, entries = old
     if old_header.get("fingerprint") != fingerprint or old_header.get("sources") != sources:
         old_sources = old_header.get("sources") if isinstance(old_header.get("sources"), dict) else {}
         changed = sorted(set(old_sources) ^ set(sources) | {n for n in sources if old_sources.get(n) != sources[n]})
         what = f"{source_root / changed[0]} changed" if changed else _what_changed(old_header, header)
         raise ResumeMismatchError(
-            f"{tmp}: source or options changed since the interrupted run ({what}); rerun without --resume"
+            f"{tmp}: source or options changed since the interrupted run ({what}); rerun without resume=True"
         )
     reused: dict[str, dict] = {}
     for entry in entries:
@@ -210,7 +210,7 @@ def _refuse_links_inside(tmp: Path) -> None:
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
                 raise UnsafePathError(
                     f"{os.path.join(root, name)}: a symbolic link or special file inside the partial folder, which "
-                    "nvfp4ckpt did not make; rerun without --resume to start over"
+                    "nvfp4ckpt did not make; rerun without resume=True to start over"
                 )
 
 

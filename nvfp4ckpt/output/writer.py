@@ -29,6 +29,7 @@ from ..io import (
     ShardPlan,
     ShardWriter,
     buffers_from,
+    count,
     format_size,
     parse_size,
     plan_shards,
@@ -118,7 +119,7 @@ def write_checkpoint(
     with destination_lock(dst):
         # Under the lock, so two runs into one DST cannot both pass the emptiness check.
         if dst.exists() and any(dst.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
+            raise OutputExistsError(f"{dst}: exists and is not empty; pass overwrite=True to replace it")
         tmp = partial_folder(dst)
         reused = open_partial(tmp, fingerprint, sources, job.source.root, resume, report, job.options)
         return _write_locked(job, dst, tmp, shard_plans, reused, sources, groups, total_bytes, report, workers)
@@ -209,7 +210,7 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 f"{exc.filename or tmp}: no space left on device; free space on {dst.parent} (the output needs "
-                f"{format_size(total_bytes)}) and rerun with --resume to keep the {journal.count} finished shards"
+                f"{format_size(total_bytes)}) and rerun with resume=True to keep the {count(journal.count, 'finished shard')}"
             ) from exc
         raise
     pool.shutdown(wait=True)

@@ -185,11 +185,12 @@ def diagnose(model_type: str | None, tensor_names: list[str]) -> str:
 
 
 def get(name: str) -> Architecture:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnsupportedArchitectureError(f"unknown architecture {name!r}; choose one of: {known}") from None
+    """A family by its name or by any transformers ``model_type`` it covers (``llama4_text`` is ``llama4``)."""
+    arch = _REGISTRY.get(name) or next((a for a in _REGISTRY.values() if name in a.model_types), None)
+    if arch is None:
+        known = ", ".join(sorted({n for a in _REGISTRY.values() for n in (a.name, *a.model_types)}))
+        raise UnsupportedArchitectureError(f"unknown architecture {name!r}; choose a family or model_type: {known}")
+    return arch
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Nothing here reads tensor data; every check uses safetensors headers only.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +27,12 @@ def resolve_source(src: str | Path, revision: str | None = None) -> Path:
     if path.exists():
         if not path.is_dir():
             raise InputError(f"{path}: not a folder; pass the checkpoint folder (with config.json and *.safetensors)")
-        return path
+        if revision is not None:  # refused, not ignored: a pipeline that pins a revision expects it to hold
+            raise InputError(
+                f"{path}: a local folder, so revision {revision!r} cannot apply (it selects a Hub repo's branch, tag or "
+                "commit); drop the revision, or pass the Hub repo id"
+            )
+        return Path(os.path.abspath(path))  # reports name sources by absolute path
     text = str(src)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
         raise InputError(f"{text}: no such folder, and not a Hugging Face Hub repo id (owner/name)")

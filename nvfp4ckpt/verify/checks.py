@@ -107,6 +107,7 @@ def verify_checkpoint(
     except CorruptFileError as exc:  # converted but damaged: the structure check fails (exit 1)
         return structure_error_report(path, exc)
     src = open_checkpoint(source) if source is not None else None
+    report.path, report.source = str(ckpt.root), str(src.root) if src is not None else None  # absolute, Hub ids resolved
     selected = _select_layers(ckpt, layers)
     if tensors_damaged(ckpt):  # a damaged checkpoint fails the structure check (exit 1); nothing else can read it
         report.checks.append(check_structure(ckpt, hash_files and "structure" in checks))

@@ -18,6 +18,7 @@ from ..source.stacked import read_layer_source
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
 from ..layouts.trtllm_gen.descriptor import LayerInfo
 from ..layouts.trtllm_gen.ranks import from_kernel
+from ..io import count
 from ..progress import TickFn
 from .report import CheckResult
 
@@ -72,8 +73,8 @@ def check_layout(
     for name in ckpt.files.tensors:
         if name not in owned and name not in src.files.tensors:
             problems.append(f"{name}: not in the source and not a canonical MoE tensor")
-    compared_what = f"{len(ckpt.layers)} MoE layers un-shuffled and {len(carried)} carried-over tensors compared byte for byte"
-    summary = f"{len(problems)} differences found ({compared_what})" if problems else compared_what
+    compared_what = f"{count(len(ckpt.layers), 'MoE layer')} un-shuffled and {count(len(carried), 'carried-over tensor')} compared byte for byte"
+    summary = f"{count(len(problems), 'difference')} found ({compared_what})" if problems else compared_what
     return CheckResult("layout", "fail" if problems else "pass", summary, problems)
 
 

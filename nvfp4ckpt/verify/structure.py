@@ -12,7 +12,7 @@ from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
 from ..layouts.trtllm_gen.descriptor import METADATA_KEY, LayerInfo, canonical_specs
 from ..output import MANIFEST_NAME
 from .report import CheckResult
-from ..io import sha256_file
+from ..io import count, sha256_file
 from ..io.json_input import Fields, load_json, parse_json
 from ..errors import BadFieldError, CorruptFileError
 
@@ -37,7 +37,7 @@ def check_structure(ckpt: ConvertedCheckpoint, hash_files: bool = True, digests:
             problems.extend(_scalar_problems(ckpt, layer))
     problems.extend(_manifest_problems(ckpt.root, hash_files, digests or {}))
     n_layers = len(ckpt.layers)
-    what = f"{n_layers} MoE layers, {len(ckpt.files.files)} shards" + ("" if hash_files else " (sha256 skipped)")
+    what = f"{count(n_layers, 'MoE layer')}, {count(len(ckpt.files.files), 'shard')}" + ("" if hash_files else " (sha256 skipped)")
     return CheckResult("structure", "fail" if problems else "pass", what, problems)
 
 
