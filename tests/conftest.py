@@ -34,11 +34,11 @@ def example_factory(tmp_path_factory):
     """Cached example checkpoints (treat as read-only; copy before corrupting)."""
     cache: dict[tuple, Path] = {}
 
-    def make(arch: str = "qwen3_moe", fmt: str = "modelopt", seed: int = 0, shards: int = 2) -> Path:
-        key = (arch, fmt, seed, shards)
+    def make(arch: str = "qwen3_moe", fmt: str = "modelopt", seed: int = 0, shards: int = 2, untied_gate_up: bool = False) -> Path:
+        key = (arch, fmt, seed, shards, untied_gate_up)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"{arch}-{fmt}-{seed}-{shards}")
-            write_example(out, format=fmt, arch=arch, seed=seed, shards=shards)
+            out = tmp_path_factory.mktemp(f"{arch}-{fmt}-{seed}-{shards}{'-untied' if untied_gate_up else ''}")
+            write_example(out, format=fmt, arch=arch, seed=seed, shards=shards, untied_gate_up=untied_gate_up)
             cache[key] = out
         return cache[key]
 

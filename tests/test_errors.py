@@ -101,7 +101,7 @@ def test_unknown_architecture(src, tmp_path, capsys):
 
 
 def test_no_moe_layers(src, tmp_path, capsys):
-    _edit_config(src, lambda c: c["quantization_config"]["exclude_modules"].append("*.experts.*"))
+    _edit_config(src, lambda c: c["quantization_config"]["ignore"].append("*.experts.*"))
     (src / "hf_quant_config.json").unlink()
     assert_fails(capsys, src, tmp_path, "no NVFP4 MoE expert tensors", "excluded")
 
