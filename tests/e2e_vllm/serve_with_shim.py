@@ -1,10 +1,11 @@
-"""``python tests/e2e_vllm/serve_with_shim.py ARGS...``: vLLM's OpenAI server (``vllm.entrypoints.openai.api_server``,
-the real one) with the test-only CPU shim installed. The shim is installed at import, so a process vLLM spawns
-(which re-imports this file as its main module) has it too."""
+"""``python tests/e2e_vllm/serve_with_shim.py ARGS...``: vLLM's OpenAI server with the test-only CPU shim installed.
+
+It runs what ``python -m vllm.entrypoints.openai.api_server ARGS...`` runs (that module's ``__main__`` block calls
+``vllm.entrypoints.launchers.api_server.entry.main``), with this file as the main module: the shim is installed at
+import, so the engine-core process vLLM spawns (which re-imports the main module) has it too."""
 
 from __future__ import annotations
 
-import runpy
 import sys
 from pathlib import Path
 
@@ -16,5 +17,6 @@ _SHIM = installed()
 _SHIM.__enter__()
 
 if __name__ == "__main__":
-    sys.argv = ["vllm.entrypoints.openai.api_server", *sys.argv[1:]]
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+    from vllm.entrypoints.launchers.api_server.entry import main
+
+    main()

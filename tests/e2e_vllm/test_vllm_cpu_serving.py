@@ -213,8 +213,9 @@ def _free_port() -> int:
 
 
 def test_openai_server_serves_converted_folder(shim, folders, tmp_path):
-    """``python -m vllm.entrypoints.openai.api_server`` (through serve_with_shim.py) on a converted folder: one
-    greedy completion request returns the tokens LLM.generate gives through the plugin."""
+    """vLLM's OpenAI server (what ``python -m vllm.entrypoints.openai.api_server`` runs, through serve_with_shim.py,
+    engine core in its own process) on a converted folder: one greedy completion request returns the tokens
+    LLM.generate gives through the plugin."""
     _, dst = folders("qwen3_moe", "modelopt")
     llm, _ = _engine(dst, shim, **PLUGIN)
     try:
@@ -230,7 +231,9 @@ def test_openai_server_serves_converted_folder(shim, folders, tmp_path):
     ]  # fmt: skip
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+        env = {**os.environ}
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as deployed: its engine core in its own process
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -244,10 +247,12 @@ def test_openai_server_serves_converted_folder(shim, folders, tmp_path):
                 time.sleep(1)
         body = json.dumps({
             "model": str(dst), "prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True,
         }).encode()  # fmt: skip
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             reply = json.loads(r.read())
+        assert reply["choices"][0]["token_ids"] == list(want[0].outputs[0].token_ids)
         assert reply["choices"][0]["text"] == want[0].outputs[0].text
         assert reply["usage"]["completion_tokens"] == TOKENS
     finally:

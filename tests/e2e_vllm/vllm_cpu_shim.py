@@ -159,7 +159,7 @@ def installed():
     with contextlib.ExitStack() as stack:
         if EmulationNvFp4LinearKernel not in _POSSIBLE_NVFP4_KERNELS.get(PlatformEnum.CPU, []):
             register_linear_kernel(EmulationNvFp4LinearKernel, PlatformEnum.CPU, "nvfp4")
-            stack.callback(lambda: _POSSIBLE_NVFP4_KERNELS[PlatformEnum.CPU].remove(EmulationNvFp4LinearKernel))
+            stack.callback(_POSSIBLE_NVFP4_KERNELS[PlatformEnum.CPU].remove, EmulationNvFp4LinearKernel)
         patch = lambda obj, name, new: stack.enter_context(mock.patch.object(obj, name, new))  # noqa: E731
         patch(trtllm_nvfp4_moe.TrtLlmNvFp4ExpertsBase, "_supports_current_device", staticmethod(lambda: True))
         patch(torch.accelerator, "current_device_index", lambda: "cpu")
