@@ -40,7 +40,7 @@ from nvfp4ckpt.engines.vllm.rl import reload_kernel_weights, update_from_source_
 
 from .vllm_cpu_shim import installed  # noqa: E402
 
-FAMILIES = ["qwen3_moe", "mixtral", "qwen2_moe"]
+FAMILIES = ["qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe"]  # glm4_moe: DeepSeek-V3 routing + shared experts, GQA
 FORMATS = ["modelopt", "compressed-tensors"]
 PROMPTS = ["Question: Natalia sold clips to 48 of her friends", "The quick brown fox jumps over"]
 TOKENS = 16
