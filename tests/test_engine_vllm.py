@@ -416,13 +416,41 @@ def test_refuses_mismatched_tp(converted):
 
 
 def test_refuses_example_ct_with_separate_gate_up_scales(example_factory, tmp_path):
-    """The built-in compressed-tensors example keeps separate gate/up global scales: refused, never rounded."""
-    src = example_factory("qwen3_moe", "compressed-tensors")
+    """A compressed-tensors example with separate gate/up global scales (``untied_gate_up``; llm-compressor ties
+    them): refused, never rounded."""
+    src = example_factory("qwen3_moe", "compressed-tensors", untied_gate_up=True)
     dst = tmp_path / "dst"
     convert_checkpoint(src, dst)
     prefix = _moe_prefixes(dst)[0]
     with pytest.raises(EngineRefusalError, match=rf"^{prefix}\.w13_weight_global_scale: gate and up global scales differ"):
         plugin_layer(dst, prefix, (1, 0, 1, 0))
+
+
+def test_stock_modelopt_config_reads_the_same_on_vllm_032_and_033(example_factory):
+    """vLLM 0.32 reads a flat ModelOpt section's exclusions from ``ignore`` only (0.33 falls back to
+    ``exclude_modules``): the stock config the plugin builds lists every exclusion under ``ignore``, so both
+    versions exclude the same modules; the ModelOpt example's own config.json already has them there."""
+    from nvfp4ckpt.engines.vllm.config import stock_modelopt_config
+
+    old_style = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head", "*.mlp.gate"]}
+    built = stock_modelopt_config(old_style)
+    assert built["ignore"] == ["lm_head", "*.mlp.gate"]
+    assert ModelOptNvFp4Config.from_config(built).exclude_modules == ["lm_head", "*.mlp.gate"]
+    both = stock_modelopt_config({**old_style, "ignore": ["lm_head", "model.embed_tokens"]})
+    assert both["ignore"] == ["lm_head", "model.embed_tokens", "*.mlp.gate"]
+    nested = {"quantization": {"quant_algo": "NVFP4", "exclude_modules": ["lm_head"]}}
+    assert stock_modelopt_config(nested) is nested
+    with pytest.raises(EngineRefusalError, match=r"^config.json source_quantization_config.ignore: a list"):
+        stock_modelopt_config({**old_style, "ignore": "lm_head"})
+    example = _config(example_factory("qwen3_moe", "modelopt"))["quantization_config"]
+    assert "exclude_modules" not in example and stock_modelopt_config(example) == example
+
+
+def test_plugin_config_excludes_what_the_source_excludes(converted):
+    """The plugin's stock config of a converted ModelOpt example excludes the router and lm_head (left bf16)."""
+    _, dst = converted("qwen3_moe", "modelopt")
+    cfg = Nvfp4TrtllmConfig.from_config(_config(dst)["quantization_config"])
+    assert {"lm_head", "*.mlp.gate"} <= set(cfg.source.exclude_modules)
 
 
 def test_refuses_different_gate_up_scale(converted, tmp_path):

@@ -91,7 +91,12 @@ def test_compressed_tensors_other_format(example_factory, tmp_path, capsys):
 
 
 def test_group_size_not_16(src, tmp_path, capsys):
-    _edit_config(src, lambda c: c["quantization_config"].update(group_size=32))
+    def to_32(c):  # where ModelOpt 0.47 writes it in config.json
+        for part in c["quantization_config"]["config_groups"]["group_0"].values():
+            if isinstance(part, dict):
+                part["group_size"] = 32
+
+    _edit_config(src, to_32)
     assert_fails(capsys, src, tmp_path, "group size 32", "16")
 
 
@@ -101,7 +106,7 @@ def test_unknown_architecture(src, tmp_path, capsys):
 
 
 def test_no_moe_layers(src, tmp_path, capsys):
-    _edit_config(src, lambda c: c["quantization_config"]["exclude_modules"].append("*.experts.*"))
+    _edit_config(src, lambda c: c["quantization_config"]["ignore"].append("*.experts.*"))
     (src / "hf_quant_config.json").unlink()
     assert_fails(capsys, src, tmp_path, "no NVFP4 MoE expert tensors", "excluded")
 

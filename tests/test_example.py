@@ -80,3 +80,58 @@ def test_interrupted_example_leaves_no_out(tmp_path, monkeypatch):
     result = write_example(tmp_path / "ex", seed=1)
     assert (tmp_path / "ex" / "config.json").is_file() and result.path == tmp_path / "ex"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 23: the examples load in the engines as real checkpoints of their family do
+
+
+def test_modelopt_example_config_is_what_modelopt_writes(example_factory):
+    """ModelOpt 0.47's export: hf_quant_config.json keeps the nested section (``exclude_modules``), config.json gets
+    ModelOpt's own ``convert_hf_quant_config_format`` of it (exclusions under ``ignore``: vLLM 0.32 reads only that)."""
+    import json
+
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    root = example_factory("qwen3_moe", "modelopt")
+    hf = json.loads((root / "hf_quant_config.json").read_text())
+    qcfg = json.loads((root / "config.json").read_text())["quantization_config"]
+    assert qcfg == convert_hf_quant_config_format(hf)
+    assert "exclude_modules" not in qcfg and qcfg["ignore"] == hf["quantization"]["exclude_modules"]
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "kimi_k2"])
+def test_deepseek_style_example_asks_for_the_correction_bias(example_factory, arch):
+    """vLLM's DeepSeek-V2/V3 model (deepseek_v2.py) builds the router's e_score_correction_bias only for
+    ``topk_method == "noaux_tc"`` and routes with ``scoring_func`` (default softmax): without them a real load of the
+    example fails on the bias tensor (KeyError) and the routing would not be DeepSeek-V3's. As the real
+    DeepSeek-V3 and Kimi-K2 config.json files say."""
+    import json
+
+    root = example_factory(arch, "modelopt")
+    names = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(n.endswith(".mlp.gate.e_score_correction_bias") for n in names)
+    cfg = json.loads((root / "config.json").read_text())
+    assert cfg.get("topk_method") == "noaux_tc" and cfg.get("scoring_func") == "sigmoid"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_compressed_tensors_example_ties_gate_and_up_global_scales(example_factory, arch):
+    """llm-compressor fuses the gate/up weight observers of every MLP (experts, shared experts, dense MLPs): one
+    weight_global_scale for both, bitwise. ``untied_gate_up=True`` keeps the untied case (engines refuse it)."""
+    import re
+
+    def pairs(root):
+        files = CheckpointFiles(root)
+        gate_up = re.compile(r"(?P<mlp>.+)\.(?P<proj>gate_proj|up_proj|w1|w3)\.weight_global_scale$")
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for n in files.tensors:
+            if m := gate_up.match(n):
+                found.setdefault(m["mlp"], {})["gate" if m["proj"] in ("gate_proj", "w1") else "up"] = files.read(n)
+        return found
+
+    tied = pairs(example_factory(arch, "compressed-tensors"))
+    assert tied and all(set(p) == {"gate", "up"} for p in tied.values())
+    assert all(torch.equal(p["gate"].view(torch.int32), p["up"].view(torch.int32)) for p in tied.values())
+    untied = pairs(example_factory(arch, "compressed-tensors", untied_gate_up=True))
+    assert all(not torch.equal(p["gate"], p["up"]) for p in untied.values())

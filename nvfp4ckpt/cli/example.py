@@ -25,6 +25,7 @@ def example(
     shape: Annotated[str | None, typer.Option("--shape", help=f"Synthetic checkpoint at real layer shapes: {' | '.join(SHAPES)}.")] = None,
     layers: Annotated[int | None, typer.Option("--layers", min=1, help="MoE decoder layers (with --shape; default: the model's).")] = None,
     max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Shard size with --shape (default 5GB).")] = None,
+    untied_gate_up: Annotated[bool, typer.Option("--untied-gate-up", help="Give gate and up their own global scales (the producers share one; vLLM refuses it).")] = False,
     overwrite: OverwriteOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -35,6 +36,7 @@ def example(
         result = write_example(
             out, format=format.value, arch=arch, seed=seed, shards=shards, overwrite=overwrite, shape=shape,
             layers=layers, max_shard_size=max_shard_size, progress=lambda label, done, total: view.update(label, done, total, "B"),
+            untied_gate_up=untied_gate_up,
         )
     output.result({"path": str(result.path), "architecture": result.architecture, "format": result.format, "files": result.files, "num_tensors": result.num_tensors})
     output.text(f"wrote {result.architecture} {result.format} example ({count(result.num_tensors, 'tensor')}) to {result.path}")

@@ -411,6 +411,10 @@ DEEPSEEK_V3 = register(
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": "deepseek_v3",
             **_DEEPSEEK_STYLE_MOE,
+            # as DeepSeek-V3's (and Kimi-K2's) config.json: vLLM builds the router's e_score_correction_bias only
+            # for noaux_tc, and routes with softmax unless scoring_func says sigmoid
+            "topk_method": "noaux_tc",
+            "scoring_func": "sigmoid",
             "num_key_value_heads": 4,
             "q_lora_rank": 64,
             "kv_lora_rank": 64,

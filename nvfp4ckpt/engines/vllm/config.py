@@ -29,6 +29,27 @@ LAYOUT_VERSION = 1
 UNSERVED_ARCHITECTURES: dict[str, str] = {}
 
 
+def stock_modelopt_config(src: dict) -> dict:
+    """The ModelOpt ``quantization_config`` handed to vLLM's stock config, read the same on vLLM 0.32 and 0.33.
+
+    A flat config.json section lists exclusions under ``ignore`` (ModelOpt 0.47's export) or, in older exports and
+    hand-written configs, ``exclude_modules``. vLLM 0.33 reads ``ignore`` and falls back to ``exclude_modules``;
+    vLLM 0.32 reads ``ignore`` only, so a section with only ``exclude_modules`` would quantize the excluded layers
+    there. Both lists go under ``ignore`` (order kept, duplicates dropped). The nested hf_quant_config.json form
+    (``{"quantization": {...}}``) is read from ``exclude_modules`` by both and is passed as it is."""
+    if "quantization" in src:
+        return src
+    merged: list = []
+    for key in ("ignore", "exclude_modules"):
+        value = src.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise EngineRefusalError(f"config.json source_quantization_config.{key}: a list of module names, not {type(value).__name__}")
+        merged += [m for m in value if m not in merged]
+    return {**src, "ignore": merged} if merged or "ignore" in src else src
+
+
 class Nvfp4TrtllmConfig(QuantizationConfig):
     """``nvfp4_trtllm``: kernel-layout MoE tensors, stock everything else."""
 
@@ -89,7 +110,7 @@ class Nvfp4TrtllmConfig(QuantizationConfig):
             raise EngineRefusalError(f"architecture {arch}: {UNSERVED_ARCHITECTURES[arch]}")
         method = str(src.get("quant_method", "")).lower()
         if method.startswith("modelopt"):
-            source: QuantizationConfig = ModelOptNvFp4Config.from_config(src)
+            source: QuantizationConfig = ModelOptNvFp4Config.from_config(stock_modelopt_config(src))
         elif method == "compressed-tensors":
             source = CompressedTensorsConfig.from_config(src)
         else:

@@ -44,7 +44,8 @@ class QuantFormat:
     fused_projections: ClassVar[dict[str, str]] = {}
     fused_suffixes: ClassVar[dict[str, str]] = {}
     # How the format's producer writes checkpoints (``write_example`` imitates it): the shape of a stored global
-    # scale, and whether gate/up share one weight global scale and a layer one input scale (else one per module).
+    # scale, and whether a layer has one input scale (else the down projections have one per expert; gate and up
+    # share one weight global scale in both producers unless write_example(untied_gate_up=True)).
     example_scalar_shape: ClassVar[tuple[int, ...]] = ()
     example_shared_scales: ClassVar[bool] = False
 

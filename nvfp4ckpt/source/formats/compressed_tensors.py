@@ -24,7 +24,7 @@ class CompressedTensorsFormat(QuantFormat):
     input_global_suffix: ClassVar[str] = "input_global_scale"
     global_scales_reciprocal: ClassVar[bool] = True
     example_scalar_shape: ClassVar[tuple[int, ...]] = (1,)
-    example_shared_scales: ClassVar[bool] = False  # llm-compressor calibrates every module's scales
+    example_shared_scales: ClassVar[bool] = False  # llm-compressor calibrates each expert's down input scale
     # SGLang's parameter names for the stored (quantization-multiplier) global scales, kept unchanged.
     raw_scalar_names: ClassVar[tuple[str, ...]] = (
         "w13_weight_global_scale", "w2_weight_global_scale", "w13_input_global_scale", "w2_input_global_scale",

@@ -22,7 +22,7 @@ class ModelOptFormat(QuantFormat):
     input_global_suffix: ClassVar[str] = "input_scale"
     global_scales_reciprocal: ClassVar[bool] = False
     example_scalar_shape: ClassVar[tuple[int, ...]] = ()
-    example_shared_scales: ClassVar[bool] = True  # gate/up share weight_scale_2, one input_scale per layer
+    example_shared_scales: ClassVar[bool] = True  # one input_scale per layer (down included)
     # ModelOpt's fused ("BMM") expert tensors (Llama-4): <prefix>.<proj><suffix>; the suffix names the kind.
     fused_projections: ClassVar[dict[str, str]] = {"gate_up_proj": "gate_up", "down_proj": "down"}
     fused_suffixes: ClassVar[dict[str, str]] = {
@@ -57,10 +57,22 @@ class ModelOptFormat(QuantFormat):
 
     @classmethod
     def example_quantization(cls, lm_head: str, embed: str, unquantized: list[str]) -> tuple[dict, dict[str, dict]]:
+        """What ModelOpt 0.47's HF export writes: hf_quant_config.json keeps the nested section with
+        ``exclude_modules``; config.json gets ``convert_hf_quant_config_format`` of it (``config_groups``, the
+        exclusions under ``ignore``, no ``exclude_modules``: vLLM 0.32 reads only ``ignore``)."""
         exclude = [lm_head, embed] + [f"*.{m}" for m in unquantized]
+        producer = {"name": "nvfp4ckpt-example", "version": "0"}
         section = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude}
-        hf_quant_config = {"producer": {"name": "nvfp4ckpt-example", "version": "0"}, "quantization": section}
-        return {"quant_method": "modelopt", **section}, {"hf_quant_config.json": hf_quant_config}
+        hf_quant_config = {"producer": producer, "quantization": section}
+        scheme = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+        flat = {
+            "config_groups": {"group_0": {"input_activations": dict(scheme), "weights": dict(scheme), "targets": ["Linear"]}},
+            "ignore": list(exclude),
+            "quant_algo": "NVFP4",
+            "producer": producer,
+            "quant_method": "modelopt",
+        }
+        return flat, {"hf_quant_config.json": hf_quant_config}
 
     def flat_quantization_config(self) -> dict:
         """ModelOpt with only hf_quant_config.json: the flat form engines read from config.json."""
