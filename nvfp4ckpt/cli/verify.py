@@ -48,6 +48,7 @@ def verify(
     min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="With --backend torch: smallest fraction of completions token-identical to the source's (default 1.0). With a GPU kernel: smallest fraction of the questions with an answer whose answers agree with the source's (default 0.8).", rich_help_panel="GSM8K")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder or Hub id, when the checkpoint has none.", rich_help_panel="GSM8K")] = None,
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap each prompt in the tokenizer's chat template (off: plain completion, as lm-eval/vLLM).", rich_help_panel="GSM8K")] = False,
+    update_card: Annotated[bool, typer.Option("--update-card", help="Write this run's summary (verdict, each check, GSM8K's numbers) into DST's model card, README.md, in the verification part convert left for it.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Prove a converted checkpoint is kernel-ready. Exit 0 pass, 1 a check failed, 2 usage or input error."""
@@ -56,6 +57,11 @@ def verify(
     if json_out is not None:  # checked before any work: a bad path fails now, not after the whole run
         protected = {"the checkpoint": Path(dst), **({"the source": Path(source)} if source else {})}
         json_out = check_output_file(json_out, "--json-out", {k: v for k, v in protected.items() if v.exists()})
+    if update_card:  # checked before any work: a card without the section fails now, not after the run
+        from ..layouts.trtllm_gen.converted import open_converted
+        from ..output.card import check_card
+
+        check_card(open_converted(dst).root)  # a source folder is refused as not converted, as verify does
     skipped = {c.value for c in skip or []}
     requested = [c.value for c in check or []]
     backend, act = backend.value, act.value  # plain strings from here on (reports, JSON)
@@ -109,7 +115,14 @@ def verify(
         data["gsm8k"] = gsm8k_report.to_dict()
     if json_out is not None:
         write_output_file(json_out, (jsonlib.dumps(data, indent=2) + "\n").encode())
+    if update_card:
+        from ..output.card import update_card as write_card, verify_summary
+
+        written = write_card(Path(dst), verify_summary(report, gsm8k_report, _command(report, gsm8k_report)))
+        data["card"] = str(written.resolve())
     out.result(data)
+    if update_card:
+        out.text(f"verification summary written to {data['card']}")
     if report.numerics:
         table = Table("MoE layer", "backend", "reference", "rel-L2", "worst token", "cosine", "max abs", "close", "ok", title="numerics", title_justify="left")
         for r in report.numerics:
@@ -167,3 +180,8 @@ def _gsm8k_table(g) -> Table:
             f"{g.converted.accuracy - g.source_side.accuracy:+.2f} ± {g.difference_stderr:.2f} points (1 s.e.)"
         )
     return table
+
+
+def _command(report, gsm8k_report) -> str:
+    """The run as the card names it (paths left out: they are the publisher's machine's)."""
+    return "nvfp4ckpt verify" + (" --source" if report.source else "") + (" --gsm8k" if gsm8k_report is not None else "")
