@@ -39,8 +39,8 @@ def verify(
     gsm8k: Annotated[bool, typer.Option("--gsm8k", help="Also run the whole model on GSM8K after the other checks (skipped if one of them fails): converted accuracy next to --source's (run with the torch reference) or --baseline-accuracy, and how often their answers agree. --check gsm8k runs only this.", rich_help_panel="GSM8K")] = False,
     gsm8k_data: Annotated[str | None, typer.Option("--gsm8k-data", help="Folder with GSM8K's test.jsonl and train.jsonl (or the test jsonl file). Default: download openai/gsm8k from the Hub (cached).", rich_help_panel="GSM8K")] = None,
     num_shots: Annotated[int, typer.Option("--num-shots", min=0, help="Few-shot examples from the train split.", rich_help_panel="GSM8K")] = 5,
-    num_questions: Annotated[int | None, typer.Option("--num-questions", min=1, help="Questions from the test split (default: all 1319).", rich_help_panel="GSM8K")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generated tokens per question at most.", rich_help_panel="GSM8K")] = 512,
+    num_questions: Annotated[int | None, typer.Option("--num-questions", min=1, help="Questions from the test split (default: all 1319 on a GPU, 50 on the CPU).", rich_help_panel="GSM8K")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="Generated tokens per question at most (default: 512 on a GPU, 256 on the CPU).", rich_help_panel="GSM8K")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Questions generated together (default 64 on a GPU, 8 on CPU).", rich_help_panel="GSM8K")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", min=0, help="Allowed accuracy difference to the source or baseline, in points.", rich_help_panel="GSM8K")] = 1.0,
     baseline_accuracy: Annotated[float | None, typer.Option("--baseline-accuracy", help="Known source accuracy (percent, or a fraction <= 1) instead of running --source; the agreement check is then skipped.", rich_help_panel="GSM8K")] = None,
@@ -107,7 +107,7 @@ def verify(
                     seed=seed or None, max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend, act=act,
                     device=device, tokenizer=tokenizer, chat_template=chat_template, tolerance=tolerance,
                     baseline_accuracy=baseline_accuracy, min_accuracy=min_accuracy, min_agreement=min_agreement,
-                    progress=on_progress,
+                    progress=on_progress, notice=None if quiet else out.hint,
                 )  # fmt: skip
                 report.checks.extend(gsm8k_report.checks)
     data = report.to_dict()
