@@ -714,11 +714,7 @@ def run_gsm8k(
     chosen = resolve_backend(backend, act, dev)
     mode = mr.resolve_routing(routing, chosen)
     batch = batch_size or (64 if dev.type == "cuda" else 8)
-    cpu_defaults = [flag for flag, value in (("--num-questions", num_questions), ("--max-new-tokens", max_new_tokens)) if value is None] if dev.type == "cpu" else []
-    if num_questions is None and dev.type == "cpu":
-        num_questions = CPU_NUM_QUESTIONS
-    if max_new_tokens is None:
-        max_new_tokens = CPU_MAX_NEW_TOKENS if dev.type == "cpu" else GPU_MAX_NEW_TOKENS
+    num_questions, max_new_tokens, cpu_defaults = resolve_limits(dev.type, num_questions, max_new_tokens)
     train, test = load_gsm8k(data, need_train=num_shots > 0)
     prompts, shots = build_prompts(train, test, num_shots=num_shots, num_questions=num_questions, seed=seed)
     tick = progress or (lambda stage, done, total: None)
@@ -794,6 +790,14 @@ def run_gsm8k(
     report.checks = decide(report, tolerance=tolerance, min_accuracy=min_accuracy, min_agreement=settings["min_agreement"])
     report.seconds = time.perf_counter() - start
     return report
+
+
+def resolve_limits(device_type: str, num_questions: int | None, max_new_tokens: int | None) -> tuple[int | None, int, list[str]]:
+    """(questions (None: all), new tokens, the flags left to the CPU defaults) for a run on ``device_type``."""
+    if device_type != "cpu":
+        return num_questions, max_new_tokens or GPU_MAX_NEW_TOKENS, []
+    defaulted = [flag for flag, value in (("--num-questions", num_questions), ("--max-new-tokens", max_new_tokens)) if value is None]
+    return num_questions or CPU_NUM_QUESTIONS, max_new_tokens or CPU_MAX_NEW_TOKENS, defaulted
 
 
 def plan_message(questions: int, shots: int, max_new_tokens: int, batch: int, device: str, run_source: bool,
@@ -917,6 +921,7 @@ __all__ = [
     "download_gsm8k",
     "estimate_message",
     "estimate_seconds",
+    "resolve_limits",
     "extract_flexible",
     "extract_strict",
     "first_divergence",
