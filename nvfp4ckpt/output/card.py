@@ -200,7 +200,7 @@ do not apply to this folder.
 
 ```bash
 MODEL={label}-trtllm   # this folder, or the Hub repo it was uploaded to
-pip install "nvfp4ckpt[sglang]"   # or "nvfp4ckpt[vllm]": the plugin, found through the engine's entry points
+pip install -e "./nvfp4ckpt[sglang]"   # or [vllm]: the plugin from a clone of nvfp4ckpt, next to the engine
 python -m sglang.launch_server --model-path $MODEL --quantization nvfp4_trtllm --moe-runner-backend flashinfer_trtllm
 vllm serve $MODEL --quantization nvfp4_trtllm --load-format nvfp4_trtllm --moe-backend flashinfer_trtllm
 ```
