@@ -107,7 +107,7 @@ def convert_checkpoint(
     planned, layer_of = _plan_tensors(ckpt, layout, ranks if sharded else None, pad_hidden)
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
     # README.md and hf_quant_config.json describe the source: rewritten, with the originals kept (output/card.py)
-    publish = publish_files(ckpt.root, source_label(src, ckpt.root, revision), descriptor)
+    publish = publish_files(ckpt.root, source_label(src, ckpt.config, revision), descriptor)
 
     def compute(prefix: str) -> dict[str, Array]:
         layer = by_prefix[prefix]

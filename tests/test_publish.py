@@ -45,6 +45,9 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("publish")
     src = root / "tiny-nvfp4"
     write_example(src, arch="qwen3_moe", format="modelopt", seed=5)
+    config = json.loads((src / "config.json").read_text())
+    config["_name_or_path"] = "/home/producer/models/tiny-nvfp4/"  # what the card names (not the folder's name)
+    (src / "config.json").write_text(json.dumps(config, indent=2))
     (src / "README.md").write_bytes(SOURCE_CARD.encode())
     convert_checkpoint(src, root / "conv")
     return src, root / "conv"
@@ -126,9 +129,28 @@ def test_front_matter_that_is_not_a_mapping_is_kept_as_it_is():
 
 
 def test_the_same_source_gives_the_same_card(pair, tmp_path):
+    import shutil
+
     src, conv = pair
-    convert_checkpoint(src, tmp_path / "again")  # another destination name: the card does not name it
+    shutil.copytree(src, tmp_path / "copy")  # the same input under another name, into another destination
+    convert_checkpoint(tmp_path / "copy", tmp_path / "again")
     assert (tmp_path / "again" / "README.md").read_bytes() == (conv / "README.md").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "src, config, label",
+    [
+        ("owner/name", {}, "owner/name"),
+        ("/nonexistent-dir-for-test", {}, "/nonexistent-dir-for-test"),  # not a folder: a Hub id as given
+        (".", {"_name_or_path": "nvidia/Qwen3-30B-A3B-NVFP4"}, "nvidia/Qwen3-30B-A3B-NVFP4"),
+        (".", {"_name_or_path": "/data/ckpts/qwen3-nvfp4/"}, "qwen3-nvfp4"),
+        (".", {}, "the source checkpoint"),
+    ],
+)
+def test_source_label(src, config, label):
+    from nvfp4ckpt.output.card import source_label
+
+    assert source_label(src, config) == label
 
 
 def test_verify_update_card(pair, tmp_path, capsys):

@@ -199,7 +199,7 @@ do not apply to this folder.
 ## Serving
 
 ```bash
-MODEL={label}-trtllm   # this folder, or the Hub repo it was uploaded to
+MODEL=path/to/this-folder   # or the Hub repo it was uploaded to
 pip install -e "./nvfp4ckpt[sglang]"   # or [vllm]: the plugin from a clone of nvfp4ckpt, next to the engine
 python -m sglang.launch_server --model-path $MODEL --quantization nvfp4_trtllm --moe-runner-backend flashinfer_trtllm
 vllm serve $MODEL --quantization nvfp4_trtllm --load-format nvfp4_trtllm --moe-backend flashinfer_trtllm
@@ -335,11 +335,17 @@ def hf_quant_root(converted_root: Path) -> Path:
     return kept if (kept / HF_QUANT).is_file() else Path(converted_root)
 
 
-def source_label(src: str | Path, root: Path, revision: str | None = None) -> str:
-    """How the card names the source: the Hub id (with its revision) or the local folder's name."""
+def source_label(src: str | Path, config: dict, revision: str | None = None) -> str:
+    """How the card names the source, from the input's content only (a copy of the folder under another name gives
+    the same card): the Hub id it was downloaded from (with its revision), else config.json's ``_name_or_path``
+    (a Hub id, or the last part of a producer's path), else a description."""
     if not os.path.exists(os.path.expanduser(str(src))):
         return f"{src}@{revision}" if revision else str(src)
-    return Path(root).resolve().name or str(src)
+    name = config.get("_name_or_path")
+    if isinstance(name, str) and name.strip():
+        name = name.strip().rstrip("/")
+        return name if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) else (name.replace("\\", "/").rsplit("/", 1)[-1] or name)
+    return "the source checkpoint"
 
 
 __all__ = [
