@@ -15,8 +15,11 @@ from types import ModuleType
 from typing import Any
 
 
-# Which extra installs each optional package (pyproject.toml's [project.optional-dependencies]).
-EXTRA_OF = {"torch": "torch", "tokenizers": "torch", "transformers": "gsm8k", "flashinfer": "verify", "triton": "verify"}
+# Which extra installs each optional package (pyproject.toml's [project.optional-dependencies]; tests/test_extras.py
+# checks that each extra really lists its package).
+EXTRA_OF = {
+    "torch": "torch", "tokenizers": "torch", "transformers": "gsm8k", "pyarrow": "gsm8k", "flashinfer": "gpu", "triton": "gpu",
+}  # fmt: skip
 
 
 def require(name: str) -> ModuleType:
@@ -28,12 +31,12 @@ def require(name: str) -> ModuleType:
         top = name.split(".")[0]
         if exc.name is None or exc.name.split(".")[0] != top:
             raise  # the package is there but one of its own imports failed: a real bug, keep the traceback
+        from ._install import install_hint
         from .errors import MissingExtraError
 
         extra = EXTRA_OF.get(top, "all")
         raise MissingExtraError(
-            f"this command needs the Python package {top!r}, which the core install leaves out: "
-            f"pip install 'nvfp4ckpt[{extra}]' (or 'nvfp4ckpt[all]')"
+            f"this command needs the Python package {top!r}, which the core install leaves out: {install_hint(extra, top)}"
         ) from None
 
 

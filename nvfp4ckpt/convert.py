@@ -17,6 +17,7 @@ from ._args import Args
 from .errors import InputError
 from .io import Array, PlannedTensor, format_size
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
+from .output.card import publish_files, source_label
 from .output.destination import refuse_output_names
 from .runtime.device import parse_device
 from .progress import ProgressFn
@@ -105,6 +106,8 @@ def convert_checkpoint(
     descriptor = layout.checkpoint_descriptor(ckpt, ranks if sharded else None, tp, ep, pad_hidden)
     planned, layer_of = _plan_tensors(ckpt, layout, ranks if sharded else None, pad_hidden)
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
+    # README.md and hf_quant_config.json describe the source: rewritten, with the originals kept (output/card.py)
+    publish = publish_files(ckpt.root, source_label(src, ckpt.config, revision), descriptor)
 
     def compute(prefix: str) -> dict[str, Array]:
         layer = by_prefix[prefix]
@@ -123,6 +126,9 @@ def convert_checkpoint(
         max_shard_bytes=max_bytes,
         manifest_fields={"tool": "nvfp4ckpt", "layout": descriptor["layout"], "layout_version": descriptor["layout_version"]},
         options={"--max-shard-size": format_size(max_bytes), "--tp": tp, "--ep": ep, "--pad-hidden": pad_hidden},
+        skip_files=publish.skip,
+        files=publish.listed,
+        unlisted_files=publish.unlisted,
     )
     if workers is not None and workers < 1:
         raise InputError("--workers must be at least 1")

@@ -18,6 +18,7 @@ from .source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
 from .io import PlannedTensor, format_size, torch_dtype
 from .verify.descriptor import add_descriptor_check
 from .verify.structure import check_structure
+from .output.card import restore_plan
 from .output import DEFAULT_MAX_SHARD_SIZE, CheckpointJob, check_destination, max_shard_bytes, write_checkpoint
 from .progress import ProgressFn
 
@@ -88,6 +89,7 @@ def revert_checkpoint(
             computed[spec.name] = layer.prefix
     planned.sort(key=lambda t: natural_key(t.name))
     by_prefix = {layer.prefix: layer for layer in ckpt.layers}
+    restore = restore_plan(ckpt.root)  # the source's README.md and hf_quant_config.json, as they were
     job = CheckpointJob(
         source=ckpt.files,
         planned=planned,
@@ -97,7 +99,8 @@ def revert_checkpoint(
         config=_source_config(ckpt),
         max_shard_bytes=max_bytes,
         manifest_fields=None,
-        skip_files={"ranks"},
+        skip_files={"ranks"} | restore.skip,
+        files=restore.listed,
         options={"--max-shard-size": format_size(max_bytes)},
     )
     written = write_checkpoint(job, dst_path, progress, overwrite=overwrite, resume=resume)

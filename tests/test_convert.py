@@ -109,10 +109,10 @@ def test_convert_meets_output_contract(example_factory, tmp_path, arch, fmt):
     for f in dst.glob("*.safetensors"):
         with safe_open(f, "pt") as sf:
             assert json.loads(sf.metadata()[METADATA_KEY]) == desc
-    # Manifest lists every other file with its size and sha256.
+    # Manifest lists every other file with its size and sha256, but the model card (verify --update-card edits it).
     manifest = json.loads((dst / MANIFEST_NAME).read_text())
     listed = {f["name"]: f for f in manifest["files"]}
-    on_disk = {p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    on_disk = {p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()} - {MANIFEST_NAME, "README.md"}
     assert set(listed) == on_disk
     for name, entry in listed.items():
         data = (dst / name).read_bytes()

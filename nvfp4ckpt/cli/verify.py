@@ -40,8 +40,8 @@ def verify(
     gsm8k: Annotated[bool, typer.Option("--gsm8k", help="Also run the whole model on GSM8K after the other checks (skipped if one of them fails): converted accuracy next to --source's (run with the torch reference) or --baseline-accuracy, and how often their answers agree. --check gsm8k runs only this.", rich_help_panel="GSM8K")] = False,
     gsm8k_data: Annotated[str | None, typer.Option("--gsm8k-data", help="Folder with GSM8K's test.jsonl and train.jsonl (or the test jsonl file). Default: download openai/gsm8k from the Hub (cached).", rich_help_panel="GSM8K")] = None,
     num_shots: Annotated[int, typer.Option("--num-shots", min=0, help="Few-shot examples from the train split.", rich_help_panel="GSM8K")] = 5,
-    num_questions: Annotated[int | None, typer.Option("--num-questions", min=1, help="Questions from the test split (default: all 1319).", rich_help_panel="GSM8K")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Generated tokens per question at most.", rich_help_panel="GSM8K")] = 512,
+    num_questions: Annotated[int | None, typer.Option("--num-questions", min=1, help="Questions from the test split (default: all 1319 on a GPU, 50 on the CPU).", rich_help_panel="GSM8K")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="Generated tokens per question at most (default: 512 on a GPU, 256 on the CPU).", rich_help_panel="GSM8K")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Questions generated together (default 64 on a GPU, 8 on CPU).", rich_help_panel="GSM8K")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", min=0, help="Allowed accuracy difference to the source or baseline, in points.", rich_help_panel="GSM8K")] = 1.0,
     baseline_accuracy: Annotated[float | None, typer.Option("--baseline-accuracy", help="Known source accuracy (percent, or a fraction <= 1) instead of running --source; the agreement check is then skipped.", rich_help_panel="GSM8K")] = None,
@@ -49,6 +49,7 @@ def verify(
     min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="With --backend torch: smallest fraction of completions token-identical to the source's (default 1.0). With a GPU kernel: smallest fraction of the questions with an answer whose answers agree with the source's (default 0.8).", rich_help_panel="GSM8K")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder or Hub id, when the checkpoint has none.", rich_help_panel="GSM8K")] = None,
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Wrap each prompt in the tokenizer's chat template (off: plain completion, as lm-eval/vLLM).", rich_help_panel="GSM8K")] = False,
+    update_card: Annotated[bool, typer.Option("--update-card", help="Write this run's summary (verdict, each check, GSM8K's numbers) into DST's model card, README.md, in the verification part convert left for it.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Prove a converted checkpoint is kernel-ready. Exit 0 pass, 1 a check failed, 2 usage or input error."""
@@ -57,6 +58,11 @@ def verify(
     if json_out is not None:  # checked before any work: a bad path fails now, not after the whole run
         protected = {"the checkpoint": Path(dst), **({"the source": Path(source)} if source else {})}
         json_out = check_output_file(json_out, "--json-out", {k: v for k, v in protected.items() if v.exists()})
+    if update_card:  # checked before any work: a card without the section fails now, not after the run
+        from ..layouts.trtllm_gen.converted import open_converted
+        from ..output.card import check_card
+
+        check_card(open_converted(dst).root)  # a source folder is refused as not converted, as verify does
     skipped = {c.value for c in skip or []}
     requested = [c.value for c in check or []]
     backend, act = backend.value, act.value  # plain strings from here on (reports, JSON)
@@ -97,16 +103,23 @@ def verify(
                     seed=seed or None, max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend, act=act,
                     device=device, tokenizer=tokenizer, chat_template=chat_template, tolerance=tolerance,
                     baseline_accuracy=baseline_accuracy, min_accuracy=min_accuracy, min_agreement=min_agreement,
-                    progress=on_progress,
+                    progress=on_progress, notice=None if quiet else out.hint,
                 )  # fmt: skip
                 report.checks.extend(gsm8k_report.checks)
     data = report.to_dict()
     if gsm8k_report is not None:
         data["gsm8k"] = gsm8k_report.to_dict()
     code = 0 if report.passed else EXIT_CHECK_FAILED
+    if update_card:
+        from ..output.card import update_card as write_card, verify_summary
+
+        written = write_card(Path(dst), verify_summary(report, gsm8k_report, _command(report, gsm8k_report)))
+        data["card"] = str(written.resolve())
     if json_out is not None:
         write_output_file(json_out, (jsonlib.dumps(out.document(data, code), indent=2) + "\n").encode())
     out.result(data, code)
+    if update_card:
+        out.text(f"verification summary written to {data['card']}")
     if report.numerics:
         table = Table("MoE layer", "backend", "reference", "rel-L2", "worst token", "cosine", "max abs", "close", "ok", title="numerics", title_justify="left")
         for r in report.numerics:
@@ -177,3 +190,8 @@ def _gsm8k_table(g) -> Table:
             f"{g.converted.accuracy - g.source_side.accuracy:+.2f} ± {g.difference_stderr:.2f} points (1 s.e.)"
         )
     return table
+
+
+def _command(report, gsm8k_report) -> str:
+    """The run as the card names it (paths left out: they are the publisher's machine's)."""
+    return "nvfp4ckpt verify" + (" --source" if report.source else "") + (" --gsm8k" if gsm8k_report is not None else "")

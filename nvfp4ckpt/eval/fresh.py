@@ -32,6 +32,7 @@ from .. import errors
 from ..progress import TickFn
 
 TICK = "nvfp4ckpt-tick "  # stdout lines of the worker that carry progress; other lines are ignored
+TIMING = "nvfp4ckpt-timing "  # the first batch's prefill and decode-step times (model_runner._StepClock)
 TOP_LOGITS = 5  # logits kept per generated token: enough to show the two tokens of a near tie on both sides
 CUBLAS_WORKSPACE = ":4096:8"  # what torch.use_deterministic_algorithms needs for deterministic cuBLAS (CUDA >= 10.2)
 
@@ -72,8 +73,9 @@ class SideRun:
     numerics: dict = field(default_factory=dict)  # what pin_numerics set, as the worker read it back
 
 
-def run_side(job: SideJob, progress: TickFn | None = None) -> SideRun:
-    """Run ``job`` in a fresh interpreter and wait for it (the worker is killed if this is interrupted)."""
+def run_side(job: SideJob, progress: TickFn | None = None, on_timing=None) -> SideRun:
+    """Run ``job`` in a fresh interpreter and wait for it (the worker is killed if this is interrupted).
+    ``on_timing(prefill, per_step, steps)``: the worker's first-batch timing, a few decode steps into the run."""
     from .model_runner import Generation
 
     tick = progress or (lambda stage, done, total: None)
@@ -89,6 +91,8 @@ def run_side(job: SideJob, progress: TickFn | None = None) -> SideRun:
                 for line in proc.stdout:
                     if line.startswith(TICK):
                         tick(*json.loads(line[len(TICK) :]))
+                    elif line.startswith(TIMING) and on_timing is not None:
+                        on_timing(*json.loads(line[len(TIMING) :]))
                 code = proc.wait()
             except BaseException:  # Ctrl-C, SIGTERM: the worker must not outlive us
                 proc.kill()
@@ -194,6 +198,7 @@ def work(job: SideJob) -> dict:
     gens, seconds = mr.generate(
         loaded, texts, max_new_tokens=job.max_new_tokens, batch_size=job.batch_size, stop_strings=job.stop_strings,
         eos_token_ids=eos, progress=tick, stage=f"gsm8k {job.side}", top_logits=job.top_logits,
+        on_timing=lambda *t: print(TIMING + json.dumps(t), flush=True),
     )  # fmt: skip
     return {"loaded": loaded, "generations": gens, "seconds": seconds, "numerics": numerics}
 

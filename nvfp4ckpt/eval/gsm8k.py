@@ -1,7 +1,7 @@
 """GSM8K end to end: accuracy of a converted checkpoint next to its source's, and how often their answers agree.
 
     from nvfp4ckpt.gsm8k import run_gsm8k
-    report = run_gsm8k("qwen3-trtllm", source="Qwen3-30B-A3B-NVFP4", data="../shared/data/gsm8k")
+    report = run_gsm8k("qwen3-trtllm", source="Qwen3-30B-A3B-NVFP4", data="tests/data/gsm8k")
     print(report.converted.accuracy, report.source.accuracy, report.agreement, report.passed)
 
 Harness (vLLM's ``tests/evals/gsm8k`` and SGLang's ``bench_sglang.py`` completion mode; lm-eval's ``gsm8k`` task
@@ -40,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Callable
 
 from ..progress import TickFn
 from ..verify.report import CheckResult, all_passed
@@ -57,6 +58,13 @@ CACHE_ENV = "NVFP4CKPT_CACHE"
 # model took 3 to 15 s with 2 threads on 2 shared cores, 0.3 s with one); one thread also splits no sum, so the
 # numbers do not depend on the machine's core count.
 CPU_THREADS = 1
+# Defaults by device. A GPU runs the benchmark as published (all 1319 test questions, 512 new tokens). The CPU runs
+# only small models, at about 0.3 to 2 s per question and side for the tiny example: the full benchmark would take
+# hours, so its defaults are a check of the conversion (with --backend torch every completion must be
+# token-identical to the source's, which a wrong byte breaks within a few tokens), not a measure of accuracy.
+GPU_MAX_NEW_TOKENS = 512
+CPU_NUM_QUESTIONS = 50
+CPU_MAX_NEW_TOKENS = 256  # vLLM's, SGLang's and lm-eval's own limit for GSM8K
 
 
 
@@ -169,7 +177,7 @@ def download_gsm8k() -> tuple[list[Problem], list[Problem]]:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
             f"could not download the GSM8K dataset {HUB_REPO} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
-            "pass --gsm8k-data DIR with test.jsonl and train.jsonl (github.com/openai/grade-school-math, grade_school_math/data)"
+            f"{data_hint()}"
         ) from exc
     splits = {split: read_parquet(p) for split, p in local.items()}
     try:
@@ -183,6 +191,15 @@ def download_gsm8k() -> tuple[list[Problem], list[Problem]]:
     return splits["train"], splits["test"]
 
 
+def data_hint() -> str:
+    """What to pass instead of the download; a source checkout has the files in tests/data/gsm8k."""
+    hint = "pass --gsm8k-data DIR with test.jsonl and train.jsonl (github.com/openai/grade-school-math, grade_school_math/data)"
+    shipped = Path(__file__).resolve().parents[2] / "tests" / "data" / "gsm8k"
+    if (shipped / "test.jsonl").is_file():
+        hint += f"; this source checkout has them: --gsm8k-data {shipped}"
+    return hint
+
+
 def _offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface-hub reads it once, at its import, which may have been earlier)."""
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
@@ -193,7 +210,7 @@ def _fail_fast_offline(timeout: float = 3.0) -> None:
     import socket
     from urllib.parse import urlparse
 
-    no_data = "pass --gsm8k-data DIR with test.jsonl and train.jsonl (github.com/openai/grade-school-math, grade_school_math/data)"
+    no_data = data_hint()
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -649,7 +666,7 @@ def run_gsm8k(
     num_shots: int = 5,
     num_questions: int | None = None,
     seed: int | None = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
     batch_size: int | None = None,
     backend: str = "auto",
     act: str = "nvfp4",
@@ -664,6 +681,7 @@ def run_gsm8k(
     stop_strings: tuple[str, ...] = STOP_STRINGS,
     progress: TickFn | None = None,
     threads: int | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Gsm8kReport:
     """Run GSM8K on the converted checkpoint and (unless ``baseline_accuracy``) on its source; see the module doc.
 
@@ -671,7 +689,9 @@ def run_gsm8k(
     runs the same transformers model with the un-converted expert tensors through the float32 torch reference, with
     the same routing mode as the converted side. ``min_agreement`` defaults to 1.0 with the torch backend and 0.8
     otherwise. ``threads``: torch's CPU threads in both sides' processes (default 1 on the CPU: see
-    ``CPU_THREADS``; on a GPU, this process's count).
+    ``CPU_THREADS``; on a GPU, this process's count). ``num_questions``/``max_new_tokens`` default by device (see
+    ``CPU_NUM_QUESTIONS``). ``notice``: one-line messages for the user before and early in the run: what will run,
+    and the time it will take at most, measured on each side's first decode steps (``estimate_message``).
     """
     from .._lazy import require
 
@@ -694,9 +714,20 @@ def run_gsm8k(
     chosen = resolve_backend(backend, act, dev)
     mode = mr.resolve_routing(routing, chosen)
     batch = batch_size or (64 if dev.type == "cuda" else 8)
+    num_questions, max_new_tokens, cpu_defaults = resolve_limits(dev.type, num_questions, max_new_tokens)
     train, test = load_gsm8k(data, need_train=num_shots > 0)
     prompts, shots = build_prompts(train, test, num_shots=num_shots, num_questions=num_questions, seed=seed)
     tick = progress or (lambda stage, done, total: None)
+    say = notice or (lambda message: None)
+    say(plan_message(len(prompts), num_shots, max_new_tokens, batch, str(dev), run_source, cpu_defaults))
+    batches = -(-len(prompts) // batch)
+
+    def timing(side: str):
+        then = " The source side runs after it." if side == "converted" and run_source else ""
+        return lambda prefill, per_step, steps: say(
+            estimate_message(side, prefill, per_step, steps, batches, max_new_tokens) + then
+        )
+
     conv_root = _converted_root(converted, tokenizer)
     # Both sides: the same prompts, tokenizer, end-of-sequence ids, batches and numerics, each in a fresh process
     # (eval/fresh.py says why), one after the other.
@@ -707,7 +738,7 @@ def run_gsm8k(
         batch_size=batch, stop_strings=list(stop_strings),
         threads=threads or (CPU_THREADS if dev.type == "cpu" else torch.get_num_threads()),
     )  # fmt: skip
-    conv = run_side(job, tick)
+    conv = run_side(job, tick, timing("converted"))
     settings = {
         "num_shots": num_shots,
         "fewshot_train_ids": shots,
@@ -736,7 +767,7 @@ def run_gsm8k(
     ]
     source_summary = None
     if run_source:
-        src = run_side(SideJob(**{**asdict(job), "side": "source", "path": str(source)}), tick)
+        src = run_side(SideJob(**{**asdict(job), "side": "source", "path": str(source)}), tick, timing("source"))
         source_summary = _summary("source", src, prompts)
         pairs = list(zip(questions, conv.generations, src.generations))
         for q, cg, sg in pairs:
@@ -759,6 +790,55 @@ def run_gsm8k(
     report.checks = decide(report, tolerance=tolerance, min_accuracy=min_accuracy, min_agreement=settings["min_agreement"])
     report.seconds = time.perf_counter() - start
     return report
+
+
+def resolve_limits(device_type: str, num_questions: int | None, max_new_tokens: int | None) -> tuple[int | None, int, list[str]]:
+    """(questions (None: all), new tokens, the flags left to the CPU defaults) for a run on ``device_type``."""
+    if device_type != "cpu":
+        return num_questions, max_new_tokens or GPU_MAX_NEW_TOKENS, []
+    defaulted = [flag for flag, value in (("--num-questions", num_questions), ("--max-new-tokens", max_new_tokens)) if value is None]
+    return num_questions or CPU_NUM_QUESTIONS, max_new_tokens or CPU_MAX_NEW_TOKENS, defaulted
+
+
+def plan_message(questions: int, shots: int, max_new_tokens: int, batch: int, device: str, run_source: bool,
+                 cpu_defaults: list[str]) -> str:  # fmt: skip
+    """What a GSM8K run is about to do, printed before anything loads."""
+    sides = "the converted side, then the source side" if run_source else "the converted side"
+    text = (
+        f"GSM8K: {questions} questions, {shots}-shot, at most {max_new_tokens} new tokens each, in batches of {batch} "
+        f"on {device}: {sides}, each in a fresh process; the time estimate follows the first decode steps."
+    )
+    if cpu_defaults:
+        text += (
+            f" CPU defaults ({CPU_NUM_QUESTIONS} questions, {CPU_MAX_NEW_TOKENS} new tokens): a check of the conversion, "
+            f"not a measure of accuracy; set {' and '.join(cpu_defaults)} to change them (all 1319 questions and "
+            f"{GPU_MAX_NEW_TOKENS} tokens, a GPU's defaults, take hours on a CPU)."
+        )
+    return text
+
+
+def estimate_seconds(prefill: float, per_step: float, batches: int, max_new_tokens: int) -> float:
+    """At most this many seconds for one side: every batch as long to prefill as the first (prompts are batched
+    longest first) and every question generating ``max_new_tokens`` (stop strings usually end one sooner)."""
+    return batches * (prefill + max(0, max_new_tokens - 1) * per_step)
+
+
+def estimate_message(side: str, prefill: float, per_step: float, steps: int, batches: int, max_new_tokens: int) -> str:
+    total = estimate_seconds(prefill, per_step, batches, max_new_tokens)
+    return (
+        f"GSM8K {side} side: at most {format_duration(total)} ({batches} batches x (prefill + up to {max_new_tokens - 1} "
+        f"decode steps), measured on the first batch: prefill {prefill:.2f} s, {per_step * 1000:.0f} ms per decode step "
+        f"over {steps} steps; stop strings usually end a question sooner); shorten with --num-questions N or "
+        "--max-new-tokens N."
+    )
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _converted_root(converted: str | Path, tokenizer: str | Path | None) -> Path:
@@ -839,6 +919,9 @@ __all__ = [
     "build_prompts",
     "decide",
     "download_gsm8k",
+    "estimate_message",
+    "estimate_seconds",
+    "resolve_limits",
     "extract_flexible",
     "extract_strict",
     "first_divergence",

@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -426,6 +426,40 @@ class Generation:
         return self.token_ids + ([self.eos_token] if self.eos_token is not None else [])
 
 
+TimingFn = Callable[[float, float, int], None]  # (prefill seconds, seconds per decode step, steps measured)
+CLOCK_STEPS = 4  # decode steps of the first batch timed for the run's estimate
+
+
+class _StepClock:
+    """A logits processor that only reads the clock (the scores pass through untouched, so the tokens are those of
+    a run without it): called once after the prefill and once per decode step, it reports the first batch's
+    prefill time and time per decode step after ``steps`` steps, a few seconds into a run that may take hours."""
+
+    def __init__(self, device: torch.device, report: TimingFn, steps: int = CLOCK_STEPS) -> None:
+        self.device, self.report, self.steps = device, report, steps
+        self.start = 0.0
+        self.times: list[float] = []
+        self.done = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.done:
+            sync(self.device)
+            self.times.append(time.perf_counter())
+            if len(self.times) > self.steps:
+                self.finish()
+        return scores
+
+    def finish(self) -> None:
+        """Report what was measured (also called when the batch ended before ``steps`` decode steps)."""
+        if self.done or not self.times:
+            return
+        self.done = True
+        prefill = self.times[0] - self.start
+        steps = len(self.times) - 1
+        per_step = (self.times[-1] - self.times[0]) / steps if steps else prefill
+        self.report(prefill, per_step, steps)
+
+
 class _TopLogits:
     """A logits processor (run after transformers' own, if any) that changes nothing and keeps each step's ``k``
     largest logits, on the device until generation ends. Greedy decoding picks the first of them."""
@@ -457,6 +491,7 @@ def generate(
     progress: TickFn | None = None,
     stage: str = "generate",
     top_logits: int = 0,
+    on_timing: TimingFn | None = None,
 ) -> tuple[list[Generation], float]:
     """Greedy, batched (left padding, KV cache) generation; returns completions in prompt order and seconds spent.
 
@@ -464,6 +499,8 @@ def generate(
     its own eos or stop string. The batches (which prompts, how much padding) depend only on the prompts, the
     tokenizer and ``batch_size``, so two models run with the same ones see the same batches. ``top_logits=k``:
     keep the k largest logits of every step in each ``Generation`` (where two runs first differ, and by how much).
+    ``on_timing``: called once, early in the first batch, with its prefill time and time per decode step
+    (``_StepClock``), for an estimate of the whole run.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -490,12 +527,18 @@ def generate(
         idx = order[start : start + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(loaded.device)
         recorder = _TopLogits(top_logits) if top_logits > 0 else None
-        extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
+        clock = _StepClock(loaded.device, on_timing) if on_timing is not None and start == 0 else None
+        processors = [p for p in (recorder, clock) if p is not None]
+        extra = {"logits_processor": LogitsProcessorList(processors)} if processors else {}
         sync(loaded.device)
         t0 = time.perf_counter()
+        if clock is not None:
+            clock.start = t0
         with torch.inference_mode():
             out = loaded.model.generate(**enc, generation_config=gen_config, tokenizer=tok, **extra)
         sync(loaded.device)
+        if clock is not None:
+            clock.finish()
         seconds += time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         top = recorder.arrays() if recorder is not None else None

@@ -71,3 +71,14 @@ def copy_other_files(src: Path, dst: Path, skip_top_level: set[str]) -> list[dic
         shutil.copystat(path, target)
         out.append({"name": rel.as_posix(), "size": target.stat().st_size, "sha256": digest.hexdigest()})
     return out
+
+
+def write_files(dst: Path, files: dict[str, bytes]) -> list[dict]:
+    """Files given as bytes (name relative to ``dst`` -> bytes), written as new files; their manifest entries."""
+    out = []
+    for name, data in sorted(files.items()):
+        target = dst / name
+        make_folders(dst, target.parent)
+        write_new(target, data)
+        out.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return out

@@ -37,7 +37,7 @@ from ..io import (
 from ..progress import Progress, ProgressFn
 from .destination import destination_lock
 from .safe_paths import destination_path, make_folders
-from .install import copy_other_files, fsync_dir, install, other_files, write_json
+from .install import copy_other_files, fsync_dir, install, other_files, write_files, write_json
 from .journal import JOURNAL_NAME, _Journal, check_sources_unchanged, job_fingerprint, open_partial, partial_folder, source_stats
 
 
@@ -76,6 +76,10 @@ class CheckpointJob:
     part_metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # extra header metadata per part
     skip_files: set[str] = field(default_factory=set)  # top-level names not to copy from the source folder
     options: dict = field(default_factory=dict)  # the run's options as given (``--tp``: 2): named when --resume refuses
+    # Files written from bytes (name relative to the folder -> bytes): ``files`` are listed in the manifest,
+    # ``unlisted_files`` are not (the model card, which verify --update-card edits; see output/card.py).
+    files: dict[str, bytes] = field(default_factory=dict)
+    unlisted_files: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -184,6 +188,8 @@ def _write_locked(job, dst, tmp, shard_plans, reused, sources, all_groups, total
                 files.append({**entry, "name": prefix + entry["name"]})
         files.append(write_json(tmp / "config.json", job.config))
         files.extend(copy_other_files(job.source.root, tmp, _copied_skip(job)))
+        files.extend(write_files(tmp, job.files))
+        write_files(tmp, job.unlisted_files)
         files.sort(key=lambda f: f["name"])
         # Everything has been read: a source rewritten meanwhile may have given a mix of old and new bytes.
         check_sources_unchanged(job.source.root, sources)
@@ -251,7 +257,8 @@ def check_free_space(job: CheckpointJob, dst: Path, shard_plans: dict[str, list[
     headers = sum(2 * len(t.name) + 160 for t in job.planned) + 512 * shards + 64 * 1024
     root = job.source.root
     copied = sum((root / rel).stat().st_size for rel in other_files(root, _copied_skip(job)))
-    need = tensors + headers + copied + len(json.dumps(job.config, indent=2))
+    written = sum(len(b) for b in (*job.files.values(), *job.unlisted_files.values()))
+    need = tensors + headers + copied + written + len(json.dumps(job.config, indent=2))
     try:
         free = free_bytes(dst.parent) + _tree_size(partial_folder(dst))
     except OSError:
@@ -273,6 +280,7 @@ def _refuse_name_clashes(job: CheckpointJob, shard_plans: dict[str, list[ShardPl
     next to an index, when the output is one shard) is refused before anything is written: the run would
     otherwise fail at the end, inside the partial folder, and every rerun the same way."""
     written = {"config.json", MANIFEST_NAME} if job.manifest_fields is not None else {"config.json"}
+    written.update(name.split("/", 1)[0] for name in (*job.files, *job.unlisted_files))
     for part, plans in shard_plans.items():
         top = part.split("/", 1)[0] if part else None
         if top:

@@ -19,6 +19,7 @@ from ..layouts.trtllm_gen.shapes import HIDDEN_ALIGN, PAD_HIDDEN_CHOICES, pad_hi
 from ..layouts.trtllm_gen.transform import EPILOGUE_TILE_M, MoEDims
 from ..errors import InputError
 from ..io.json_input import Fields
+from ..output.card import hf_quant_root
 from ..source import architectures
 from ..source.checkpoint import SourceCheckpoint, config_tensor_problems
 from ..source.formats import DESCRIPTOR_KEY, FORMATS, SOURCE_QUANT_KEY
@@ -165,7 +166,8 @@ def source_quantization_problems(ckpt: ConvertedCheckpoint) -> list[str]:
     try:
         for name, fmt in FORMATS.items():
             # as convert detected it: ModelOpt's section may defer to hf_quant_config.json (copied alongside)
-            if fmt.detect(ckpt.root, {"quantization_config": section}) is not None:
+            # (the source's file is kept in nvfp4ckpt_source/; the folder's own one names the kernel layout)
+            if fmt.detect(hf_quant_root(ckpt.root), {"quantization_config": section}) is not None:
                 found = name
                 break
     except InputError as exc:

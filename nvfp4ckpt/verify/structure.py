@@ -11,6 +11,7 @@ from ..layouts.trtllm_gen.scalars import kernel_scalars
 from ..layouts.trtllm_gen.converted import ConvertedCheckpoint
 from ..layouts.trtllm_gen.descriptor import METADATA_KEY, LayerInfo, canonical_specs
 from ..output import MANIFEST_NAME
+from ..output.card import CARD
 from .report import CheckResult
 from ..io import count, sha256_file
 from ..io.json_input import Fields, load_json, parse_json
@@ -140,6 +141,8 @@ def _manifest_problems(root: Path, hash_files: bool, digests: dict[str, str]) ->
     problems = []
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
     on_disk.discard(MANIFEST_NAME)
+    if CARD not in entries:  # the model card is left out of the manifest: verify --update-card edits it
+        on_disk.discard(CARD)
     for extra in sorted(on_disk - set(entries)):
         problems.append(f"{extra}: not listed in the manifest")
     for name, entry in sorted(entries.items()):
