@@ -150,6 +150,9 @@ def verify_checkpoint(
     results: dict[str, LayerNumerics] = {}
     if names or do_layout:
         src_layers = {l.prefix: l for l in src.layers} if src is not None else {}
+        # a source of the other format: check_layout says so once; comparing its layers here would look up
+        # scalar names the converted checkpoint does not have
+        same_format = src is not None and src.format.name == ckpt.source_format
         in_pass = [
             l for l in ckpt.layers
             if not l.ranks and ((do_layout and l.prefix in src_layers) or l.prefix in plan)
@@ -157,7 +160,7 @@ def verify_checkpoint(
 
         def on_layer(layer: LayerInfo, t: dict) -> None:
             stacked = None  # the source layer as read for the comparison, handed on to the numerics
-            if do_layout and layer.prefix in src_layers:
+            if do_layout and layer.prefix in src_layers and same_format:
                 src_layer = src_layers[layer.prefix]
                 keep = (plan[layer.prefix] or range(layer.num_experts)) if layer.prefix in plan else None
                 fast = fast_compare_layer(src, layer, src_layer, t, keep)
