@@ -51,7 +51,11 @@ class LazyModule:
         module = self._module
         if module is None:
             module = self._module = require(self._name)
-        return getattr(module, attr)
+        value = getattr(module, attr)
+        # kept on the instance, so later reads skip __getattr__: hot loops read torch.uint8 etc. per tensor. Module
+        # attributes are bound once (patches of torch.cuda.x or torch.Tensor.x act on the same objects and still apply)
+        self.__dict__[attr] = value
+        return value
 
     def __repr__(self) -> str:
         state = "imported" if self._module is not None else "not imported yet"

@@ -93,8 +93,13 @@ class Context:
         """Source tensors by layer: ``{"experts": {e: {role: {kind: t}}}, "fused": {role: {kind: t}}}``."""
         grouped: dict[str, dict] = {}
         ignored: list[str] = []
+        # self.parse, inlined with its lookups bound once: this loop runs once per source tensor of every update
+        arch, fmt, targets = self.arch.name, self.fmt.name, self.targets
+        roles_of = {prefix: t.info.roles for prefix, t in targets.items()}
         for name, tensor in named.items():
-            hit = self.parse(name)
+            hit = _parse_name(arch, fmt, name)
+            if hit is not None and (hit[0] not in targets or (hit[1] is not None and hit[2] not in roles_of[hit[0]])):
+                hit = None
             if hit is None:
                 if ignore_unknown:
                     ignored.append(name)

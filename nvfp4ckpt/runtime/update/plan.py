@@ -49,6 +49,7 @@ def plan_layer(
     for_check: bool = False, known: Mapping[int, tuple[float, float]] | None = None,
 ) -> Plan:  # fmt: skip
     target = ctx.targets[prefix]
+    e0, e1 = target.e0, target.e1  # read per expert below
     info = target.info
     if entries["experts"] and entries["fused"]:
         raise InputError(f"{prefix}: the update mixes fused ({', '.join(entries['fused'])}) and per-expert tensors; send one form")
@@ -90,7 +91,7 @@ def plan_layer(
         old_vals = {}
         if old_inp is not None:
             rows, kind = old_inp
-            base = 0 if kind == "global" else target.e0
+            base = 0 if kind == "global" else e0
             old_vals = {base + x: v for x, v in enumerate(rows[:, cols].amax(1).tolist())}
         old_vals |= {e: v[0 if which == "a1" else 1] for e, v in (known or {}).items()}  # applied earlier in a stream
         a_old = maxima[0 if which == "a1" else 1] if maxima else None
@@ -111,9 +112,9 @@ def plan_layer(
         a_changed |= a_old is None or a != a_old
 
     # Rows whose dependent scalars are recomputed: every local expert whose weight_scale_2 is known.
-    local = range(target.e0, target.e1)
-    updated_rows = [e - target.e0 for e in supplied if target.e0 <= e < target.e1]
-    known = [x for x in range(target.n_local) if (x + target.e0) in sup_idx or old_ws2 is not None]
+    local = range(e0, e1)
+    updated_rows = [e - e0 for e in supplied if e0 <= e < e1]
+    known = [x for x in range(target.n_local) if (x + e0) in sup_idx or old_ws2 is not None]
     if a_new and a_changed and len(known) < target.n_local and not for_check:
         # refused even when live holds none of them: an engine plugin writes its own forms from the report
         missing = [ctx.source_name(prefix, e, r, "weight_global") for e in local if e not in sup_idx for r in roles]
@@ -128,7 +129,7 @@ def plan_layer(
         scalar_rows = known if (a_changed or for_check) else sorted(set(updated_rows))
         ws2_rows, inp_rows = [], []
         for x in scalar_rows:
-            e = x + target.e0
+            e = x + e0
             if e in sup_idx:
                 ws2_rows.append(ws2_sup[sup_idx[e]])
                 inp_rows.append(inp_sup[sup_idx[e]])
@@ -144,17 +145,17 @@ def plan_layer(
         scalars = {k: (v if k == "w13_input_scale_quant" else v[:-1].contiguous()) for k, v in full.items() if k in DEPENDENT}
     report = LayerUpdate(
         prefix=prefix,
-        experts=[x + target.e0 for x in updated_rows],
-        other_rank_experts=[e for e in supplied if not target.e0 <= e < target.e1],
+        experts=[x + e0 for x in updated_rows],
+        other_rank_experts=[e for e in supplied if not e0 <= e < e1],
         input_scale_maxima=(a_new[0], a_new[1]) if a_new else (float("nan"), float("nan")),
         scalars=scalars,
         scalar_rows=scalar_rows,
     )
-    experts = {e: entries["experts"][e] for e in supplied if target.e0 <= e < target.e1} if fused is None else {}
+    experts = {e: entries["experts"][e] for e in supplied if e0 <= e < e1} if fused is None else {}
     plan = Plan(target, ctx.fmt, live_t, experts, fused, updated_rows, raw_all, supplied, scalar_rows, scalars,
                  report, dict(entries["names"]), unchecked,
-                 dense={e: w for e, w in dense_experts.items() if target.e0 <= e < target.e1})  # fmt: skip
-    local = [sup_idx[x + target.e0] for x in updated_rows]
+                 dense={e: w for e, w in dense_experts.items() if e0 <= e < e1})  # fmt: skip
+    local = [sup_idx[x + e0] for x in updated_rows]
     report.stored = {k: v[local].contiguous() for k, v in _stored_rows(plan).items()}
     report.input_scales = dict(zip(supplied, zip(inp_sup[:, :n13].amax(1).tolist(), inp_sup[:, n13].tolist()))) if supplied else {}
     return plan
@@ -191,25 +192,45 @@ def _live_tensors(ctx: Context, target: Target, live: Mapping[str, torch.Tensor]
 def _check_experts(ctx: Context, target: Target, entries: dict, dense_experts: Mapping = {}) -> None:  # noqa: B006
     info = target.info
     h, i = info.hidden_size, info.intermediate_size
+    roles = info.roles
     want = {"gate": (i, h), "up": (i, h), "down": (h, i)}
     scalar_dtype = torch_dtype(info.scalar_dtype)
-    for e in sorted(entries["experts"]):
-        roles = entries["experts"][e]
-        kinds = SCALAR_KINDS if e in dense_experts else KINDS  # dense experts: weights checked by dense.split
-        missing = [(r, k) for r in info.roles for k in kinds if k not in roles.get(r, {})]
-        if missing:
-            names = [ctx.source_name(info.prefix, e, r, k) for r, k in missing]
-            only_scalars = all(k in SCALAR_KINDS for _, k in missing)
-            cls = StaleScalarError if only_scalars else MissingTensorError
-            what = "its scalars would be stale" if only_scalars else "an expert is updated whole"
-            raise cls(f"{info.prefix}: expert {e} is updated without {_few(names)} ({what}); send all four tensors of each projection")
-        for r in info.roles:
-            n, k = want[r]
-            for kind, dtype, shape in (("weight", torch.uint8, (n, k // 2)), ("weight_scale", torch.float8_e4m3fn, (n, k // 16))):
-                if e not in dense_experts:
-                    _expect(entries["names"][(e, r, kind)], roles[r][kind], dtype, shape)
+    u8, f8 = torch.uint8, torch.float8_e4m3fn
+    # expected (dtype, shape) of each role's packed weight and block scale, compared against the tensors' own
+    # (dtype, shape) in one pass: this runs once per source tensor of every update
+    packed = {r: ((u8, (want[r][0], want[r][1] // 2)), (f8, (want[r][0], want[r][1] // 16))) for r in roles}
+    names = entries["names"]
+    scalar_set, all_set = set(SCALAR_KINDS), set(KINDS)
+    for e, by_role in sorted(entries["experts"].items()):
+        is_dense = e in dense_experts
+        kinds = scalar_set if is_dense else all_set  # dense experts: weights checked by dense.split
+        for r in roles:
+            got = by_role.get(r)
+            if got is None or not got.keys() >= kinds:
+                _missing(ctx, info, e, by_role, kinds)
+        for r in roles:
+            got = by_role[r]
+            if not is_dense:
+                w, s = got["weight"], got["weight_scale"]
+                (wd, ws), (sd, ss) = packed[r]
+                if w.dtype is not wd or w.shape != ws:
+                    _expect(names[(e, r, "weight")], w, wd, ws)
+                if s.dtype is not sd or s.shape != ss:
+                    _expect(names[(e, r, "weight_scale")], s, sd, ss)
             for kind in SCALAR_KINDS:
-                _expect_scalar(entries["names"][(e, r, kind)], roles[r][kind], scalar_dtype)
+                t = got[kind]
+                if t.dtype is not scalar_dtype or t.numel() != 1:
+                    _expect_scalar(names[(e, r, kind)], t, scalar_dtype)
+
+
+def _missing(ctx: Context, info, e: int, by_role: dict, kinds) -> None:
+    """Refuse expert ``e``: some of its tensors are not in the update."""
+    missing = [(r, k) for r in info.roles for k in KINDS if k in kinds and k not in by_role.get(r, {})]
+    names = [ctx.source_name(info.prefix, e, r, k) for r, k in missing]
+    only_scalars = all(k in SCALAR_KINDS for _, k in missing)
+    cls = StaleScalarError if only_scalars else MissingTensorError
+    what = "its scalars would be stale" if only_scalars else "an expert is updated whole"
+    raise cls(f"{info.prefix}: expert {e} is updated without {_few(names)} ({what}); send all four tensors of each projection")
 
 
 def _check_fused(ctx: Context, target: Target, fused: dict) -> None:
@@ -332,13 +353,23 @@ def check_aliasing(plans: list[Plan]) -> None:
     starts: dict = {}  # device -> sorted live spans (disjoint now): one bisect per source
     for device, start, end, name in spans:
         starts.setdefault(device, []).append((start, end, name))
+    if not starts:
+        return
+    lone = next(iter(starts.values())) if len(starts) == 1 else None  # the common case: live on one device
+    only = next(iter(starts)) if lone is not None else None
+    bisect_right = bisect.bisect_right
     for plan in plans:
         for key, t in _sources(plan):
-            live_spans = starts.get(t.device)
+            live_spans = lone if lone is not None and t.device == only else starts.get(t.device)
             if not live_spans:
                 continue
-            s0, s1 = _extent(t)
-            k = bisect.bisect_right(live_spans, (s1,)) - 1  # the last live span starting before the source ends
+            s0 = t.data_ptr()
+            if t.dim() == 2:  # _extent inlined: once per source tensor
+                (n, c), (st, u) = t.shape, t.stride()
+                s1 = s0 + ((n - 1) * st + (c - 1) * u + 1) * t.element_size() if n and c else s0
+            else:
+                s0, s1 = _extent(t)
+            k = bisect_right(live_spans, (s1,)) - 1  # the last live span starting before the source ends
             if k >= 0 and live_spans[k][1] > s0:
                 source = plan.names.get(key, f"{plan.target.info.prefix} {key}")
                 raise AliasedTensorError(f"{source}: shares memory with {live_spans[k][2]}; pass a copy of the source (t.clone())")

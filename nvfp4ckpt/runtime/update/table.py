@@ -80,16 +80,18 @@ def matrices(plan: Plan, name: str, device: torch.device) -> tuple[torch.Tensor,
     kind = "weight_scale" if scales else "weight"
     per_byte = 16 if scales else 2  # input channels per stored byte
     out: list[Matrix] = []
+    e0, i0, h = t.e0, t.i0, info.hidden_size
+    parts = [(half, key, key.removesuffix("_s")) for half, key in _sources_of(plan, name)]  # the same for every expert
+    experts = plan.experts
     for x in _local_experts(plan):
-        roles = plan.experts[x + t.e0]
-        for half, key in _sources_of(plan, name):
-            role = key.removesuffix("_s")
+        roles = experts[x + e0]
+        dst = base + x * expert_bytes
+        for half, key, role in parts:
             src = roles[role][kind]
             if role == "down":
-                m = Matrix(src, 0, t.i0 // per_byte, info.hidden_size, i_loc // per_byte, base + x * expert_bytes, w2_offset, x, key, half)
+                out.append(Matrix(src, 0, i0 // per_byte, h, i_loc // per_byte, dst, w2_offset, x, key, half))
             else:
-                m = Matrix(src, t.i0, 0, i_loc, src.shape[1], base + x * expert_bytes, half * i_loc, x, key, half)
-            out.append(m)
+                out.append(Matrix(src, i0, 0, i_loc, src.shape[1], dst, half * i_loc, x, key, half))
     return row_map, kpw, out
 
 
@@ -131,10 +133,8 @@ def rows(g: Group, ms: list[Matrix], addresses: list[int]) -> tuple[list[list[in
         unit = 8
         while unit > 1 and (acc | acc_dst) % unit:
             unit //= 2
-    table = []
-    for start, stride, m in raw:
-        dst_stride = g.kpw if g.scales else g.kpw // unit
-        table.append([start, stride // unit, m.dst, m.map_offset, m.rows, m.cols // unit, dst_stride, 0])
+    dst_stride = g.kpw if g.scales else g.kpw // unit
+    table = [[start, stride // unit, m.dst, m.map_offset, m.rows, m.cols // unit, dst_stride, 0] for start, stride, m in raw]
     return table, unit
 
 
@@ -156,8 +156,13 @@ def launch(g: Group, check: bool, stage_all: bool = False):
         if check:
             flags.index_copy_(0, torch.tensor([k for k, _, _ in items], device=g.device), sub)
 
-    local = [(k, m, m.tensor.data_ptr()) for k, m in enumerate(g.matrices) if m.tensor.device == g.device and not stage_all]
-    foreign = [(k, m) for k, m in enumerate(g.matrices) if m.tensor.device != g.device or stage_all]
+    device = g.device
+    local, foreign = [], []
+    for k, m in enumerate(g.matrices):
+        if m.tensor.device == device and not stage_all:
+            local.append((k, m, m.tensor.data_ptr()))
+        else:
+            foreign.append((k, m))
     run(local)
     if foreign:
         _staged(g, foreign, run)
