@@ -64,14 +64,16 @@ def split(ctx: Context, prefix: str, entries: dict) -> dict[int, dict[str, torch
 _FUSED_PROJ = {"gate_up": "gate_up_proj", "down": "down_proj"}
 
 
-def split_fused(ctx: Context, prefix: str, entries: dict) -> None:
+def split_fused(ctx: Context, prefix: str, entries: dict, live: Mapping[str, torch.Tensor]) -> None:
     """ModelOpt's fused Llama-4 experts sent unquantized (``gate_up_proj`` ``[E, H, 2I]``, ``down_proj`` ``[E, I, H]``)
     as per-expert dense entries: ``gate``/``up``/``down`` of expert e are the transposed views ``gate_up[e, :, :I].T``,
     ``gate_up[e, :, I:].T`` and ``down[e].T`` (no copy), and every expert gets the tensor's one weight_scale_2
     (ModelOpt quantizes each fused tensor with one scale over all experts, docs/producer-quant.md), kept in
     ``entries["fused_scales"]`` for ``global_scales`` and the quantizer. Fused input scales, if sent, go to every
-    expert. Checks both weights (shape, dtype, finite, not all zero) before anything is written."""
-    info = ctx.targets[prefix].info
+    expert; without them every expert keeps its live ones, so live must show every expert's (not only this EP rank's:
+    the layer maxima a1/a2 span all experts). Checks both weights (shape, dtype, finite, not all zero) first."""
+    target = ctx.targets[prefix]
+    info = target.info
     fused, names = entries["fused"], entries["names"]
     if not info.gated:
         raise InputError(f"{prefix}: fused experts are gated (gate_up_proj); this layer is not")
@@ -101,6 +103,15 @@ def split_fused(ctx: Context, prefix: str, entries: dict) -> None:
         except ValueError as exc:
             raise BadTensorError(f"{name}: {exc}; the update is refused (nothing written)") from None
         tensors[fr] = t
+        if "input_global" not in kinds:
+            which = "w13_input_scale" if fr == "gate_up" else "w2_input_scale"
+            held = live.get(f"{prefix}.{which}")
+            if held is None or any(_live_row(held, target, e) is None for e in range(e_glob)):
+                raise StaleScalarError(
+                    f"{prefix}: {name} is sent unquantized without {name}_input_scale and live {prefix}.{which} does not "
+                    f"show every expert's input scale (this rank holds experts {target.e0}-{target.e1 - 1} of {e_glob}; "
+                    "input scales come from calibration, not from the weights); send it"
+                )  # fmt: skip
     entries["fused_scales"] = {r: scales[fr] for fr, rs in (("gate_up", ("gate", "up")), ("down", ("down",))) for r in rs}
     gu, down = tensors["gate_up"], tensors["down"]
     for e in range(e_glob):

@@ -55,7 +55,7 @@ def plan_layer(
         raise InputError(f"{prefix}: the update mixes fused ({', '.join(entries['fused'])}) and per-expert tensors; send one form")
     live_t = _live_tensors(ctx, target, live)
     if any("dense" in kinds for kinds in entries["fused"].values()):  # unquantized fused Llama-4: per-expert views
-        dense.split_fused(ctx, prefix, entries)
+        dense.split_fused(ctx, prefix, entries, live)
     roles = info.roles
     n13 = len(roles) - 1
     e_glob = info.num_experts
