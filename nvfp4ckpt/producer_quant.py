@@ -5,7 +5,8 @@
 (``QuantizationModifier(scheme="NVFP4")``, format ``nvfp4-pack-quantized``), bit for bit, from the unquantized
 weights. Each call takes the projections that share one global scale (``[gate, up]`` of E experts, or
 ``[down]`` alone) and returns, per projection, the tensors the producer writes: packed E2M1 codes, linear e4m3
-block scales and the per-expert global scale in the producer's own convention.
+block scales and the per-expert global scale in the producer's own convention. ``quantize_modelopt_fused`` does
+the same for ModelOpt's fused Llama-4 expert tensors (one scale per tensor, stored input-major).
 
 The arithmetic, with the producer source lines it copies, is in ``docs/producer-quant.md``. In short:
 

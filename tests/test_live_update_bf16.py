@@ -345,6 +345,18 @@ def test_bf16_fused_llama4_one_pass_kernel(tmp, monkeypatch, staged):
     strides = {int(s) for t in tables for s in t[:, 10]}
     assert tables and strides == ({1} if staged else {2 * info.intermediate_size, info.hidden_size})
     assert_layer_equals(on_cpu(layer), conv)
+    # a tp x ep rank: the kernel starts inside each expert's intermediate dim (down's columns via the column stride)
+    ranked = tmp / "llama4-modelopt-tp2ep2"
+    if not ranked.exists():
+        convert_checkpoint(src, ranked, tp=2, ep=2)
+    scales = {n: t.to(DEVICE) for n, t in layer_source(src, info.prefix).items() if n.endswith("_input_scale")}
+    layer = load_moe_layer(ranked, info.prefix, DEVICE, rank=3)
+    assert layer.rank.inter_start > 0
+    scramble(layer)
+    tables.clear()
+    layer.update_({**named, **scales})
+    assert tables
+    assert_layer_equals(on_cpu(layer), ranked, 3)
 
 
 @pytest.mark.slow

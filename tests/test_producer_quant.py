@@ -216,7 +216,10 @@ def _modelopt_fused_library(w):
     """ModelOpt's export of a Llama4TextExperts tensor through its own functions, as unified_export_hf._export_weight
     runs them: per-tensor amax -> weight_scale_2, transpose to [E, N, K], block scales, quantize, transpose back."""
     from modelopt.torch.export.model_config import QUANTIZATION_NVFP4
-    from modelopt.torch.export.quant_utils import maybe_transpose_expert_weight_dimensions, to_quantized_weight
+    from modelopt.torch.export.quant_utils import (
+        maybe_transpose_expert_weight_dimensions,
+        to_quantized_weight,
+    )
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     quantizer = types.SimpleNamespace(_amax=w.abs().amax().float(), global_amax=None, block_sizes={-1: 16})  # one per tensor
