@@ -5,7 +5,8 @@
 (``QuantizationModifier(scheme="NVFP4")``, format ``nvfp4-pack-quantized``), bit for bit, from the unquantized
 weights. Each call takes the projections that share one global scale (``[gate, up]`` of E experts, or
 ``[down]`` alone) and returns, per projection, the tensors the producer writes: packed E2M1 codes, linear e4m3
-block scales and the per-expert global scale in the producer's own convention.
+block scales and the per-expert global scale in the producer's own convention. ``quantize_modelopt_fused`` does
+the same for ModelOpt's fused Llama-4 expert tensors (one scale per tensor, stored input-major).
 
 The arithmetic, with the producer source lines it copies, is in ``docs/producer-quant.md``. In short:
 
@@ -61,7 +62,8 @@ class QuantizedProjection:
 
 
 def quantize_modelopt(
-    weights: Sequence[torch.Tensor], *, divide_like: Literal["cpu", "cuda"] = "cpu"
+    weights: Sequence[torch.Tensor], *, divide_like: Literal["cpu", "cuda"] = "cpu",
+    weight_scale_2: torch.Tensor | None = None,
 ) -> list[QuantizedProjection]:
     """Quantize projections that share a ``weight_scale_2`` the way ModelOpt 0.47.0 exports NVFP4.
 
@@ -80,9 +82,14 @@ def quantize_modelopt(
     for a group whose weight_scale_2 is 0 in some expert (all weights 0; or, in fp32, amax below ~2e-42):
     ModelOpt writes ``weight_scale_2 = 0``, NaN block scales and all codes 0x7 there, which no engine can use
     (see docs/producer-quant.md). A zero gate next to a non-zero up is fine (block scales 1.0, codes 0).
+
+    ``weight_scale_2``: the group's scale given instead of computed (float32, ``[E]`` or one value for every
+    expert): a scale that spans more than these weights, as ModelOpt's one scale per fused Llama-4 tensor spans every
+    expert (:func:`global_scale_modelopt_fused`) while the experts are quantized a chunk at a time. The weights are
+    then not reduced, so they are not checked for NaN/inf here: the caller computed the scale from them.
     """
     ws = _batched(weights)
-    ws2 = _modelopt_ws2(ws, divide_like)
+    ws2 = _modelopt_ws2(ws, divide_like) if weight_scale_2 is None else _given_ws2(weight_scale_2, ws)
     ws2_x6 = ws2 * E2M1_MAX  # ModelOpt: per_block_amax / (E2M1_MAX * weights_scaling_factor_2)
     out = []
     for w in ws:
@@ -99,6 +106,45 @@ def quantize_modelopt(
             scales[lo:hi] = scale
         out.append(QuantizedProjection(packed, scales, ws2.clone()))
     return out
+
+
+def quantize_modelopt_fused(weight: torch.Tensor, *, divide_like: Literal["cpu", "cuda"] = "cpu") -> QuantizedProjection:
+    """Quantize one of ModelOpt's fused Llama-4 expert tensors as ModelOpt 0.47.0 exports it.
+
+    ``weight``: ``Llama4TextExperts.gate_up_proj`` ``[E, H, 2I]`` or ``.down_proj`` ``[E, I, H]``, input-major (the
+    input dim K in the middle, what the experts' ``bmm`` multiplies by), bf16/fp16/fp32, K a multiple of 16. ModelOpt
+    quantizes the transpose ``[E, N, K]`` (16-element blocks along K, the input dim) with ONE weight_scale_2 for the
+    whole tensor (every expert; gate and up together, being one tensor), then transposes the codes and scales back.
+    Returns that stored form: ``weight`` uint8 ``[E, K/2, N]`` (inputs 2j and 2j+1 of output n in byte ``[e, j, n]``,
+    2j low), ``weight_scale`` float8_e4m3fn ``[E, K/16, N]``, ``global_scale`` float32 0-d.
+
+    Raises ``ValueError`` for a non-finite weight (naming the expert), bad shapes or dtypes, or an all-zero tensor
+    (weight_scale_2 = 0, see :func:`quantize_modelopt`); an all-zero expert in a non-zero tensor is fine (block
+    scales 1.0, codes 0).
+    """
+    ws2 = global_scale_modelopt_fused(weight, divide_like=divide_like)
+    q = quantize_modelopt([weight.transpose(1, 2)], weight_scale_2=ws2)[0]
+    return QuantizedProjection(q.weight.transpose(1, 2).contiguous(), q.weight_scale.transpose(1, 2).contiguous(), ws2)
+
+
+def global_scale_modelopt_fused(weight: torch.Tensor, *, divide_like: Literal["cpu", "cuda"] = "cpu") -> torch.Tensor:
+    """Only the ``weight_scale_2`` (float32 0-d) of a fused Llama-4 tensor ``[E, K, N]``: ``max |w| / 2688`` over the
+    whole tensor (ModelOpt's one per-tensor weight quantizer of ``gate_up_proj`` / ``down_proj``)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"a fused expert tensor is [E, K, N] (input-major), got {shape}")
+    ws = _batched([weight.transpose(1, 2)])  # the dtype, K % 16 and E checks of the transposed form ModelOpt quantizes
+    try:
+        amax = _group_amax(ws).amax()  # per expert first (names the expert of a NaN), then over the tensor: exact
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("projection 0 (of 1), ", "")) from None
+    try:
+        return _ws2_of(amax.reshape(1), divide_like).reshape(())
+    except ValueError:
+        raise ValueError(
+            "every weight of the fused tensor is 0 (amax 0, or so small that weight_scale_2 = amax/2688 underflows to "
+            "0); ModelOpt 0.47.0 would export weight_scale_2 = 0 with NaN block scales for it"
+        ) from None
 
 
 def quantize_compressed_tensors(weights: Sequence[torch.Tensor]) -> list[QuantizedProjection]:
@@ -152,7 +198,14 @@ def global_scale_compressed_tensors(weights: Sequence[torch.Tensor]) -> torch.Te
 def _modelopt_ws2(ws: list[torch.Tensor], divide_like: str) -> torch.Tensor:
     if divide_like not in ("cpu", "cuda"):
         raise ValueError(f"divide_like must be 'cpu' or 'cuda', not {divide_like!r}")
-    amax = _group_amax(ws).float()  # exact: the max of the weights, in any dtype
+    return _ws2_of(_group_amax(ws), divide_like)
+
+
+def _ws2_of(amax: torch.Tensor, divide_like: str) -> torch.Tensor:
+    """``amax / 2688`` as ModelOpt computes it on ``divide_like``; refuses a 0 (naming the experts)."""
+    if divide_like not in ("cpu", "cuda"):
+        raise ValueError(f"divide_like must be 'cpu' or 'cuda', not {divide_like!r}")
+    amax = amax.float()  # exact: the max of the weights, in any dtype
     if divide_like == "cpu":  # quant_utils -> NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer
         ws2 = amax / torch.full_like(amax, E2M1_MAX * E4M3_MAX)
     else:  # PyTorch CUDA's div_true_kernel for a CPU-scalar divisor: a * (float)(1.0 / b)
@@ -164,6 +217,17 @@ def _modelopt_ws2(ws: list[torch.Tensor], divide_like: str) -> torch.Tensor:
             "weight_scale_2 = amax/2688 underflows to 0); ModelOpt 0.47.0 would export weight_scale_2 = 0 with "
             "NaN block scales for it"
         )
+    return ws2
+
+
+def _given_ws2(ws2: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    """A caller's weight_scale_2 as float32 ``[E]`` on the weights' device: one value per expert, or one for all."""
+    e, device = ws[0].shape[0], ws[0].device
+    if not isinstance(ws2, torch.Tensor) or ws2.dtype != torch.float32 or ws2.numel() not in (1, e):
+        raise ValueError(f"weight_scale_2 must be a float32 tensor of 1 or {e} values, got {ws2!r:.80}")
+    ws2 = ws2.to(device).reshape(-1).expand(e)
+    if not bool((torch.isfinite(ws2) & (ws2 > 0)).all()):
+        raise ValueError("weight_scale_2 must be finite and positive")
     return ws2
 
 

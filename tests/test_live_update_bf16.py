@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nvfp4ckpt import convert_checkpoint
-from nvfp4ckpt.errors import BadTensorError, InputError, StaleScalarError
+from nvfp4ckpt.errors import BadTensorError, InputError, StaleScalarError, UnknownTensorError
 from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
 from nvfp4ckpt.runtime import load_moe_layer
 from nvfp4ckpt.runtime.update import UpdateStream, update_live_
@@ -231,3 +231,188 @@ def test_one_pass_kernel_on_cuda_gives_the_cpu_bytes(example_factory, tmp_path, 
         for name, t in cpu.tensors.items():
             assert torch.equal(u8(gpu.tensors[name].cpu()), u8(t)), name
         assert gpu.check_live(tensors=sources).ok
+
+
+# ----------------------------------------------------------------------------------------------
+# ModelOpt's fused Llama-4 experts sent unquantized: gate_up_proj [E, H, 2I] and down_proj [E, I, H] as the trainer
+# holds them (transformers' Llama4TextExperts); ModelOpt quantizes each with ONE weight_scale_2 over every expert.
+
+
+def fused_bf16(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """The trainer's fused expert tensors of one Llama-4 layer (``prefix`` = ``...feed_forward.experts``)."""
+    return {f"{prefix}.{p}": state[f"{prefix}.{p}"].clone() for p in ("gate_up_proj", "down_proj")}
+
+
+@pytest.mark.slow
+def test_bf16_fused_llama4_update_equals_modelopts_checkpoint(tmp):
+    """Every live byte (codes, swizzled block scales, weight_scale_2 of every expert, derived scalars) equals the
+    conversion of ModelOpt 0.47's own checkpoint of the same bf16 model; the fused input scales sent or kept live
+    give the same; pointers unchanged; check_live against the producer's checkpoint and the bf16 tensors."""
+    state, src, conv = made("llama4", "modelopt", tmp)
+    layers = open_converted(conv).layers
+    assert len(layers) == 2 and all(info.source_fused for info in layers)
+    for info in layers:
+        layer = load_moe_layer(conv, info.prefix)
+        ptrs = {k: v.data_ptr() for k, v in layer.tensors.items()}
+        named = fused_bf16(state, info.prefix)
+        assert named[f"{info.prefix}.gate_up_proj"].shape == (info.num_experts, info.hidden_size, 2 * info.intermediate_size)
+        scramble(layer)
+        report = layer.update_(named)
+        assert {k: v.data_ptr() for k, v in layer.tensors.items()} == ptrs
+        assert_layer_equals(layer, conv)
+        assert report.layers[info.prefix].experts == list(range(info.num_experts))
+        ws2 = layer.tensors["w13_weight_scale_2"]
+        assert (ws2 == ws2[0, 0]).all() and (layer.tensors["w2_weight_scale_2"] == layer.tensors["w2_weight_scale_2"][0]).all()
+        assert layer.check_live(source=src).ok
+        assert layer.check_live(tensors=named).ok
+        # with the source's fused input scales sent along (as a trainer holding calibration would): the same bytes
+        source = layer_source(src, info.prefix)
+        scales = {n: t for n, t in source.items() if n.endswith("_input_scale")}
+        assert len(scales) == 2
+        scramble(layer, seed=9)
+        layer.update_({**named, **scales})
+        assert_layer_equals(layer, conv)
+        # a non-contiguous trainer tensor (e.g. a transposed parameter) reads the same values
+        odd = {n: t.transpose(1, 2).contiguous().transpose(1, 2) for n, t in named.items()}
+        scramble(layer, seed=10)
+        layer.update_(odd)
+        assert_layer_equals(layer, conv)
+
+
+@pytest.mark.slow
+def test_bf16_fused_llama4_on_tp_ep_ranks(tmp):
+    """tp=2 x ep=2: each rank gets the whole fused tensors and writes its experts' share of the intermediate dim."""
+    state, src, _ = made("llama4", "modelopt", tmp)
+    conv = tmp / "llama4-modelopt-tp2ep2"
+    if not conv.exists():
+        convert_checkpoint(src, conv, tp=2, ep=2)
+    info = open_converted(conv).layers[-1]
+    named = fused_bf16(state, info.prefix)
+    scales = {n: t for n, t in layer_source(src, info.prefix).items() if n.endswith("_input_scale")}
+    for rank in range(4):
+        layer = load_moe_layer(conv, info.prefix, rank=rank)
+        # without the fused input scales: this rank's live tensors show only its experts' (a1/a2 span all experts)
+        before, ptrs = snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+        with pytest.raises(StaleScalarError, match=rf"gate_up_proj is sent unquantized without {info.prefix}.gate_up_proj_input_scale"):
+            layer.update_(named)
+        assert_untouched(layer, before, ptrs)
+        scramble(layer)
+        report = layer.update_({**named, **scales})
+        assert report.layers[info.prefix].experts == list(range(layer.rank.expert_start, layer.rank.expert_end))
+        assert_layer_equals(layer, conv, rank)
+        assert layer.check_live(tensors={**named, **scales}).ok
+
+
+@pytest.mark.slow
+def test_bf16_fused_llama4_streamed_and_chunked(tmp, monkeypatch):
+    """One tensor per add(): applied once both fused weights are held; quantized one expert at a time with the
+    tensor's scale (the chunk must not compute its own)."""
+    from nvfp4ckpt.runtime.update import dense
+
+    monkeypatch.setattr(dense, "CHUNK_FRACTION", 0.0)
+    state, _, conv = made("llama4", "modelopt", tmp)
+    info = open_converted(conv).layers[0]
+    layer = load_moe_layer(conv, info.prefix)
+    scramble(layer)
+    live = {f"{info.prefix}.{k}": v for k, v in layer.tensors.items()}
+    stream = UpdateStream(live, layer.descriptor)
+    items = list(fused_bf16(state, info.prefix).items())
+    assert stream.add(dict(items[:1])) == []  # gate_up alone: held
+    assert len(stream.add(dict(items[1:]))) == 1
+    assert stream.finish() == [] and not stream.pending_names
+    assert_layer_equals(layer, conv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("staged", [False, True])
+def test_bf16_fused_llama4_one_pass_kernel(tmp, monkeypatch, staged):
+    """The one-pass kernel reads each expert of the fused tensors in place as a transposed view (column stride 2I or
+    H in its table), or staged: ModelOpt's bytes, under Triton's interpreter."""
+    from nvfp4ckpt.runtime.update import table, write
+
+    monkeypatch.setattr(write, "CPU_TABLE", True)
+    monkeypatch.setattr(write, "STAGE_ALL", staged)
+    monkeypatch.setattr(table, "STAGING_FRACTION", 0.0)
+    tables = []
+    real = quantize_write.launch
+    monkeypatch.setattr(quantize_write, "launch", lambda *a, **k: tables.append(a[0].clone()) or real(*a, **k))
+    state, src, conv = made("llama4", "modelopt", tmp)
+    info = open_converted(conv).layers[-1]
+    layer = load_moe_layer(conv, info.prefix, DEVICE)
+    scramble(layer)
+    named = {n: t.to(DEVICE) for n, t in fused_bf16(state, info.prefix).items()}
+    layer.update_(named)
+    strides = {int(s) for t in tables for s in t[:, 10]}
+    assert tables and strides == ({1} if staged else {2 * info.intermediate_size, info.hidden_size})
+    assert_layer_equals(on_cpu(layer), conv)
+    # a tp x ep rank: the kernel starts inside each expert's intermediate dim (down's columns via the column stride)
+    ranked = tmp / "llama4-modelopt-tp2ep2"
+    if not ranked.exists():
+        convert_checkpoint(src, ranked, tp=2, ep=2)
+    scales = {n: t.to(DEVICE) for n, t in layer_source(src, info.prefix).items() if n.endswith("_input_scale")}
+    layer = load_moe_layer(ranked, info.prefix, DEVICE, rank=3)
+    assert layer.rank.inter_start > 0
+    scramble(layer)
+    tables.clear()
+    layer.update_({**named, **scales})
+    assert tables
+    assert_layer_equals(on_cpu(layer), ranked, 3)
+
+
+@pytest.mark.slow
+def test_bf16_fused_llama4_refusals_write_nothing(tmp):
+    state, src, conv = made("llama4", "modelopt", tmp)
+    info = open_converted(conv).layers[-1]
+    layer = load_moe_layer(conv, info.prefix)
+    before, ptrs = snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+    named = fused_bf16(state, info.prefix)
+    p = info.prefix
+    gu, down = f"{p}.gate_up_proj", f"{p}.down_proj"
+    nvfp4 = layer_source(src, p)
+    nan = named[gu].clone()
+    nan[5, 3, 200] = float("nan")
+    cases = [
+        ("transposed", BadTensorError, rf"{down}: is \[8, 256, 128\]; the layer's unquantized fused down_proj is \[8, 128, 256\]",
+         {**named, down: named[down].transpose(1, 2).contiguous()}),
+        ("experts", BadTensorError, rf"{gu}: is \[7, 256, 256\]", {**named, gu: named[gu][:7]}),
+        ("nan", BadTensorError, rf"{gu}: expert 5: the weight contains NaN; the update is refused", {**named, gu: nan}),
+        ("inf", BadTensorError, rf"{down}: expert 0: the weight contains an infinite value", {**named, down: named[down].clone().fill_(float("-inf"))}),
+        ("all zero", BadTensorError, rf"{down}: every weight of the fused tensor is 0 .*NaN block scales", {**named, down: torch.zeros_like(named[down])}),
+        ("int", BadTensorError, rf"{down}: is torch.int32", {**named, down: named[down].to(torch.int32)}),
+        ("half quantized", InputError, rf"{down}: is sent quantized while {gu} is sent unquantized",
+         {gu: named[gu], **{n: t for n, t in nvfp4.items() if n.startswith(down)}}),
+        ("one alone", InputError, rf"{down}: is missing while {gu} is sent unquantized", {gu: named[gu]}),
+        ("with its scales", InputError, rf"{gu}_weight_scale_2: {gu} is sent unquantized; do not send its quantized scales",
+         {**named, f"{gu}_weight_scale_2": nvfp4[f"{gu}_weight_scale_2"]}),
+        ("mixed forms", InputError, r"mixes fused .* and per-expert tensors", {**named, f"{p}.0.gate_proj.weight": named[gu][0, :, :128].T}),
+    ]
+    for what, error, pattern, bad in cases:
+        with pytest.raises(error, match=pattern) as exc:
+            layer.update_(bad)
+        assert "\n" not in str(exc.value), what
+        assert_untouched(layer, before, ptrs)
+    # an all-zero EXPERT inside a non-zero tensor is what ModelOpt exports finite (block scales 1.0, codes 0)
+    zero = {**named, gu: named[gu].clone()}
+    zero[gu][2] = 0
+    layer.update_(zero)
+    assert int(u8(layer.tensors["w13_weight"][2]).count_nonzero()) == 0
+    assert bool((layer.tensors["w13_weight_scale"][2].float() == 1.0).all())
+    assert layer.check_live(tensors=zero).ok
+
+
+def test_fused_names_under_compressed_tensors_say_only_modelopt_has_them(example_factory, tmp_path):
+    """compressed-tensors has no fused Llama-4 form: its layouts refuse gate_up_proj/down_proj by saying so (even with
+    ignore_unknown: these are expert tensors, skipping them would leave the experts stale)."""
+    src = example_factory("llama4", "compressed-tensors", 0)
+    convert_checkpoint(src, tmp_path / "c")
+    info = open_converted(tmp_path / "c").layers[0]
+    layer = load_moe_layer(tmp_path / "c", info.prefix)
+    before, ptrs = snapshot(layer), {k: v.data_ptr() for k, v in layer.tensors.items()}
+    e, h, i = info.num_experts, info.hidden_size, info.intermediate_size
+    live = {f"{info.prefix}.{k}": v for k, v in layer.tensors.items()}
+    for ignore in (False, True):
+        with pytest.raises(UnknownTensorError, match=r"gate_up_proj: a fused Llama-4 expert tensor, but this layout's source "
+                           r"is compressed-tensors, which has no fused form \(only ModelOpt"):  # fmt: skip
+            update_live_(live, {f"{info.prefix}.gate_up_proj": torch.zeros(e, h, 2 * i, dtype=torch.bfloat16)},
+                         layer.descriptor, ignore_unknown=ignore)  # fmt: skip
+    assert_untouched(layer, before, ptrs)

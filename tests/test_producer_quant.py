@@ -22,6 +22,7 @@ from tests.conftest import load_dir, u8
 ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
 EDGES = "qwen3_moe-edges"  # qwen3_moe with an all-zero expert, a zero gate, zero blocks and a -0.0 weight
 FORMATS = ("modelopt", "compressed-tensors")
+LLAMA4_EDGES = "llama4-edges"  # llama4 (fused experts) with an all-zero expert, a zero gate, zero blocks, a -0.0
 ZERO_EXPERT, ZERO_GATE_EXPERT, ZERO_BLOCKS_EXPERT = 3, 5, 6
 QUANTIZE = {"modelopt": pq.quantize_modelopt, "compressed-tensors": pq.quantize_compressed_tensors}
 # on-disk tensor names: (packed codes, block scales, global scale)
@@ -45,6 +46,23 @@ def _edge_model():
     return model
 
 
+def _llama4_edge_model():
+    """The seeded llama4 model with the edge cases written into layer 0's fused experts ([E, H, 2I], [E, I, H])."""
+    model = producers.tiny_model("llama4", 0)
+    inter = producers.EXPERT_INTERMEDIATE_SIZE
+    with torch.no_grad():
+        experts = model.model.layers[0].feed_forward.experts
+        experts.gate_up_proj[ZERO_EXPERT].zero_()
+        experts.down_proj[ZERO_EXPERT].zero_()
+        experts.gate_up_proj[ZERO_GATE_EXPERT, :, :inter].zero_()  # gate all zero, up not
+        experts.down_proj[ZERO_BLOCKS_EXPERT, :32].zero_()  # inputs 0-31: two zero 16-blocks in every output
+        experts.gate_up_proj[ZERO_BLOCKS_EXPERT, 0, 0] = -0.0
+    return model
+
+
+EDGE_MODELS = {EDGES: ("qwen3_moe", _edge_model), LLAMA4_EDGES: ("llama4", _llama4_edge_model)}
+
+
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """(bf16 state dict, producer's tensors) for a case and format; each checkpoint is made once per module."""
@@ -52,10 +70,10 @@ def case(tmp_path_factory):
 
     def get(name: str, fmt: str):
         if name not in cache:
-            model = _edge_model() if name == EDGES else producers.tiny_model(name, 0)
+            model = EDGE_MODELS[name][1]() if name in EDGE_MODELS else producers.tiny_model(name, 0)
             src = None
-            if name == EDGES:
-                src = tmp_path_factory.mktemp("edges-bf16")
+            if name in EDGE_MODELS:
+                src = tmp_path_factory.mktemp(f"{name}-bf16")
                 model.save_pretrained(src)
                 producers.tiny_tokenizer().save_pretrained(src)
             cache[name] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, src, {})
@@ -63,7 +81,7 @@ def case(tmp_path_factory):
         if fmt not in made:
             make = producers.make_modelopt_checkpoint if fmt == "modelopt" else producers.make_compressed_tensors_checkpoint
             out = tmp_path_factory.mktemp(f"{name}-{fmt}")
-            arch = "qwen3_moe" if name == EDGES else name
+            arch = EDGE_MODELS[name][0] if name in EDGE_MODELS else name
             made[fmt] = load_dir(make(Path(out), arch, 0, source=src))
         return state, made[fmt]
 
@@ -158,6 +176,103 @@ def test_compressed_tensors_all_zero_expert(case):
         assert disk[p + "weight_global_scale"].tolist() == [1.0] == q.global_scale[ZERO_EXPERT : ZERO_EXPERT + 1].tolist()
         assert (disk[p + "weight_scale"].float() == 0.125).all() and (q.weight_scale[ZERO_EXPERT].float() == 0.125).all()
         assert (disk[p + "weight_packed"] == 0).all() and (q.weight[ZERO_EXPERT] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("llama4", LLAMA4_EDGES))
+def test_fused_llama4_matches_real_modelopt(case, name):
+    """ModelOpt's fused Llama-4 experts (gate_up_proj [E, H, 2I], down_proj [E, I, H]): ONE weight_scale_2 per fused
+    tensor over every expert, 16-blocks along the input dim, codes and scales stored transposed back ([E, K/2, N],
+    [E, K/16, N]). Edge cases: an all-zero expert inside a non-zero tensor is exported finite (block scales 1.0,
+    codes 0: the tensor's scale comes from the other experts), a zero gate, zero blocks, -0.0."""
+    state, disk = case(name, "modelopt")
+    checked = 0
+    for layer in range(producers.NUM_LAYERS):
+        for proj in ("gate_up_proj", "down_proj"):
+            p = f"model.layers.{layer}.feed_forward.experts.{proj}"
+            w = state[p]
+            got = pq.quantize_modelopt_fused(w)
+            assert got.weight.shape == disk[p].shape and got.weight_scale.shape == disk[p + "_weight_scale"].shape
+            assert torch.equal(got.weight, disk[p]), f"{p}: {int((got.weight != disk[p]).sum())} code bytes differ"
+            assert torch.equal(u8(got.weight_scale), u8(disk[p + "_weight_scale"])), p
+            assert got.global_scale.shape == disk[p + "_weight_scale_2"].shape == ()
+            assert torch.equal(u8(got.global_scale), u8(disk[p + "_weight_scale_2"])), p
+            # the scale spans every expert: per-expert scales (quantize_modelopt) would differ
+            assert got.global_scale == w.abs().amax().float() / 2688
+            per_expert = torch.stack([w[e].abs().amax() for e in range(w.shape[0])]).float() / 2688
+            assert (per_expert != got.global_scale).any()
+            checked += 1
+    assert checked == 2 * producers.NUM_LAYERS
+    if name == LLAMA4_EDGES:
+        p = "model.layers.0.feed_forward.experts."
+        for proj in ("gate_up_proj", "down_proj"):
+            assert (disk[p + proj][ZERO_EXPERT] == 0).all() and (disk[p + proj + "_weight_scale"][ZERO_EXPERT].float() == 1.0).all()
+        inter = producers.EXPERT_INTERMEDIATE_SIZE
+        assert (disk[p + "gate_up_proj"][ZERO_GATE_EXPERT, :, :inter] == 0).all()
+        assert (disk[p + "down_proj_weight_scale"][ZERO_BLOCKS_EXPERT, :2].float() == 1.0).all()
+
+
+def _modelopt_fused_library(w):
+    """ModelOpt's export of a Llama4TextExperts tensor through its own functions, as unified_export_hf._export_weight
+    runs them: per-tensor amax -> weight_scale_2, transpose to [E, N, K], block scales, quantize, transpose back."""
+    from modelopt.torch.export.model_config import QUANTIZATION_NVFP4
+    from modelopt.torch.export.quant_utils import (
+        maybe_transpose_expert_weight_dimensions,
+        to_quantized_weight,
+    )
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    quantizer = types.SimpleNamespace(_amax=w.abs().amax().float(), global_amax=None, block_sizes={-1: 16})  # one per tensor
+    ws2 = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
+    t, _ = maybe_transpose_expert_weight_dimensions(w, is_bmm_expert_weight=True)
+    scale = NVFP4QTensor.get_weights_scaling_factor(t, 16, ws2)[0]
+    codes = to_quantized_weight(t.to(w.dtype), scale, QUANTIZATION_NVFP4, ws2, 16)
+    codes, scale = maybe_transpose_expert_weight_dimensions(codes, scale, is_bmm_expert_weight=True)
+    return codes, scale, ws2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scale", [1.0, 0.01, 1e-6])
+def test_fused_llama4_matches_the_library_functions(dtype, scale):
+    """fp16/fp32 fused tensors too, with very different magnitudes per expert (so the tensor-wide scale leaves small
+    experts with tiny block scales: ModelOpt's 2**-9 clamp), a zero expert and zero blocks."""
+    gate, up = _random_group(torch.float32, experts=4, seed=11, scale=scale)  # [E, 48, 64], [E, 32, 64]
+    w = torch.cat([gate, up], 1).transpose(1, 2) * torch.tensor([1.0, 1e-3, 0.0, 30.0]).reshape(4, 1, 1)  # [E, K=64, N=80]
+    w = w.to(dtype)
+    codes, scales, ws2 = _modelopt_fused_library(w)
+    got = pq.quantize_modelopt_fused(w)
+    assert torch.equal(got.weight, codes)
+    assert torch.equal(u8(got.weight_scale), u8(scales))
+    assert torch.equal(u8(got.global_scale), u8(ws2.float()))
+    assert (got.weight[2] == 0).all() and (got.weight_scale[2].float() == 1.0).all()
+    assert torch.equal(pq.global_scale_modelopt_fused(w), got.global_scale)
+    # chunked (the in-place update quantizes a chunk of experts at a time with the tensor's scale): same bytes
+    t = w.transpose(1, 2)
+    for e in range(4):
+        q = pq.quantize_modelopt([t[e : e + 1]], weight_scale_2=got.global_scale)[0]
+        assert torch.equal(q.weight[0].T, got.weight[e]) and torch.equal(u8(q.weight_scale[0].T), u8(got.weight_scale[e]))
+
+
+def test_fused_llama4_refusals():
+    w = torch.randn(3, 32, 48, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    bad = w.clone()
+    bad[1, 4, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"^expert 1: the weight contains NaN"):
+        pq.quantize_modelopt_fused(bad)
+    bad[1, 4, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"^expert 1: the weight contains an infinite value"):
+        pq.global_scale_modelopt_fused(bad)
+    with pytest.raises(ValueError, match=r"every weight of the fused tensor is 0 .*NaN block scales"):
+        pq.quantize_modelopt_fused(torch.zeros_like(w))
+    with pytest.raises(ValueError, match=r"\[E, K, N\]"):
+        pq.quantize_modelopt_fused(w[0])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pq.quantize_modelopt_fused(w[:, :24])
+    with pytest.raises(ValueError, match="dtype torch.int32"):
+        pq.quantize_modelopt_fused(w.to(torch.int32))
+    for given in (torch.tensor([1.0, 2.0]), torch.tensor(0.0), torch.tensor(float("nan")), torch.tensor(1.0, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="weight_scale_2 must be"):
+            pq.quantize_modelopt([w.transpose(1, 2)], weight_scale_2=given)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -16,7 +16,8 @@ interpreter (tests, on the CPU) and the GPU give the bytes of the torch referenc
 
 Table rows are ``FIELDS`` int64 values: source address, source row stride (elements), live weight slice address,
 live scale slice address, row-map offset, rows, K (inputs per row), live weight row bytes, KPW (live scale columns / 4),
-the global scale's float32 bits, 2 spare.
+the global scale's float32 bits, the source column stride (elements: 1 for a row-major matrix, N for an expert of a
+fused Llama-4 tensor read in place as its transposed view), 1 spare.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def _quantize_kernel(table, row_map, SRC: tl.constexpr, CT: tl.constexpr, BLOCK_
     row_bytes = tl.load(t + 7)
     kpw = tl.load(t + 8)
     g = tl.load(t + 9).to(tl.int32).to(tl.float32, bitcast=True)
+    cs = tl.load(t + 10)
     r = tl.load(row_map + map_off + rows, mask=rmask, other=0).to(tl.int64)
     inner = (r % 32) * 4 + (r % 128) // 32  # word slot of row r inside a 512-byte scale tile
     tile = (r // 128) * kpw
@@ -78,8 +80,8 @@ def _quantize_kernel(table, row_map, SRC: tl.constexpr, CT: tl.constexpr, BLOCK_
         blk = k0 // 16 + b  # [NB] scale columns
         col = blk[None, :, None] * 16 + 2 * j[None, None, :]  # even elements [1, NB, 8]
         m = rmask[:, None, None] & (col < k)
-        ev = tl.load(src_rows + col, mask=m, other=0.0).to(tl.float32)
-        od = tl.load(src_rows + col + 1, mask=m, other=0.0).to(tl.float32)
+        ev = tl.load(src_rows + col * cs, mask=m, other=0.0).to(tl.float32)
+        od = tl.load(src_rows + (col + 1) * cs, mask=m, other=0.0).to(tl.float32)
         # triton's own max combiner: a numpy reduction under the interpreter (a custom one runs per element)
         amax = tl.maximum(tl.reduce(tl.abs(ev), 2, _MAX), tl.reduce(tl.abs(od), 2, _MAX))  # [BLOCK_R, NB], exact
         if CT:

@@ -61,14 +61,87 @@ def split(ctx: Context, prefix: str, entries: dict) -> dict[int, dict[str, torch
     return dense
 
 
+_FUSED_PROJ = {"gate_up": "gate_up_proj", "down": "down_proj"}
+
+
+def split_fused(ctx: Context, prefix: str, entries: dict, live: Mapping[str, torch.Tensor]) -> None:
+    """ModelOpt's fused Llama-4 experts sent unquantized (``gate_up_proj`` ``[E, H, 2I]``, ``down_proj`` ``[E, I, H]``)
+    as per-expert dense entries: ``gate``/``up``/``down`` of expert e are the transposed views ``gate_up[e, :, :I].T``,
+    ``gate_up[e, :, I:].T`` and ``down[e].T`` (no copy), and every expert gets the tensor's one weight_scale_2
+    (ModelOpt quantizes each fused tensor with one scale over all experts, docs/producer-quant.md), kept in
+    ``entries["fused_scales"]`` for ``global_scales`` and the quantizer. Fused input scales, if sent, go to every
+    expert; without them every expert keeps its live ones, so live must show every expert's (not only this EP rank's:
+    the layer maxima a1/a2 span all experts). Checks both weights (shape, dtype, finite, not all zero) first."""
+    target = ctx.targets[prefix]
+    info = target.info
+    fused, names = entries["fused"], entries["names"]
+    if not info.gated:
+        raise InputError(f"{prefix}: fused experts are gated (gate_up_proj); this layer is not")
+    if ctx.fmt.name != "modelopt":  # only ModelOpt has a fused form (only its names parse as fused)
+        raise InputError(f"{prefix}: unquantized fused experts are ModelOpt's form; this layout is {ctx.fmt.name}")
+    e_glob, h, i = info.num_experts, info.hidden_size, info.intermediate_size
+    want = {"gate_up": (e_glob, h, 2 * i), "down": (e_glob, i, h)}
+    scales: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for fr, proj in _FUSED_PROJ.items():
+        kinds = fused.get(fr, {})
+        if "dense" not in kinds:
+            other = f"{prefix}.{_FUSED_PROJ['down' if fr == 'gate_up' else 'gate_up']}"
+            how = "is sent quantized" if "weight" in kinds else "is missing"
+            raise InputError(f"{prefix}.{proj}: {how} while {other} is sent unquantized; send both fused weights unquantized "
+                             "(or both as NVFP4 tensors)")  # fmt: skip
+        name = names[(None, fr, "dense")]
+        extra = [k for k in ("weight_scale", "weight_global") if k in kinds]
+        if extra:
+            raise InputError(f"{names[(None, fr, extra[0])]}: {name} is sent unquantized; do not send its quantized scales too")
+        t = kinds["dense"]
+        if tuple(t.shape) != want[fr]:
+            raise BadTensorError(f"{name}: is {list(t.shape)}; the layer's unquantized fused {proj} is {list(want[fr])} "
+                                 f"([experts, inputs, outputs]) in bfloat16, float16 or float32")  # fmt: skip
+        try:
+            scales[fr] = producer_quant.global_scale_modelopt_fused(t, divide_like=MODELOPT_DIVIDE)
+        except ValueError as exc:
+            raise BadTensorError(f"{name}: {exc}; the update is refused (nothing written)") from None
+        tensors[fr] = t
+        if "input_global" not in kinds:
+            which = "w13_input_scale" if fr == "gate_up" else "w2_input_scale"
+            held = live.get(f"{prefix}.{which}")
+            if held is None or any(_live_row(held, target, e) is None for e in range(e_glob)):
+                raise StaleScalarError(
+                    f"{prefix}: {name} is sent unquantized without {name}_input_scale and live {prefix}.{which} does not "
+                    f"show every expert's input scale (this rank holds experts {target.e0}-{target.e1 - 1} of {e_glob}; "
+                    "input scales come from calibration, not from the weights); send it"
+                )  # fmt: skip
+    entries["fused_scales"] = {r: scales[fr] for fr, rs in (("gate_up", ("gate", "up")), ("down", ("down",))) for r in rs}
+    gu, down = tensors["gate_up"], tensors["down"]
+    for e in range(e_glob):
+        views = {"gate": gu[e, :, :i].T, "up": gu[e, :, i:].T, "down": down[e].T}
+        roles = entries["experts"].setdefault(e, {})
+        for r, v in views.items():
+            fr = "down" if r == "down" else "gate_up"
+            roles[r] = {"dense": v}
+            names[(e, r, "dense")] = f"{names[(None, fr, 'dense')]}[{e}]"
+            if "input_global" in fused[fr]:
+                roles[r]["input_global"] = fused[fr]["input_global"]
+                names[(e, r, "input_global")] = names[(None, fr, "input_global")]
+    entries["fused"] = {}
+
+
 def global_scales(ctx: Context, prefix: str, entries: dict, dense: dict[int, dict[str, torch.Tensor]]) -> None:
     """Put each dense expert's global scales (the producer's, in the source's stored convention and scalar dtype)
     into ``entries`` as its ``weight_global`` tensors; non-finite weights are refused here, naming the tensor."""
     info = ctx.targets[prefix].info
     scalar_dtype = torch.float32 if info.scalar_dtype == "F32" else getattr(torch, _SCALAR[info.scalar_dtype])
     shape = (1,) if ctx.fmt.global_scales_reciprocal else ()
+    shared = entries.get("fused_scales")  # fused Llama-4 tensors: one scale per tensor, from split_fused
     for e, roles in dense.items():
         for group in _groups(info.roles):
+            if shared is not None:
+                value = shared[group[0]].reshape(shape).to(scalar_dtype)
+                for r in group:
+                    entries["experts"][e][r]["weight_global"] = value
+                    entries["names"].setdefault((e, r, "weight_global"), entries["names"][(e, r, "dense")])
+                continue
             try:
                 scale = _global_scale(ctx, [roles[r] for r in group])
             except ValueError as exc:
@@ -122,7 +195,7 @@ def quantized_chunks(plan, experts: list[int], device: torch.device) -> Iterator
         quantized: dict[int, dict[str, dict[str, torch.Tensor]]] = {e: {} for e in chunk}
         for group in _groups(info.roles):
             stacked = [torch.stack([plan.dense[e][r].to(device) for e in chunk]) for r in group]
-            outs = _quantize(plan.fmt.name, stacked)
+            outs = _quantize(plan.fmt.name, stacked, plan.dense_scales.get(group[0]))
             del stacked
             for r, out in zip(group, outs):
                 for j, e in enumerate(chunk):
@@ -158,9 +231,10 @@ def _global_scale(ctx: Context, weights: list[torch.Tensor]) -> torch.Tensor:
     return producer_quant.global_scale_compressed_tensors(weights)
 
 
-def _quantize(fmt_name: str, weights: list[torch.Tensor]):
+def _quantize(fmt_name: str, weights: list[torch.Tensor], weight_scale_2: torch.Tensor | None = None):
+    """``weight_scale_2``: a fused tensor's one scale (it spans more experts than the chunk); else computed per expert."""
     if fmt_name == "modelopt":
-        return producer_quant.quantize_modelopt(weights, divide_like=MODELOPT_DIVIDE)
+        return producer_quant.quantize_modelopt(weights, divide_like=MODELOPT_DIVIDE, weight_scale_2=weight_scale_2)
     return producer_quant.quantize_compressed_tensors(weights)
 
 

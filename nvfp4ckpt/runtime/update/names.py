@@ -100,6 +100,12 @@ class Context:
             hit = _parse_name(arch, fmt, name)
             if hit is not None and (hit[0] not in targets or (hit[1] is not None and hit[2] not in roles_of[hit[0]])):
                 hit = None
+            if hit is None and self._fused_elsewhere(name):
+                raise UnknownTensorError(
+                    f"{name}: a fused Llama-4 expert tensor, but this layout's source is {self.fmt.name}, which has no "
+                    "fused form (only ModelOpt exports experts.gate_up_proj/down_proj); send per-expert weights "
+                    "(experts.N.gate_proj.weight = gate_up_proj[N, :, :I].T, up_proj = [N, :, I:].T, down_proj = down_proj[N].T)"
+                )  # fmt: skip
             if hit is None:
                 if ignore_unknown:
                     ignored.append(name)
@@ -128,6 +134,13 @@ class Context:
                 layer["experts"].setdefault(expert, {}).setdefault(role, {})[kind] = tensor
             layer["names"][(expert, role, kind)] = name
         return grouped, ignored
+
+    def _fused_elsewhere(self, name: str) -> bool:
+        """A fused expert tensor name (ModelOpt's Llama-4 form) of a layer here, under a format without that form."""
+        if not self.arch.fused_prefix_pattern or self.fmt.fused_projections:
+            return False
+        module, _, suffix = name.rpartition(".")
+        return module in self.targets and suffix in FORMATS["modelopt"].fused_projections
 
     def source_name(self, prefix: str, expert: int, role: str, kind: str) -> str:
         info = self.targets[prefix].info
@@ -205,10 +218,7 @@ def _weight_kind(name: str, t, kind: str, expert: int | None) -> str:
     """"dense" for an unquantized (bf16/fp16/fp32) weight, "weight" for a packed one; refuse what is neither."""
     if not _FLOATS:
         _FLOATS.extend((torch.bfloat16, torch.float16, torch.float32))
-    if t.dtype in _FLOATS:
-        if expert is None:
-            raise BadTensorError(f"{name}: unquantized fused (Llama-4 gate_up_proj/down_proj) experts are not supported; "
-                                 "send per-expert weights (experts.N.gate_proj.weight, ...) or the fused NVFP4 tensors")  # fmt: skip
+    if t.dtype in _FLOATS:  # fused (expert None): ModelOpt's Llama-4 gate_up_proj/down_proj, quantized per tensor
         return "dense"
     if kind == "dense" or t.dtype != torch.uint8:
         raise BadTensorError(f"{name}: is {t.dtype}; an expert weight is uint8 (packed NVFP4) or bfloat16, float16, float32 (unquantized)")

@@ -36,6 +36,7 @@ class Plan:
     unchecked: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # per-plan memo (source views of each expert)
     dense: dict = field(default_factory=dict)  # global expert -> role -> unquantized weight (quantized when written)
+    dense_scales: dict = field(default_factory=dict)  # role -> weight_scale_2 shared by every expert (fused Llama-4)
 
     @property
     def maps(self) -> _Maps:
@@ -54,6 +55,8 @@ def plan_layer(
     if entries["experts"] and entries["fused"]:
         raise InputError(f"{prefix}: the update mixes fused ({', '.join(entries['fused'])}) and per-expert tensors; send one form")
     live_t = _live_tensors(ctx, target, live)
+    if any("dense" in kinds for kinds in entries["fused"].values()):  # unquantized fused Llama-4: per-expert views
+        dense.split_fused(ctx, prefix, entries, live)
     roles = info.roles
     n13 = len(roles) - 1
     e_glob = info.num_experts
@@ -154,7 +157,8 @@ def plan_layer(
     experts = {e: entries["experts"][e] for e in supplied if e0 <= e < e1} if fused is None else {}
     plan = Plan(target, ctx.fmt, live_t, experts, fused, updated_rows, raw_all, supplied, scalar_rows, scalars,
                  report, dict(entries["names"]), unchecked,
-                 dense={e: w for e, w in dense_experts.items() if e0 <= e < e1})  # fmt: skip
+                 dense={e: w for e, w in dense_experts.items() if e0 <= e < e1},
+                 dense_scales=entries.get("fused_scales", {}))  # fmt: skip
     local = [sup_idx[x + e0] for x in updated_rows]
     report.stored = {k: v[local].contiguous() for k, v in _stored_rows(plan).items()}
     report.input_scales = dict(zip(supplied, zip(inp_sup[:, :n13].amax(1).tolist(), inp_sup[:, n13].tolist()))) if supplied else {}

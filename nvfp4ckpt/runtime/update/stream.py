@@ -98,7 +98,7 @@ class UpdateStream:
         """Whether one held expert (or the fused tensors) is complete: every kind of every projection, or every
         projection unquantized (their input scales are optional)."""
         if expert is None:
-            return all((r, k) in slot for r in _FUSED_ROLES for k in KINDS)
+            return all((r, k) in slot for r in _FUSED_ROLES for k in KINDS) or all((r, "dense") in slot for r in _FUSED_ROLES)
         roles = self.ctx.targets[prefix].info.roles
         return all((r, k) in slot for r in roles for k in KINDS) or all((r, "dense") in slot for r in roles)
 

@@ -251,16 +251,17 @@ def launch_dense(plan: Plan, stage_all: bool = False) -> int:
         by_dtype: dict = {}
         for src, addr, stride, it in chunk:
             _, row0, col0, rows, k, dst_w, dst_s, mo, rb, kpw, g = it
-            start = addr + (row0 * stride + col0) * src.element_size()
-            by_dtype.setdefault(src.dtype, []).append([start, stride, dst_w, dst_s, mo, rows, k, rb, kpw, g, 0, 0])
+            cstride = src.stride(1)  # 1, or a fused Llama-4 tensor's transposed view (its outputs contiguous)
+            start = addr + (row0 * stride + col0 * cstride) * src.element_size()
+            by_dtype.setdefault(src.dtype, []).append([start, stride, dst_w, dst_s, mo, rows, k, rb, kpw, g, cstride, 0])
         for dtype, rows_ in by_dtype.items():
             table = torch.tensor(rows_, dtype=torch.int64).to(device, non_blocking=True)
             quantize_write.launch(table, row_map, max(r[5] for r in rows_), dtype, ct)
 
-    local = [(it[0], it[0].data_ptr(), it[0].stride(0), it) for it in items
-             if it[0].device == device and it[0].stride(1) == 1 and not stage_all]  # fmt: skip
+    # read in place: any strides on the live device (fused Llama-4 views are [N, K] with stride (1, N))
+    local = [(it[0], it[0].data_ptr(), it[0].stride(0), it) for it in items if it[0].device == device and not stage_all]
     run(local)
-    foreign = [it for it in items if not (it[0].device == device and it[0].stride(1) == 1 and not stage_all)]
+    foreign = [it for it in items if not (it[0].device == device and not stage_all)]
     if foreign:
         sizes = [_aligned(it[0].numel() * it[0].element_size()) for it in foreign]
         budget = max(int(sum(sizes) * STAGING_FRACTION), max(sizes))
