@@ -41,6 +41,7 @@ _RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "nemotron_h": (("model.", "backbone."),),
 }
 
+_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj", ".experts.up_proj")
 _WEIGHT_KINDS = ("dense", "weight", "weight_scale", "weight_global")  # what a stacked tensor supplies per expert
 
 
@@ -67,8 +68,7 @@ def expand(
     renames = _RENAMES.get(ctx.arch.name)
     if renames is None:
         return named, [], {}
-    suffixes = {"gate_up_proj", "down_proj", "up_proj"}
-    found = [n for n in named if n.rpartition(".")[2] in suffixes and n.rpartition(".")[0].endswith(".experts")]
+    found = [n for n in named if n.endswith(_SUFFIXES)]  # one C call per name: this runs on every update
     if not found:
         return named, [], {}
     out: dict[str, torch.Tensor] = {}
