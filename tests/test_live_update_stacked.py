@@ -15,15 +15,19 @@ import pytest
 import torch
 
 from nvfp4ckpt import convert_checkpoint
-from nvfp4ckpt.errors import BadTensorError, DuplicateTensorError, InputError, UnknownTensorError
+from nvfp4ckpt.errors import (
+    BadTensorError,
+    DuplicateTensorError,
+    InputError,
+    UnknownTensorError,
+)
 from nvfp4ckpt.example import write_example
 from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
 from nvfp4ckpt.runtime import load_moe_layer
-from nvfp4ckpt.runtime.update import UpdateStream, check_live, update_live_
+from nvfp4ckpt.runtime.update import UpdateStream, update_live_
 from nvfp4ckpt.runtime.update import stacked as stacked_mod
 from nvfp4ckpt.runtime.update.names import Context
 from nvfp4ckpt.source import architectures
-from tests.conftest import u8
 from tests.test_live_update import assert_layer_equals, assert_untouched, snapshot
 from tests.test_live_update_bf16 import made, scramble
 
@@ -241,7 +245,7 @@ def test_stacked_refusals_write_nothing(tmp):
 @pytest.mark.slow
 def test_two_spellings_of_one_stacked_tensor_are_refused(tmp):
     """Mixtral: transformers-5's ``mlp`` and the checkpoint's ``block_sparse_moe`` name the same layer."""
-    stacked, info, layer, before, ptrs = _layer(tmp, "mixtral")
+    stacked, _, layer, before, ptrs = _layer(tmp, "mixtral")
     gu = next(n for n in stacked if n.endswith("gate_up_proj"))
     assert ".mlp." in gu
     with pytest.raises(DuplicateTensorError, match=r"two names for .*block_sparse_moe.experts gate_up_proj"):
@@ -288,7 +292,7 @@ def test_stream_takes_stacked_tensors_one_at_a_time(tmp, fmt):
 
 @pytest.mark.slow
 def test_stream_refusal_names_the_stacked_tensor(tmp):
-    stacked, info, layer, before, ptrs = _layer(tmp)
+    stacked, _, layer, before, ptrs = _layer(tmp)
     stream = UpdateStream(live_of(layer), layer.descriptor)
     gu, dn = sorted(stacked, key=lambda n: "down" in n)
     bad = stacked[dn].clone()

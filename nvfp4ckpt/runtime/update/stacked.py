@@ -101,7 +101,8 @@ def expand(
                 have = next(iter(sent.values()))
                 raise InputError(f"{have}: sent without {have.rpartition('.')[0]}.{missing[0]}; an update of stacked (transformers-5) "
                                  "experts sends every stacked projection of the layer (an UpdateStream takes them one call at a time)")  # fmt: skip
-    rest = {n: t for n, t in named.items() if n not in set(found)}
+    sent_stacked = set(found)
+    rest = {n: t for n, t in named.items() if n not in sent_stacked}
     return {**rest, **out}, ignored, labels
 
 
