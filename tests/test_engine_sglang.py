@@ -668,3 +668,35 @@ def test_custom_weight_loader_takes_bf16_expert_weights(tmp_path_factory, fmt):
     layout = _cfg(conv)["quantization_config"]["moe_kernel_layout"]
     check_live_(plugin.live_tensors(model), src, layout, input_scale_maxima=plugin.input_scale_maxima(model))
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_custom_weight_loader_takes_transformers5_stacked_experts(tmp_path_factory, fmt):
+    """A transformers-5 trainer's whole state dict through the plugin's loader: this layer's stacked experts
+    (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj``) are written in place as the producer's checkpoint;
+    everything else (the other layer's experts included: a layer this process does not hold) reaches SGLang's own
+    loader under the names sent."""
+    from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
+    from tests.test_live_update_bf16 import made
+    from tests.test_live_update_stacked import stacked_of
+
+    state, src, conv = made("qwen3_moe", fmt, tmp_path_factory.mktemp("sglang-stacked"))
+    prefix = _prefixes(conv)[0]
+    layer = _plugin_layer(conv, prefix)
+    expected = _payload(_plugin_layer(conv, prefix), 256)
+    model = torch.nn.Module()
+    model.add_module("experts", layer)
+    ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
+    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
+        u8(getattr(layer, name).data).fill_(0x11)  # stale weights, to be replaced
+    forwarded: list[str] = []
+    model.load_weights = lambda pairs: forwarded.extend(n for n, _ in pairs)
+    _begin_weight_update(model)
+    plugin.load_weights(model, list(state.items()))
+    _end_weight_update(model)
+    assert sorted(forwarded) == sorted(set(state) - set(stacked_of(state, prefix)))
+    assert_same_payload(_payload(layer, 256), expected)
+    layout = _cfg(conv)["quantization_config"]["moe_kernel_layout"]
+    check_live_(plugin.live_tensors(model), src, layout, input_scale_maxima=plugin.input_scale_maxima(model))
+    assert {n: p.data_ptr() for n, p in layer.named_parameters()} == ptrs

@@ -21,6 +21,7 @@ import torch
 # nvfp4ckpt imports (kept together: the restructure re-points them)
 from ...errors import EngineRefusalError
 from ...runtime.update import UpdateReport, update_live_
+from ...runtime.update.stacked import expand_for_layout, named_as_sent
 from .loader import plugin_layers
 from .moe import KERNEL, RAW_CT, TrtllmCompressedTensorsMoE, TrtllmModelOptMoE
 
@@ -71,10 +72,14 @@ def update_from_source_(
             maxima[prefix] = (float(layer.w13_input_scale[0]), float(layer.w2_input_scale[0]))
     if len(parts) > 1:
         raise EngineRefusalError("plugin layers of one model read different rank parts; this cannot happen with one descriptor")
+    # transformers-5 stacked experts (gate_up_proj [E, 2I, H], ...) as per-expert views first: the input scales
+    # below are added per expert
+    named_tensors, labels = expand_for_layout(named_tensors, layout, ignore_unknown)
     _check_gate_up(named_tensors, layout)
     named_tensors = _with_vllm_input_scales(named_tensors, layout, maxima)
-    report = update_live_(live, named_tensors, layout, rank=parts.pop() if parts else None,
-                          input_scale_maxima=maxima, ignore_unknown=ignore_unknown)  # fmt: skip
+    with named_as_sent(labels):
+        report = update_live_(live, named_tensors, layout, rank=parts.pop() if parts else None,
+                              input_scale_maxima=maxima, ignore_unknown=ignore_unknown)  # fmt: skip
     for prefix, done in report.layers.items():
         layer = by_prefix[prefix]
         method = layer.quant_method

@@ -28,6 +28,7 @@ from typing import Mapping
 from ..._lazy import torch
 from ...errors import InputError, LiveMismatchError
 from ...source.checkpoint import open_checkpoint
+from . import stacked
 from .check import _compare
 from .names import Context
 from .plan import check_aliasing, plan_layer
@@ -76,16 +77,21 @@ def _update_live(
     """update_live_; ``known_inputs`` (prefix -> expert -> current (max w13, w2) input scale) adds what an
     UpdateStream has already applied to what live shows."""
     start = time.perf_counter()
-    grouped, ignored = ctx.group(named_tensors, ignore_unknown)
-    if ignore_unknown:  # e.g. pipeline parallelism: layers this process does not hold
-        for prefix in [p for p in grouped if not any(k.startswith(p + ".") for k in live)]:
-            ignored += sorted(grouped.pop(prefix)["names"].values())
-    plans = [
-        plan_layer(ctx, prefix, entries, live, (input_scale_maxima or {}).get(prefix), known=(known_inputs or {}).get(prefix))
-        for prefix, entries in grouped.items()
-    ]
-    check_aliasing(plans)
-    copied = write_plans(plans)  # nothing is written before every layer has been validated
+    # transformers-5 stacked experts (gate_up_proj [E, 2I, H], ...) become per-expert views under the source's names
+    named_tensors, ignored_stacked, labels = stacked.expand(ctx, named_tensors, ignore_unknown)
+    with stacked.named_as_sent(labels):
+        grouped, ignored = ctx.group(named_tensors, ignore_unknown)
+        ignored += ignored_stacked
+        if ignore_unknown:  # e.g. pipeline parallelism: layers this process does not hold
+            for prefix in [p for p in grouped if not any(k.startswith(p + ".") for k in live)]:
+                names = grouped.pop(prefix)["names"].values()
+                ignored += sorted({labels[n].partition("[")[0] if n in labels else n for n in names})  # as sent
+        plans = [
+            plan_layer(ctx, prefix, entries, live, (input_scale_maxima or {}).get(prefix), known=(known_inputs or {}).get(prefix))
+            for prefix, entries in grouped.items()
+        ]
+        check_aliasing(plans)
+        copied = write_plans(plans)  # nothing is written before every layer has been validated
     return UpdateReport(
         layers={p.target.info.prefix: p.report for p in plans}, ignored=ignored, bytes_copied=copied,
         seconds=time.perf_counter() - start,
@@ -120,10 +126,13 @@ def check_live(
         if not checked:
             raise InputError(f"{ckpt.root}: none of its MoE layers has live tensors to check")
         return LiveCheck(True, f"live tensors equal the kernel layout of {ckpt.root} ({checked} experts)", checked_experts=checked, unchecked=unchecked)
-    grouped, _ = ctx.group(source, False)
+    source, _, labels = stacked.expand(ctx, source, False)
+    with stacked.named_as_sent(labels):
+        grouped, _ = ctx.group(source, False)
     checked, unchecked = 0, []
     for prefix, entries in grouped.items():
-        plan = plan_layer(ctx, prefix, entries, live, (input_scale_maxima or {}).get(prefix), for_check=True)
+        with stacked.named_as_sent(labels):
+            plan = plan_layer(ctx, prefix, entries, live, (input_scale_maxima or {}).get(prefix), for_check=True)
         result = _compare(plan)
         if not result.ok:
             return result

@@ -6,6 +6,7 @@ from typing import Mapping
 
 from ..._lazy import torch
 from ...errors import StaleScalarError
+from . import stacked
 from .names import _FUSED_ROLES, KINDS, Context
 from .results import UpdateReport
 
@@ -44,12 +45,17 @@ class UpdateStream:
         self.applied: dict[str, set[int]] = {}  # layer prefix -> experts applied by this stream so far
         self.known: dict[str, dict[int, tuple[float, float]]] = {}  # their input scales: later a1/a2 decisions see them
         self.ignored: list[str] = []
+        self.labels: dict[str, str] = {}  # per-expert view name -> the stacked tensor it came from (for messages)
         self.reports: list[UpdateReport] = []
 
     def add(self, named_tensors: Mapping[str, torch.Tensor]) -> list[UpdateReport]:
         """Hold these tensors; apply what is ready. Returns the updates applied by this call."""
-        grouped, ignored = self.ctx.group(named_tensors, self.ignore_unknown)  # validates names now
-        self.ignored += ignored
+        # transformers-5 stacked experts: per-expert views, held like per-expert tensors (in any grouping)
+        named_tensors, ignored_stacked, labels = stacked.expand(self.ctx, named_tensors, self.ignore_unknown, complete=False)
+        self.labels.update(labels)
+        with stacked.named_as_sent(self.labels):
+            grouped, ignored = self.ctx.group(named_tensors, self.ignore_unknown)  # validates names now
+        self.ignored += ignored_stacked + ignored
         for prefix, entries in grouped.items():
             held = self.pending.setdefault(prefix, {})
             held.update({name: named_tensors[name] for name in entries["names"].values()})
@@ -112,8 +118,9 @@ class UpdateStream:
     def _apply(self, prefix: str, names: list[str], defer: bool) -> list[UpdateReport]:
         held = self.pending[prefix]
         try:
-            report = _update_live(self.ctx, self.live, {n: held[n] for n in names}, self.maxima, self.ignore_unknown,
-                                  self.known)  # fmt: skip
+            with stacked.named_as_sent(self.labels):
+                report = _update_live(self.ctx, self.live, {n: held[n] for n in names}, self.maxima, self.ignore_unknown,
+                                      self.known)  # fmt: skip
         except StaleScalarError:
             if defer:
                 return []
