@@ -74,11 +74,12 @@ def update_from_source_(
         raise EngineRefusalError("plugin layers of one model read different rank parts; this cannot happen with one descriptor")
     # transformers-5 stacked experts (gate_up_proj [E, 2I, H], ...) as per-expert views first: the input scales
     # below are added per expert
-    named_tensors, labels = expand_for_layout(named_tensors, layout, ignore_unknown)
+    rank = next(iter(parts)) if parts else None
+    named_tensors, labels = expand_for_layout(named_tensors, layout, ignore_unknown, rank)
     _check_gate_up(named_tensors, layout)
     named_tensors = _with_vllm_input_scales(named_tensors, layout, maxima)
     with named_as_sent(labels):
-        report = update_live_(live, named_tensors, layout, rank=parts.pop() if parts else None,
+        report = update_live_(live, named_tensors, layout, rank=rank,
                               input_scale_maxima=maxima, ignore_unknown=ignore_unknown)  # fmt: skip
     for prefix, done in report.layers.items():
         layer = by_prefix[prefix]

@@ -186,11 +186,13 @@ def named_as_sent(labels: Mapping[str, str]) -> Iterator[None]:
         raise type(exc)(pattern.sub(lambda m: labels[m.group(0)], text)) from None
 
 
-def expand_for_layout(named: Mapping[str, torch.Tensor], layout: dict, ignore_unknown: bool = False) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
+def expand_for_layout(
+    named: Mapping[str, torch.Tensor], layout: dict, ignore_unknown: bool = False, rank: int | None = None,
+) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:  # fmt: skip
     """:func:`expand` for a caller that holds a layout descriptor, not a Context (engine plugins that rewrite
     per-expert names before ``update_live_``): (expanded tensors, view name -> name sent). Stacked names of layers
     outside the layout stay in the mapping (``update_live_`` ignores or refuses them)."""
-    ctx = Context(layout, None)
+    ctx = Context(layout, rank)  # rank-sharded layouts need the rank the live tensors belong to
     out, ignored, labels = expand(ctx, named, ignore_unknown)
     if ignored:
         out = {**out, **{n: named[n] for n in ignored}}
