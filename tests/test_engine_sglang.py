@@ -639,16 +639,12 @@ def test_moe_layer_under_another_name_is_refused(example_factory, tmp_path):
         _build(qc, cfg, "model.layers.0.block_sparse_moe.experts")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_custom_weight_loader_takes_bf16_expert_weights(tmp_path_factory, fmt):
-    """update_weights_from_tensor through the plugin's loader with a trainer's unquantized (bf16) expert weights:
-    quantized as the producer does, the live layer equals the plugin layer loaded from the producer's converted
-    checkpoint (real ModelOpt / llm-compressor output of the same bf16 model), in the same storage."""
-    from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
-    from tests.test_live_update_bf16 import bf16_experts, made
+def _stale_bf16_model(fmt: str, tmp):
+    """A producer checkpoint of a seeded bf16 Qwen3-MoE and its conversion; a plugin layer of its first MoE layer with
+    stale weights in a model, what that layer holds when loaded from the conversion, and its parameters' pointers."""
+    from tests.test_live_update_bf16 import made
 
-    state, src, conv = made("qwen3_moe", fmt, tmp_path_factory.mktemp("sglang-bf16"))
+    state, src, conv = made("qwen3_moe", fmt, tmp)
     prefix = _prefixes(conv)[0]
     layer = _plugin_layer(conv, prefix)
     expected = _payload(_plugin_layer(conv, prefix), 256)
@@ -657,6 +653,19 @@ def test_custom_weight_loader_takes_bf16_expert_weights(tmp_path_factory, fmt):
     ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
     for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
         u8(getattr(layer, name).data).fill_(0x11)  # stale weights, to be replaced
+    return state, src, conv, prefix, model, layer, expected, ptrs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_custom_weight_loader_takes_bf16_expert_weights(tmp_path_factory, fmt):
+    """update_weights_from_tensor through the plugin's loader with a trainer's unquantized (bf16) expert weights:
+    quantized as the producer does, the live layer equals the plugin layer loaded from the producer's converted
+    checkpoint (real ModelOpt / llm-compressor output of the same bf16 model), in the same storage."""
+    from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
+    from tests.test_live_update_bf16 import bf16_experts
+
+    state, src, conv, prefix, model, layer, expected, ptrs = _stale_bf16_model(fmt, tmp_path_factory.mktemp("sglang-bf16"))
     named = bf16_experts(state, prefix, open_converted(conv).layer(prefix))
     forwarded: list[str] = []
     model.load_weights = lambda pairs: forwarded.extend(n for n, _ in pairs)
@@ -678,18 +687,9 @@ def test_custom_weight_loader_takes_transformers5_stacked_experts(tmp_path_facto
     everything else (the other layer's experts included: a layer this process does not hold) reaches SGLang's own
     loader under the names sent."""
     from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
-    from tests.test_live_update_bf16 import made
     from tests.test_live_update_stacked import stacked_of
 
-    state, src, conv = made("qwen3_moe", fmt, tmp_path_factory.mktemp("sglang-stacked"))
-    prefix = _prefixes(conv)[0]
-    layer = _plugin_layer(conv, prefix)
-    expected = _payload(_plugin_layer(conv, prefix), 256)
-    model = torch.nn.Module()
-    model.add_module("experts", layer)
-    ptrs = {n: p.data_ptr() for n, p in layer.named_parameters()}
-    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
-        u8(getattr(layer, name).data).fill_(0x11)  # stale weights, to be replaced
+    state, src, conv, prefix, model, layer, expected, ptrs = _stale_bf16_model(fmt, tmp_path_factory.mktemp("sglang-stacked"))
     forwarded: list[str] = []
     model.load_weights = lambda pairs: forwarded.extend(n for n, _ in pairs)
     _begin_weight_update(model)

@@ -696,14 +696,18 @@ def test_entry_point_registers_through_vllm(converted):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form", ["per-expert", "stacked"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_update_from_source_takes_bf16_expert_weights(tmp_path_factory, fmt):
-    """A trainer's unquantized (bf16) expert weights through the vLLM plugin's RL path: quantized as the producer
-    does, the live layer equals the plugin layer loaded from the producer's converted checkpoint (real ModelOpt /
-    llm-compressor output of the same bf16 model), with no shuffle call and the same storage."""
+def test_update_from_source_takes_bf16_expert_weights(tmp_path_factory, fmt, form):
+    """A trainer's unquantized (bf16) expert weights through the vLLM plugin's RL path, per expert or as a
+    transformers-5 model's stacked experts (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj``: expanded to
+    per-expert views before vLLM's input scales are filled in): quantized as the producer does, the live layer equals
+    the plugin layer loaded from the producer's converted checkpoint (real ModelOpt / llm-compressor output of the
+    same bf16 model), with no shuffle call and the same storage."""
     from nvfp4ckpt.engines.vllm.rl import update_from_source_
     from nvfp4ckpt.layouts.trtllm_gen.converted import open_converted
     from tests.test_live_update_bf16 import bf16_experts, made
+    from tests.test_live_update_stacked import stacked_of
 
     state, _, conv = made("qwen3_moe", fmt, tmp_path_factory.mktemp("vllm-bf16"))
     prefix = _moe_prefixes(conv)[0]
@@ -714,35 +718,10 @@ def test_update_from_source_takes_bf16_expert_weights(tmp_path_factory, fmt):
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
         getattr(layer, name).data.view(torch.uint8).fill_(0x11)  # stale weights, to be replaced
-    named = bf16_experts(state, prefix, open_converted(conv).layer(prefix))
-    layout = _config(conv)["quantization_config"]["moe_kernel_layout"]
-    with shuffle_forbidden():
-        report = update_from_source_(model, named, layout)
-    assert report.layers[prefix].experts == list(range(len(report.layers[prefix].experts))) and report.layers[prefix].experts
-    assert_same_state(want, forward_state(layer))
-    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_update_from_source_takes_transformers5_stacked_experts(tmp_path_factory, fmt):
-    """A transformers-5 trainer's stacked experts (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj``) through
-    the vLLM plugin's RL path: expanded to per-expert views before vLLM's input scales are filled in, the live layer
-    equals the plugin layer loaded from the producer's converted checkpoint of the same bf16 model."""
-    from nvfp4ckpt.engines.vllm.rl import update_from_source_
-    from tests.test_live_update_bf16 import made
-    from tests.test_live_update_stacked import stacked_of
-
-    state, _, conv = made("qwen3_moe", fmt, tmp_path_factory.mktemp("vllm-stacked"))
-    prefix = _moe_prefixes(conv)[0]
-    par = (1, 0, 1, 0)
-    layer = plugin_layer(conv, prefix, par)
-    want = forward_state(plugin_layer(conv, prefix, par))
-    model = torch.nn.ModuleDict({"experts": layer})
-    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
-    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
-        getattr(layer, name).data.view(torch.uint8).fill_(0x11)  # stale weights, to be replaced
-    named = stacked_of(state, prefix)
+    if form == "stacked":
+        named = stacked_of(state, prefix)
+    else:
+        named = bf16_experts(state, prefix, open_converted(conv).layer(prefix))
     layout = _config(conv)["quantization_config"]["moe_kernel_layout"]
     with shuffle_forbidden():
         report = update_from_source_(model, named, layout)
