@@ -195,6 +195,32 @@ def global_scale_compressed_tensors(weights: Sequence[torch.Tensor]) -> torch.Te
     return _ct_global_scale(_batched(weights))
 
 
+def global_scales_many(
+    groups: Sequence[Sequence[torch.Tensor]], fmt: Literal["modelopt", "compressed-tensors"], *,
+    divide_like: Literal["cpu", "cuda"] = "cpu",
+) -> torch.Tensor | None:  # fmt: skip
+    """The global scale of many groups at once (one expert's gate and up, or its down, per group; all of one dtype
+    and device): float32 ``[len(groups)]``, each value exactly what :func:`global_scale_modelopt` /
+    :func:`global_scale_compressed_tensors` give that group alone. ``max |w|`` is taken with
+    ``torch._foreach_norm(inf)`` (a max: exact in any dtype), a few launches for every tensor and one host sync,
+    where the per-group functions launch several reductions and sync once per group (an RL update's hundreds of
+    experts). None when a group has a NaN, an inf or a zero scale: the caller asks the per-group functions, whose
+    errors name the tensor."""
+    flat = [w for g in groups for w in g]
+    if not flat or len({(w.dtype, w.device) for w in flat}) != 1:
+        return None
+    norms = torch.stack(torch._foreach_norm(flat, float("inf")))  # per tensor, in the weight dtype
+    if not bool(torch.isfinite(norms).all()):
+        return None
+    ids = torch.tensor([k for k, g in enumerate(groups) for _ in g], device=norms.device)
+    amax = torch.zeros(len(groups), dtype=norms.dtype, device=norms.device)
+    amax.scatter_reduce_(0, ids, norms, "amax", include_self=False)  # per group: a max, exact
+    try:
+        return _ws2_of(amax, divide_like) if fmt == "modelopt" else _ct_from_amax(amax)
+    except ValueError:  # a zero scale (ModelOpt)
+        return None
+
+
 def _modelopt_ws2(ws: list[torch.Tensor], divide_like: str) -> torch.Tensor:
     if divide_like not in ("cpu", "cuda"):
         raise ValueError(f"divide_like must be 'cpu' or 'cuda', not {divide_like!r}")
@@ -232,8 +258,11 @@ def _given_ws2(ws2: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _ct_global_scale(ws: list[torch.Tensor]) -> torch.Tensor:
-    dtype = ws[0].dtype
-    amax = _group_amax(ws)  # in the weight dtype, as the observers keep min/max
+    return _ct_from_amax(_group_amax(ws))  # in the weight dtype, as the observers keep min/max
+
+
+def _ct_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    dtype = amax.dtype
     # compressed_tensors.quantization.utils.helpers.generate_gparam: 448 * 6 / clamp(amax, finfo.tiny), where
     # `python float / tensor` is Tensor.__rtruediv__ = reciprocal() * float, each rounded to the weight dtype.
     gs = amax.clamp(min=torch.finfo(dtype).tiny).reciprocal() * (E4M3_MAX * E2M1_MAX)

@@ -448,3 +448,24 @@ def test_cuda_gives_the_cpu_bytes(fmt):
         cpu = _bytes(QUANTIZE[fmt](ws))
         cuda = _bytes(QUANTIZE[fmt]([w.cuda() for w in ws]))
         assert all(torch.equal(x, y.cpu()) for a, b in zip(cpu, cuda) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_global_scales_many_equals_one_group_at_a_time(dtype, fmt):
+    """The batched global scales an RL update takes for hundreds of experts: bit for bit the per-group functions'
+    values (gate+up groups and down groups, strided views among them); None for a NaN, an inf or an all-zero group,
+    so that the per-group functions name it."""
+    g = torch.Generator().manual_seed(7)
+    groups = [[torch.randn(64, 128, generator=g).to(dtype) * (k + 1) / 50, torch.randn(64, 128, generator=g).to(dtype)] for k in range(12)]
+    groups += [[torch.randn(128, 64, generator=g).to(dtype).t()] for _ in range(12)]
+    one = pq.global_scale_modelopt if fmt == "modelopt" else pq.global_scale_compressed_tensors
+    got = pq.global_scales_many(groups, fmt)
+    want = torch.cat([one(grp) for grp in groups])
+    assert got is not None and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    for bad in (float("nan"), float("inf")):
+        w = torch.ones(8, 16, dtype=dtype)
+        w[3, 5] = bad
+        assert pq.global_scales_many([*groups, [w]], fmt) is None
+    if fmt == "modelopt":
+        assert pq.global_scales_many([*groups, [torch.zeros(8, 16, dtype=dtype)]], fmt) is None

@@ -134,8 +134,15 @@ def global_scales(ctx: Context, prefix: str, entries: dict, dense: dict[int, dic
     scalar_dtype = torch.float32 if info.scalar_dtype == "F32" else getattr(torch, _SCALAR[info.scalar_dtype])
     shape = (1,) if ctx.fmt.global_scales_reciprocal else ()
     shared = entries.get("fused_scales")  # fused Llama-4 tensors: one scale per tensor, from split_fused
+    batched = _batched_scales(ctx, info, dense) if shared is None else None
     for e, roles in dense.items():
         for group in _groups(info.roles):
+            if batched is not None:
+                value = batched[(e, group)].reshape(shape).to(scalar_dtype)
+                for r in group:
+                    entries["experts"][e][r]["weight_global"] = value
+                    entries["names"].setdefault((e, r, "weight_global"), entries["names"][(e, r, "dense")])
+                continue
             if shared is not None:
                 value = shared[group[0]].reshape(shape).to(scalar_dtype)
                 for r in group:
@@ -223,6 +230,19 @@ def _groups(roles: tuple[str, ...]) -> list[tuple[str, ...]]:
     """Projections sharing one global scale: gate and up (both producers fuse them), down alone."""
     gated = tuple(r for r in roles if r != "down")
     return [gated, ("down",)]
+
+
+def _batched_scales(ctx: Context, info, dense: dict[int, dict[str, torch.Tensor]]) -> dict | None:
+    """Every dense expert's global scales in one pass ((expert, group) -> float32 0-d), or None when the weights
+    differ in dtype or device or one is refused (the per-expert path then names the tensor)."""
+    keys = [(e, group) for e in dense for group in _groups(info.roles)]
+    if len(keys) < 2:
+        return None
+    fmt = "modelopt" if ctx.fmt.name == "modelopt" else "compressed-tensors"
+    scales = producer_quant.global_scales_many([[dense[e][r] for r in group] for e, group in keys], fmt, divide_like=MODELOPT_DIVIDE)
+    if scales is None:
+        return None
+    return dict(zip(keys, scales.unbind(0)))
 
 
 def _global_scale(ctx: Context, weights: list[torch.Tensor]) -> torch.Tensor:
