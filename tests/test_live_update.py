@@ -618,3 +618,20 @@ def test_update_stream_refuses_an_incomplete_expert_at_finish(converted):
     assert_untouched(layer, before, ptrs)
     with pytest.raises(UnknownTensorError):
         stream.add({"model.layers.1.mlp.experts.5.down_proj.bias": named[f"{prefix}.5.down_proj.weight"]})
+
+
+def test_name_cache_holds_a_whole_model():
+    """A whole-model update sends the same names every step in the same order: the parse cache must hold them all
+    (an LRU cache smaller than the set misses on every lookup). A Kimi-K2-sized name set, twice: all hits."""
+    from nvfp4ckpt.runtime.update import names
+
+    names._parse_name.cache_clear()
+    ns = [f"model.layers.{l}.mlp.experts.{e}.{p}.{s}" for l in range(60) for e in range(384)
+          for p in ("gate_proj", "up_proj", "down_proj") for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")]  # fmt: skip
+    for n in ns:
+        names._parse_name("deepseek_v3", "modelopt", n)
+    before = names._parse_name.cache_info().hits
+    for n in ns:
+        names._parse_name("deepseek_v3", "modelopt", n)
+    assert names._parse_name.cache_info().hits - before == len(ns)
+    names._parse_name.cache_clear()

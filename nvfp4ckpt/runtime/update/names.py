@@ -149,7 +149,10 @@ class Context:
 
 
 
-@lru_cache(maxsize=1 << 16)
+# Larger than a whole model's expert tensor names (Qwen3-30B-A3B: 73,728; DeepSeek-V3: 178,176; Kimi-K2: 276,480):
+# an RL run sends the same names every step in the same order, and an LRU cache smaller than that set misses on
+# every lookup (each name is evicted just before it comes round again). About 300 bytes an entry.
+@lru_cache(maxsize=1 << 19)
 def _parse_name(arch_name: str, fmt_name: str, name: str) -> tuple[str, int | None, str, str] | None:
     """A source name as (module prefix, expert or None for fused, role, kind) under an architecture's naming and a
     format's suffixes (cached: an RL run sends the same names every step)."""
