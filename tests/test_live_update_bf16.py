@@ -139,11 +139,7 @@ def test_bf16_refusals_write_nothing(tmp):
         ("int dtype", BadTensorError, rf"{down}: is torch.int16", {**named, down: named[down].to(torch.int16)}),
         ("not whole", InputError, r"expert 7 has unquantized weights for gate, up but not", {k: v for k, v in named.items() if k != down}),
     ]
-    for what, error, pattern, bad in cases:
-        with pytest.raises(error, match=pattern) as exc:
-            layer.update_(bad)
-        assert "\n" not in str(exc.value), what
-        assert_untouched(layer, before, ptrs)
+    assert_each_refused(layer, cases, before, ptrs)
 
 
 @pytest.mark.slow
@@ -416,3 +412,12 @@ def test_fused_names_under_compressed_tensors_say_only_modelopt_has_them(example
             update_live_(live, {f"{info.prefix}.gate_up_proj": torch.zeros(e, h, 2 * i, dtype=torch.bfloat16)},
                          layer.descriptor, ignore_unknown=ignore)  # fmt: skip
     assert_untouched(layer, before, ptrs)
+
+
+def assert_each_refused(layer, cases, before, ptrs) -> None:
+    """Each (what, error, message pattern, tensors) update is refused with one line and writes nothing."""
+    for what, error, pattern, bad in cases:
+        with pytest.raises(error, match=pattern) as exc:
+            layer.update_(bad)
+        assert "\n" not in str(exc.value), what
+        assert_untouched(layer, before, ptrs)
