@@ -4,7 +4,7 @@ per-expert loop and a plain copy of the same bytes.
 
     python scripts/bench_reload.py [--device cpu|cuda] [--shape qwen3-30b-a3b --shape deepseek-v3] [--experts N]
                                    [--repeats 5] [--threads N] [--source-device cpu] [--json out.json]
-                                   [--model-layers 48] [--bf16] [--host-overhead]
+                                   [--model-layers 48 [--only-model]] [--bf16] [--host-overhead]
 
 ``--model-layers N``: also every MoE layer of an N-layer model of the shape at once (model-level update_live_ and
 UpdateStream fed one tensor per add(), against the sum of the per-layer floors). ``--bf16``: unquantized sources
@@ -454,6 +454,7 @@ def main() -> int:
     ap.add_argument("--model-layers", type=int, help="also update every MoE layer of a model of --shape at once (e.g. 48)")
     ap.add_argument("--host-overhead", action="store_true", help="only time the GPU path's host work (runs on the CPU)")
     ap.add_argument("--bf16", action="store_true", help="unquantized bf16 sources (issue 21) instead of NVFP4 ones")
+    ap.add_argument("--only-model", action="store_true", help="with --model-layers: skip the per-layer runs")
     args = ap.parse_args()
     if args.host_overhead:
         for shape in args.shape or sorted(SHAPES, reverse=True):
@@ -465,23 +466,26 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     results = []
-    for shape in args.shape or sorted(SHAPES, reverse=True):
+
+    def keep(r: dict, text: str) -> None:
+        """Print a result and rewrite the JSON with everything so far: a run stopped by a time limit keeps its rows."""
+        results.append(r)
+        print(text + "\n", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
+    for shape in [] if args.only_model else args.shape or sorted(SHAPES, reverse=True):
         if args.bf16:
             for fmt in ("modelopt", "compressed-tensors"):
                 r = bench_bf16(shape, args.experts, dev, args.repeats, fmt)
-                results.append(r)
-                print(table(r) + "\n", flush=True)
+                keep(r, table(r))
             continue
         r = bench_shape(shape, args.experts, dev, args.repeats, torch.device(args.source_device) if args.source_device else None)
-        results.append(r)
-        print(table(r) + "\n", flush=True)
+        keep(r, table(r))
     if args.model_layers:
         for shape in args.shape or ["qwen3-30b-a3b"]:
             r = bench_model(shape, args.model_layers, dev, args.repeats)
-            results.append(r)
-            print(model_table(r) + "\n", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+            keep(r, model_table(r))
     return 0 if all(r.get("identical_bytes", True) for r in results) else 1
 
 
