@@ -121,18 +121,28 @@ class Context:
             prefix, expert, role, kind = hit
             if kind in ("weight", "dense"):
                 kind = _weight_kind(name, tensor, kind, expert)
-            layer = grouped.setdefault(prefix, {"experts": {}, "fused": {}, "names": {}})
-            other = layer["names"].get((expert, role, kind))
+            layer = grouped.get(prefix)  # (get, then create: setdefault would build the empty dicts per tensor)
+            if layer is None:
+                layer = grouped[prefix] = {"experts": {}, "fused": {}, "names": {}}
+            names = layer["names"]
+            key = (expert, role, kind)
+            other = names.get(key)
             if other is not None:
                 what = f"expert {expert} {role} {kind}" if expert is not None else f"fused {role} {kind}"
                 raise DuplicateTensorError(f"{other} and {name}: two names for {prefix} {what}; send each tensor once")
             if expert is None:
                 layer["fused"].setdefault(role, {})[kind] = tensor
             else:
-                if expert >= self.targets[prefix].info.num_experts:
-                    raise UnknownTensorError(f"{name}: expert {expert} but {prefix} has {self.targets[prefix].info.num_experts} experts")
-                layer["experts"].setdefault(expert, {}).setdefault(role, {})[kind] = tensor
-            layer["names"][(expert, role, kind)] = name
+                if expert >= targets[prefix].info.num_experts:
+                    raise UnknownTensorError(f"{name}: expert {expert} but {prefix} has {targets[prefix].info.num_experts} experts")
+                by_role = layer["experts"].get(expert)
+                if by_role is None:
+                    by_role = layer["experts"][expert] = {}
+                kinds = by_role.get(role)
+                if kinds is None:
+                    kinds = by_role[role] = {}
+                kinds[kind] = tensor
+            names[key] = name
         return grouped, ignored
 
     def _fused_elsewhere(self, name: str) -> bool:

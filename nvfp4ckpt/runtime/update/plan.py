@@ -368,9 +368,12 @@ def check_aliasing(plans: list[Plan]) -> None:
             if not live_spans:
                 continue
             s0 = t.data_ptr()
-            if t.dim() == 2:  # _extent inlined: once per source tensor
+            d = t.dim()
+            if d == 2:  # _extent inlined: once per source tensor
                 (n, c), (st, u) = t.shape, t.stride()
                 s1 = s0 + ((n - 1) * st + (c - 1) * u + 1) * t.element_size() if n and c else s0
+            elif d < 2 and t.numel() == 1:  # a scalar ([] or [1]: the checks allow one value)
+                s1 = s0 + t.element_size()
             else:
                 s0, s1 = _extent(t)
             k = bisect_right(live_spans, (s1,)) - 1  # the last live span starting before the source ends
