@@ -222,7 +222,7 @@ def global_scales_many(
 
 
 def _modelopt_ws2(ws: list[torch.Tensor], divide_like: str) -> torch.Tensor:
-    if divide_like not in ("cpu", "cuda"):
+    if divide_like not in ("cpu", "cuda"):  # before the reduction (_ws2_of checks it again for its other callers)
         raise ValueError(f"divide_like must be 'cpu' or 'cuda', not {divide_like!r}")
     return _ws2_of(_group_amax(ws), divide_like)
 

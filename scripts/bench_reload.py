@@ -183,6 +183,21 @@ def u8(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def copy_floor(meter: "Meter", nbytes: int, dev: torch.device, repeats: int) -> tuple[float, int]:
+    """(median seconds, extra bytes) of one ``Tensor.copy_`` of ``nbytes`` between two touched buffers on ``dev``."""
+    dst = torch.zeros(nbytes, dtype=torch.uint8, device=dev)  # touched: page faults are not the copy's cost
+    src = torch.ones(nbytes, dtype=torch.uint8, device=dev)
+    return meter.median(lambda: dst.copy_(src), repeats)
+
+
+def about(shape: str, e: int, e_full: int, h: int, i: int, layer_bytes: int, dev: torch.device) -> dict:
+    """What every per-layer result says of its run: the shape, the bytes the floor is of, the device."""
+    return {
+        "shape": shape, "experts": e, "experts_full": e_full, "hidden": h, "intermediate": i, "layer_bytes": layer_bytes,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
 def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int, src_dev: torch.device | None = None) -> dict:
     arch, e_full, h, i = SHAPES[shape]
     e = experts or e_full
@@ -244,15 +259,9 @@ def bench_shape(shape: str, experts: int | None, dev: torch.device, repeats: int
     flat = torch.zeros(layer_bytes, dtype=torch.uint8, device=dev)  # touched: page faults are not the copy's cost
     t, m = meter.median(lambda: copy_per_tensor(src, flat), repeats)
     rows["copy floor: Tensor.copy_ per source tensor"] = {"s": t, "extra_bytes": m}
-    whole = torch.ones(layer_bytes, dtype=torch.uint8, device=dev)
-    t, m = meter.median(lambda: flat.copy_(whole), repeats)
+    t, m = copy_floor(meter, layer_bytes, dev, repeats)
     rows["copy floor: one layer-sized Tensor.copy_"] = {"s": t, "extra_bytes": m}
-    return {
-        "shape": shape, "experts": e, "experts_full": e_full, "hidden": h, "intermediate": i, "layer_bytes": layer_bytes,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(),
-        "source_device": str(src_dev or dev),
-        "identical_bytes": identical, "rows": rows,
-    }  # fmt: skip
+    return {**about(shape, e, e_full, h, i, layer_bytes, dev), "source_device": str(src_dev or dev), "identical_bytes": identical, "rows": rows}
 
 
 def _capture(live: dict, src: dict, layout: dict) -> str:
@@ -293,9 +302,7 @@ def bench_model(shape: str, layers: int, dev: torch.device, repeats: int) -> dic
 
     t, m = meter.median(stream, repeats)
     rows["UpdateStream, one tensor per add()"] = {"s": t, "extra_bytes": m}
-    a = torch.zeros(layer_bytes, dtype=torch.uint8, device=dev)
-    b = torch.ones(layer_bytes, dtype=torch.uint8, device=dev)
-    t, m = meter.median(lambda: a.copy_(b), repeats)
+    t, m = copy_floor(meter, layer_bytes, dev, repeats)
     rows["floor: one layer-sized copy x layers"] = {"s": t * layers, "extra_bytes": m}
     return {"shape": shape, "layers": layers, "model_bytes": layer_bytes * layers, "rows": rows,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}  # fmt: skip
@@ -429,16 +436,11 @@ def bench_bf16(shape: str, experts: int | None, dev: torch.device, repeats: int,
     rows[f"engine refit: {which} + per-expert shuffle loop, warm"] = {"s": t, "extra_bytes": m}
     bf16_bytes = sum(v.numel() * v.element_size() for n, v in src.items() if n.endswith(".weight"))
     fp4_bytes = sum(live[f"{PREFIX}.{k}"].numel() for k in KERNEL)
-    moved = (bf16_bytes + fp4_bytes) // 2  # a copy of n bytes reads n and writes n
-    a = torch.zeros(moved, dtype=torch.uint8, device=dev)
-    b = torch.ones(moved, dtype=torch.uint8, device=dev)
-    t, m = meter.median(lambda: a.copy_(b), repeats)
+    t, m = copy_floor(meter, (bf16_bytes + fp4_bytes) // 2, dev, repeats)  # a copy of n bytes reads n and writes n
     rows["memory floor: bf16 read + FP4 written, at copy bandwidth"] = {"s": t, "extra_bytes": m}
     return {
-        "shape": shape, "experts": e, "experts_full": e_full, "hidden": h, "intermediate": i, "layer_bytes": fp4_bytes,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads(),
-        "source_device": str(dev), "format": fmt, "identical_bytes": identical, "rows": rows,
-        "floor_key": "memory floor: bf16 read + FP4 written, at copy bandwidth",
+        **about(shape, e, e_full, h, i, fp4_bytes, dev), "source_device": str(dev), "format": fmt, "identical_bytes": identical,
+        "rows": rows, "floor_key": "memory floor: bf16 read + FP4 written, at copy bandwidth",
     }  # fmt: skip
 
 

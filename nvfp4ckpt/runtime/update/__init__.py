@@ -127,17 +127,15 @@ def check_live(
             raise InputError(f"{ckpt.root}: none of its MoE layers has live tensors to check")
         return LiveCheck(True, f"live tensors equal the kernel layout of {ckpt.root} ({checked} experts)", checked_experts=checked, unchecked=unchecked)
     source, _, labels = stacked.expand(ctx, source, False)
-    with stacked.named_as_sent(labels):
-        grouped, _ = ctx.group(source, False)
     checked, unchecked = 0, []
-    for prefix, entries in grouped.items():
-        with stacked.named_as_sent(labels):
-            plan = plan_layer(ctx, prefix, entries, live, (input_scale_maxima or {}).get(prefix), for_check=True)
-        result = _compare(plan)
-        if not result.ok:
-            return result
-        checked += result.checked_experts
-        unchecked += result.unchecked
+    with stacked.named_as_sent(labels):  # refusals name the stacked tensors as sent
+        grouped, _ = ctx.group(source, False)
+        for prefix, entries in grouped.items():
+            result = _compare(plan_layer(ctx, prefix, entries, live, (input_scale_maxima or {}).get(prefix), for_check=True))
+            if not result.ok:
+                return result
+            checked += result.checked_experts
+            unchecked += result.unchecked
     return LiveCheck(True, f"live tensors equal the kernel layout of the given tensors ({checked} experts)", checked_experts=checked, unchecked=unchecked)
 
 def check_live_(

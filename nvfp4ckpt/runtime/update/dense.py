@@ -137,22 +137,15 @@ def global_scales(ctx: Context, prefix: str, entries: dict, dense: dict[int, dic
     batched = _batched_scales(ctx, info, dense) if shared is None else None
     for e, roles in dense.items():
         for group in _groups(info.roles):
-            if batched is not None:
-                value = batched[(e, group)].reshape(shape).to(scalar_dtype)
-                for r in group:
-                    entries["experts"][e][r]["weight_global"] = value
-                    entries["names"].setdefault((e, r, "weight_global"), entries["names"][(e, r, "dense")])
-                continue
             if shared is not None:
-                value = shared[group[0]].reshape(shape).to(scalar_dtype)
-                for r in group:
-                    entries["experts"][e][r]["weight_global"] = value
-                    entries["names"].setdefault((e, r, "weight_global"), entries["names"][(e, r, "dense")])
-                continue
-            try:
-                scale = _global_scale(ctx, [roles[r] for r in group])
-            except ValueError as exc:
-                raise BadTensorError(f"{entries['names'][(e, group[0], 'dense')]}: {_reason(exc, group, entries, e)}") from None
+                scale = shared[group[0]]
+            elif batched is not None:
+                scale = batched[(e, group)]
+            else:
+                try:
+                    scale = _global_scale(ctx, [roles[r] for r in group])
+                except ValueError as exc:
+                    raise BadTensorError(f"{entries['names'][(e, group[0], 'dense')]}: {_reason(exc, group, entries, e)}") from None
             value = scale.reshape(shape).to(scalar_dtype)
             for r in group:
                 entries["experts"][e][r]["weight_global"] = value

@@ -79,13 +79,16 @@ class Context:
         for prefix, entry in layout["layers"].items():
             info = LayerInfo.from_dict(prefix, entry, gated, tp)
             self.targets[prefix] = Target(info, info.rank_spec(rank, "layout"))
+        # bound once: parse() runs once per source tensor of every update
+        self._names = (self.arch.name, self.fmt.name)
+        self._roles = {prefix: t.info.roles for prefix, t in self.targets.items()}
 
     def parse(self, name: str) -> tuple[str, int | None, str, str] | None:
         """(layer prefix, expert or None for fused, role, kind), or None when ``name`` is no expert tensor."""
-        hit = _parse_name(self.arch.name, self.fmt.name, name)
-        if hit is None or hit[0] not in self.targets:
+        hit = _parse_name(*self._names, name)
+        if hit is None or hit[0] not in self._roles:
             return None
-        if hit[1] is not None and hit[2] not in self.targets[hit[0]].info.roles:
+        if hit[1] is not None and hit[2] not in self._roles[hit[0]]:
             return None
         return hit
 
@@ -93,13 +96,9 @@ class Context:
         """Source tensors by layer: ``{"experts": {e: {role: {kind: t}}}, "fused": {role: {kind: t}}}``."""
         grouped: dict[str, dict] = {}
         ignored: list[str] = []
-        # self.parse, inlined with its lookups bound once: this loop runs once per source tensor of every update
-        arch, fmt, targets = self.arch.name, self.fmt.name, self.targets
-        roles_of = {prefix: t.info.roles for prefix, t in targets.items()}
+        targets = self.targets
         for name, tensor in named.items():
-            hit = _parse_name(arch, fmt, name)
-            if hit is not None and (hit[0] not in targets or (hit[1] is not None and hit[2] not in roles_of[hit[0]])):
-                hit = None
+            hit = self.parse(name)
             if hit is None and self._fused_elsewhere(name):
                 raise UnknownTensorError(
                     f"{name}: a fused Llama-4 expert tensor, but this layout's source is {self.fmt.name}, which has no "

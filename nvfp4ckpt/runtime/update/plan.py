@@ -357,26 +357,13 @@ def check_aliasing(plans: list[Plan]) -> None:
     starts: dict = {}  # device -> sorted live spans (disjoint now): one bisect per source
     for device, start, end, name in spans:
         starts.setdefault(device, []).append((start, end, name))
-    if not starts:
-        return
-    lone = next(iter(starts.values())) if len(starts) == 1 else None  # the common case: live on one device
-    only = next(iter(starts)) if lone is not None else None
-    bisect_right = bisect.bisect_right
     for plan in plans:
         for key, t in _sources(plan):
-            live_spans = lone if lone is not None and t.device == only else starts.get(t.device)
+            live_spans = starts.get(t.device)
             if not live_spans:
                 continue
-            s0 = t.data_ptr()
-            d = t.dim()
-            if d == 2:  # _extent inlined: once per source tensor
-                (n, c), (st, u) = t.shape, t.stride()
-                s1 = s0 + ((n - 1) * st + (c - 1) * u + 1) * t.element_size() if n and c else s0
-            elif d < 2 and t.numel() == 1:  # a scalar ([] or [1]: the checks allow one value)
-                s1 = s0 + t.element_size()
-            else:
-                s0, s1 = _extent(t)
-            k = bisect_right(live_spans, (s1,)) - 1  # the last live span starting before the source ends
+            s0, s1 = _extent(t)
+            k = bisect.bisect_right(live_spans, (s1,)) - 1  # the last live span starting before the source ends
             if k >= 0 and live_spans[k][1] > s0:
                 source = plan.names.get(key, f"{plan.target.info.prefix} {key}")
                 raise AliasedTensorError(f"{source}: shares memory with {live_spans[k][2]}; pass a copy of the source (t.clone())")
@@ -398,9 +385,12 @@ def _sources(plan: Plan):
 def _extent(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, one past the last byte] that ``t`` can read."""
     start = t.data_ptr()
-    if t.dim() == 2:  # the common case, without the generic loop
+    d = t.dim()
+    if d == 2:  # the common cases (matrices, scalars) without the generic loop: this runs once per source tensor
         (n, c), (s, u) = t.shape, t.stride()
         return start, start + ((n - 1) * s + (c - 1) * u + 1) * t.element_size() if n and c else start
+    if d < 2 and t.numel() == 1:  # a scalar ([] or [1])
+        return start, start + t.element_size()
     if t.numel() == 0:
         return start, start
     span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1

@@ -103,9 +103,7 @@ class UpdateStream:
     def _is_full(self, prefix: str, slot: dict[tuple[str, str], str], expert: int | None) -> bool:
         """Whether one held expert (or the fused tensors) is complete: every kind of every projection, or every
         projection unquantized (their input scales are optional)."""
-        if expert is None:
-            return all((r, k) in slot for r in _FUSED_ROLES for k in KINDS) or all((r, "dense") in slot for r in _FUSED_ROLES)
-        roles = self.ctx.targets[prefix].info.roles
+        roles = _FUSED_ROLES if expert is None else self.ctx.targets[prefix].info.roles
         return all((r, k) in slot for r in roles for k in KINDS) or all((r, "dense") in slot for r in roles)
 
     def _experts_of(self, prefix: str, expert: int | None) -> range | tuple[int]:
