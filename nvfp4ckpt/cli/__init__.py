@@ -76,9 +76,10 @@ def _root(
 
 # What Ctrl-C (or SIGTERM) leaves, per command. convert/revert keep their partial folder (next to DST, never
 # complete-looking) for --resume; when they had one, _naming_partial's message names it instead.
+_RESUMABLE = "interrupted; no output was left behind that looks complete: rerun the same command (with --resume to continue a kept partial folder)"
 INTERRUPTED = {
-    "convert": "interrupted; no output was left behind that looks complete: rerun the same command (with --resume to continue a kept partial folder)",
-    "revert": "interrupted; no output was left behind that looks complete: rerun the same command (with --resume to continue a kept partial folder)",
+    "convert": _RESUMABLE,
+    "revert": _RESUMABLE,
     "example": "interrupted; no output was left behind that looks complete: rerun the same command",
     "verify": "interrupted; verify stopped before its report (nothing was passed or failed, no --json-out file written): rerun it",
     "inspect": "interrupted",
