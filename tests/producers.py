@@ -6,8 +6,8 @@ randomly initialised (``torch.manual_seed(seed)``) bf16 MoE model from a ``trans
 complete model folder (``config.json`` with ``quantization_config``, ``model.safetensors``,
 ``generation_config.json``; ModelOpt also writes ``hf_quant_config.json``, llm-compressor also
 writes ``recipe.yaml``).  The producers are imported lazily inside the functions, so this module
-imports without them; a missing producer raises ``ImportError`` from the function call (use
-``pytest.importorskip("llmcompressor")`` / ``pytest.importorskip("modelopt")`` in the tests).
+imports without them; a missing producer raises ``ImportError`` from the function call (they are in the test
+extra: a test that needs one fails without it, it does not skip).
 
 Architectures (``arch``): ``"qwen3_moe"``, ``"mixtral"``, ``"deepseek_v3"``.  All have
 hidden_size 256, expert intermediate size 128, 8 routed experts, top-k 2, 2 layers, vocab 512,

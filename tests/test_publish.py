@@ -199,7 +199,6 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_vllm_reads_config_json_and_its_modelopt_reader_refuses_the_file(pair):
-    pytest.importorskip("vllm")
     src, conv = pair
     code = (
         "import json\n"
@@ -219,7 +218,6 @@ def test_vllm_reads_config_json_and_its_modelopt_reader_refuses_the_file(pair):
 
 
 def test_sglang_reads_config_json_and_its_modelopt_reader_refuses_the_file(pair):
-    pytest.importorskip("sglang")
     src, conv = pair
     code = (
         "import json\n"
@@ -243,7 +241,6 @@ def test_sglang_reads_config_json_and_its_modelopt_reader_refuses_the_file(pair)
 
 def test_rewritten_quant_algo_is_no_modelopt_algorithm(pair):
     """TensorRT-LLM's ``QuantAlgo`` names ModelOpt's algorithms; vLLM's list of them is the closest one installed."""
-    pytest.importorskip("vllm")
     out = _run("from vllm.model_executor.layers.quantization.modelopt import QUANT_ALGOS; print(list(QUANT_ALGOS))")
     algos = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own subprocess's printed list
     assert "NVFP4" in algos and KERNEL_QUANT_ALGO not in algos
